@@ -1,0 +1,672 @@
+#!/usr/bin/env python3
+"""minicloud: a small, real "mini OpenStack" that records captures for stacktap.
+
+Every process here uses the REAL oslo.messaging library (rabbit driver) against the
+REAL RabbitMQ broker on 127.0.0.1:5672.  tcpdump records the traffic on lo.  The
+ground truth is written by the processes themselves while they run (what the caller
+sent and saw, what each server handled and raised), never derived from stacktap.
+
+    minicloud.py record SCENARIO --out DIR [--calls N]   # DIR/SCENARIO.pcap + .truth.jsonl
+    minicloud.py list                                     # the scenarios
+
+Roles (one OS process each; argv[0] is set to the service name, which is what
+oslo.messaging puts in the AMQP connection_name, exactly as in a real deployment):
+  nova-api        the driver: user operations, direct calls to computes
+  nova-conductor  topic "conductor": schedule_and_build_instances (cast, ns compute_task),
+                  object_action (call)
+  nova-scheduler  topic "scheduler" x2: select_destinations (call), update_instance_info
+                  (fanout, so every scheduler gets a copy)
+  nova-compute    topic "compute", server hostN: build_and_run_instance (cast),
+                  attach_interface / get_console_output / slow_op (calls)
+"""
+
+import argparse
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+BROKER = os.environ.get("MINICLOUD_BROKER", "127.0.0.1:5672")
+HERE = os.path.dirname(os.path.abspath(__file__))
+# A fake Keystone token: it travels in clear in _context_auth_token, exactly like a real
+# one. stacktap's tests grep every output for it to prove it never leaks.
+FAKE_TOKEN_PREFIX = "gAAAAABsecret-token-"
+
+
+# --------------------------------------------------------------------------------------
+# ground truth, written by the process that knows it
+# --------------------------------------------------------------------------------------
+class Truth:
+    def __init__(self, path):
+        self._f = open(path, "a", buffering=1)
+        self._lock = threading.Lock()
+
+    def write(self, **rec):
+        with self._lock:
+            self._f.write(json.dumps(rec, sort_keys=True) + "\n")
+
+
+class WireIds(logging.Handler):
+    """Captures the ids oslo.messaging itself logs when it sends a message.
+
+    amqpdriver logs 'Expecting reply to msg <msg_id> in queue <reply_q>' for a call and
+    'CAST unique_id: <id> ...' for a cast/fanout, in the sending thread, just before the
+    publish.  A thread-local keeps concurrent callers apart.
+    """
+
+    def __init__(self):
+        super().__init__(level=logging.DEBUG)
+        self.local = threading.local()
+
+    def emit(self, record):
+        msg = record.getMessage()
+        m = re.match(r"Expecting reply to msg (\w+) in queue (\S+)", msg)
+        if m:
+            self.local.msg_id, self.local.reply_q = m.group(1), m.group(2)
+            return
+        m = re.match(r"CAST unique_id: (\w+)", msg)
+        if m:
+            self.local.unique_id = m.group(1)
+
+    def take(self, name):
+        value = getattr(self.local, name, None)
+        setattr(self.local, name, None)
+        return value
+
+
+WIRE_IDS = WireIds()
+
+
+def setup_logging():
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s " + os.path.basename(sys.argv[0]) +
+                        "[%(process)d] %(levelname)s %(name)s: %(message)s")
+    lg = logging.getLogger("oslo_messaging._drivers.amqpdriver")
+    lg.setLevel(logging.DEBUG)
+    lg.addHandler(WIRE_IDS)
+    lg.propagate = False
+
+
+# --------------------------------------------------------------------------------------
+# oslo plumbing shared by every role
+# --------------------------------------------------------------------------------------
+def make_conf(args):
+    from oslo_config import cfg
+    import oslo_messaging
+
+    oslo_messaging.set_transport_defaults("nova")  # control exchange, as nova does
+    conf = cfg.CONF  # services use the global CONF; oslo registers its tracing opts there
+    conf([], project="minicloud")
+    url = "rabbit://guest:guest@%s/%s" % (BROKER, args.vhost)
+    transport = oslo_messaging.get_rpc_transport(conf, url=url)
+    if getattr(args, "reply_retry", None):
+        conf.set_override("kombu_missing_consumer_retry_timeout", args.reply_retry,
+                          group="oslo_messaging_rabbit")
+    return conf, transport, url
+
+
+class ContextSerializer:
+    """What nova's RequestContextSerializer does: context <-> to_dict()."""
+
+    def serialize_entity(self, ctxt, entity):
+        return entity
+
+    def deserialize_entity(self, ctxt, entity):
+        return entity
+
+    def serialize_context(self, ctxt):
+        return ctxt.to_dict()
+
+    def deserialize_context(self, ctxt):
+        from oslo_context import context
+        return context.RequestContext.from_dict(ctxt)
+
+
+def user_context(global_request_id=None):
+    from oslo_context import context
+    return context.RequestContext(
+        user_id="u-" + uuid.uuid4().hex[:8], project_id="p-demo",
+        auth_token=FAKE_TOKEN_PREFIX + uuid.uuid4().hex,
+        roles=["member"], global_request_id=global_request_id)
+
+
+def client(transport, topic, server=None, namespace=None, version=None, fanout=False):
+    import oslo_messaging
+    target = oslo_messaging.Target(topic=topic, server=server, namespace=namespace,
+                                   version=version, fanout=fanout)
+    return oslo_messaging.get_rpc_client(transport, target, serializer=ContextSerializer())
+
+
+def timed_call(truth, caller, cctx, ctxt, method, target_desc, timeout, **kwargs):
+    """A call, with the caller's own view recorded: ids, times, outcome."""
+    import oslo_messaging
+    t_start = time.time()
+    outcome, error_class, result = "ok", None, None
+    try:
+        result = cctx.call(ctxt, method, **kwargs)
+    except oslo_messaging.MessagingTimeout:
+        outcome = "timeout"
+    except oslo_messaging.RemoteError as e:
+        outcome, error_class = "remote_error", e.exc_type
+    except Exception as e:  # builtins are rebuilt client-side
+        outcome, error_class = "remote_error", type(e).__name__
+    t_end = time.time()
+    truth.write(kind="call", caller=caller, pid=os.getpid(), method=method,
+                msg_id=WIRE_IDS.take("msg_id"), reply_q=WIRE_IDS.take("reply_q"),
+                timeout_s=timeout, request_id=ctxt.request_id,
+                global_request_id=ctxt.global_request_id,
+                t_start=t_start, t_end=t_end, outcome=outcome, error_class=error_class,
+                **target_desc)
+    return outcome, result
+
+
+def timed_cast(truth, caller, cctx, ctxt, method, target_desc, **kwargs):
+    t_start = time.time()
+    cctx.cast(ctxt, method, **kwargs)
+    truth.write(kind="cast", caller=caller, pid=os.getpid(), method=method,
+                unique_id=WIRE_IDS.take("unique_id"), request_id=ctxt.request_id,
+                t_start=t_start, t_end=time.time(), **target_desc)
+
+
+def desc(topic, server=None, namespace=None, version=None, fanout=False, exchange="nova"):
+    return dict(exchange=exchange, topic=topic, server=server, namespace=namespace,
+                version=version, fanout=fanout)
+
+
+# --------------------------------------------------------------------------------------
+# nova-like exceptions (module nova.exception, with kwargs, like the real ones)
+# --------------------------------------------------------------------------------------
+class NovaException(Exception):
+    msg_fmt = "An unknown exception occurred."
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+        super().__init__(self.msg_fmt % kwargs)
+
+
+class PortBindingFailed(NovaException):
+    msg_fmt = "Binding failed for port %(port_id)s, please check neutron logs for more information."
+
+
+class NoValidHost(NovaException):
+    msg_fmt = "No valid host was found. %(reason)s"
+
+
+for _cls in (NovaException, PortBindingFailed, NoValidHost):
+    _cls.__module__ = "nova.exception"
+
+
+# --------------------------------------------------------------------------------------
+# services
+# --------------------------------------------------------------------------------------
+class Handled:
+    """Every endpoint method records that it ran (and what it raised) before returning."""
+
+    def __init__(self, truth, service, host):
+        self.truth, self.service, self.host = truth, service, host
+
+    def record(self, ctxt, method, kind, raised=None, **extra):
+        self.truth.write(kind="handled", service=self.service, host=self.host,
+                         pid=os.getpid(), method=method, msg_type=kind, t=time.time(),
+                         request_id=ctxt.request_id if ctxt else None, raised=raised, **extra)
+
+
+def endpoint_target(namespace=None, version=None):
+    # oslo's dispatcher checks the request's version against the endpoint's target
+    import oslo_messaging
+    return oslo_messaging.Target(namespace=namespace, version=version)
+
+
+class ConductorEndpoint(Handled):
+    def __init__(self, truth):
+        super().__init__(truth, "nova-conductor", None)
+        self.target = endpoint_target(version="3.0")
+
+    def object_action(self, ctxt, objname, objmethod):
+        self.record(ctxt, "object_action", "call")
+        return {"objname": objname, "objmethod": objmethod, "saved": True}
+
+
+class ComputeTaskEndpoint(Handled):
+    def __init__(self, truth, transport):
+        super().__init__(truth, "nova-conductor", None)
+        self.target = endpoint_target(namespace="compute_task", version="1.25")
+        self.transport = transport
+        self.sched = client(transport, "scheduler", version="4.5")
+
+    def schedule_and_build_instances(self, ctxt, instance_uuid):
+        self.record(ctxt, "schedule_and_build_instances", "cast")
+        outcome, host = timed_call(self.truth, "nova-conductor", self.sched.prepare(timeout=10),
+                                   ctxt, "select_destinations",
+                                   desc("scheduler", version="4.5"), 10,
+                                   instance_uuid=instance_uuid)
+        if outcome != "ok":
+            return
+        cctx = client(self.transport, "compute", server=host, version="6.0")
+        timed_cast(self.truth, "nova-conductor", cctx, ctxt, "build_and_run_instance",
+                   desc("compute", server=host, version="6.0"), instance_uuid=instance_uuid)
+
+
+class SchedulerEndpoint(Handled):
+    def __init__(self, truth, name, hosts, fail_every):
+        super().__init__(truth, "nova-scheduler", name)
+        self.target = endpoint_target(version="4.5")
+        self.hosts, self.n, self.fail_every = hosts, 0, fail_every
+
+    def select_destinations(self, ctxt, instance_uuid):
+        self.n += 1
+        if self.fail_every and self.n % self.fail_every == 0:
+            self.record(ctxt, "select_destinations", "call",
+                        raised={"class": "NoValidHost", "module": "nova.exception"})
+            raise NoValidHost(reason="There are not enough hosts available.")
+        self.record(ctxt, "select_destinations", "call")
+        return self.hosts[self.n % len(self.hosts)]
+
+    def update_instance_info(self, ctxt, host_name, instance_info):
+        self.record(ctxt, "update_instance_info", "fanout")
+
+
+class ComputeEndpoint(Handled):
+    def __init__(self, truth, host, transport, notifier, faults):
+        super().__init__(truth, "nova-compute", host)
+        self.target = endpoint_target(version="6.0")
+        self.conductor = client(transport, "conductor", version="3.0")
+        self.notifier, self.faults = notifier, faults
+
+    def build_and_run_instance(self, ctxt, instance_uuid):
+        self.record(ctxt, "build_and_run_instance", "cast")
+        timed_call(self.truth, "nova-compute", self.conductor.prepare(timeout=10), ctxt,
+                   "object_action", desc("conductor", version="3.0"), 10,
+                   objname="Instance", objmethod="save")
+        self.notifier.info(ctxt, "compute.instance.create.end",
+                           {"instance_id": instance_uuid, "state": "active"})
+
+    def attach_interface(self, ctxt, instance_uuid, port_id):
+        if "port_binding" in self.faults:
+            self.record(ctxt, "attach_interface", "call",
+                        raised={"class": "PortBindingFailed", "module": "nova.exception"})
+            self.notifier.error(ctxt, "compute.instance.interface_attach.error",
+                                {"instance_id": instance_uuid, "port_id": port_id})
+            raise PortBindingFailed(port_id=port_id)
+        self.record(ctxt, "attach_interface", "call")
+        return {"port_id": port_id}
+
+    def get_console_output(self, ctxt, instance_uuid, tail_length=None):
+        if "value_error" in self.faults:
+            self.record(ctxt, "get_console_output", "call",
+                        raised={"class": "ValueError", "module": "builtins"})
+            raise ValueError("console log is not available")
+        self.record(ctxt, "get_console_output", "call")
+        return "login: " * 10
+
+    def slow_op(self, ctxt, secs):
+        self.record(ctxt, "slow_op", "call", secs=secs)
+        time.sleep(secs)
+        return {"slept": secs}
+
+
+def run_service(args):
+    import oslo_messaging
+    setup_logging()
+    truth = Truth(args.truth)
+    conf, transport, url = make_conf(args)
+    ntransport = oslo_messaging.get_notification_transport(conf, url=url)
+    faults = set(filter(None, (args.faults or "").split(",")))
+    servers = []
+    if args.role == "nova-conductor":
+        eps = [ConductorEndpoint(truth), ComputeTaskEndpoint(truth, transport)]
+        target = oslo_messaging.Target(topic="conductor", server=args.host)
+        servers.append(oslo_messaging.get_rpc_server(transport, target, eps,
+                                                     executor="threading",
+                                                     serializer=ContextSerializer()))
+    elif args.role == "nova-scheduler":
+        ep = SchedulerEndpoint(truth, args.host, args.hosts.split(","),
+                               int(args.fail_every or 0))
+        target = oslo_messaging.Target(topic="scheduler", server=args.host)
+        servers.append(oslo_messaging.get_rpc_server(transport, target, [ep],
+                                                     executor="threading",
+                                                     serializer=ContextSerializer()))
+    elif args.role == "nova-compute":
+        notifier = oslo_messaging.Notifier(ntransport, publisher_id="compute." + args.host,
+                                           driver="messagingv2", topics=["notifications"])
+        ep = ComputeEndpoint(truth, args.host, transport, notifier, faults)
+        target = oslo_messaging.Target(topic="compute", server=args.host)
+        servers.append(oslo_messaging.get_rpc_server(transport, target, [ep],
+                                                     executor="threading",
+                                                     serializer=ContextSerializer()))
+    else:
+        raise SystemExit("unknown role " + args.role)
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    for s in servers:
+        s.start()
+    truth.write(kind="process", service=args.role, host=args.host, pid=os.getpid(),
+                t=time.time())
+    open(args.ready, "w").close()
+
+    # computes report to every scheduler by fanout, like nova's update_instance_info
+    sched_fanout = client(transport, "scheduler", version="4.5", fanout=True)
+    ctxt = user_context()
+    next_report = time.time() + 1.0
+    while not stop.wait(0.05):
+        if args.role == "nova-compute" and args.fanout_every and time.time() >= next_report:
+            next_report = time.time() + args.fanout_every
+            timed_cast(truth, "nova-compute", sched_fanout, ctxt, "update_instance_info",
+                       desc("scheduler", version="4.5", fanout=True, exchange="scheduler_fanout"),
+                       host_name=args.host, instance_info={})
+    for s in servers:
+        s.stop()
+        s.wait()
+    transport.cleanup()
+    ntransport.cleanup()
+
+
+# --------------------------------------------------------------------------------------
+# the user side (nova-api): one function per scenario
+# --------------------------------------------------------------------------------------
+def api_builds(truth, transport, n, pause=0.05):
+    conductor = client(transport, "conductor", namespace="compute_task", version="1.25")
+    for _ in range(n):
+        ctxt = user_context()
+        timed_cast(truth, "nova-api", conductor, ctxt, "schedule_and_build_instances",
+                   desc("conductor", namespace="compute_task", version="1.25"),
+                   instance_uuid=str(uuid.uuid4()))
+        time.sleep(pause)
+
+
+def api_direct_calls(truth, transport, n, hosts, method="get_console_output", timeout=10,
+                     pause=0.02, **kwargs):
+    for i in range(n):
+        host = hosts[i % len(hosts)]
+        ctxt = user_context(global_request_id="req-" + str(uuid.uuid4()) if i % 2 else None)
+        cctx = client(transport, "compute", server=host, version="6.0").prepare(timeout=timeout)
+        args = dict(kwargs) or {"instance_uuid": str(uuid.uuid4())}
+        if method == "attach_interface":
+            args["port_id"] = str(uuid.uuid4())
+        timed_call(truth, "nova-api", cctx, ctxt, method,
+                   desc("compute", server=host, version="6.0"), timeout, **args)
+        time.sleep(pause)
+
+
+def run_driver(args):
+    setup_logging()
+    truth = Truth(args.truth)
+    conf, transport, url = make_conf(args)
+    truth.write(kind="process", service="nova-api", host=None, pid=os.getpid(), t=time.time())
+    sc, n = args.scenario, args.calls
+    if args.go_file:  # mid-stream: phase 1 before the capture starts
+        api_direct_calls(truth, transport, 5, ["host1"])
+        slow = threading.Thread(target=api_direct_calls,
+                                args=(truth, transport, 1, ["host1"], "slow_op", 10),
+                                kwargs={"secs": 1.5})
+        slow.start()
+        open(args.phase1_file, "w").close()
+        while not os.path.exists(args.go_file):
+            time.sleep(0.02)
+        time.sleep(0.3)
+    if sc in ("healthy", "midstream", "load"):
+        api_builds(truth, transport, n)
+        api_direct_calls(truth, transport, n, ["host1", "host2"])
+        api_direct_calls(truth, transport, max(1, n // 4), ["host1", "host2"], "attach_interface")
+    elif sc == "remote_error":
+        api_builds(truth, transport, n)          # the scheduler fails every 3rd placement
+        api_direct_calls(truth, transport, n // 2, ["host2"], "attach_interface")
+        api_direct_calls(truth, transport, n // 2, ["host2"], "get_console_output")
+        api_direct_calls(truth, transport, n // 2, ["host1"], "get_console_output")
+        # a method the endpoint does not have: oslo answers NoSuchMethod
+        api_direct_calls(truth, transport, 2, ["host1"], "no_such_method",
+                         instance_uuid="x")
+    elif sc == "dead_consumer":
+        api_direct_calls(truth, transport, 3, ["host1"])
+        # host3's queue exists (its compute went away), host9 never had one
+        api_direct_calls(truth, transport, 2, ["host3"], timeout=2)
+        api_direct_calls(truth, transport, 2, ["host9"], timeout=2)
+        cctx = client(transport, "compute", server="host3", version="6.0")
+        for _ in range(3):
+            ctxt = user_context()
+            timed_cast(truth, "nova-api", cctx, ctxt, "build_and_run_instance",
+                       desc("compute", server="host3", version="6.0"),
+                       instance_uuid=str(uuid.uuid4()))
+        api_direct_calls(truth, transport, 3, ["host1"])
+    elif sc == "slow_server":
+        api_direct_calls(truth, transport, 3, ["host1"])
+        # slower than the caller's timeout: MessagingTimeout, then a late reply
+        api_direct_calls(truth, transport, 2, ["host1"], "slow_op", 1, secs=2)
+        # slow but within the timeout, with a call monitor: ending:false heartbeats
+        ctxt = user_context()
+        cctx = client(transport, "compute", server="host1", version="6.0").prepare(
+            timeout=10, call_monitor_timeout=2)
+        timed_call(truth, "nova-api", cctx, ctxt, "slow_op",
+                   desc("compute", server="host1", version="6.0"), 10, secs=3)
+        api_direct_calls(truth, transport, 3, ["host1"])
+    else:
+        raise SystemExit("unknown scenario " + sc)
+    time.sleep(1.5 if sc != "slow_server" else 3.5)  # let late replies and fanouts land
+    transport.cleanup()
+
+
+def run_orphan_caller(args):
+    """A caller that times out, then vanishes with its reply queue (a crashed nova-api):
+    the server's reply is returned by the broker (312 NO_ROUTE) and retried."""
+    import oslo_messaging
+    setup_logging()
+    truth = Truth(args.truth)
+    conf, transport, url = make_conf(args)
+    ctxt = user_context()
+    cctx = client(transport, "compute", server="host1", version="6.0").prepare(timeout=1)
+    timed_call(truth, "nova-api", cctx, ctxt, "slow_op",
+               desc("compute", server="host1", version="6.0"), 1, secs=2.5)
+    import kombu
+    with kombu.Connection("amqp://guest:guest@%s/%s" % (BROKER, args.vhost)) as conn:
+        reply_q = json.loads(open(args.truth).readlines()[-1])["reply_q"]
+        conn.default_channel.queue_delete(reply_q)
+    truth.write(kind="reply_queue_deleted", queue=reply_q, t=time.time())
+    os._exit(0)
+
+
+# --------------------------------------------------------------------------------------
+# the orchestrator: vhost, tcpdump, processes, truth
+# --------------------------------------------------------------------------------------
+SCENARIOS = {
+    "healthy": "builds (cast→call→cast→call+notification), direct calls to 2 computes, "
+               "fanouts to 2 schedulers",
+    "remote_error": "NoValidHost from the scheduler, PortBindingFailed and ValueError from "
+                    "computes, NoSuchMethod",
+    "dead_consumer": "calls and casts to a compute whose queue has no consumer, calls to a "
+                     "topic with no queue: timeouts, casts never consumed",
+    "slow_server": "a server slower than the caller's timeout (late replies), call-monitor "
+                   "heartbeats, a caller that dies (unroutable replies, 312 NO_ROUTE)",
+    "midstream": "the capture starts after every connection is up and while a call is in "
+                 "flight",
+    "load": "the healthy mix, many times over (benchmark captures)",
+}
+
+
+def sh(*cmd, check=True):
+    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+def spawn(role, argv, log):
+    # argv[0] = the service name: oslo.messaging's connection_name is basename(argv[0])
+    return subprocess.Popen([sys.executable, "-c",
+                             "import sys, runpy; sys.argv = sys.argv[1:]; "
+                             "runpy.run_path(%r, run_name='__main__')" % os.path.abspath(__file__),
+                             role] + argv, stdout=log, stderr=log)
+
+
+def wait_for(path, what, timeout=30, procs=()):
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        for p in procs:
+            if p.poll() is not None:
+                raise SystemExit("%s: a process exited early (code %s)" % (what, p.returncode))
+        if time.time() > deadline:
+            raise SystemExit("timed out waiting for " + what)
+        time.sleep(0.05)
+
+
+def record(args):
+    scenario = args.scenario
+    if scenario not in SCENARIOS:
+        raise SystemExit("unknown scenario %r; see 'minicloud.py list'" % scenario)
+    os.makedirs(args.out, exist_ok=True)
+    work = os.path.join(args.out, ".work-" + scenario)
+    os.makedirs(work, exist_ok=True)
+    for f in os.listdir(work):
+        os.unlink(os.path.join(work, f))
+    pcap = os.path.join(args.out, scenario + ".pcap")
+    truth_path = os.path.join(args.out, scenario + ".truth.jsonl")
+    vhost = "minicloud-%s-%d" % (scenario, os.getpid())
+    sh("rabbitmqctl", "-q", "add_vhost", vhost)
+    sh("rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    log = open(os.path.join(args.out, scenario + ".log"), "w")
+    procs, tcpdump = [], None
+    common = ["--vhost", vhost]
+
+    def start_capture():
+        nonlocal tcpdump
+        tcpdump = subprocess.Popen(["tcpdump", "-i", "lo", "-U", "-s", "0", "-w", pcap,
+                                    "tcp port %s" % BROKER.split(":")[1]],
+                                   stderr=subprocess.PIPE, text=True)
+        line = tcpdump.stderr.readline()  # "listening on lo ..." once the filter is live
+        if "listening" not in line:
+            raise SystemExit("tcpdump did not start: " + line)
+        time.sleep(0.2)
+
+    def service(role, host, *extra):
+        ready = os.path.join(work, "ready-%s-%s" % (role, host))
+        truth = os.path.join(work, "truth-%s-%s.jsonl" % (role, host))
+        p = spawn(role, ["service", "--role", role, "--host", host, "--truth", truth,
+                         "--ready", ready] + common + list(extra), log)
+        procs.append(p)
+        return p, ready
+
+    try:
+        midstream = scenario == "midstream"
+        if not midstream:
+            start_capture()
+        hosts = "host1,host2"
+        faults = {"remote_error": {"host2": "port_binding,value_error"}}.get(scenario, {})
+        readies = []
+        readies.append(service("nova-conductor", "cond1")[1])
+        for s in ("sched1", "sched2"):
+            extra = ["--hosts", hosts]
+            if scenario == "remote_error":
+                extra += ["--fail-every", "3"]
+            readies.append(service("nova-scheduler", s, *extra)[1])
+        for h in ("host1", "host2"):
+            extra = ["--fanout-every", "2"]
+            if h in faults:
+                extra += ["--faults", faults[h]]
+            if scenario == "slow_server":
+                extra += ["--reply-retry", "3"]
+            readies.append(service("nova-compute", h, *extra)[1])
+        if scenario == "dead_consumer":
+            p, r = service("nova-compute", "host3")
+            wait_for(r, "host3", procs=[p])
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout=20)
+            procs.remove(p)
+        for r in readies:
+            wait_for(r, r, procs=procs)
+        driver_truth = os.path.join(work, "truth-nova-api.jsonl")
+        dargs = ["driver", "--scenario", scenario, "--calls", str(args.calls),
+                 "--truth", driver_truth] + common
+        go = os.path.join(work, "go")
+        if midstream:
+            phase1 = os.path.join(work, "phase1")
+            dargs += ["--go-file", go, "--phase1-file", phase1]
+        driver = spawn("nova-api", dargs, log)
+        if midstream:
+            wait_for(phase1, "phase 1", procs=[driver])
+            start_capture()
+            open(go, "w").close()
+        if scenario == "slow_server":
+            orphan = spawn("nova-api", ["orphan", "--truth",
+                                        os.path.join(work, "truth-orphan.jsonl")] + common, log)
+            orphan.wait(timeout=60)
+        if driver.wait(timeout=600) != 0:
+            raise SystemExit("driver failed; see %s.log" % scenario)
+        if scenario == "slow_server":
+            time.sleep(4)  # the 312 retry storm lasts kombu_missing_consumer_retry_timeout
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        time.sleep(0.5)
+        if tcpdump:
+            tcpdump.send_signal(signal.SIGINT)
+            tcpdump.wait(timeout=20)
+        sh("rabbitmqctl", "-q", "delete_vhost", vhost, check=False)
+    records = []
+    for name in sorted(os.listdir(work)):
+        if name.startswith("truth-"):
+            records += [json.loads(line) for line in open(os.path.join(work, name))]
+    records.sort(key=lambda r: r.get("t_start", r.get("t", 0)))
+    with open(truth_path, "w") as f:
+        f.write(json.dumps({"kind": "scenario", "scenario": scenario,
+                            "description": SCENARIOS[scenario],
+                            "token_prefix": FAKE_TOKEN_PREFIX,
+                            "broker_password": "guest"}) + "\n")
+        for r in records:
+            f.write(json.dumps(r, sort_keys=True) + "\n")
+    for f in os.listdir(work):
+        os.unlink(os.path.join(work, f))
+    os.rmdir(work)
+    print("%s: %s (%d bytes), %s (%d records)" % (scenario, pcap, os.path.getsize(pcap),
+                                                  truth_path, len(records)))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("record", help="record SCENARIO into DIR")
+    r.add_argument("scenario")
+    r.add_argument("--out", required=True)
+    r.add_argument("--calls", type=int, default=12)
+    sub.add_parser("list", help="list the scenarios")
+    s = sub.add_parser("service")
+    for a in ("--role", "--host", "--truth", "--ready", "--vhost"):
+        s.add_argument(a, required=True)
+    s.add_argument("--hosts", default="host1,host2")
+    s.add_argument("--faults")
+    s.add_argument("--fail-every")
+    s.add_argument("--fanout-every", type=float, default=0)
+    s.add_argument("--reply-retry", type=int)
+    d = sub.add_parser("driver")
+    for a in ("--scenario", "--truth", "--vhost"):
+        d.add_argument(a, required=True)
+    d.add_argument("--calls", type=int, default=12)
+    d.add_argument("--go-file")
+    d.add_argument("--phase1-file")
+    o = sub.add_parser("orphan")
+    for a in ("--truth", "--vhost"):
+        o.add_argument(a, required=True)
+    args = ap.parse_args()
+    if args.cmd == "list":
+        for k, v in SCENARIOS.items():
+            print("%-14s %s" % (k, v))
+    elif args.cmd == "record":
+        record(args)
+    elif args.cmd == "service":
+        run_service(args)
+    elif args.cmd == "driver":
+        run_driver(args)
+    elif args.cmd == "orphan":
+        run_orphan_caller(args)
+
+
+if __name__ == "__main__":
+    main()
