@@ -1,3 +1,192 @@
-fn main() {
-    println!("Hello, world!");
+//! The `stacktap` command line (DESIGN.md's CLI contract).
+
+use clap::{Parser, Subcommand};
+use stacktap::config::Config;
+use stacktap::run::{self, Outputs, Run};
+use stacktap::source::file::{MergedFiles, PcapFile};
+use stacktap::source::live::{DEFAULT_FILTER, LiveCapture};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "stacktap",
+    version,
+    about = "OpenStack RPC and REST, rebuilt from packets"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct Common {
+    /// Serve /metrics and /api/* on this address (e.g. 127.0.0.1:9465)
+    #[arg(long)]
+    listen: Option<String>,
+    /// Write one JSON event per line ("-" for stdout)
+    #[arg(long)]
+    events_out: Option<PathBuf>,
+    /// Write the final Prometheus exposition to this file
+    #[arg(long)]
+    metrics_out: Option<PathBuf>,
+    /// TOML file with caps, windows and ports
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the summary as JSON instead of text
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Replay the bundled sample captures and serve the result
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:9465")]
+        listen: String,
+        /// Pace packets by their timestamps (1 = real time); default: as fast as possible
+        #[arg(long)]
+        speed: Option<f64>,
+    },
+    /// Replay pcap/pcapng files (several are merged in time order)
+    Replay {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Pace packets by their timestamps (1 = real time)
+        #[arg(long)]
+        speed: Option<f64>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Capture live from an interface (a sidecar on a broker or API node)
+    Capture {
+        #[arg(short = 'i', long = "interface")]
+        interface: String,
+        /// BPF filter (default: AMQP and the OpenStack API ports)
+        #[arg(long)]
+        filter: Option<String>,
+        /// Stop after this many seconds (default: until SIGINT/SIGTERM)
+        #[arg(long)]
+        duration: Option<f64>,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+/// The bundled samples (recorded by sampledata/generator against real oslo.messaging).
+const SAMPLES: &[(&str, &[u8])] = &[
+    ("healthy.pcap", include_bytes!("../sampledata/healthy.pcap")),
+    (
+        "remote_error.pcap",
+        include_bytes!("../sampledata/remote_error.pcap"),
+    ),
+    (
+        "dead_consumer.pcap",
+        include_bytes!("../sampledata/dead_consumer.pcap"),
+    ),
+    (
+        "slow_server.pcap",
+        include_bytes!("../sampledata/slow_server.pcap"),
+    ),
+];
+
+fn load_config(path: &Option<PathBuf>) -> anyhow::Result<Config> {
+    match path {
+        Some(p) => Config::load(p),
+        None => Ok(Config::default()),
+    }
+}
+
+fn print_report(report: &stacktap::sink::summary::Report, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        print!("{}", report.to_text(15));
+    }
+    Ok(())
+}
+
+fn outputs(c: &Common) -> Outputs {
+    Outputs {
+        listen: c.listen.clone(),
+        events_out: c.events_out.clone(),
+        metrics_out: c.metrics_out.clone(),
+        progress: std::io::stderr().is_terminal(),
+    }
+}
+
+fn main_inner(cli: Cli) -> anyhow::Result<()> {
+    let stop = run::stop_flag();
+    match cli.cmd {
+        Cmd::Demo { listen, speed } => {
+            let files = SAMPLES
+                .iter()
+                .map(|(name, bytes)| {
+                    PcapFile::from_reader(Path::new(name), Box::new(std::io::Cursor::new(*bytes)))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let out = Outputs {
+                listen: Some(listen),
+                ..Default::default()
+            };
+            let mut run = Run::new(Config::default(), &out)?;
+            run::replay(&mut MergedFiles::new(files)?, &mut run, speed, &out, &stop)?;
+            print_report(&run.finish(&out)?, false)?;
+            eprintln!("stacktap: demo replayed; serving until Ctrl-C");
+            run::wait_for_stop(&stop);
+        }
+        Cmd::Replay {
+            files,
+            speed,
+            common,
+        } => {
+            let cfg = load_config(&common.config)?;
+            let out = outputs(&common);
+            let mut merged = MergedFiles::open(&files)?;
+            let mut run = Run::new(cfg, &out)?;
+            run::replay(&mut merged, &mut run, speed, &out, &stop)?;
+            print_report(&run.finish(&out)?, common.json)?;
+            if out.listen.is_some() && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                eprintln!("stacktap: replay done; serving until Ctrl-C");
+                run::wait_for_stop(&stop);
+            }
+        }
+        Cmd::Capture {
+            interface,
+            filter,
+            duration,
+            common,
+        } => {
+            let cfg = load_config(&common.config)?;
+            let out = outputs(&common);
+            let mut cap =
+                LiveCapture::open(&interface, filter.as_deref().unwrap_or(DEFAULT_FILTER))?;
+            let mut run = Run::new(cfg, &out)?;
+            eprintln!("stacktap: capturing on {interface}");
+            run::capture(
+                &mut cap,
+                &mut run,
+                duration.map(std::time::Duration::from_secs_f64),
+                &stop,
+            )?;
+            print_report(&run.finish(&out)?, common.json)?;
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let cli = Cli::parse(); // usage errors exit 2
+    match main_inner(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("stacktap: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
 }

@@ -85,7 +85,7 @@ WIRE_IDS = WireIds()
 
 def setup_logging():
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s " + os.path.basename(sys.argv[0]) +
+                        format="%(asctime)s " + sys.argv[0] +
                         "[%(process)d] %(levelname)s %(name)s: %(message)s")
     lg = logging.getLogger("oslo_messaging._drivers.amqpdriver")
     lg.setLevel(logging.DEBUG)
@@ -495,11 +495,8 @@ def sh(*cmd, check=True):
 
 
 def spawn(role, argv, log):
-    # argv[0] = the service name: oslo.messaging's connection_name is basename(argv[0])
-    return subprocess.Popen([sys.executable, "-c",
-                             "import sys, runpy; sys.argv = sys.argv[1:]; "
-                             "runpy.run_path(%r, run_name='__main__')" % os.path.abspath(__file__),
-                             role] + argv, stdout=log, stderr=log)
+    return subprocess.Popen([sys.executable, os.path.abspath(__file__)] + argv + ["--as", role],
+                            stdout=log, stderr=log)
 
 
 def wait_for(path, what, timeout=30, procs=()):
@@ -654,7 +651,13 @@ def main():
     o = sub.add_parser("orphan")
     for a in ("--truth", "--vhost"):
         o.add_argument(a, required=True)
+    for p in (s, d, o):
+        p.add_argument("--as", dest="process_name", required=True)
     args = ap.parse_args()
+    if getattr(args, "process_name", None):
+        # oslo.messaging's connection_name is basename(argv[0]): make it the service name,
+        # as it is for a real nova-compute
+        sys.argv[0] = args.process_name
     if args.cmd == "list":
         for k, v in SCENARIOS.items():
             print("%-14s %s" % (k, v))

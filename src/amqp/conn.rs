@@ -1,0 +1,545 @@
+//! One AMQP connection: both directions' frames → methods, whole messages per channel, the
+//! client's identity (connection.start-ok) and its consumers (consumer tag → queue).
+
+use super::frame::{
+    FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD, FrameEvent, FrameReader, RawFrame,
+};
+use crate::decode::Endpoint;
+use crate::health::Health;
+use crate::tcp::{Chunk, Dir, flows::App};
+use crate::time::Ts;
+use amq_protocol::frame::parsing::parse_content_header;
+use amq_protocol::protocol::{AMQPClass, basic, channel, connection, queue};
+use amq_protocol::types::{AMQPValue, FieldTable};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+/// Who is at the client end of a connection, from connection.start-ok.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientIdentity {
+    /// oslo.messaging's `<argv0>:<pid>:<uuid>`, or whatever the client sent.
+    pub connection_name: Option<String>,
+    pub product: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Props {
+    pub content_type: Option<String>,
+    pub content_encoding: Option<String>,
+    pub expiration: Option<String>,
+    pub delivery_mode: Option<u8>,
+    /// The `compression` application header kombu sets when it compressed the body.
+    pub compression: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MessageKind {
+    Publish {
+        mandatory: bool,
+    },
+    Deliver {
+        consumer_tag: String,
+        redelivered: bool,
+    },
+    GetOk {
+        redelivered: bool,
+    },
+    /// The broker gave an unroutable mandatory message back (312 NO_ROUTE, …).
+    Return {
+        reply_code: u16,
+        reply_text: String,
+    },
+}
+
+/// A whole message (method + header + body) as it crossed the connection.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// Time of the packet that completed it.
+    pub ts: Ts,
+    pub conn: u64,
+    pub client: Endpoint,
+    pub kind: MessageKind,
+    pub channel: u16,
+    pub exchange: String,
+    pub routing_key: String,
+    /// For a deliver: the queue its consumer tag was registered on, when we saw that.
+    pub queue: Option<String>,
+    pub props: Props,
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+pub enum AmqpEvent {
+    Identified {
+        conn: u64,
+        client: Endpoint,
+        identity: Arc<ClientIdentity>,
+    },
+    VhostOpened {
+        conn: u64,
+        vhost: String,
+    },
+    Message(Box<Message>),
+    ConsumerStarted {
+        conn: u64,
+        queue: String,
+        consumer_tag: String,
+    },
+    /// The broker cancelled a consumer (queue deleted, HA failover).
+    BrokerCancel {
+        conn: u64,
+        consumer_tag: String,
+        queue: Option<String>,
+    },
+    ChannelClosed {
+        conn: u64,
+        ts: Ts,
+        by_broker: bool,
+        reply_code: u16,
+        reply_text: String,
+    },
+    ConnectionClosed {
+        conn: u64,
+        ts: Ts,
+        by_broker: bool,
+        reply_code: u16,
+        reply_text: String,
+    },
+    Blocked {
+        conn: u64,
+        ts: Ts,
+        reason: String,
+    },
+    /// A publisher confirm said no.
+    Nack {
+        conn: u64,
+        ts: Ts,
+    },
+    /// The TCP connection is gone.
+    Gone {
+        conn: u64,
+        ts: Ts,
+    },
+}
+
+/// A message being assembled on one channel of one direction.
+struct Assembly {
+    method: Pending,
+    props: Option<Props>,
+    body_size: u64,
+    body: Vec<u8>,
+}
+
+enum Pending {
+    Publish {
+        exchange: String,
+        routing_key: String,
+        mandatory: bool,
+    },
+    Deliver {
+        consumer_tag: String,
+        redelivered: bool,
+        exchange: String,
+        routing_key: String,
+    },
+    GetOk {
+        redelivered: bool,
+        exchange: String,
+        routing_key: String,
+    },
+    Return {
+        reply_code: u16,
+        reply_text: String,
+        exchange: String,
+        routing_key: String,
+    },
+}
+
+pub struct AmqpConnection {
+    conn: u64,
+    client: Endpoint,
+    readers: [FrameReader; 2],
+    assembling: [HashMap<u16, Assembly>; 2],
+    /// queue.declare / basic.consume requests waiting for their -ok, per channel.
+    pending_consumes: HashMap<u16, VecDeque<String>>,
+    consumers: HashMap<String, String>,
+    max_body: usize,
+}
+
+impl AmqpConnection {
+    pub fn new(
+        conn: u64,
+        client: Endpoint,
+        saw_handshake: bool,
+        max_frame: usize,
+        max_body: usize,
+    ) -> Self {
+        AmqpConnection {
+            conn,
+            client,
+            readers: [
+                FrameReader::new(saw_handshake, max_frame),
+                FrameReader::new(saw_handshake, max_frame),
+            ],
+            assembling: [HashMap::new(), HashMap::new()],
+            pending_consumes: HashMap::new(),
+            consumers: HashMap::new(),
+            max_body,
+        }
+    }
+
+    fn on_frame(
+        &mut self,
+        dir: Dir,
+        ts: Ts,
+        f: RawFrame<'_>,
+        health: &mut Health,
+        out: &mut Vec<AmqpEvent>,
+    ) {
+        match f.kind {
+            FRAME_METHOD => match amq_protocol::protocol::parse_class(f.payload) {
+                Ok((_, class)) => self.on_method(dir, ts, f.channel, class, health, out),
+                Err(_) => health.anomaly("amqp", "bad_method"),
+            },
+            FRAME_HEADER => {
+                let Some(asm) = self.assembling[dir as usize].get_mut(&f.channel) else {
+                    health.anomaly("amqp", "header_without_method");
+                    return;
+                };
+                match parse_content_header(f.payload) {
+                    Ok((_, h)) => {
+                        if asm.props.is_some() {
+                            health.anomaly("amqp", "duplicate_header");
+                        }
+                        asm.body_size = h.body_size;
+                        asm.props = Some(props_of(&h.properties));
+                        if h.body_size as usize > self.max_body {
+                            health.anomaly("amqp", "body_too_large");
+                            self.assembling[dir as usize].remove(&f.channel);
+                        } else if h.body_size == 0 {
+                            self.finish(dir, ts, f.channel, out);
+                        } else {
+                            asm.body.reserve(h.body_size as usize);
+                        }
+                    }
+                    Err(_) => {
+                        health.anomaly("amqp", "bad_content_header");
+                        self.assembling[dir as usize].remove(&f.channel);
+                    }
+                }
+            }
+            FRAME_BODY => {
+                let Some(asm) = self.assembling[dir as usize].get_mut(&f.channel) else {
+                    // joined mid-message: the method and header went by before we synced
+                    health.anomaly("amqp", "body_without_method");
+                    return;
+                };
+                if asm.props.is_none() {
+                    health.anomaly("amqp", "body_without_header");
+                    self.assembling[dir as usize].remove(&f.channel);
+                    return;
+                }
+                asm.body.extend_from_slice(f.payload);
+                if asm.body.len() as u64 >= asm.body_size {
+                    if asm.body.len() as u64 > asm.body_size {
+                        health.anomaly("amqp", "body_overrun");
+                    }
+                    self.finish(dir, ts, f.channel, out);
+                }
+            }
+            FRAME_HEARTBEAT => {}
+            _ => health.anomaly("amqp", "bad_frame_type"),
+        }
+    }
+
+    fn start_content(&mut self, dir: Dir, channel: u16, method: Pending, health: &mut Health) {
+        if self.assembling[dir as usize]
+            .insert(
+                channel,
+                Assembly {
+                    method,
+                    props: None,
+                    body_size: 0,
+                    body: Vec::new(),
+                },
+            )
+            .is_some()
+        {
+            health.anomaly("amqp", "incomplete_message");
+        }
+    }
+
+    fn on_method(
+        &mut self,
+        dir: Dir,
+        ts: Ts,
+        ch: u16,
+        class: AMQPClass,
+        health: &mut Health,
+        out: &mut Vec<AmqpEvent>,
+    ) {
+        let conn = self.conn;
+        let by_broker = dir == Dir::ToClient;
+        match class {
+            AMQPClass::Basic(m) => match m {
+                basic::AMQPMethod::Publish(p) => self.start_content(
+                    dir,
+                    ch,
+                    Pending::Publish {
+                        exchange: p.exchange.as_str().to_owned(),
+                        routing_key: p.routing_key.as_str().to_owned(),
+                        mandatory: p.mandatory,
+                    },
+                    health,
+                ),
+                basic::AMQPMethod::Deliver(d) => self.start_content(
+                    dir,
+                    ch,
+                    Pending::Deliver {
+                        consumer_tag: d.consumer_tag.as_str().to_owned(),
+                        redelivered: d.redelivered,
+                        exchange: d.exchange.as_str().to_owned(),
+                        routing_key: d.routing_key.as_str().to_owned(),
+                    },
+                    health,
+                ),
+                basic::AMQPMethod::GetOk(g) => self.start_content(
+                    dir,
+                    ch,
+                    Pending::GetOk {
+                        redelivered: g.redelivered,
+                        exchange: g.exchange.as_str().to_owned(),
+                        routing_key: g.routing_key.as_str().to_owned(),
+                    },
+                    health,
+                ),
+                basic::AMQPMethod::Return(r) => self.start_content(
+                    dir,
+                    ch,
+                    Pending::Return {
+                        reply_code: r.reply_code,
+                        reply_text: r.reply_text.as_str().to_owned(),
+                        exchange: r.exchange.as_str().to_owned(),
+                        routing_key: r.routing_key.as_str().to_owned(),
+                    },
+                    health,
+                ),
+                basic::AMQPMethod::Consume(c) => {
+                    let q = c.queue.as_str().to_owned();
+                    if c.nowait && !c.consumer_tag.as_str().is_empty() {
+                        self.register_consumer(c.consumer_tag.as_str(), q, out);
+                    } else {
+                        self.pending_consumes.entry(ch).or_default().push_back(q);
+                    }
+                }
+                basic::AMQPMethod::ConsumeOk(ok) => {
+                    let queue = self
+                        .pending_consumes
+                        .get_mut(&ch)
+                        .and_then(|q| q.pop_front());
+                    match queue {
+                        Some(q) => self.register_consumer(ok.consumer_tag.as_str(), q, out),
+                        None => health.anomaly("amqp", "consume_ok_without_consume"),
+                    }
+                }
+                basic::AMQPMethod::Cancel(c) if by_broker => out.push(AmqpEvent::BrokerCancel {
+                    conn,
+                    consumer_tag: c.consumer_tag.as_str().to_owned(),
+                    queue: self.consumers.get(c.consumer_tag.as_str()).cloned(),
+                }),
+                basic::AMQPMethod::Nack(_) if by_broker => out.push(AmqpEvent::Nack { conn, ts }),
+                _ => {}
+            },
+            AMQPClass::Connection(m) => match m {
+                connection::AMQPMethod::StartOk(s) => {
+                    // s.response holds the broker credentials: it is dropped here, unread
+                    let identity = ClientIdentity {
+                        connection_name: table_str(&s.client_properties, "connection_name"),
+                        product: table_str(&s.client_properties, "product"),
+                    };
+                    out.push(AmqpEvent::Identified {
+                        conn,
+                        client: self.client,
+                        identity: Arc::new(identity),
+                    });
+                }
+                connection::AMQPMethod::Open(o) => out.push(AmqpEvent::VhostOpened {
+                    conn,
+                    vhost: o.virtual_host.as_str().to_owned(),
+                }),
+                connection::AMQPMethod::Close(c) => out.push(AmqpEvent::ConnectionClosed {
+                    conn,
+                    ts,
+                    by_broker,
+                    reply_code: c.reply_code,
+                    reply_text: c.reply_text.as_str().to_owned(),
+                }),
+                connection::AMQPMethod::Blocked(b) => out.push(AmqpEvent::Blocked {
+                    conn,
+                    ts,
+                    reason: b.reason.as_str().to_owned(),
+                }),
+                _ => {}
+            },
+            AMQPClass::Channel(channel::AMQPMethod::Close(c)) => {
+                self.assembling[0].remove(&ch);
+                self.assembling[1].remove(&ch);
+                self.pending_consumes.remove(&ch);
+                out.push(AmqpEvent::ChannelClosed {
+                    conn,
+                    ts,
+                    by_broker,
+                    reply_code: c.reply_code,
+                    reply_text: c.reply_text.as_str().to_owned(),
+                })
+            }
+            AMQPClass::Queue(queue::AMQPMethod::Declare(_)) => {}
+            _ => {}
+        }
+    }
+
+    fn register_consumer(&mut self, tag: &str, queue: String, out: &mut Vec<AmqpEvent>) {
+        self.consumers.insert(tag.to_owned(), queue.clone());
+        out.push(AmqpEvent::ConsumerStarted {
+            conn: self.conn,
+            queue,
+            consumer_tag: tag.to_owned(),
+        });
+    }
+
+    fn finish(&mut self, dir: Dir, ts: Ts, channel: u16, out: &mut Vec<AmqpEvent>) {
+        let Some(asm) = self.assembling[dir as usize].remove(&channel) else {
+            return;
+        };
+        let (kind, exchange, routing_key, queue) = match asm.method {
+            Pending::Publish {
+                exchange,
+                routing_key,
+                mandatory,
+            } => (
+                MessageKind::Publish { mandatory },
+                exchange,
+                routing_key,
+                None,
+            ),
+            Pending::Deliver {
+                consumer_tag,
+                redelivered,
+                exchange,
+                routing_key,
+            } => {
+                let queue = self.consumers.get(&consumer_tag).cloned();
+                (
+                    MessageKind::Deliver {
+                        consumer_tag,
+                        redelivered,
+                    },
+                    exchange,
+                    routing_key,
+                    queue,
+                )
+            }
+            Pending::GetOk {
+                redelivered,
+                exchange,
+                routing_key,
+            } => (
+                MessageKind::GetOk { redelivered },
+                exchange,
+                routing_key,
+                None,
+            ),
+            Pending::Return {
+                reply_code,
+                reply_text,
+                exchange,
+                routing_key,
+            } => (
+                MessageKind::Return {
+                    reply_code,
+                    reply_text,
+                },
+                exchange,
+                routing_key,
+                None,
+            ),
+        };
+        out.push(AmqpEvent::Message(Box::new(Message {
+            ts,
+            conn: self.conn,
+            client: self.client,
+            kind,
+            channel,
+            exchange,
+            routing_key,
+            queue,
+            props: asm.props.unwrap_or_default(),
+            body: asm.body,
+        })));
+    }
+}
+
+impl App for AmqpConnection {
+    type Out = AmqpEvent;
+
+    fn on_chunk(
+        &mut self,
+        dir: Dir,
+        ts: Ts,
+        chunk: Chunk<'_>,
+        health: &mut Health,
+        out: &mut Vec<AmqpEvent>,
+    ) {
+        // the reader is taken out so that frames can be handled with &mut self
+        let mut reader =
+            std::mem::replace(&mut self.readers[dir as usize], FrameReader::new(false, 0));
+        reader.feed(chunk, health, &mut |ev, health| match ev {
+            FrameEvent::Frame(f) => self.on_frame(dir, ts, f, health, out),
+            FrameEvent::ProtocolHeader => {}
+            FrameEvent::Desync => {
+                let lost = self.assembling[dir as usize].len();
+                self.assembling[dir as usize].clear();
+                for _ in 0..lost {
+                    health.anomaly("amqp", "message_lost_in_gap");
+                }
+            }
+        });
+        self.readers[dir as usize] = reader;
+    }
+
+    fn on_close(&mut self, ts: Ts, health: &mut Health, out: &mut Vec<AmqpEvent>) {
+        for a in &self.assembling {
+            for _ in 0..a.len() {
+                health.anomaly("amqp", "incomplete_message");
+            }
+        }
+        out.push(AmqpEvent::Gone {
+            conn: self.conn,
+            ts,
+        });
+    }
+}
+
+fn props_of(p: &basic::AMQPProperties) -> Props {
+    Props {
+        content_type: p.content_type().as_ref().map(|s| s.as_str().to_owned()),
+        content_encoding: p.content_encoding().as_ref().map(|s| s.as_str().to_owned()),
+        expiration: p.expiration().as_ref().map(|s| s.as_str().to_owned()),
+        delivery_mode: *p.delivery_mode(),
+        compression: p
+            .headers()
+            .as_ref()
+            .and_then(|h| table_str(h, "compression")),
+    }
+}
+
+fn table_str(t: &FieldTable, key: &str) -> Option<String> {
+    t.inner()
+        .iter()
+        .find(|(k, _)| k.as_str() == key)
+        .and_then(|(_, v)| match v {
+            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+            _ => None,
+        })
+}

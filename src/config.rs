@@ -1,0 +1,139 @@
+//! Configuration: every cap and window in one place, defaults that suit a broker node,
+//! overridable from a TOML file (`--config`).
+
+use crate::correlate::CorrelatorConfig;
+use crate::tcp::FlowConfig;
+use serde::Deserialize;
+use std::path::Path;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub amqp_ports: Vec<u16>,
+    pub amqp_max_frame: usize,
+    pub amqp_max_body: usize,
+    pub flows: FlowConfig,
+    pub correlator: CorrelatorConfig,
+    /// Distinct label sets per metric family before new ones fold into "other".
+    pub max_series_per_family: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            amqp_ports: vec![5672],
+            amqp_max_frame: 4 << 20,
+            amqp_max_body: 64 << 20,
+            flows: FlowConfig::default(),
+            correlator: CorrelatorConfig::default(),
+            max_series_per_family: 2000,
+        }
+    }
+}
+
+/// The TOML file: every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    amqp: Option<AmqpSection>,
+    tcp: Option<TcpSection>,
+    rpc: Option<RpcSection>,
+    metrics: Option<MetricsSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AmqpSection {
+    ports: Option<Vec<u16>>,
+    max_frame_bytes: Option<usize>,
+    max_body_bytes: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TcpSection {
+    max_flows: Option<usize>,
+    idle_timeout_s: Option<f64>,
+    max_reorder_bytes: Option<usize>,
+    max_reorder_segments: Option<usize>,
+    hole_timeout_s: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RpcSection {
+    max_pending_calls: Option<usize>,
+    max_pending_messages: Option<usize>,
+    late_reply_window_s: Option<f64>,
+    cast_settle_s: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsSection {
+    max_series_per_family: Option<usize>,
+}
+
+fn ns(secs: f64) -> u64 {
+    (secs.max(0.0) * 1e9) as u64
+}
+
+impl Config {
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("{}: cannot read config: {e}", path.display()))?;
+        Config::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    pub fn from_toml(text: &str) -> anyhow::Result<Config> {
+        let f: File = toml::from_str(text)?;
+        let mut c = Config::default();
+        if let Some(a) = f.amqp {
+            if let Some(p) = a.ports {
+                c.amqp_ports = p;
+            }
+            c.amqp_max_frame = a.max_frame_bytes.unwrap_or(c.amqp_max_frame);
+            c.amqp_max_body = a.max_body_bytes.unwrap_or(c.amqp_max_body);
+        }
+        if let Some(t) = f.tcp {
+            c.flows.max_flows = t.max_flows.unwrap_or(c.flows.max_flows);
+            if let Some(s) = t.idle_timeout_s {
+                c.flows.idle_timeout_ns = ns(s);
+            }
+            c.flows.stream.max_buffered_bytes = t
+                .max_reorder_bytes
+                .unwrap_or(c.flows.stream.max_buffered_bytes);
+            c.flows.stream.max_buffered_segments = t
+                .max_reorder_segments
+                .unwrap_or(c.flows.stream.max_buffered_segments);
+            if let Some(s) = t.hole_timeout_s {
+                c.flows.stream.hole_timeout_ns = ns(s);
+            }
+        }
+        if let Some(r) = f.rpc {
+            let k = &mut c.correlator;
+            k.max_calls = r.max_pending_calls.unwrap_or(k.max_calls);
+            k.max_messages = r.max_pending_messages.unwrap_or(k.max_messages);
+            k.late_reply_window_s = r.late_reply_window_s.unwrap_or(k.late_reply_window_s);
+            k.cast_settle_s = r.cast_settle_s.unwrap_or(k.cast_settle_s);
+        }
+        if let Some(m) = f.metrics {
+            c.max_series_per_family = m.max_series_per_family.unwrap_or(c.max_series_per_family);
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_overrides_and_rejects_typos() {
+        let c =
+            Config::from_toml("[amqp]\nports = [5672, 5671]\n[rpc]\nlate_reply_window_s = 5.0\n")
+                .unwrap();
+        assert_eq!(c.amqp_ports, vec![5672, 5671]);
+        assert_eq!(c.correlator.late_reply_window_s, 5.0);
+        assert!(Config::from_toml("[rpc]\nlate_reply_windw_s = 5\n").is_err());
+    }
+}

@@ -1,0 +1,706 @@
+//! Correlation: AMQP messages read as oslo.messaging → one event per RPC.
+//!
+//! publish ↔ deliver by `_unique_id` (a fanout: one publish, N delivers), call ↔ reply by
+//! `_msg_id`. Timeouts are decided on packet time from the request's `expiration` (the
+//! caller's own timeout). Every table is bounded; what falls out is counted and still
+//! reported. Output is a list of `Signal`s for the sinks, in a deterministic order.
+
+use crate::amqp::{AmqpEvent, Message, MessageKind};
+use crate::event::{Event, NotificationEvent, Outcome, Process, RpcEvent};
+use crate::health::Health;
+use crate::oslo::{self, Oslo, RemoteError, ReplyPart, Request, RpcType};
+use crate::time::Ts;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+#[derive(Debug, Clone)]
+pub struct CorrelatorConfig {
+    /// Calls waiting for a reply, at most.
+    pub max_calls: usize,
+    /// Casts, fanouts and notifications remembered for publish ↔ deliver matching.
+    pub max_messages: usize,
+    /// After a call times out, how long a late reply is still matched to it.
+    pub late_reply_window_s: f64,
+    /// How long a cast waits for its deliveries before it is reported.
+    pub cast_settle_s: f64,
+    /// A call with no `expiration` (not oslo.messaging) is given up after this long.
+    pub call_max_age_s: f64,
+}
+
+impl Default for CorrelatorConfig {
+    fn default() -> Self {
+        CorrelatorConfig {
+            max_calls: 200_000,
+            max_messages: 200_000,
+            late_reply_window_s: 300.0,
+            cast_settle_s: 30.0,
+            call_max_age_s: 3600.0,
+        }
+    }
+}
+
+/// What the correlator tells the sinks.
+#[derive(Debug, Clone)]
+pub enum Signal {
+    /// A request message seen for the first time ("RPCs received").
+    Seen {
+        exchange: String,
+        topic: String,
+        method: String,
+        rpc_type: RpcType,
+    },
+    /// One copy delivered to a consumer.
+    Delivered {
+        exchange: String,
+        topic: String,
+        method: String,
+        rpc_type: RpcType,
+        redelivered: bool,
+    },
+    InFlight {
+        topic: String,
+        delta: i64,
+    },
+    /// The caller's timeout passed with no reply (counted now; the event comes later).
+    TimedOut {
+        topic: String,
+        method: String,
+    },
+    Heartbeat {
+        topic: String,
+        method: String,
+    },
+    Returned {
+        reply_code: u16,
+    },
+    ChannelClosed {
+        reply_code: u16,
+        by_broker: bool,
+    },
+    ConnectionClosed {
+        reply_code: u16,
+        by_broker: bool,
+    },
+    Blocked,
+    Event(Event),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    /// The call's expiration (or max age) passed.
+    Deadline,
+    /// The late-reply window of a timed-out call closed.
+    LateWindow,
+    /// A cast's settle window closed.
+    Settle,
+}
+
+struct Call {
+    ev: RpcEvent,
+    first_seen: Ts,
+    expired: bool,
+    /// Failure from a legacy (≤ 2.x) payload reply, completed by the empty ending reply.
+    legacy_failure: Option<RemoteError>,
+}
+
+#[derive(Default)]
+struct ConnInfo {
+    process: Option<Arc<Process>>,
+}
+
+/// Ids already reported, so that retries and duplicates are recognised. Bounded FIFO.
+struct Recent {
+    set: HashSet<String>,
+    order: VecDeque<String>,
+    cap: usize,
+}
+
+impl Recent {
+    fn new(cap: usize) -> Self {
+        Recent {
+            set: HashSet::new(),
+            order: VecDeque::new(),
+            cap,
+        }
+    }
+    fn insert(&mut self, id: String) {
+        if self.set.insert(id.clone()) {
+            self.order.push_back(id);
+            if self.order.len() > self.cap {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+    fn contains(&self, id: &str) -> bool {
+        self.set.contains(id)
+    }
+}
+
+pub struct Correlator {
+    cfg: CorrelatorConfig,
+    conns: HashMap<u64, ConnInfo>,
+    calls: HashMap<String, Call>,
+    /// Casts and fanouts by `_unique_id`.
+    casts: HashMap<String, Call>,
+    /// Insertion order, for evicting the oldest when a table is full (lazy: ids may be gone).
+    call_order: VecDeque<String>,
+    cast_order: VecDeque<String>,
+    timers: BinaryHeap<Reverse<(Ts, Timer, String)>>,
+    done_calls: Recent,
+    done_messages: Recent,
+    pub now: Ts,
+}
+
+impl Correlator {
+    pub fn new(cfg: CorrelatorConfig) -> Self {
+        let recent = cfg.max_messages.max(1024);
+        Correlator {
+            cfg,
+            conns: HashMap::new(),
+            calls: HashMap::new(),
+            casts: HashMap::new(),
+            call_order: VecDeque::new(),
+            cast_order: VecDeque::new(),
+            timers: BinaryHeap::new(),
+            done_calls: Recent::new(recent),
+            done_messages: Recent::new(recent),
+            now: Ts::ZERO,
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.calls.values().filter(|c| !c.expired).count()
+    }
+
+    /// Advances packet time: fires the timers that are due.
+    pub fn advance(&mut self, now: Ts, health: &mut Health, out: &mut Vec<Signal>) {
+        if now > self.now {
+            self.now = now;
+        }
+        while let Some(Reverse((at, _, _))) = self.timers.peek() {
+            if *at > self.now {
+                break;
+            }
+            let Reverse((at, timer, id)) = self.timers.pop().expect("peeked");
+            self.fire(at, timer, id, health, out);
+        }
+    }
+
+    fn fire(
+        &mut self,
+        at: Ts,
+        timer: Timer,
+        id: String,
+        _health: &mut Health,
+        out: &mut Vec<Signal>,
+    ) {
+        match timer {
+            Timer::Deadline => {
+                let late_window = self.cfg.late_reply_window_s;
+                let Some(call) = self.calls.get_mut(&id) else {
+                    return;
+                };
+                if call.expired {
+                    return;
+                }
+                if call.ev.timeout_s.is_none() {
+                    // not an oslo call (no expiration): give it up without a timeout verdict
+                    self.finish_call(&id, Outcome::NoReply, out);
+                    return;
+                }
+                call.expired = true;
+                out.push(Signal::TimedOut {
+                    topic: call.ev.topic.clone(),
+                    method: call.ev.method.clone(),
+                });
+                out.push(Signal::InFlight {
+                    topic: call.ev.topic.clone(),
+                    delta: -1,
+                });
+                self.timers
+                    .push(Reverse((at.plus_secs(late_window), Timer::LateWindow, id)));
+            }
+            Timer::LateWindow => {
+                if self.calls.get(&id).is_some_and(|c| c.expired) {
+                    self.finish_call(&id, Outcome::Timeout, out);
+                }
+            }
+            Timer::Settle => {
+                if let Some(c) = self.casts.get(&id) {
+                    let outcome = if c.ev.deliveries > 0 {
+                        Outcome::Ok
+                    } else {
+                        Outcome::Undelivered
+                    };
+                    self.finish_cast(&id, outcome, out);
+                }
+            }
+        }
+    }
+
+    pub fn on_amqp(&mut self, ev: AmqpEvent, health: &mut Health, out: &mut Vec<Signal>) {
+        match ev {
+            AmqpEvent::Identified {
+                conn,
+                client,
+                identity,
+            } => {
+                let (service, pid) = match identity.connection_name.as_deref() {
+                    Some(name) => oslo::parse_connection_name(name),
+                    None => (identity.product.clone(), None),
+                };
+                let p = Process {
+                    service,
+                    pid,
+                    host: client.ip.to_string(),
+                };
+                self.conns.entry(conn).or_default().process = Some(Arc::new(p));
+            }
+            AmqpEvent::Message(m) => self.on_message(&m, health, out),
+            AmqpEvent::ChannelClosed {
+                reply_code,
+                by_broker,
+                ..
+            } => out.push(Signal::ChannelClosed {
+                reply_code,
+                by_broker,
+            }),
+            AmqpEvent::ConnectionClosed {
+                reply_code,
+                by_broker,
+                ..
+            } => out.push(Signal::ConnectionClosed {
+                reply_code,
+                by_broker,
+            }),
+            AmqpEvent::Blocked { .. } => out.push(Signal::Blocked),
+            AmqpEvent::Gone { conn, .. } => {
+                // keep identity: replies may still be matched to this process's calls
+                let _ = conn;
+            }
+            AmqpEvent::VhostOpened { .. }
+            | AmqpEvent::ConsumerStarted { .. }
+            | AmqpEvent::BrokerCancel { .. }
+            | AmqpEvent::Nack { .. } => {}
+        }
+    }
+
+    /// The process at the client end of `conn`: named when start-ok was seen, else just
+    /// the peer address.
+    fn process(&mut self, m: &Message) -> Arc<Process> {
+        let info = self.conns.entry(m.conn).or_default();
+        info.process
+            .get_or_insert_with(|| {
+                Arc::new(Process {
+                    service: None,
+                    pid: None,
+                    host: m.client.ip.to_string(),
+                })
+            })
+            .clone()
+    }
+
+    fn on_message(&mut self, m: &Message, health: &mut Health, out: &mut Vec<Signal>) {
+        let oslo = match oslo::decode(&m.exchange, &m.props, &m.body) {
+            Ok(o) => o,
+            Err(e) => {
+                health.anomaly("oslo", e.kind());
+                if let MessageKind::Return { reply_code, .. } = m.kind {
+                    out.push(Signal::Returned { reply_code });
+                }
+                return;
+            }
+        };
+        match (&m.kind, oslo) {
+            (MessageKind::Publish { .. }, Oslo::Request(r)) => {
+                self.request_seen(m, r, true, health, out)
+            }
+            (MessageKind::Deliver { .. } | MessageKind::GetOk { .. }, Oslo::Request(r)) => {
+                self.request_seen(m, r, false, health, out)
+            }
+            (MessageKind::Publish { .. }, Oslo::Reply(r)) => {
+                let publisher = self.process(m);
+                let Some(call) = self.calls.get_mut(&r.msg_id) else {
+                    if !self.done_calls.contains(&r.msg_id) {
+                        health.anomaly("oslo", "reply_without_call");
+                    }
+                    return;
+                };
+                match r.part {
+                    ReplyPart::Heartbeat => {
+                        call.ev.heartbeats += 1;
+                        out.push(Signal::Heartbeat {
+                            topic: call.ev.topic.clone(),
+                            method: call.ev.method.clone(),
+                        });
+                    }
+                    ReplyPart::LegacyPayload => call.legacy_failure = r.failure,
+                    ReplyPart::Final => {
+                        if call.ev.t_reply_publish.is_none() {
+                            call.ev.t_reply_publish = Some(m.ts.as_secs_f64());
+                            call.ev.error = r.failure.or(call.legacy_failure.take());
+                        }
+                        if call.ev.callee.is_none() {
+                            call.ev.callee = Some(publisher);
+                        }
+                    }
+                }
+            }
+            (MessageKind::Deliver { .. } | MessageKind::GetOk { .. }, Oslo::Reply(r)) => {
+                let Some(call) = self.calls.get_mut(&r.msg_id) else {
+                    if !self.done_calls.contains(&r.msg_id) {
+                        health.anomaly("oslo", "reply_without_call");
+                    }
+                    return;
+                };
+                match r.part {
+                    ReplyPart::Heartbeat => {}
+                    ReplyPart::LegacyPayload => {
+                        if call.legacy_failure.is_none() {
+                            call.legacy_failure = r.failure;
+                        }
+                    }
+                    ReplyPart::Final => {
+                        call.ev.t_reply_deliver = Some(m.ts.as_secs_f64());
+                        if call.ev.error.is_none() {
+                            call.ev.error = r.failure.or(call.legacy_failure.take());
+                        }
+                        let outcome = if call.expired {
+                            Outcome::LateReply
+                        } else if call.ev.error.is_some() {
+                            Outcome::RemoteError
+                        } else {
+                            Outcome::Ok
+                        };
+                        let id = r.msg_id;
+                        self.finish_call(&id, outcome, out);
+                    }
+                }
+            }
+            (MessageKind::Return { reply_code, .. }, oslo) => {
+                out.push(Signal::Returned {
+                    reply_code: *reply_code,
+                });
+                match oslo {
+                    Oslo::Reply(r) => {
+                        if let Some(call) = self.calls.get_mut(&r.msg_id) {
+                            call.ev.returns += 1;
+                            if r.part == ReplyPart::Final {
+                                if call.ev.t_reply_publish.is_none() {
+                                    call.ev.t_reply_publish = Some(m.ts.as_secs_f64());
+                                }
+                                if call.ev.error.is_none() {
+                                    call.ev.error = r.failure;
+                                }
+                                let id = r.msg_id;
+                                self.finish_call(&id, Outcome::Unroutable, out);
+                            }
+                        }
+                    }
+                    Oslo::Request(r) => {
+                        if let Some(id) = r.msg_id.filter(|id| self.calls.contains_key(id)) {
+                            self.finish_call(&id, Outcome::Unroutable, out);
+                        } else if let Some(id) =
+                            r.unique_id.filter(|id| self.casts.contains_key(id))
+                        {
+                            self.finish_cast(&id, Outcome::Unroutable, out);
+                        }
+                    }
+                    Oslo::Notification(_) => {}
+                }
+            }
+            (
+                MessageKind::Publish { .. }
+                | MessageKind::Deliver { .. }
+                | MessageKind::GetOk { .. },
+                Oslo::Notification(n),
+            ) => {
+                // one publish, delivered to every listener queue: report it once
+                let key = n.unique_id.clone().or(n.message_id.clone());
+                if let Some(k) = &key {
+                    if self.done_messages.contains(k) {
+                        return;
+                    }
+                    self.done_messages.insert(k.clone());
+                }
+                let publisher =
+                    matches!(m.kind, MessageKind::Publish { .. }).then(|| self.process(m));
+                out.push(Signal::Event(Event::Notification(Box::new(
+                    NotificationEvent {
+                        kind: "notification",
+                        publisher_id: n.publisher_id,
+                        event_type: n.event_type,
+                        priority: n.priority,
+                        exchange: m.exchange.clone(),
+                        t: m.ts.as_secs_f64(),
+                        request_id: n.request_id,
+                        global_request_id: n.global_request_id,
+                        publisher,
+                    },
+                ))));
+            }
+        }
+    }
+
+    fn request_seen(
+        &mut self,
+        m: &Message,
+        r: Request,
+        published: bool,
+        health: &mut Health,
+        out: &mut Vec<Signal>,
+    ) {
+        let t = m.ts.as_secs_f64();
+        let proc_ = self.process(m);
+        let redelivered = matches!(
+            m.kind,
+            MessageKind::Deliver {
+                redelivered: true,
+                ..
+            } | MessageKind::GetOk { redelivered: true }
+        );
+        let is_call = r.rpc_type == RpcType::Call;
+        let key = if is_call {
+            r.msg_id.clone()
+        } else {
+            r.unique_id.clone()
+        };
+        let Some(key) = key else {
+            health.anomaly("oslo", "request_without_id");
+            return;
+        };
+        let done = if is_call {
+            self.done_calls.contains(&key)
+        } else {
+            self.done_messages.contains(&key)
+        };
+        let table = if is_call {
+            &mut self.calls
+        } else {
+            &mut self.casts
+        };
+        if let Some(c) = table.get_mut(&key) {
+            if published {
+                if c.ev.t_publish.is_none() {
+                    c.ev.t_publish = Some(t);
+                    c.ev.caller = Some(proc_);
+                } else {
+                    health.anomaly("oslo", "duplicate_publish");
+                }
+            } else {
+                Self::delivered(c, t, proc_, redelivered, out);
+            }
+            return;
+        }
+        if done {
+            if !published {
+                health.anomaly("oslo", "delivery_after_report");
+            }
+            return;
+        }
+        // first sighting
+        let (topic, server) = match r.rpc_type {
+            RpcType::Fanout => (m.exchange.trim_end_matches("_fanout").to_owned(), None),
+            _ => {
+                let (t, s) = oslo::split_routing_key(&m.routing_key);
+                (t.to_owned(), s.map(str::to_owned))
+            }
+        };
+        let timeout_s = if is_call {
+            m.props
+                .expiration
+                .as_deref()
+                .and_then(|e| e.trim().parse::<u64>().ok())
+                .map(|ms| ms as f64 / 1000.0)
+        } else {
+            None
+        };
+        let mut call = Call {
+            ev: RpcEvent {
+                kind: "rpc",
+                rpc_type: r.rpc_type,
+                exchange: m.exchange.clone(),
+                routing_key: m.routing_key.clone(),
+                topic,
+                server,
+                method: r.method,
+                namespace: r.namespace,
+                version: r.version,
+                msg_id: r.msg_id,
+                unique_id: r.unique_id,
+                reply_q: r.reply_q,
+                timeout_s,
+                caller: None,
+                callee: None,
+                request_id: r.request_id,
+                global_request_id: r.global_request_id,
+                t_publish: None,
+                t_deliver: None,
+                t_reply_publish: None,
+                t_reply_deliver: None,
+                outcome: Outcome::NoReply,
+                error: None,
+                deliveries: 0,
+                heartbeats: 0,
+                returns: 0,
+            },
+            first_seen: m.ts,
+            expired: false,
+            legacy_failure: None,
+        };
+        out.push(Signal::Seen {
+            exchange: call.ev.exchange.clone(),
+            topic: call.ev.topic.clone(),
+            method: call.ev.method.clone(),
+            rpc_type: call.ev.rpc_type,
+        });
+        if published {
+            call.ev.t_publish = Some(t);
+            call.ev.caller = Some(proc_);
+        } else {
+            Self::delivered(&mut call, t, proc_, redelivered, out);
+        }
+        if is_call {
+            if self.calls.len() >= self.cfg.max_calls {
+                self.evict_call(health, out);
+            }
+            // a timeout counts from the publish; seen only delivered, from the deliver
+            let deadline = match timeout_s {
+                Some(s) => m.ts.plus_secs(s),
+                None => m.ts.plus_secs(self.cfg.call_max_age_s),
+            };
+            self.timers
+                .push(Reverse((deadline, Timer::Deadline, key.clone())));
+            out.push(Signal::InFlight {
+                topic: call.ev.topic.clone(),
+                delta: 1,
+            });
+            self.call_order.push_back(key.clone());
+            self.calls.insert(key, call);
+        } else {
+            if self.casts.len() >= self.cfg.max_messages {
+                self.evict_cast(health, out);
+            }
+            self.timers.push(Reverse((
+                m.ts.plus_secs(self.cfg.cast_settle_s),
+                Timer::Settle,
+                key.clone(),
+            )));
+            self.cast_order.push_back(key.clone());
+            self.casts.insert(key, call);
+        }
+    }
+
+    fn delivered(
+        c: &mut Call,
+        t: f64,
+        consumer: Arc<Process>,
+        redelivered: bool,
+        out: &mut Vec<Signal>,
+    ) {
+        c.ev.deliveries += 1;
+        if c.ev.t_deliver.is_none() {
+            c.ev.t_deliver = Some(t);
+            c.ev.callee = Some(consumer);
+        }
+        out.push(Signal::Delivered {
+            exchange: c.ev.exchange.clone(),
+            topic: c.ev.topic.clone(),
+            method: c.ev.method.clone(),
+            rpc_type: c.ev.rpc_type,
+            redelivered,
+        });
+    }
+
+    fn finish_call(&mut self, id: &str, outcome: Outcome, out: &mut Vec<Signal>) {
+        let Some(mut call) = self.calls.remove(id) else {
+            return;
+        };
+        if !call.expired {
+            out.push(Signal::InFlight {
+                topic: call.ev.topic.clone(),
+                delta: -1,
+            });
+        }
+        self.done_calls.insert(id.to_owned());
+        call.ev.outcome = outcome;
+        out.push(Signal::Event(Event::Rpc(Box::new(call.ev))));
+    }
+
+    fn finish_cast(&mut self, id: &str, outcome: Outcome, out: &mut Vec<Signal>) {
+        let Some(mut cast) = self.casts.remove(id) else {
+            return;
+        };
+        self.done_messages.insert(id.to_owned());
+        cast.ev.outcome = outcome;
+        out.push(Signal::Event(Event::Rpc(Box::new(cast.ev))));
+    }
+
+    fn evict_call(&mut self, health: &mut Health, out: &mut Vec<Signal>) {
+        while let Some(id) = self.call_order.pop_front() {
+            if self.calls.contains_key(&id) {
+                health.evict("rpc_calls", 1);
+                let outcome = if self.calls[&id].expired {
+                    Outcome::Timeout
+                } else {
+                    Outcome::NoReply
+                };
+                self.finish_call(&id, outcome, out);
+                return;
+            }
+        }
+    }
+
+    fn evict_cast(&mut self, health: &mut Health, out: &mut Vec<Signal>) {
+        while let Some(id) = self.cast_order.pop_front() {
+            if let Some(c) = self.casts.get(&id) {
+                health.evict("rpc_messages", 1);
+                let outcome = if c.ev.deliveries > 0 {
+                    Outcome::Ok
+                } else {
+                    Outcome::Undelivered
+                };
+                self.finish_cast(&id, outcome, out);
+                return;
+            }
+        }
+    }
+
+    /// End of input: everything still open is reported, oldest first.
+    pub fn finish_all(&mut self, out: &mut Vec<Signal>) {
+        let mut calls: Vec<(Ts, String)> = self
+            .calls
+            .iter()
+            .map(|(k, c)| (c.first_seen, k.clone()))
+            .collect();
+        calls.sort();
+        for (_, id) in calls {
+            let outcome = if self.calls[&id].expired {
+                Outcome::Timeout
+            } else {
+                Outcome::NoReply
+            };
+            self.finish_call(&id, outcome, out);
+        }
+        let mut casts: Vec<(Ts, String)> = self
+            .casts
+            .iter()
+            .map(|(k, c)| (c.first_seen, k.clone()))
+            .collect();
+        casts.sort();
+        for (_, id) in casts {
+            let outcome = if self.casts[&id].ev.deliveries > 0 {
+                Outcome::Ok
+            } else {
+                Outcome::Undelivered
+            };
+            self.finish_cast(&id, outcome, out);
+        }
+        self.timers.clear();
+        self.call_order.clear();
+        self.cast_order.clear();
+    }
+}

@@ -1,0 +1,187 @@
+//! L2–L4 decoding with `etherparse`: link layer → IPv4/IPv6 → TCP segment.
+//! Link types etherparse does not know (BSD null/loop, Linux SLL2) are unwrapped here.
+
+use crate::source::linktype;
+use etherparse::{EtherType, NetSlice, SlicedPacket, TransportSlice};
+use std::fmt;
+use std::net::IpAddr;
+
+#[derive(Copy, Clone, Eq, PartialEq, Hash, Ord, PartialOrd)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    pub port: u16,
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.ip {
+            IpAddr::V4(ip) => write!(f, "{ip}:{}", self.port),
+            IpAddr::V6(ip) => write!(f, "[{ip}]:{}", self.port),
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct TcpFlags {
+    pub syn: bool,
+    pub ack: bool,
+    pub fin: bool,
+    pub rst: bool,
+}
+
+#[derive(Debug)]
+pub struct TcpSegment<'a> {
+    pub src: Endpoint,
+    pub dst: Endpoint,
+    pub seq: u32,
+    pub ack: u32,
+    pub flags: TcpFlags,
+    pub payload: &'a [u8],
+}
+
+#[derive(Debug)]
+pub enum Decoded<'a> {
+    Tcp(TcpSegment<'a>),
+    /// Valid, but not TCP (UDP, ICMP, ARP, …): not our business.
+    NotTcp,
+    /// An IP fragment; we do not reassemble IP fragments (OpenStack traffic has DF set).
+    Fragment,
+    UnsupportedLinktype,
+    Malformed(&'static str),
+}
+
+pub fn decode(lt: i32, data: &[u8]) -> Decoded<'_> {
+    let sliced = match lt {
+        linktype::ETHERNET => SlicedPacket::from_ethernet(data),
+        linktype::LINUX_SLL => SlicedPacket::from_linux_sll(data),
+        linktype::RAW | linktype::IPV4 | linktype::IPV6 => SlicedPacket::from_ip(data),
+        linktype::NULL | linktype::LOOP => {
+            if data.len() < 4 {
+                return Decoded::Malformed("short_link_header");
+            }
+            let le = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+            let be = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
+            // AF_INET is 2 everywhere; AF_INET6 is 10 (Linux), 24, 28 or 30 (BSDs, macOS)
+            let family_ok = |v: u32| matches!(v, 2 | 10 | 24 | 28 | 30);
+            if !family_ok(le) && !family_ok(be) {
+                return Decoded::NotTcp;
+            }
+            SlicedPacket::from_ip(&data[4..])
+        }
+        linktype::LINUX_SLL2 => {
+            // 20-byte header; the protocol (an EtherType) is its first field
+            if data.len() < 20 {
+                return Decoded::Malformed("short_link_header");
+            }
+            let proto = u16::from_be_bytes([data[0], data[1]]);
+            SlicedPacket::from_ether_type(EtherType(proto), &data[20..])
+        }
+        _ => return Decoded::UnsupportedLinktype,
+    };
+    let packet = match sliced {
+        Ok(p) => p,
+        Err(etherparse::err::packet::SliceError::Len(_)) => return Decoded::Malformed("truncated"),
+        Err(_) => return Decoded::Malformed("bad_header"),
+    };
+    let (src_ip, dst_ip): (IpAddr, IpAddr) = match &packet.net {
+        Some(NetSlice::Ipv4(v4)) => {
+            if v4.is_payload_fragmented() {
+                return Decoded::Fragment;
+            }
+            let h = v4.header();
+            (h.source_addr().into(), h.destination_addr().into())
+        }
+        Some(NetSlice::Ipv6(v6)) => {
+            if v6.is_payload_fragmented() {
+                return Decoded::Fragment;
+            }
+            let h = v6.header();
+            (h.source_addr().into(), h.destination_addr().into())
+        }
+        _ => return Decoded::NotTcp,
+    };
+    match packet.transport {
+        Some(TransportSlice::Tcp(tcp)) => Decoded::Tcp(TcpSegment {
+            src: Endpoint {
+                ip: src_ip,
+                port: tcp.source_port(),
+            },
+            dst: Endpoint {
+                ip: dst_ip,
+                port: tcp.destination_port(),
+            },
+            seq: tcp.sequence_number(),
+            ack: tcp.acknowledgment_number(),
+            flags: TcpFlags {
+                syn: tcp.syn(),
+                ack: tcp.ack(),
+                fin: tcp.fin(),
+                rst: tcp.rst(),
+            },
+            payload: tcp.payload(),
+        }),
+        _ => Decoded::NotTcp,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ipv4_tcp(payload: &[u8]) -> Vec<u8> {
+        let builder = etherparse::PacketBuilder::ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .tcp(40000, 5672, 1000, 65535)
+            .ack(77);
+        let mut out = Vec::new();
+        builder.write(&mut out, payload).unwrap();
+        out
+    }
+
+    #[test]
+    fn raw_ip_tcp() {
+        let pkt = ipv4_tcp(b"AMQP");
+        let Decoded::Tcp(seg) = decode(linktype::RAW, &pkt) else {
+            panic!("not tcp")
+        };
+        assert_eq!(seg.src.port, 40000);
+        assert_eq!(seg.dst.port, 5672);
+        assert_eq!(seg.seq, 1000);
+        assert_eq!(seg.payload, b"AMQP");
+        assert!(seg.flags.ack);
+    }
+
+    #[test]
+    fn null_and_sll2_wrappers() {
+        let ip = ipv4_tcp(b"x");
+        let mut null = 2u32.to_le_bytes().to_vec();
+        null.extend_from_slice(&ip);
+        assert!(matches!(decode(linktype::NULL, &null), Decoded::Tcp(_)));
+        let mut sll2 = vec![0x08, 0x00];
+        sll2.extend_from_slice(&[0u8; 18]);
+        sll2.extend_from_slice(&ip);
+        assert!(matches!(
+            decode(linktype::LINUX_SLL2, &sll2),
+            Decoded::Tcp(_)
+        ));
+    }
+
+    #[test]
+    fn garbage_is_counted_not_fatal() {
+        for n in 0..64 {
+            let junk: Vec<u8> = (0..n).map(|i| (i * 37 + 11) as u8).collect();
+            for lt in [0, 1, 101, 108, 113, 228, 229, 276, 999] {
+                let _ = decode(lt, &junk);
+            }
+        }
+        assert!(matches!(
+            decode(linktype::RAW, &ipv4_tcp(b"abc")[..30]),
+            Decoded::Malformed(_)
+        ));
+    }
+}

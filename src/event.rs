@@ -1,0 +1,113 @@
+//! The events stacktap emits (`--events-out`, one JSON object a line). Field names are the
+//! public contract of DESIGN.md; unknown values are null, never invented.
+
+use crate::oslo::{RemoteError, RpcType};
+use serde::Serialize;
+use std::sync::Arc;
+
+/// A process on the other end of an AMQP connection.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct Process {
+    /// argv[0] from oslo.messaging's connection_name, e.g. `nova-compute`.
+    pub service: Option<String>,
+    pub pid: Option<u32>,
+    /// The TCP peer address (connection_name carries no hostname).
+    pub host: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Ok,
+    RemoteError,
+    Timeout,
+    LateReply,
+    NoReply,
+    Unroutable,
+    /// A cast or fanout no consumer ever received (within the settle window).
+    Undelivered,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::RemoteError => "remote_error",
+            Outcome::Timeout => "timeout",
+            Outcome::LateReply => "late_reply",
+            Outcome::NoReply => "no_reply",
+            Outcome::Unroutable => "unroutable",
+            Outcome::Undelivered => "undelivered",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RpcEvent {
+    pub kind: &'static str,
+    #[serde(rename = "type")]
+    pub rpc_type: RpcType,
+    pub exchange: String,
+    pub routing_key: String,
+    pub topic: String,
+    pub server: Option<String>,
+    pub method: String,
+    pub namespace: Option<String>,
+    pub version: Option<String>,
+    pub msg_id: Option<String>,
+    pub unique_id: Option<String>,
+    pub reply_q: Option<String>,
+    /// The caller's RPC timeout, from the request's AMQP `expiration`.
+    pub timeout_s: Option<f64>,
+    pub caller: Option<Arc<Process>>,
+    pub callee: Option<Arc<Process>>,
+    pub request_id: Option<String>,
+    pub global_request_id: Option<String>,
+    pub t_publish: Option<f64>,
+    pub t_deliver: Option<f64>,
+    pub t_reply_publish: Option<f64>,
+    pub t_reply_deliver: Option<f64>,
+    pub outcome: Outcome,
+    pub error: Option<RemoteError>,
+    /// Copies delivered (a fanout: one per consumer queue).
+    pub deliveries: u32,
+    /// Call-monitor heartbeats (`ending: false` replies) seen.
+    pub heartbeats: u32,
+    /// Reply publishes the broker returned (312 NO_ROUTE retries).
+    pub returns: u32,
+}
+
+impl RpcEvent {
+    pub fn reply_wait(&self) -> Option<f64> {
+        Some(self.t_reply_deliver? - self.t_publish?)
+    }
+    pub fn queue_wait(&self) -> Option<f64> {
+        Some(self.t_deliver? - self.t_publish?)
+    }
+    pub fn server_time(&self) -> Option<f64> {
+        Some(self.t_reply_publish? - self.t_deliver?)
+    }
+    pub fn reply_transit(&self) -> Option<f64> {
+        Some(self.t_reply_deliver? - self.t_reply_publish?)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NotificationEvent {
+    pub kind: &'static str,
+    pub publisher_id: String,
+    pub event_type: String,
+    pub priority: String,
+    pub exchange: String,
+    pub t: f64,
+    pub request_id: Option<String>,
+    pub global_request_id: Option<String>,
+    pub publisher: Option<Arc<Process>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Event {
+    Rpc(Box<RpcEvent>),
+    Notification(Box<NotificationEvent>),
+}

@@ -1,0 +1,18 @@
+//! stacktap: rebuilds oslo.messaging RPC (and, later, OpenStack REST) from packets.
+//!
+//! The pipeline reads top to bottom in `pipeline.rs`; one module per stage and protocol.
+
+pub mod amqp;
+pub mod config;
+pub mod correlate;
+pub mod decode;
+pub mod event;
+pub mod health;
+pub mod oslo;
+pub mod pipeline;
+pub mod run;
+pub mod serve;
+pub mod sink;
+pub mod source;
+pub mod tcp;
+pub mod time;

@@ -1,0 +1,438 @@
+//! oslo.messaging semantics: the JSON body of an AMQP message → call / cast / fanout /
+//! reply / heartbeat / notification, with the ids that correlate them.
+//!
+//! Only the fields named below are read; serde skips everything else without keeping it,
+//! so `args`, `payload` and every `_context_*` secret (auth_token, trace_info.hmac_key)
+//! never leave the parser.
+
+use crate::amqp::Props;
+use serde::{Deserialize, Deserializer, Serialize};
+use std::borrow::Cow;
+use std::io::Read;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RpcType {
+    Call,
+    Cast,
+    Fanout,
+}
+
+impl RpcType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RpcType::Call => "call",
+            RpcType::Cast => "cast",
+            RpcType::Fanout => "fanout",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub rpc_type: RpcType,
+    pub method: String,
+    pub namespace: Option<String>,
+    pub version: Option<String>,
+    pub msg_id: Option<String>,
+    pub reply_q: Option<String>,
+    pub unique_id: Option<String>,
+    pub request_id: Option<String>,
+    pub global_request_id: Option<String>,
+    /// `_timeout`: the call-monitor interval, not the RPC timeout (that is `expiration`).
+    pub call_monitor_s: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RemoteError {
+    pub class: String,
+    pub module: Option<String>,
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReplyPart {
+    /// `ending: true`: the call's answer (result or failure).
+    Final,
+    /// `ending: false` with nothing in it: a call-monitor heartbeat.
+    Heartbeat,
+    /// oslo.messaging ≤ 2.x: payload without `ending`, then an empty `ending: true`.
+    LegacyPayload,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub msg_id: String,
+    pub unique_id: Option<String>,
+    pub part: ReplyPart,
+    pub failure: Option<RemoteError>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notification {
+    pub publisher_id: String,
+    pub event_type: String,
+    pub priority: String,
+    pub message_id: Option<String>,
+    pub unique_id: Option<String>,
+    pub request_id: Option<String>,
+    pub global_request_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Oslo {
+    Request(Request),
+    Reply(Reply),
+    Notification(Notification),
+}
+
+/// Why a body could not be read as oslo.messaging; each is a counted anomaly kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotOslo {
+    NotJson,
+    UnsupportedEnvelope,
+    UnknownShape,
+    CompressedUnsupported,
+    BadCompression,
+}
+
+impl NotOslo {
+    pub fn kind(self) -> &'static str {
+        match self {
+            NotOslo::NotJson => "not_json",
+            NotOslo::UnsupportedEnvelope => "unsupported_envelope",
+            NotOslo::UnknownShape => "unknown_shape",
+            NotOslo::CompressedUnsupported => "compressed_unsupported",
+            NotOslo::BadCompression => "bad_compression",
+        }
+    }
+}
+
+/// Marks that a key was present, whatever its value (even null).
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    serde::de::IgnoredAny::deserialize(d).map(|_| true)
+}
+
+/// `_timeout` may be an int, a float or null.
+fn number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    Ok(Option::<serde_json::Number>::deserialize(d)?.and_then(|n| n.as_f64()))
+}
+
+#[derive(Deserialize, Default)]
+struct Fields<'a> {
+    #[serde(rename = "oslo.version", borrow)]
+    envelope_version: Option<Cow<'a, str>>,
+    #[serde(rename = "oslo.message", borrow)]
+    envelope_message: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    method: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    namespace: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    version: Option<Cow<'a, str>>,
+    #[serde(rename = "_msg_id", borrow)]
+    msg_id: Option<Cow<'a, str>>,
+    #[serde(rename = "_reply_q", borrow)]
+    reply_q: Option<Cow<'a, str>>,
+    #[serde(rename = "_unique_id", borrow)]
+    unique_id: Option<Cow<'a, str>>,
+    #[serde(rename = "_timeout", default, deserialize_with = "number")]
+    call_monitor: Option<f64>,
+    #[serde(rename = "_context_request_id", borrow)]
+    request_id: Option<Cow<'a, str>>,
+    #[serde(rename = "_context_global_request_id", borrow)]
+    global_request_id: Option<Cow<'a, str>>,
+    #[serde(default, deserialize_with = "present")]
+    result: bool,
+    #[serde(borrow)]
+    failure: Option<Cow<'a, str>>,
+    ending: Option<bool>,
+    #[serde(borrow)]
+    event_type: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    publisher_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    priority: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    message_id: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Failure<'a> {
+    #[serde(borrow)]
+    class: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    module: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    message: Option<Cow<'a, str>>,
+}
+
+/// Longest exception message kept (the rest of a traceback-laden message is noise).
+const MAX_ERROR_MESSAGE: usize = 512;
+/// Largest decompressed body we accept.
+const MAX_DECOMPRESSED: u64 = 16 << 20;
+
+fn own(c: Option<Cow<'_, str>>) -> Option<String> {
+    c.map(Cow::into_owned)
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}
+
+pub fn parse_failure(text: &str) -> RemoteError {
+    match serde_json::from_str::<Failure<'_>>(text) {
+        Ok(f) => RemoteError {
+            class: f
+                .class
+                .map(Cow::into_owned)
+                .unwrap_or_else(|| "unknown".into()),
+            module: own(f.module),
+            message: f
+                .message
+                .map(|m| truncate(m.into_owned(), MAX_ERROR_MESSAGE)),
+        },
+        Err(_) => RemoteError {
+            class: "unknown".into(),
+            module: None,
+            message: None,
+        },
+    }
+}
+
+/// Reads an AMQP message body as oslo.messaging. `exchange` tells fanouts apart.
+pub fn decode(exchange: &str, props: &Props, body: &[u8]) -> Result<Oslo, NotOslo> {
+    let inflated;
+    let body = match props.compression.as_deref() {
+        None => body,
+        // kombu's "gzip" is a zlib stream
+        Some("application/x-gzip") | Some("zlib") | Some("application/zlib") => {
+            let mut out = Vec::new();
+            flate2::read::ZlibDecoder::new(body)
+                .take(MAX_DECOMPRESSED)
+                .read_to_end(&mut out)
+                .map_err(|_| NotOslo::BadCompression)?;
+            inflated = out;
+            &inflated
+        }
+        Some(_) => return Err(NotOslo::CompressedUnsupported),
+    };
+    let outer: Fields<'_> = serde_json::from_slice(body).map_err(|_| NotOslo::NotJson)?;
+    match (&outer.envelope_version, &outer.envelope_message) {
+        (Some(v), Some(inner)) => {
+            if !v.starts_with("2.") {
+                return Err(NotOslo::UnsupportedEnvelope);
+            }
+            let fields: Fields<'_> = serde_json::from_str(inner).map_err(|_| NotOslo::NotJson)?;
+            classify(exchange, fields)
+        }
+        // no envelope: the 1.0 format, still used by the `messaging` notification driver
+        _ => classify(exchange, outer),
+    }
+}
+
+fn classify(exchange: &str, f: Fields<'_>) -> Result<Oslo, NotOslo> {
+    if let (Some(event_type), Some(publisher_id)) = (&f.event_type, &f.publisher_id) {
+        return Ok(Oslo::Notification(Notification {
+            publisher_id: publisher_id.to_string(),
+            event_type: event_type.to_string(),
+            priority: f.priority.as_deref().unwrap_or("INFO").to_owned(),
+            message_id: own(f.message_id),
+            unique_id: own(f.unique_id),
+            request_id: own(f.request_id),
+            global_request_id: own(f.global_request_id),
+        }));
+    }
+    if let Some(method) = f.method {
+        let rpc_type = if exchange.ends_with("_fanout") {
+            RpcType::Fanout
+        } else if f.msg_id.is_some() {
+            RpcType::Call
+        } else {
+            RpcType::Cast
+        };
+        return Ok(Oslo::Request(Request {
+            rpc_type,
+            method: method.into_owned(),
+            namespace: own(f.namespace),
+            version: own(f.version),
+            msg_id: own(f.msg_id),
+            reply_q: own(f.reply_q),
+            unique_id: own(f.unique_id),
+            request_id: own(f.request_id),
+            global_request_id: own(f.global_request_id),
+            call_monitor_s: f.call_monitor,
+        }));
+    }
+    if let Some(msg_id) = f.msg_id {
+        if f.ending.is_some() || f.result || f.failure.is_some() {
+            let failure = f.failure.as_deref().map(parse_failure);
+            let part = match f.ending {
+                Some(true) => ReplyPart::Final,
+                Some(false) if failure.is_none() => ReplyPart::Heartbeat,
+                _ => ReplyPart::LegacyPayload,
+            };
+            return Ok(Oslo::Reply(Reply {
+                msg_id: msg_id.into_owned(),
+                unique_id: own(f.unique_id),
+                part,
+                failure,
+            }));
+        }
+    }
+    Err(NotOslo::UnknownShape)
+}
+
+/// `compute.host1` → (`compute`, Some(`host1`)). Topics have no dots; hosts may.
+pub fn split_routing_key(rk: &str) -> (&str, Option<&str>) {
+    match rk.split_once('.') {
+        Some((topic, server)) if !server.is_empty() => (topic, Some(server)),
+        _ => (rk, None),
+    }
+}
+
+/// `argv0:pid:uuid` → (service, pid).
+pub fn parse_connection_name(name: &str) -> (Option<String>, Option<u32>) {
+    let mut parts = name.rsplitn(3, ':');
+    let _uuid = parts.next();
+    let pid = parts.next().and_then(|p| p.parse::<u32>().ok());
+    let argv0 = parts.next();
+    match (argv0, pid) {
+        (Some(a), Some(p)) if !a.is_empty() => (Some(a.to_owned()), Some(p)),
+        _ => (Some(name.to_owned()).filter(|n| !n.is_empty()), None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(inner: &str) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({"oslo.version": "2.0", "oslo.message": inner}))
+            .unwrap()
+    }
+
+    #[test]
+    fn call_from_the_reference() {
+        let inner = r#"{"method": "echo", "args": {"value": "hello"}, "version": "5.0", "_msg_id": "18c3aeba5d884884a9ea818660fd1abe", "_reply_q": "reply_290096a378764630a92d2701b519157d", "_timeout": null, "_unique_id": "2ca8e518e0514cd0a3f72626d9ad5aff", "_context_auth_token": "SECRET-TOKEN", "_context_request_id": "req-11111111-2222-3333-4444-555555555555", "_context_global_request_id": "req-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee", "_context_roles": ["member"]}"#;
+        let Oslo::Request(r) = decode("nova", &Props::default(), &env(inner)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(r.rpc_type, RpcType::Call);
+        assert_eq!(r.method, "echo");
+        assert_eq!(
+            r.msg_id.as_deref(),
+            Some("18c3aeba5d884884a9ea818660fd1abe")
+        );
+        assert_eq!(
+            r.request_id.as_deref(),
+            Some("req-11111111-2222-3333-4444-555555555555")
+        );
+        assert_eq!(r.call_monitor_s, None);
+        assert!(!format!("{r:?}").contains("SECRET"));
+    }
+
+    #[test]
+    fn replies_heartbeats_failures() {
+        let hb = r#"{"result": null, "failure": null, "ending": false, "_msg_id": "m1", "_unique_id": "u"}"#;
+        let Oslo::Reply(r) = decode("", &Props::default(), &env(hb)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(r.part, ReplyPart::Heartbeat);
+        let failure = serde_json::to_string(&serde_json::json!({"class": "PortBindingFailed", "module": "nova.exception", "message": "Binding failed", "tb": ["x"], "args": [], "kwargs": {}})).unwrap();
+        let inner = serde_json::json!({"result": null, "failure": failure, "ending": true, "_msg_id": "m2", "_unique_id": "u2"}).to_string();
+        let Oslo::Reply(r) = decode("", &Props::default(), &env(&inner)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(r.part, ReplyPart::Final);
+        let f = r.failure.unwrap();
+        assert_eq!(
+            (f.class.as_str(), f.module.as_deref()),
+            ("PortBindingFailed", Some("nova.exception"))
+        );
+        // legacy two-part reply
+        let legacy = r#"{"result": 5, "failure": null, "_msg_id": "m3", "_unique_id": "u3"}"#;
+        let Oslo::Reply(r) = decode("", &Props::default(), &env(legacy)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(r.part, ReplyPart::LegacyPayload);
+    }
+
+    #[test]
+    fn fanout_cast_notification_v1() {
+        let inner = r#"{"method": "update", "args": {}, "_unique_id": "u"}"#;
+        let Oslo::Request(r) = decode("scheduler_fanout", &Props::default(), &env(inner)).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(r.rpc_type, RpcType::Fanout);
+        let Oslo::Request(r) = decode("nova", &Props::default(), &env(inner)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(r.rpc_type, RpcType::Cast);
+        let bare = br#"{"message_id": "x", "publisher_id": "compute.host1", "event_type": "compute.instance.create.error", "priority": "ERROR", "payload": {}, "timestamp": "t"}"#;
+        let Oslo::Notification(n) = decode("nova", &Props::default(), bare).unwrap() else {
+            panic!()
+        };
+        assert_eq!(n.priority, "ERROR");
+    }
+
+    #[test]
+    fn compressed_and_garbage() {
+        use std::io::Write;
+        let plain = env(r#"{"method": "m", "_unique_id": "u"}"#);
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        z.write_all(&plain).unwrap();
+        let props = Props {
+            compression: Some("application/x-gzip".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            decode("nova", &props, &z.finish().unwrap()),
+            Ok(Oslo::Request(_))
+        ));
+        let bz = Props {
+            compression: Some("application/x-bz2".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            decode("nova", &bz, b"x"),
+            Err(NotOslo::CompressedUnsupported)
+        );
+        assert_eq!(
+            decode("nova", &Props::default(), b"\xff\x00"),
+            Err(NotOslo::NotJson)
+        );
+        assert_eq!(
+            decode("nova", &Props::default(), &env("{\"a\":1}")),
+            Err(NotOslo::UnknownShape)
+        );
+        let v3 = br#"{"oslo.version": "3.0", "oslo.message": "{}"}"#;
+        assert_eq!(
+            decode("nova", &Props::default(), v3),
+            Err(NotOslo::UnsupportedEnvelope)
+        );
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(
+            split_routing_key("compute.host1.example.org"),
+            ("compute", Some("host1.example.org"))
+        );
+        assert_eq!(split_routing_key("scheduler"), ("scheduler", None));
+        assert_eq!(
+            parse_connection_name("nova-compute:12449:949f05df-d1e4-4ae0-9d9d-32747b9aa1a7"),
+            (Some("nova-compute".into()), Some(12449))
+        );
+        assert_eq!(parse_connection_name("weird"), (Some("weird".into()), None));
+    }
+}

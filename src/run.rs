@@ -1,0 +1,230 @@
+//! Running the pipeline: from files (replay, demo) or from an interface (capture), feeding
+//! the sinks, optionally serving them, and reporting at the end.
+
+use crate::config::Config;
+use crate::health::Health;
+use crate::pipeline::Pipeline;
+use crate::serve::{self, Shared};
+use crate::sink::metrics::Metrics;
+use crate::sink::summary::{Report, Summary};
+use crate::sink::{EventWriter, Sinks};
+use crate::source::Packet;
+use crate::source::file::MergedFiles;
+use crate::source::live::{LiveCapture, LiveRead};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Default)]
+pub struct Outputs {
+    pub listen: Option<String>,
+    pub events_out: Option<PathBuf>,
+    pub metrics_out: Option<PathBuf>,
+    /// Show a progress bar (stderr is a terminal and the input is large).
+    pub progress: bool,
+}
+
+/// A run in progress: the pipeline, its sinks and (optionally) the HTTP listener.
+pub struct Run {
+    pub pipeline: Pipeline,
+    pub sinks: Sinks,
+    shared: Option<Shared>,
+    last_publish: Instant,
+}
+
+impl Run {
+    pub fn new(cfg: Config, out: &Outputs) -> anyhow::Result<Run> {
+        let events = match &out.events_out {
+            Some(p) if p.as_os_str() == "-" => Some(EventWriter::new(Box::new(std::io::stdout()))),
+            Some(p) => Some(EventWriter::new(Box::new(
+                std::fs::File::create(p)
+                    .map_err(|e| anyhow::anyhow!("--events-out {}: {e}", p.display()))?,
+            ))),
+            None => None,
+        };
+        let metrics = Metrics::new(cfg.max_series_per_family);
+        let shared = match &out.listen {
+            Some(addr) => {
+                let shared = Shared {
+                    registry: metrics.registry.clone(),
+                    summary: Arc::new(Mutex::new("{}".into())),
+                };
+                let bound = serve::spawn(addr, shared.clone())?;
+                eprintln!("stacktap: serving http://{bound}/metrics and /api/summary");
+                Some(shared)
+            }
+            None => None,
+        };
+        Ok(Run {
+            pipeline: Pipeline::new(cfg),
+            sinks: Sinks {
+                metrics,
+                summary: Summary::default(),
+                events: None.or(events),
+                write_error: None,
+            },
+            shared,
+            last_publish: Instant::now(),
+        })
+    }
+
+    pub fn packet(&mut self, pkt: &Packet) {
+        let sinks = &mut self.sinks;
+        self.pipeline.packet(pkt, &mut |s, _| sinks.on_signal(s));
+        if self.pipeline.health.packets % 4096 == 0 {
+            self.refresh(false);
+        }
+    }
+
+    pub fn tick(&mut self, now: crate::time::Ts) {
+        let sinks = &mut self.sinks;
+        self.pipeline.tick(now, &mut |s, _| sinks.on_signal(s));
+        self.refresh(false);
+    }
+
+    /// Brings health metrics and the served summary up to date (the summary at most once a
+    /// second of wall time, unless forced).
+    fn refresh(&mut self, force: bool) {
+        self.sinks.sync(&self.pipeline.health);
+        if let Some(shared) = &self.shared {
+            if force || self.last_publish.elapsed() >= Duration::from_secs(1) {
+                self.last_publish = Instant::now();
+                let json = serde_json::to_string(&self.sinks.summary.report(&self.pipeline.health))
+                    .unwrap_or_default();
+                if let Ok(mut g) = shared.summary.lock() {
+                    *g = json;
+                }
+            }
+        }
+    }
+
+    /// End of input: flush everything, write the files, return the summary.
+    pub fn finish(&mut self, out: &Outputs) -> anyhow::Result<Report> {
+        let sinks = &mut self.sinks;
+        self.pipeline.finish(&mut |s, _| sinks.on_signal(s));
+        self.refresh(true);
+        if let Some(w) = self.sinks.events.as_mut() {
+            w.flush()?;
+        }
+        if let Some(e) = self.sinks.write_error.take() {
+            anyhow::bail!("--events-out: {e}");
+        }
+        if let Some(p) = &out.metrics_out {
+            std::fs::write(p, Metrics::render(&self.sinks.metrics.registry))
+                .map_err(|e| anyhow::anyhow!("--metrics-out {}: {e}", p.display()))?;
+        }
+        Ok(self.sinks.summary.report(&self.pipeline.health))
+    }
+
+    pub fn health(&self) -> &Health {
+        &self.pipeline.health
+    }
+}
+
+/// Installs SIGINT/SIGTERM handlers that set the returned flag.
+pub fn stop_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let _ = signal_hook::flag::register(sig, flag.clone());
+    }
+    flag
+}
+
+/// Replays capture files; `speed` > 0 paces packets by their timestamps.
+pub fn replay(
+    files: &mut MergedFiles,
+    run: &mut Run,
+    speed: Option<f64>,
+    out: &Outputs,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    let total: u64 = files
+        .files()
+        .iter()
+        .filter_map(|f| std::fs::metadata(f.path()).ok())
+        .map(|m| m.len())
+        .sum();
+    let bar = (out.progress && total > 50 << 20).then(|| {
+        let b = indicatif::ProgressBar::new(total);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let mut pkt = Packet::default();
+    let started = Instant::now();
+    let mut first: Option<crate::time::Ts> = None;
+    let mut n = 0u64;
+    while files.next_into(&mut pkt)? {
+        if let Some(speed) = speed.filter(|s| *s > 0.0) {
+            let t0 = *first.get_or_insert(pkt.ts);
+            let due = Duration::from_secs_f64((pkt.ts.secs_since(t0) / speed).max(0.0));
+            let now = started.elapsed();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+        }
+        run.packet(&pkt);
+        n += 1;
+        if n % 8192 == 0 {
+            if let Some(b) = &bar {
+                b.set_position(files.bytes_read());
+            }
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    for f in files.files() {
+        if f.truncated {
+            eprintln!(
+                "stacktap: warning: {}: file ends in the middle of a packet (truncated capture)",
+                f.path().display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Captures live until stopped (or for `duration`).
+pub fn capture(
+    cap: &mut LiveCapture,
+    run: &mut Run,
+    duration: Option<Duration>,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut pkt = Packet::default();
+    let mut last_stats = Instant::now();
+    while !stop.load(Ordering::Relaxed) && duration.is_none_or(|d| started.elapsed() < d) {
+        match cap.read(&mut pkt)? {
+            LiveRead::Packet => run.packet(&pkt),
+            LiveRead::Idle(now) => run.tick(now),
+        }
+        if last_stats.elapsed() >= Duration::from_secs(1) {
+            last_stats = Instant::now();
+            let st = cap.stats();
+            run.pipeline.health.kernel_drops = st.kernel_drops;
+            run.pipeline.health.if_drops = st.if_drops;
+            run.tick(crate::source::live::wall_clock());
+        }
+    }
+    let st = cap.stats();
+    run.pipeline.health.kernel_drops = st.kernel_drops;
+    run.pipeline.health.if_drops = st.if_drops;
+    Ok(())
+}
+
+/// Blocks until SIGINT/SIGTERM (serving after a finished replay).
+pub fn wait_for_stop(stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

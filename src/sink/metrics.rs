@@ -1,0 +1,486 @@
+//! The Prometheus registry: DESIGN.md's metric families, with per-family caps on distinct
+//! label sets (excess folds into "other", counted) so cardinality stays bounded.
+
+use crate::correlate::Signal;
+use crate::event::{Event, Outcome};
+use crate::health::Health;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+type Labels = Vec<(&'static str, String)>;
+type Counters = Family<Labels, Counter>;
+type Histograms = Family<Labels, Histogram>;
+
+/// Buckets from 1 ms to 5 min: enough to tell a 2 ms reply from a 60 s timeout.
+pub const LATENCY_BUCKETS: [f64; 18] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+    120.0, 300.0,
+];
+
+fn histograms() -> Histograms {
+    Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS))
+}
+
+/// Caps distinct label sets per family. Labels named in `keep` (small enumerations such as
+/// type or outcome) survive a fold; the others become "other".
+struct Cap {
+    seen: HashSet<Labels>,
+}
+
+pub struct Metrics {
+    pub registry: Arc<Registry>,
+    max_series: usize,
+    caps: HashMap<&'static str, Cap>,
+    folded: BTreeMap<&'static str, u64>,
+    rpc_messages: Counters,
+    rpc_deliveries: Counters,
+    rpc_undelivered: Counters,
+    rpc_reply_wait: Histograms,
+    rpc_queue_reply_wait: Histograms,
+    rpc_queue_wait: Histograms,
+    rpc_server: Histograms,
+    rpc_reply_transit: Histograms,
+    rpc_in_flight: Family<Labels, Gauge>,
+    rpc_replies: Counters,
+    rpc_remote_errors: Counters,
+    rpc_timeouts: Counters,
+    rpc_late_replies: Counters,
+    rpc_heartbeats: Counters,
+    amqp_returns: Counters,
+    amqp_channel_closes: Counters,
+    amqp_connection_closes: Counters,
+    amqp_blocked: Counter,
+    notifications: Counters,
+    // probe health, synced from `Health` as deltas
+    packets: Counter,
+    bytes: Counter,
+    drops: Counters,
+    tcp_gap_bytes: Counter,
+    anomalies: Counters,
+    evictions: Counters,
+    series_folded: Counters,
+    exported: Health,
+}
+
+fn l<const N: usize>(pairs: [(&'static str, &str); N]) -> Labels {
+    pairs.iter().map(|(k, v)| (*k, v.to_string())).collect()
+}
+
+impl Metrics {
+    pub fn new(max_series: usize) -> Metrics {
+        let mut r = Registry::with_prefix("stacktap");
+        let m = Metrics {
+            registry: Arc::new(Registry::default()),
+            max_series,
+            caps: HashMap::new(),
+            folded: BTreeMap::new(),
+            rpc_messages: Family::default(),
+            rpc_deliveries: Family::default(),
+            rpc_undelivered: Family::default(),
+            rpc_reply_wait: histograms(),
+            rpc_queue_reply_wait: histograms(),
+            rpc_queue_wait: histograms(),
+            rpc_server: histograms(),
+            rpc_reply_transit: histograms(),
+            rpc_in_flight: Family::default(),
+            rpc_replies: Family::default(),
+            rpc_remote_errors: Family::default(),
+            rpc_timeouts: Family::default(),
+            rpc_late_replies: Family::default(),
+            rpc_heartbeats: Family::default(),
+            amqp_returns: Family::default(),
+            amqp_channel_closes: Family::default(),
+            amqp_connection_closes: Family::default(),
+            amqp_blocked: Counter::default(),
+            notifications: Family::default(),
+            packets: Counter::default(),
+            bytes: Counter::default(),
+            drops: Family::default(),
+            tcp_gap_bytes: Counter::default(),
+            anomalies: Family::default(),
+            evictions: Family::default(),
+            series_folded: Family::default(),
+            exported: Health::default(),
+        };
+        r.register(
+            "rpc_messages",
+            "RPC request messages seen (calls, casts, fanouts), once per message",
+            m.rpc_messages.clone(),
+        );
+        r.register(
+            "rpc_deliveries",
+            "RPC request copies delivered to consumers (a fanout: one per queue)",
+            m.rpc_deliveries.clone(),
+        );
+        r.register(
+            "rpc_undelivered",
+            "Casts and fanouts no consumer received within the settle window",
+            m.rpc_undelivered.clone(),
+        );
+        r.register(
+            "rpc_reply_wait_seconds",
+            "Call publish to reply deliver, as the caller waits",
+            m.rpc_reply_wait.clone(),
+        );
+        r.register(
+            "rpc_queue_reply_wait_seconds",
+            "Call publish to reply deliver, per target queue (routing key)",
+            m.rpc_queue_reply_wait.clone(),
+        );
+        r.register(
+            "rpc_queue_wait_seconds",
+            "Request publish to deliver: time in the broker queue",
+            m.rpc_queue_wait.clone(),
+        );
+        r.register(
+            "rpc_server_seconds",
+            "Request deliver to reply publish: time in the server",
+            m.rpc_server.clone(),
+        );
+        r.register(
+            "rpc_reply_transit_seconds",
+            "Reply publish to reply deliver",
+            m.rpc_reply_transit.clone(),
+        );
+        r.register(
+            "rpc_in_flight",
+            "Calls waiting for a reply now (not yet answered, not timed out)",
+            m.rpc_in_flight.clone(),
+        );
+        r.register(
+            "rpc_replies",
+            "Calls finished, by outcome",
+            m.rpc_replies.clone(),
+        );
+        r.register(
+            "rpc_remote_errors",
+            "Calls answered with a remote exception, by exception class",
+            m.rpc_remote_errors.clone(),
+        );
+        r.register(
+            "rpc_timeouts",
+            "Calls whose caller timeout (AMQP expiration) passed without a reply",
+            m.rpc_timeouts.clone(),
+        );
+        r.register(
+            "rpc_late_replies",
+            "Replies that arrived after the caller's timeout",
+            m.rpc_late_replies.clone(),
+        );
+        r.register(
+            "rpc_heartbeats",
+            "Call-monitor heartbeats (ending:false replies)",
+            m.rpc_heartbeats.clone(),
+        );
+        r.register(
+            "amqp_returns",
+            "basic.return from the broker (312 NO_ROUTE: reply queue gone)",
+            m.amqp_returns.clone(),
+        );
+        r.register(
+            "amqp_channel_closes",
+            "channel.close, by reply code",
+            m.amqp_channel_closes.clone(),
+        );
+        r.register(
+            "amqp_connection_closes",
+            "connection.close, by reply code",
+            m.amqp_connection_closes.clone(),
+        );
+        r.register(
+            "amqp_connection_blocked",
+            "connection.blocked from the broker (resource alarm)",
+            m.amqp_blocked.clone(),
+        );
+        r.register(
+            "notifications",
+            "oslo.messaging notifications, by publisher service",
+            m.notifications.clone(),
+        );
+        r.register("packets", "Packets read", m.packets.clone());
+        r.register("bytes", "Bytes read (wire length)", m.bytes.clone());
+        r.register(
+            "capture_drops",
+            "Packets dropped before stacktap saw them (live capture)",
+            m.drops.clone(),
+        );
+        r.register(
+            "tcp_gap_bytes",
+            "Bytes lost in TCP holes the capture never filled",
+            m.tcp_gap_bytes.clone(),
+        );
+        r.register(
+            "parse_anomalies",
+            "Input that could not be used, by protocol and kind",
+            m.anomalies.clone(),
+        );
+        r.register(
+            "evictions",
+            "Entries evicted from a bounded table",
+            m.evictions.clone(),
+        );
+        r.register(
+            "series_folded",
+            "Label sets folded into \"other\" by the cardinality cap",
+            m.series_folded.clone(),
+        );
+        Metrics {
+            registry: Arc::new(r),
+            ..m
+        }
+    }
+
+    /// Admits a label set under the family's cap, or folds it.
+    fn cap(&mut self, family: &'static str, labels: Labels, keep: &[&str]) -> Labels {
+        let max = self.max_series;
+        let cap = self.caps.entry(family).or_insert_with(|| Cap {
+            seen: HashSet::new(),
+        });
+        if cap.seen.contains(&labels) {
+            return labels;
+        }
+        if cap.seen.len() < max {
+            cap.seen.insert(labels.clone());
+            return labels;
+        }
+        *self.folded.entry(family).or_default() += 1;
+        labels
+            .into_iter()
+            .map(|(k, v)| {
+                if keep.contains(&k) {
+                    (k, v)
+                } else {
+                    (k, "other".into())
+                }
+            })
+            .collect()
+    }
+
+    pub fn on_signal(&mut self, s: &Signal) {
+        match s {
+            Signal::Seen {
+                exchange,
+                topic,
+                method,
+                rpc_type,
+            } => {
+                let ls = self.cap(
+                    "rpc_messages",
+                    l([
+                        ("exchange", exchange),
+                        ("topic", topic),
+                        ("method", method),
+                        ("type", rpc_type.as_str()),
+                    ]),
+                    &["type"],
+                );
+                self.rpc_messages.get_or_create(&ls).inc();
+            }
+            Signal::Delivered {
+                exchange,
+                topic,
+                method,
+                rpc_type,
+                ..
+            } => {
+                let ls = self.cap(
+                    "rpc_deliveries",
+                    l([
+                        ("exchange", exchange),
+                        ("topic", topic),
+                        ("method", method),
+                        ("type", rpc_type.as_str()),
+                    ]),
+                    &["type"],
+                );
+                self.rpc_deliveries.get_or_create(&ls).inc();
+            }
+            Signal::InFlight { topic, delta } => {
+                let ls = self.cap("rpc_in_flight", l([("topic", topic)]), &[]);
+                self.rpc_in_flight.get_or_create(&ls).inc_by(*delta);
+            }
+            Signal::TimedOut { topic, method } => {
+                let ls = self.cap(
+                    "rpc_timeouts",
+                    l([("topic", topic), ("method", method)]),
+                    &[],
+                );
+                self.rpc_timeouts.get_or_create(&ls).inc();
+            }
+            Signal::Heartbeat { topic, method } => {
+                let ls = self.cap(
+                    "rpc_heartbeats",
+                    l([("topic", topic), ("method", method)]),
+                    &[],
+                );
+                self.rpc_heartbeats.get_or_create(&ls).inc();
+            }
+            Signal::Returned { reply_code } => {
+                self.amqp_returns
+                    .get_or_create(&l([("reply_code", &reply_code.to_string())]))
+                    .inc();
+            }
+            Signal::ChannelClosed { reply_code, .. } => {
+                self.amqp_channel_closes
+                    .get_or_create(&l([("reply_code", &reply_code.to_string())]))
+                    .inc();
+            }
+            Signal::ConnectionClosed { reply_code, .. } => {
+                self.amqp_connection_closes
+                    .get_or_create(&l([("reply_code", &reply_code.to_string())]))
+                    .inc();
+            }
+            Signal::Blocked => {
+                self.amqp_blocked.inc();
+            }
+            Signal::Event(Event::Notification(n)) => {
+                // the service part of publisher_id ("compute" of "compute.host1"): per-host
+                // series would grow with the fleet
+                let publisher = n
+                    .publisher_id
+                    .split(['.', ':'])
+                    .next()
+                    .unwrap_or("")
+                    .to_owned();
+                let ls = self.cap(
+                    "notifications",
+                    l([
+                        ("publisher", &publisher),
+                        ("event_type", &n.event_type),
+                        ("priority", &n.priority),
+                    ]),
+                    &["priority"],
+                );
+                self.notifications.get_or_create(&ls).inc();
+            }
+            Signal::Event(Event::Rpc(e)) => self.on_rpc(e),
+        }
+    }
+
+    fn on_rpc(&mut self, e: &crate::event::RpcEvent) {
+        let tm = l([("topic", &e.topic), ("method", &e.method)]);
+        let tm = self.cap("rpc_topic_method", tm, &[]);
+        if let Some(v) = e.queue_wait() {
+            self.rpc_queue_wait.get_or_create(&tm).observe(v);
+        }
+        if e.rpc_type != crate::oslo::RpcType::Call {
+            if e.outcome == Outcome::Undelivered || e.outcome == Outcome::Unroutable {
+                let ls = self.cap(
+                    "rpc_undelivered",
+                    l([
+                        ("topic", &e.topic),
+                        ("method", &e.method),
+                        ("type", e.rpc_type.as_str()),
+                    ]),
+                    &["type"],
+                );
+                self.rpc_undelivered.get_or_create(&ls).inc();
+            }
+            return;
+        }
+        let topic = tm[0].1.clone();
+        let method = tm[1].1.clone();
+        let ls = self.cap(
+            "rpc_replies",
+            l([
+                ("topic", &topic),
+                ("method", &method),
+                ("outcome", e.outcome.as_str()),
+            ]),
+            &["outcome"],
+        );
+        self.rpc_replies.get_or_create(&ls).inc();
+        if let Some(v) = e.server_time() {
+            self.rpc_server.get_or_create(&tm).observe(v);
+        }
+        match e.outcome {
+            Outcome::Ok | Outcome::RemoteError => {
+                if let Some(v) = e.reply_wait() {
+                    self.rpc_reply_wait.get_or_create(&tm).observe(v);
+                    let q = self.cap("rpc_queue", l([("queue", &e.routing_key)]), &[]);
+                    self.rpc_queue_reply_wait.get_or_create(&q).observe(v);
+                }
+                if let Some(v) = e.reply_transit() {
+                    let t = l([("topic", &topic)]);
+                    self.rpc_reply_transit.get_or_create(&t).observe(v);
+                }
+            }
+            Outcome::LateReply => {
+                self.rpc_late_replies.get_or_create(&tm).inc();
+            }
+            _ => {}
+        }
+        if e.outcome == Outcome::RemoteError {
+            let class = e
+                .error
+                .as_ref()
+                .map(|x| x.class.as_str())
+                .unwrap_or("unknown");
+            let ls = self.cap(
+                "rpc_remote_errors",
+                l([("topic", &topic), ("method", &method), ("exception", class)]),
+                &[],
+            );
+            self.rpc_remote_errors.get_or_create(&ls).inc();
+        }
+    }
+
+    /// Probe-health counters follow `Health` (cumulative) by deltas.
+    pub fn sync_health(&mut self, h: &Health) {
+        let old = &mut self.exported;
+        self.packets.inc_by(h.packets - old.packets);
+        self.bytes.inc_by(h.bytes - old.bytes);
+        self.tcp_gap_bytes
+            .inc_by(h.tcp_gap_bytes - old.tcp_gap_bytes);
+        if h.kernel_drops != old.kernel_drops {
+            self.drops
+                .get_or_create(&l([("where", "kernel")]))
+                .inc_by(h.kernel_drops.saturating_sub(old.kernel_drops));
+        }
+        if h.if_drops != old.if_drops {
+            self.drops
+                .get_or_create(&l([("where", "interface")]))
+                .inc_by(h.if_drops.saturating_sub(old.if_drops));
+        }
+        if h.anomalies != old.anomalies {
+            for ((proto, kind), n) in &h.anomalies {
+                let before = old.anomalies.get(&(*proto, *kind)).copied().unwrap_or(0);
+                if *n > before {
+                    self.anomalies
+                        .get_or_create(&l([("protocol", proto), ("kind", kind)]))
+                        .inc_by(n - before);
+                }
+            }
+        }
+        if h.evictions != old.evictions {
+            for (table, n) in &h.evictions {
+                let before = old.evictions.get(table).copied().unwrap_or(0);
+                self.evictions
+                    .get_or_create(&l([("table", table)]))
+                    .inc_by(n - before);
+            }
+        }
+        for (family, n) in &self.folded {
+            let before = old.series_folded.get(family).copied().unwrap_or(0);
+            if *n > before {
+                self.series_folded
+                    .get_or_create(&l([("family", family)]))
+                    .inc_by(n - before);
+            }
+        }
+        *old = h.clone();
+        old.series_folded = self.folded.clone();
+    }
+
+    pub fn render(registry: &Registry) -> String {
+        let mut s = String::new();
+        encode(&mut s, registry).expect("writing to a String cannot fail");
+        s
+    }
+}

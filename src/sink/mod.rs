@@ -1,0 +1,63 @@
+//! Sinks: where signals end up. Metrics (Prometheus registry), events (JSONL), summary.
+
+pub mod metrics;
+pub mod sketch;
+pub mod summary;
+
+use crate::correlate::Signal;
+use crate::event::Event;
+use crate::health::Health;
+use std::io::Write;
+
+/// JSON lines, one event a line (`--events-out`).
+pub struct EventWriter {
+    out: std::io::BufWriter<Box<dyn Write + Send>>,
+    pub written: u64,
+}
+
+impl EventWriter {
+    pub fn new(w: Box<dyn Write + Send>) -> Self {
+        EventWriter {
+            out: std::io::BufWriter::with_capacity(1 << 16, w),
+            written: 0,
+        }
+    }
+
+    pub fn write(&mut self, ev: &Event) -> std::io::Result<()> {
+        serde_json::to_writer(&mut self.out, ev)?;
+        self.out.write_all(b"\n")?;
+        self.written += 1;
+        Ok(())
+    }
+
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// Every sink of a run, fed in one place.
+pub struct Sinks {
+    pub metrics: metrics::Metrics,
+    pub summary: summary::Summary,
+    pub events: Option<EventWriter>,
+    pub write_error: Option<std::io::Error>,
+}
+
+impl Sinks {
+    pub fn on_signal(&mut self, s: &Signal) {
+        self.metrics.on_signal(s);
+        self.summary.on_signal(s);
+        if let (Signal::Event(ev), Some(w)) = (s, self.events.as_mut()) {
+            if self.write_error.is_none() {
+                if let Err(e) = w.write(ev) {
+                    self.write_error = Some(e);
+                }
+            }
+        }
+    }
+
+    /// Brings the probe-health metrics up to date (cheap, but not per signal).
+    pub fn sync(&mut self, health: &Health) {
+        self.metrics.sync_health(health);
+    }
+}

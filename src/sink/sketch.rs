@@ -1,0 +1,102 @@
+//! A small log-bucket latency sketch: bounded memory, ~2.5% relative error, exact count,
+//! sum and max. Used for the summary's quantiles (and later the graph's edges).
+
+use serde::Serialize;
+
+const MIN: f64 = 1e-6; // 1 µs
+const GROWTH: f64 = 1.05;
+const BUCKETS: usize = 480; // up to 1e-6 · 1.05^480 ≈ 1.5e4 s
+
+#[derive(Debug, Clone)]
+pub struct Sketch {
+    counts: Vec<u32>,
+    pub count: u64,
+    pub sum: f64,
+    pub max: f64,
+}
+
+impl Default for Sketch {
+    fn default() -> Self {
+        Sketch {
+            counts: vec![0; BUCKETS],
+            count: 0,
+            sum: 0.0,
+            max: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Quantiles {
+    pub count: u64,
+    pub mean: f64,
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Sketch {
+    pub fn observe(&mut self, v: f64) {
+        let v = if v.is_finite() { v.max(0.0) } else { return };
+        let i = if v <= MIN {
+            0
+        } else {
+            ((v / MIN).ln() / GROWTH.ln()).ceil() as usize
+        };
+        self.counts[i.min(BUCKETS - 1)] += 1;
+        self.count += 1;
+        self.sum += v;
+        self.max = self.max.max(v);
+    }
+
+    pub fn quantile(&self, q: f64) -> f64 {
+        if self.count == 0 {
+            return 0.0;
+        }
+        let rank = ((q * self.count as f64).ceil() as u64).max(1);
+        let mut seen = 0u64;
+        for (i, &c) in self.counts.iter().enumerate() {
+            seen += c as u64;
+            if seen >= rank {
+                // upper edge of the bucket, never above the true maximum
+                return (MIN * GROWTH.powi(i as i32)).min(self.max);
+            }
+        }
+        self.max
+    }
+
+    pub fn summary(&self) -> Quantiles {
+        Quantiles {
+            count: self.count,
+            mean: if self.count > 0 {
+                self.sum / self.count as f64
+            } else {
+                0.0
+            },
+            p50: self.quantile(0.5),
+            p95: self.quantile(0.95),
+            p99: self.quantile(0.99),
+            max: self.max,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_within_error() {
+        let mut s = Sketch::default();
+        for i in 1..=1000 {
+            s.observe(i as f64 / 1000.0);
+        }
+        let q = s.summary();
+        assert!((q.p50 - 0.5).abs() / 0.5 < 0.06, "{q:?}");
+        assert!((q.p99 - 0.99).abs() / 0.99 < 0.06, "{q:?}");
+        assert_eq!(q.max, 1.0);
+        s.observe(f64::NAN);
+        assert_eq!(s.count, 1000);
+    }
+}

@@ -1,0 +1,283 @@
+//! The flow table: one entry per TCP connection, two reassembled directions each, handed
+//! to the protocol parser (the "app") the pipeline chose for the connection.
+
+use super::stream::{Chunk, Stream, StreamConfig};
+use crate::decode::{Endpoint, TcpSegment};
+use crate::health::Health;
+use crate::time::Ts;
+use std::collections::HashMap;
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Dir {
+    /// Client → server (the side that connected → the listening side).
+    ToServer = 0,
+    ToClient = 1,
+}
+
+impl Dir {
+    pub const BOTH: [Dir; 2] = [Dir::ToServer, Dir::ToClient];
+}
+
+/// Canonical (direction-free) connection key.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    lo: Endpoint,
+    hi: Endpoint,
+}
+
+impl FlowKey {
+    pub fn new(a: Endpoint, b: Endpoint) -> FlowKey {
+        if a <= b {
+            FlowKey { lo: a, hi: b }
+        } else {
+            FlowKey { lo: b, hi: a }
+        }
+    }
+}
+
+/// A protocol parser attached to one connection.
+pub trait App {
+    type Out;
+    fn on_chunk(
+        &mut self,
+        dir: Dir,
+        ts: Ts,
+        chunk: Chunk<'_>,
+        health: &mut Health,
+        out: &mut Vec<Self::Out>,
+    );
+    fn on_close(&mut self, ts: Ts, health: &mut Health, out: &mut Vec<Self::Out>);
+}
+
+#[derive(Debug, Clone)]
+pub struct FlowConfig {
+    pub max_flows: usize,
+    /// A connection with no packet for this long (packet time) is closed.
+    pub idle_timeout_ns: u64,
+    pub stream: StreamConfig,
+}
+
+impl Default for FlowConfig {
+    fn default() -> Self {
+        FlowConfig {
+            max_flows: 65_536,
+            idle_timeout_ns: 600_000_000_000,
+            stream: StreamConfig::default(),
+        }
+    }
+}
+
+pub struct Flow<A> {
+    pub id: u64,
+    pub client: Endpoint,
+    pub server: Endpoint,
+    streams: [Stream; 2],
+    pub app: A,
+    last_seen: Ts,
+}
+
+/// What `make` sees of a connection the table has not seen before.
+pub struct NewFlow {
+    pub id: u64,
+    /// Best guess from the SYN flags; `make` may swap it (e.g. by well-known port).
+    pub client: Endpoint,
+    pub server: Endpoint,
+    /// True when the connection's handshake was seen (a SYN).
+    pub saw_syn: bool,
+}
+
+pub struct FlowTable<A> {
+    cfg: FlowConfig,
+    flows: HashMap<FlowKey, Flow<A>>,
+    next_id: u64,
+    last_sweep: Ts,
+}
+
+impl<A: App> FlowTable<A> {
+    pub fn new(cfg: FlowConfig) -> Self {
+        FlowTable {
+            cfg,
+            flows: HashMap::new(),
+            next_id: 1,
+            last_sweep: Ts::ZERO,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
+    /// Feeds one segment. `make` builds the app for a connection not seen before and says
+    /// which endpoint is the client, or None: not a connection we parse.
+    pub fn segment(
+        &mut self,
+        seg: &TcpSegment<'_>,
+        ts: Ts,
+        health: &mut Health,
+        out: &mut Vec<A::Out>,
+        make: impl FnOnce(NewFlow) -> Option<(A, Endpoint, Endpoint)>,
+    ) {
+        let key = FlowKey::new(seg.src, seg.dst);
+        if !self.flows.contains_key(&key) {
+            if seg.flags.rst || (seg.payload.is_empty() && !seg.flags.syn) {
+                return; // a bare ACK or RST of a connection we don't know teaches nothing
+            }
+            // SYN alone comes from the client, SYN+ACK from the server
+            let (client, server) = if seg.flags.syn && seg.flags.ack {
+                (seg.dst, seg.src)
+            } else {
+                (seg.src, seg.dst)
+            };
+            let id = self.next_id;
+            let Some((app, client, server)) = make(NewFlow {
+                id,
+                client,
+                server,
+                saw_syn: seg.flags.syn,
+            }) else {
+                return;
+            };
+            self.next_id += 1;
+            if self.flows.len() >= self.cfg.max_flows {
+                self.evict_oldest(health, out);
+            }
+            self.flows.insert(
+                key,
+                Flow {
+                    id,
+                    client,
+                    server,
+                    streams: Default::default(),
+                    app,
+                    last_seen: ts,
+                },
+            );
+        }
+        let cfg = &self.cfg.stream;
+        let flow = self.flows.get_mut(&key).expect("present");
+        flow.last_seen = ts;
+        let dir = if seg.src == flow.client {
+            Dir::ToServer
+        } else {
+            Dir::ToClient
+        };
+        let other = if dir == Dir::ToServer {
+            Dir::ToClient
+        } else {
+            Dir::ToServer
+        };
+        let Flow { streams, app, .. } = flow;
+        let [to_server, to_client] = streams;
+        let (mine, theirs) = if dir == Dir::ToServer {
+            (to_server, to_client)
+        } else {
+            (to_client, to_server)
+        };
+        // an ACK in this direction may prove a hole in the other one will never fill
+        if seg.flags.ack {
+            theirs.on_peer_ack(health, seg.ack, &mut |c, h| {
+                app.on_chunk(other, ts, c, h, out)
+            });
+        }
+        // in-order bytes go straight from the packet to the parser, without a copy
+        let mut to_app = |c: Chunk<'_>, h: &mut Health| app.on_chunk(dir, ts, c, h, out);
+        if !seg.payload.is_empty() || seg.flags.syn || seg.flags.fin {
+            mine.push(
+                cfg,
+                health,
+                ts,
+                seg.seq,
+                seg.flags.syn,
+                seg.flags.fin,
+                seg.payload,
+                &mut to_app,
+            );
+        }
+        mine.on_clock(cfg, health, ts, &mut to_app);
+        if seg.flags.rst || (flow.streams[0].closed && flow.streams[1].closed) {
+            let mut flow = self.flows.remove(&key).expect("present");
+            Self::close_flow(&mut flow, ts, health, out);
+        }
+        self.maybe_sweep(ts, health, out);
+    }
+
+    /// Advances the clock with no packet (live idle tick): times out holes and connections.
+    pub fn tick(&mut self, now: Ts, health: &mut Health, out: &mut Vec<A::Out>) {
+        self.maybe_sweep(now, health, out);
+    }
+
+    /// End of input: every connection is flushed and closed, oldest first.
+    pub fn close_all(&mut self, ts: Ts, health: &mut Health, out: &mut Vec<A::Out>) {
+        let mut flows: Vec<Flow<A>> = self.flows.drain().map(|(_, f)| f).collect();
+        flows.sort_by_key(|f| f.id);
+        for mut f in flows {
+            Self::close_flow(&mut f, ts, health, out);
+        }
+    }
+
+    fn close_flow(flow: &mut Flow<A>, ts: Ts, health: &mut Health, out: &mut Vec<A::Out>) {
+        let Flow { streams, app, .. } = flow;
+        for d in Dir::BOTH {
+            streams[d as usize].flush(health, &mut |c, h| app.on_chunk(d, ts, c, h, out));
+        }
+        app.on_close(ts, health, out);
+    }
+
+    fn maybe_sweep(&mut self, now: Ts, health: &mut Health, out: &mut Vec<A::Out>) {
+        if now.0 < self.last_sweep.0.saturating_add(1_000_000_000) {
+            return;
+        }
+        self.last_sweep = now;
+        let idle = self.cfg.idle_timeout_ns;
+        let mut expired: Vec<(u64, FlowKey)> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| now.0.saturating_sub(f.last_seen.0) > idle)
+            .map(|(k, f)| (f.id, *k))
+            .collect();
+        expired.sort();
+        for (_, k) in expired {
+            let mut f = self.flows.remove(&k).expect("present");
+            health.anomaly("tcp", "idle_close");
+            Self::close_flow(&mut f, now, health, out);
+        }
+        // holes that timed out in connections that went quiet
+        let mut waiting: Vec<(u64, FlowKey)> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| f.streams.iter().any(|s| s.buffered() > 0))
+            .map(|(k, f)| (f.id, *k))
+            .collect();
+        waiting.sort();
+        for (_, k) in waiting {
+            let Flow { streams, app, .. } = self.flows.get_mut(&k).expect("present");
+            for d in Dir::BOTH {
+                streams[d as usize].on_clock(&self.cfg.stream, health, now, &mut |c, h| {
+                    app.on_chunk(d, now, c, h, out)
+                });
+            }
+        }
+    }
+
+    fn evict_oldest(&mut self, health: &mut Health, out: &mut Vec<A::Out>) {
+        // the oldest sixteenth at once, so that a full table is not rescanned per packet
+        let n = (self.flows.len() / 16).max(1);
+        let mut by_age: Vec<(Ts, u64, FlowKey)> = self
+            .flows
+            .iter()
+            .map(|(k, f)| (f.last_seen, f.id, *k))
+            .collect();
+        by_age.sort();
+        for (_, _, k) in by_age.into_iter().take(n) {
+            if let Some(mut f) = self.flows.remove(&k) {
+                let at = f.last_seen;
+                Self::close_flow(&mut f, at, health, out);
+            }
+        }
+        health.evict("tcp_flows", n as u64);
+    }
+}
