@@ -59,7 +59,15 @@ pub enum Decoded<'a> {
 pub fn decode(lt: i32, data: &[u8]) -> Decoded<'_> {
     let sliced = match lt {
         linktype::ETHERNET => SlicedPacket::from_ethernet(data),
-        linktype::LINUX_SLL => SlicedPacket::from_linux_sll(data),
+        linktype::LINUX_SLL => {
+            // 16-byte header ending in the protocol (an EtherType); etherparse's own SLL
+            // parser rejects some device types (e.g. loopback captures)
+            if data.len() < 16 {
+                return Decoded::Malformed("short_link_header");
+            }
+            let proto = u16::from_be_bytes([data[14], data[15]]);
+            SlicedPacket::from_ether_type(EtherType(proto), &data[16..])
+        }
         linktype::RAW | linktype::IPV4 | linktype::IPV6 => SlicedPacket::from_ip(data),
         linktype::NULL | linktype::LOOP => {
             if data.len() < 4 {

@@ -20,6 +20,9 @@ pub struct Health {
     pub evictions: BTreeMap<&'static str, u64>,
     /// Bytes skipped over TCP holes the capture never filled.
     pub tcp_gap_bytes: u64,
+    /// AMQP frames by type and methods by name (bounded: the spec's ~60 names).
+    pub amqp_frames: BTreeMap<&'static str, u64>,
+    pub amqp_methods: BTreeMap<&'static str, u64>,
     /// Label values folded into "other" by the cardinality caps, by metric family.
     pub series_folded: BTreeMap<&'static str, u64>,
 }
@@ -37,6 +40,21 @@ impl Health {
         if n > 0 {
             *self.evictions.entry(table).or_default() += n;
         }
+    }
+
+    pub fn count_frame(&mut self, kind: u8) {
+        let name = match kind {
+            1 => "method",
+            2 => "content-header",
+            3 => "content-body",
+            8 => "heartbeat",
+            _ => "unknown",
+        };
+        *self.amqp_frames.entry(name).or_default() += 1;
+    }
+
+    pub fn count_method(&mut self, name: &'static str) {
+        *self.amqp_methods.entry(name).or_default() += 1;
     }
 
     pub fn total_anomalies(&self) -> u64 {

@@ -104,10 +104,13 @@ def make_conf(args):
     conf = cfg.CONF  # services use the global CONF; oslo registers its tracing opts there
     conf([], project="minicloud")
     url = "rabbit://guest:guest@%s/%s" % (BROKER, args.vhost)
-    transport = oslo_messaging.get_rpc_transport(conf, url=url)
     if getattr(args, "reply_retry", None):
+        # the rabbit driver reads this when it is created: register and set it first
+        from oslo_messaging._drivers import impl_rabbit
+        conf.register_opts(impl_rabbit.rabbit_opts, group="oslo_messaging_rabbit")
         conf.set_override("kombu_missing_consumer_retry_timeout", args.reply_retry,
                           group="oslo_messaging_rabbit")
+    transport = oslo_messaging.get_rpc_transport(conf, url=url)
     return conf, transport, url
 
 

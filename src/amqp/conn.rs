@@ -196,9 +196,14 @@ impl AmqpConnection {
         health: &mut Health,
         out: &mut Vec<AmqpEvent>,
     ) {
+        health.count_frame(f.kind);
         match f.kind {
             FRAME_METHOD => match amq_protocol::protocol::parse_class(f.payload) {
-                Ok((_, class)) => self.on_method(dir, ts, f.channel, class, health, out),
+                Ok((_, class)) => {
+                    let id = |i: usize| u16::from_be_bytes([f.payload[i], f.payload[i + 1]]);
+                    health.count_method(super::names::method_name(id(0), id(2)));
+                    self.on_method(dir, ts, f.channel, class, health, out)
+                }
                 Err(_) => health.anomaly("amqp", "bad_method"),
             },
             FRAME_HEADER => {

@@ -5,5 +5,6 @@
 
 pub mod conn;
 pub mod frame;
+pub mod names;
 
 pub use conn::{AmqpConnection, AmqpEvent, Message, MessageKind, Props};

@@ -65,6 +65,8 @@ pub struct Metrics {
     anomalies: Counters,
     evictions: Counters,
     series_folded: Counters,
+    amqp_frames: Counters,
+    amqp_methods: Counters,
     exported: Health,
 }
 
@@ -106,6 +108,8 @@ impl Metrics {
             anomalies: Family::default(),
             evictions: Family::default(),
             series_folded: Family::default(),
+            amqp_frames: Family::default(),
+            amqp_methods: Family::default(),
             exported: Health::default(),
         };
         r.register(
@@ -466,6 +470,22 @@ impl Metrics {
                     .inc_by(n - before);
             }
         }
+        for (name, n) in &h.amqp_frames {
+            let before = old.amqp_frames.get(name).copied().unwrap_or(0);
+            if *n > before {
+                self.amqp_frames
+                    .get_or_create(&l([("type", name)]))
+                    .inc_by(n - before);
+            }
+        }
+        for (name, n) in &h.amqp_methods {
+            let before = old.amqp_methods.get(name).copied().unwrap_or(0);
+            if *n > before {
+                self.amqp_methods
+                    .get_or_create(&l([("method", name)]))
+                    .inc_by(n - before);
+            }
+        }
         for (family, n) in &self.folded {
             let before = old.series_folded.get(family).copied().unwrap_or(0);
             if *n > before {
@@ -478,9 +498,44 @@ impl Metrics {
         old.series_folded = self.folded.clone();
     }
 
+    /// The exposition text, with series in a stable order (the registry keeps them in hash
+    /// order) so that a replay writes the same file every time.
     pub fn render(registry: &Registry) -> String {
-        let mut s = String::new();
-        encode(&mut s, registry).expect("writing to a String cannot fail");
-        s
+        let mut raw = String::new();
+        encode(&mut raw, registry).expect("writing to a String cannot fail");
+        let mut out = String::with_capacity(raw.len());
+        let mut block: Vec<&str> = Vec::new();
+        let flush = |block: &mut Vec<&str>, out: &mut String| {
+            // one series = the same labels without `le`; its lines keep their order
+            block.sort_by_key(|line| series_key(line));
+            for line in block.drain(..) {
+                out.push_str(line);
+                out.push('\n');
+            }
+        };
+        for line in raw.lines() {
+            if line.starts_with('#') {
+                flush(&mut block, &mut out);
+                out.push_str(line);
+                out.push('\n');
+            } else {
+                block.push(line);
+            }
+        }
+        flush(&mut block, &mut out);
+        out
     }
+}
+
+/// The label part of a sample line without its `le` label.
+fn series_key(line: &str) -> String {
+    let labels = line
+        .find('{')
+        .and_then(|a| line.rfind('}').map(|b| &line[a + 1..b]))
+        .unwrap_or("");
+    labels
+        .split("\",")
+        .filter(|kv| !kv.starts_with("le="))
+        .collect::<Vec<_>>()
+        .join(",")
 }

@@ -1,0 +1,242 @@
+//! Test helpers: run a capture through the real pipeline and read back its outputs.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use stacktap::config::Config;
+use stacktap::run::{self, Outputs, Run};
+use stacktap::source::file::MergedFiles;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+pub struct Replayed {
+    pub events: Vec<Value>,
+    pub events_text: String,
+    pub metrics: String,
+    pub summary: stacktap::sink::summary::Report,
+    pub first_ts: f64,
+    pub last_ts: f64,
+    pub health: stacktap::health::Health,
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn replay(files: &[PathBuf]) -> Replayed {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Outputs {
+        events_out: Some(dir.path().join("events.jsonl")),
+        metrics_out: Some(dir.path().join("metrics.prom")),
+        ..Default::default()
+    };
+    let mut merged = MergedFiles::open(files).expect("open capture");
+    let (first_ts, last_ts) = capture_bounds(files);
+    let mut run = Run::new(Config::default(), &out).unwrap();
+    run::replay(&mut merged, &mut run, None, &out, &AtomicBool::new(false)).unwrap();
+    let summary = run.finish(&out).unwrap();
+    let health = run.health().clone();
+    let events_text = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
+    let events = events_text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("event is JSON"))
+        .collect();
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.prom")).unwrap();
+    Replayed {
+        events,
+        events_text,
+        metrics,
+        summary,
+        first_ts,
+        last_ts,
+        health,
+    }
+}
+
+/// First and last packet time of the capture files.
+pub fn capture_bounds(files: &[PathBuf]) -> (f64, f64) {
+    let mut m = MergedFiles::open(files).unwrap();
+    let mut p = stacktap::source::Packet::default();
+    let (mut first, mut last) = (f64::MAX, 0f64);
+    while m.next_into(&mut p).unwrap() {
+        first = first.min(p.ts.as_secs_f64());
+        last = last.max(p.ts.as_secs_f64());
+    }
+    (first, last)
+}
+
+pub fn read_truth(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Compares stacktap's events with the truth the generator's processes wrote.
+/// Returns a list of human-readable mismatches (empty = agreement).
+pub fn check_against_truth(r: &Replayed, truth: &[Value]) -> Vec<String> {
+    let mut bad = Vec::new();
+    let rpc: Vec<&Value> = r.events.iter().filter(|e| e["kind"] == "rpc").collect();
+    let by_msg_id = |id: &str| rpc.iter().find(|e| e["msg_id"] == id).copied();
+    let by_unique_id = |id: &str| rpc.iter().find(|e| e["unique_id"] == id).copied();
+    // a call whose caller started it before the capture began may be half-seen: the
+    // acceptance bar is every call that starts after the capture began
+    let inside = |t: &Value| {
+        t["t_start"].as_f64().unwrap() >= r.first_ts && t["t_end"].as_f64().unwrap() <= r.last_ts
+    };
+    let mut truth_calls = 0;
+    for t in truth.iter().filter(|t| t["kind"] == "call" && inside(t)) {
+        truth_calls += 1;
+        let id = t["msg_id"].as_str().expect("truth has msg_id");
+        let Some(e) = by_msg_id(id) else {
+            bad.push(format!("call {id} ({}) not reported", t["method"]));
+            continue;
+        };
+        for key in ["method", "topic", "server", "namespace", "version"] {
+            if e[key] != t[key] {
+                bad.push(format!("call {id}: {key} {} != truth {}", e[key], t[key]));
+            }
+        }
+        if e["timeout_s"].as_f64() != t["timeout_s"].as_f64() {
+            bad.push(format!(
+                "call {id}: timeout_s {} != {}",
+                e["timeout_s"], t["timeout_s"]
+            ));
+        }
+        // a connection joined mid-stream never showed its start-ok: its process may be
+        // unknown (null), but never wrong
+        let named = !e["caller"]["service"].is_null();
+        if named && (e["caller"]["service"] != t["caller"] || e["caller"]["pid"] != t["pid"]) {
+            bad.push(format!(
+                "call {id}: caller {} != {} pid {}",
+                e["caller"], t["caller"], t["pid"]
+            ));
+        }
+        if !named && r.first_ts < t["t_start"].as_f64().unwrap() - 600.0 {
+            bad.push(format!(
+                "call {id}: caller unnamed although its connection started in the capture"
+            ));
+        }
+        if e["request_id"] != t["request_id"] {
+            bad.push(format!(
+                "call {id}: request_id {} != {}",
+                e["request_id"], t["request_id"]
+            ));
+        }
+        let outcome = e["outcome"].as_str().unwrap();
+        let ok = match t["outcome"].as_str().unwrap() {
+            "ok" => outcome == "ok",
+            "remote_error" => outcome == "remote_error" && e["error"]["class"] == t["error_class"],
+            // the caller saw a timeout; the wire may also show the reply coming late or
+            // being returned by the broker
+            "timeout" => matches!(outcome, "timeout" | "late_reply" | "unroutable"),
+            other => panic!("unknown truth outcome {other}"),
+        };
+        if !ok {
+            bad.push(format!(
+                "call {id} {}: outcome {outcome} {} vs truth {} {}",
+                t["method"], e["error"], t["outcome"], t["error_class"]
+            ));
+        }
+        // the wire times sit inside the caller's own start..end
+        let (start, end) = (t["t_start"].as_f64().unwrap(), t["t_end"].as_f64().unwrap());
+        let tp = e["t_publish"].as_f64();
+        match tp {
+            Some(tp) if tp >= start && tp <= end => {}
+            _ => bad.push(format!(
+                "call {id}: t_publish {:?} outside caller [{start}, {end}]",
+                tp
+            )),
+        }
+        if matches!(outcome, "ok" | "remote_error") {
+            match e["t_reply_deliver"].as_f64() {
+                Some(trd) if trd <= end && tp.is_some_and(|tp| tp <= trd) => {}
+                x => bad.push(format!(
+                    "call {id}: t_reply_deliver {x:?} not in [t_publish, caller end {end}]"
+                )),
+            }
+        }
+    }
+    // no invented calls: every reported call whose publish was seen is in the truth
+    let truth_ids: std::collections::HashSet<&str> = truth
+        .iter()
+        .filter(|t| t["kind"] == "call")
+        .filter_map(|t| t["msg_id"].as_str())
+        .collect();
+    for e in rpc.iter().filter(|e| e["type"] == "call") {
+        let id = e["msg_id"].as_str().unwrap_or("");
+        if !truth_ids.contains(id) {
+            bad.push(format!("reported call {id} is not in the truth"));
+        }
+    }
+    // casts and fanouts: each reported once, with the deliveries the servers handled
+    for t in truth.iter().filter(|t| t["kind"] == "cast" && inside(t)) {
+        let id = t["unique_id"].as_str().expect("truth has unique_id");
+        match by_unique_id(id) {
+            None => bad.push(format!("cast {id} ({}) not reported", t["method"])),
+            Some(e) => {
+                let want = if t["fanout"] == true {
+                    "fanout"
+                } else {
+                    "cast"
+                };
+                if e["type"] != want || e["method"] != t["method"] {
+                    bad.push(format!(
+                        "cast {id}: {} {} != {want} {}",
+                        e["type"], e["method"], t["method"]
+                    ));
+                }
+            }
+        }
+    }
+    let handled = |method: &str| {
+        truth
+            .iter()
+            .filter(|t| {
+                t["kind"] == "handled"
+                    && t["method"] == method
+                    && t["t"].as_f64().unwrap() >= r.first_ts
+            })
+            .count() as u64
+    };
+    for method in [
+        "update_instance_info",
+        "build_and_run_instance",
+        "schedule_and_build_instances",
+    ] {
+        let delivered: u64 = rpc
+            .iter()
+            .filter(|e| {
+                e["method"] == method && e["t_publish"].as_f64().is_some_and(|t| t >= r.first_ts)
+            })
+            .map(|e| e["deliveries"].as_u64().unwrap())
+            .sum();
+        let want = handled(method);
+        // a server may still be handling the last one when the capture stops: the wire
+        // can show one more delivery than handled records, never fewer
+        if delivered < want || delivered > want + 2 {
+            bad.push(format!(
+                "{method}: {delivered} deliveries on the wire, {want} handled by servers"
+            ));
+        }
+    }
+    assert!(truth_calls > 0, "the truth has no call inside the capture");
+    bad
+}
+
+/// The shared test data beside the repository (CI clones main with shared/ next to it).
+pub fn foreign_dir() -> PathBuf {
+    let dir = std::env::var_os("STACKTAP_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("../shared"))
+        .join("testdata/foreign");
+    assert!(
+        dir.is_dir(),
+        "{} is missing: the foreign captures must sit beside the repo (or set STACKTAP_SHARED)",
+        dir.display()
+    );
+    dir
+}
+
+/// Every token the generator put in `_context_auth_token` starts with this.
+pub const TOKEN_PREFIX: &str = "gAAAAABsecret-token-";
