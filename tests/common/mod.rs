@@ -195,7 +195,9 @@ pub fn check_against_truth(r: &Replayed, truth: &[Value]) -> Vec<String> {
             .filter(|t| {
                 t["kind"] == "handled"
                     && t["method"] == method
-                    && t["t"].as_f64().unwrap() >= r.first_ts
+                    && t["t"]
+                        .as_f64()
+                        .is_some_and(|x| x >= r.first_ts && x <= r.last_ts)
             })
             .count() as u64
     };
@@ -207,7 +209,10 @@ pub fn check_against_truth(r: &Replayed, truth: &[Value]) -> Vec<String> {
         let delivered: u64 = rpc
             .iter()
             .filter(|e| {
-                e["method"] == method && e["t_publish"].as_f64().is_some_and(|t| t >= r.first_ts)
+                e["method"] == method
+                    && e["t_publish"]
+                        .as_f64()
+                        .is_some_and(|t| t >= r.first_ts && t <= r.last_ts)
             })
             .map(|e| e["deliveries"].as_u64().unwrap())
             .sum();
