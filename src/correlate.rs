@@ -10,8 +10,9 @@ use crate::event::{Event, NotificationEvent, Outcome, Process, RpcEvent};
 use crate::health::Health;
 use crate::oslo::{self, Oslo, RemoteError, ReplyPart, Request, RpcType};
 use crate::time::Ts;
+use crate::{FastMap as HashMap, FastSet as HashSet};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
 use std::sync::Arc;
 
 #[derive(Debug, Clone)]
@@ -119,7 +120,7 @@ struct Recent {
 impl Recent {
     fn new(cap: usize) -> Self {
         Recent {
-            set: HashSet::new(),
+            set: HashSet::default(),
             order: VecDeque::new(),
             cap,
         }
@@ -127,10 +128,10 @@ impl Recent {
     fn insert(&mut self, id: String) {
         if self.set.insert(id.clone()) {
             self.order.push_back(id);
-            if self.order.len() > self.cap {
-                if let Some(old) = self.order.pop_front() {
-                    self.set.remove(&old);
-                }
+            if self.order.len() > self.cap
+                && let Some(old) = self.order.pop_front()
+            {
+                self.set.remove(&old);
             }
         }
     }
@@ -139,8 +140,45 @@ impl Recent {
     }
 }
 
+/// Recently decoded bodies. A deliver carries the exact bytes of its publish, so each
+/// message's JSON is parsed once, not once per copy. Keyed by a 64-bit hash of exchange,
+/// compression and body (a collision among the last few thousand bodies is ~1e-12).
+struct DecodeCache {
+    seeds: ahash::RandomState,
+    map: HashMap<u64, Arc<Result<Oslo, oslo::NotOslo>>>,
+    order: VecDeque<u64>,
+}
+
+const DECODE_CACHE: usize = 8192;
+
+impl DecodeCache {
+    fn decode(&mut self, m: &Message) -> Arc<Result<Oslo, oslo::NotOslo>> {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = self.seeds.build_hasher();
+        h.write(m.exchange.as_bytes());
+        h.write_u8(0);
+        h.write(m.props.compression.as_deref().unwrap_or("").as_bytes());
+        h.write_u8(0);
+        h.write(&m.body);
+        let key = h.finish();
+        if let Some(hit) = self.map.get(&key) {
+            return hit.clone();
+        }
+        let decoded = Arc::new(oslo::decode(&m.exchange, &m.props, &m.body));
+        if self.order.len() >= DECODE_CACHE
+            && let Some(old) = self.order.pop_front()
+        {
+            self.map.remove(&old);
+        }
+        self.order.push_back(key);
+        self.map.insert(key, decoded.clone());
+        decoded
+    }
+}
+
 pub struct Correlator {
     cfg: CorrelatorConfig,
+    cache: DecodeCache,
     conns: HashMap<u64, ConnInfo>,
     calls: HashMap<String, Call>,
     /// Casts and fanouts by `_unique_id`.
@@ -159,9 +197,14 @@ impl Correlator {
         let recent = cfg.max_messages.max(1024);
         Correlator {
             cfg,
-            conns: HashMap::new(),
-            calls: HashMap::new(),
-            casts: HashMap::new(),
+            cache: DecodeCache {
+                seeds: ahash::RandomState::new(),
+                map: HashMap::default(),
+                order: VecDeque::new(),
+            },
+            conns: HashMap::default(),
+            calls: HashMap::default(),
+            casts: HashMap::default(),
             call_order: VecDeque::new(),
             cast_order: VecDeque::new(),
             timers: BinaryHeap::new(),
@@ -304,7 +347,8 @@ impl Correlator {
     }
 
     fn on_message(&mut self, m: &Message, health: &mut Health, out: &mut Vec<Signal>) {
-        let oslo = match oslo::decode(&m.exchange, &m.props, &m.body) {
+        let decoded = self.cache.decode(m);
+        let oslo = match decoded.as_ref() {
             Ok(o) => o,
             Err(e) => {
                 health.anomaly("oslo", e.kind());
@@ -337,11 +381,11 @@ impl Correlator {
                             method: call.ev.method.clone(),
                         });
                     }
-                    ReplyPart::LegacyPayload => call.legacy_failure = r.failure,
+                    ReplyPart::LegacyPayload => call.legacy_failure = r.failure.clone(),
                     ReplyPart::Final => {
                         if call.ev.t_reply_publish.is_none() {
                             call.ev.t_reply_publish = Some(m.ts.as_secs_f64());
-                            call.ev.error = r.failure.or(call.legacy_failure.take());
+                            call.ev.error = r.failure.clone().or(call.legacy_failure.take());
                         }
                         if call.ev.callee.is_none() {
                             call.ev.callee = Some(publisher);
@@ -360,13 +404,13 @@ impl Correlator {
                     ReplyPart::Heartbeat => {}
                     ReplyPart::LegacyPayload => {
                         if call.legacy_failure.is_none() {
-                            call.legacy_failure = r.failure;
+                            call.legacy_failure = r.failure.clone();
                         }
                     }
                     ReplyPart::Final => {
                         call.ev.t_reply_deliver = Some(m.ts.as_secs_f64());
                         if call.ev.error.is_none() {
-                            call.ev.error = r.failure.or(call.legacy_failure.take());
+                            call.ev.error = r.failure.clone().or(call.legacy_failure.take());
                         }
                         let outcome = if call.expired {
                             Outcome::LateReply
@@ -375,7 +419,7 @@ impl Correlator {
                         } else {
                             Outcome::Ok
                         };
-                        let id = r.msg_id;
+                        let id = r.msg_id.clone();
                         self.finish_call(&id, outcome, out);
                     }
                 }
@@ -393,18 +437,19 @@ impl Correlator {
                                     call.ev.t_reply_publish = Some(m.ts.as_secs_f64());
                                 }
                                 if call.ev.error.is_none() {
-                                    call.ev.error = r.failure;
+                                    call.ev.error = r.failure.clone();
                                 }
-                                let id = r.msg_id;
+                                let id = r.msg_id.clone();
                                 self.finish_call(&id, Outcome::Unroutable, out);
                             }
                         }
                     }
                     Oslo::Request(r) => {
-                        if let Some(id) = r.msg_id.filter(|id| self.calls.contains_key(id)) {
+                        if let Some(id) = r.msg_id.clone().filter(|id| self.calls.contains_key(id))
+                        {
                             self.finish_call(&id, Outcome::Unroutable, out);
                         } else if let Some(id) =
-                            r.unique_id.filter(|id| self.casts.contains_key(id))
+                            r.unique_id.clone().filter(|id| self.casts.contains_key(id))
                         {
                             self.finish_cast(&id, Outcome::Unroutable, out);
                         }
@@ -431,13 +476,13 @@ impl Correlator {
                 out.push(Signal::Event(Event::Notification(Box::new(
                     NotificationEvent {
                         kind: "notification",
-                        publisher_id: n.publisher_id,
-                        event_type: n.event_type,
-                        priority: n.priority,
+                        publisher_id: n.publisher_id.clone(),
+                        event_type: n.event_type.clone(),
+                        priority: n.priority.clone(),
                         exchange: m.exchange.clone(),
                         t: m.ts.as_secs_f64(),
-                        request_id: n.request_id,
-                        global_request_id: n.global_request_id,
+                        request_id: n.request_id.clone(),
+                        global_request_id: n.global_request_id.clone(),
                         publisher,
                     },
                 ))));
@@ -448,7 +493,7 @@ impl Correlator {
     fn request_seen(
         &mut self,
         m: &Message,
-        r: Request,
+        r: &Request,
         published: bool,
         health: &mut Health,
         out: &mut Vec<Signal>,
@@ -526,17 +571,17 @@ impl Correlator {
                 routing_key: m.routing_key.clone(),
                 topic,
                 server,
-                method: r.method,
-                namespace: r.namespace,
-                version: r.version,
-                msg_id: r.msg_id,
-                unique_id: r.unique_id,
-                reply_q: r.reply_q,
+                method: r.method.clone(),
+                namespace: r.namespace.clone(),
+                version: r.version.clone(),
+                msg_id: r.msg_id.clone(),
+                unique_id: r.unique_id.clone(),
+                reply_q: r.reply_q.clone(),
                 timeout_s,
                 caller: None,
                 callee: None,
-                request_id: r.request_id,
-                global_request_id: r.global_request_id,
+                request_id: r.request_id.clone(),
+                global_request_id: r.global_request_id.clone(),
                 t_publish: None,
                 t_deliver: None,
                 t_reply_publish: None,

@@ -5,6 +5,8 @@
 
 use std::collections::BTreeMap;
 
+const METHOD_SLOTS: usize = 10 * 128;
+
 #[derive(Default, Debug, Clone)]
 pub struct Health {
     pub packets: u64,
@@ -20,9 +22,10 @@ pub struct Health {
     pub evictions: BTreeMap<&'static str, u64>,
     /// Bytes skipped over TCP holes the capture never filled.
     pub tcp_gap_bytes: u64,
-    /// AMQP frames by type and methods by name (bounded: the spec's ~60 names).
-    pub amqp_frames: BTreeMap<&'static str, u64>,
-    pub amqp_methods: BTreeMap<&'static str, u64>,
+    /// AMQP frames by type (method, header, body, heartbeat, other) and methods by
+    /// class id / 10 * 128 + method id: flat arrays, counted on every frame.
+    pub amqp_frames: [u64; 5],
+    pub amqp_methods: Vec<u64>,
     /// Label values folded into "other" by the cardinality caps, by metric family.
     pub series_folded: BTreeMap<&'static str, u64>,
 }
@@ -43,18 +46,53 @@ impl Health {
     }
 
     pub fn count_frame(&mut self, kind: u8) {
-        let name = match kind {
-            1 => "method",
-            2 => "content-header",
-            3 => "content-body",
-            8 => "heartbeat",
-            _ => "unknown",
+        let i = match kind {
+            1 => 0,
+            2 => 1,
+            3 => 2,
+            8 => 3,
+            _ => 4,
         };
-        *self.amqp_frames.entry(name).or_default() += 1;
+        self.amqp_frames[i] += 1;
     }
 
-    pub fn count_method(&mut self, name: &'static str) {
-        *self.amqp_methods.entry(name).or_default() += 1;
+    pub fn count_method(&mut self, class: u16, method: u16) {
+        if self.amqp_methods.is_empty() {
+            self.amqp_methods = vec![0; METHOD_SLOTS];
+        }
+        let i = class as usize / 10 * 128 + method as usize;
+        if method < 128
+            && let Some(n) = self.amqp_methods.get_mut(i)
+        {
+            *n += 1;
+        }
+    }
+
+    /// Frame counts by the names tshark uses.
+    pub fn frames_by_name(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        [
+            "method",
+            "content-header",
+            "content-body",
+            "heartbeat",
+            "unknown",
+        ]
+        .into_iter()
+        .zip(self.amqp_frames)
+        .filter(|(_, n)| *n > 0)
+    }
+
+    /// Method counts by name ("basic.publish", …).
+    pub fn methods_by_name(&self) -> BTreeMap<&'static str, u64> {
+        let mut out = BTreeMap::new();
+        for (i, n) in self.amqp_methods.iter().enumerate() {
+            if *n > 0 {
+                let (class, method) = ((i / 128 * 10) as u16, (i % 128) as u16);
+                *out.entry(crate::amqp::names::method_name(class, method))
+                    .or_default() += n;
+            }
+        }
+        out
     }
 
     pub fn total_anomalies(&self) -> u64 {

@@ -16,3 +16,8 @@ pub mod sink;
 pub mod source;
 pub mod tcp;
 pub mod time;
+
+/// Hash map for tables keyed by wire data: ahash (fast) with random seeds (no hash
+/// flooding from crafted ids). Iteration order is never relied on; output is sorted.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
+pub type FastSet<K> = std::collections::HashSet<K, ahash::RandomState>;

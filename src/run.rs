@@ -72,7 +72,7 @@ impl Run {
     pub fn packet(&mut self, pkt: &Packet) {
         let sinks = &mut self.sinks;
         self.pipeline.packet(pkt, &mut |s, _| sinks.on_signal(s));
-        if self.pipeline.health.packets % 4096 == 0 {
+        if self.pipeline.health.packets.is_multiple_of(4096) {
             self.refresh(false);
         }
     }
@@ -87,14 +87,14 @@ impl Run {
     /// second of wall time, unless forced).
     fn refresh(&mut self, force: bool) {
         self.sinks.sync(&self.pipeline.health);
-        if let Some(shared) = &self.shared {
-            if force || self.last_publish.elapsed() >= Duration::from_secs(1) {
-                self.last_publish = Instant::now();
-                let json = serde_json::to_string(&self.sinks.summary.report(&self.pipeline.health))
-                    .unwrap_or_default();
-                if let Ok(mut g) = shared.summary.lock() {
-                    *g = json;
-                }
+        if let Some(shared) = &self.shared
+            && (force || self.last_publish.elapsed() >= Duration::from_secs(1))
+        {
+            self.last_publish = Instant::now();
+            let json = serde_json::to_string(&self.sinks.summary.report(&self.pipeline.health))
+                .unwrap_or_default();
+            if let Ok(mut g) = shared.summary.lock() {
+                *g = json;
             }
         }
     }
@@ -170,7 +170,7 @@ pub fn replay(
         }
         run.packet(&pkt);
         n += 1;
-        if n % 8192 == 0 {
+        if n.is_multiple_of(8192) {
             if let Some(b) = &bar {
                 b.set_position(files.bytes_read());
             }

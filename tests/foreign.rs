@@ -50,34 +50,22 @@ fn check_amqp(name: &str, pcap: &str) {
     let exp = expected(name);
     let r = replay(&[foreign_dir().join(pcap)]);
     let amqp = &exp["amqp"];
+    let methods = r.health.methods_by_name();
+    let frames: std::collections::BTreeMap<_, _> = r.health.frames_by_name().collect();
     for (method, n) in amqp["method_counts"].as_object().unwrap() {
-        let got = r
-            .health
-            .amqp_methods
-            .get(method.as_str())
-            .copied()
-            .unwrap_or(0);
+        let got = methods.get(method.as_str()).copied().unwrap_or(0);
         assert_eq!(got, n.as_u64().unwrap(), "{name}: {method}");
     }
-    let total_methods: u64 = r.health.amqp_methods.values().sum();
-    let want_methods: u64 = amqp["method_counts"]
+    let total_methods: u64 = methods.values().sum();
+    let want: u64 = amqp["method_counts"]
         .as_object()
         .unwrap()
         .values()
         .map(|v| v.as_u64().unwrap())
         .sum();
-    assert_eq!(
-        total_methods, want_methods,
-        "{name}: total methods {:?}",
-        r.health.amqp_methods
-    );
+    assert_eq!(total_methods, want, "{name}: total methods {methods:?}");
     for (kind, n) in amqp["frame_type_counts"].as_object().unwrap() {
-        let got = r
-            .health
-            .amqp_frames
-            .get(kind.as_str())
-            .copied()
-            .unwrap_or(0);
+        let got = frames.get(kind.as_str()).copied().unwrap_or(0);
         assert_eq!(got, n.as_u64().unwrap(), "{name}: {kind} frames");
     }
     assert_eq!(r.health.anomaly_count("amqp", "bad_frame_end"), 0, "{name}");

@@ -416,9 +416,11 @@ def run_driver(args):
             time.sleep(0.02)
         time.sleep(0.3)
     if sc in ("healthy", "midstream", "load"):
-        api_builds(truth, transport, n)
-        api_direct_calls(truth, transport, n, ["host1", "host2"])
-        api_direct_calls(truth, transport, max(1, n // 4), ["host1", "host2"], "attach_interface")
+        pause = 0.0 if sc == "load" else 0.05  # load: as fast as the real library goes
+        api_builds(truth, transport, n, pause=pause)
+        api_direct_calls(truth, transport, n, ["host1", "host2"], pause=pause / 2)
+        api_direct_calls(truth, transport, max(1, n // 4), ["host1", "host2"], "attach_interface",
+                         pause=pause / 2)
     elif sc == "remote_error":
         api_builds(truth, transport, n)          # the scheduler fails every 3rd placement
         api_direct_calls(truth, transport, n // 2, ["host2"], "attach_interface")

@@ -4,6 +4,7 @@
 use super::frame::{
     FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD, FrameEvent, FrameReader, RawFrame,
 };
+use crate::FastMap as HashMap;
 use crate::decode::Endpoint;
 use crate::health::Health;
 use crate::tcp::{Chunk, Dir, flows::App};
@@ -11,7 +12,7 @@ use crate::time::Ts;
 use amq_protocol::frame::parsing::parse_content_header;
 use amq_protocol::protocol::{AMQPClass, basic, channel, connection, queue};
 use amq_protocol::types::{AMQPValue, FieldTable};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 /// Who is at the client end of a connection, from connection.start-ok.
@@ -24,8 +25,6 @@ pub struct ClientIdentity {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Props {
-    pub content_type: Option<String>,
-    pub content_encoding: Option<String>,
     pub expiration: Option<String>,
     pub delivery_mode: Option<u8>,
     /// The `compression` application header kombu sets when it compressed the body.
@@ -181,9 +180,9 @@ impl AmqpConnection {
                 FrameReader::new(saw_handshake, max_frame),
                 FrameReader::new(saw_handshake, max_frame),
             ],
-            assembling: [HashMap::new(), HashMap::new()],
-            pending_consumes: HashMap::new(),
-            consumers: HashMap::new(),
+            assembling: [HashMap::default(), HashMap::default()],
+            pending_consumes: HashMap::default(),
+            consumers: HashMap::default(),
             max_body,
         }
     }
@@ -201,7 +200,7 @@ impl AmqpConnection {
             FRAME_METHOD => match amq_protocol::protocol::parse_class(f.payload) {
                 Ok((_, class)) => {
                     let id = |i: usize| u16::from_be_bytes([f.payload[i], f.payload[i + 1]]);
-                    health.count_method(super::names::method_name(id(0), id(2)));
+                    health.count_method(id(0), id(2));
                     self.on_method(dir, ts, f.channel, class, health, out)
                 }
                 Err(_) => health.anomaly("amqp", "bad_method"),
@@ -291,8 +290,8 @@ impl AmqpConnection {
                     dir,
                     ch,
                     Pending::Publish {
-                        exchange: p.exchange.as_str().to_owned(),
-                        routing_key: p.routing_key.as_str().to_owned(),
+                        exchange: p.exchange.into(),
+                        routing_key: p.routing_key.into(),
                         mandatory: p.mandatory,
                     },
                     health,
@@ -301,10 +300,10 @@ impl AmqpConnection {
                     dir,
                     ch,
                     Pending::Deliver {
-                        consumer_tag: d.consumer_tag.as_str().to_owned(),
+                        consumer_tag: d.consumer_tag.into(),
                         redelivered: d.redelivered,
-                        exchange: d.exchange.as_str().to_owned(),
-                        routing_key: d.routing_key.as_str().to_owned(),
+                        exchange: d.exchange.into(),
+                        routing_key: d.routing_key.into(),
                     },
                     health,
                 ),
@@ -313,8 +312,8 @@ impl AmqpConnection {
                     ch,
                     Pending::GetOk {
                         redelivered: g.redelivered,
-                        exchange: g.exchange.as_str().to_owned(),
-                        routing_key: g.routing_key.as_str().to_owned(),
+                        exchange: g.exchange.into(),
+                        routing_key: g.routing_key.into(),
                     },
                     health,
                 ),
@@ -323,9 +322,9 @@ impl AmqpConnection {
                     ch,
                     Pending::Return {
                         reply_code: r.reply_code,
-                        reply_text: r.reply_text.as_str().to_owned(),
-                        exchange: r.exchange.as_str().to_owned(),
-                        routing_key: r.routing_key.as_str().to_owned(),
+                        reply_text: r.reply_text.into(),
+                        exchange: r.exchange.into(),
+                        routing_key: r.routing_key.into(),
                     },
                     health,
                 ),
@@ -347,11 +346,14 @@ impl AmqpConnection {
                         None => health.anomaly("amqp", "consume_ok_without_consume"),
                     }
                 }
-                basic::AMQPMethod::Cancel(c) if by_broker => out.push(AmqpEvent::BrokerCancel {
-                    conn,
-                    consumer_tag: c.consumer_tag.as_str().to_owned(),
-                    queue: self.consumers.get(c.consumer_tag.as_str()).cloned(),
-                }),
+                basic::AMQPMethod::Cancel(c) if by_broker => {
+                    let queue = self.consumers.get(c.consumer_tag.as_str()).cloned();
+                    out.push(AmqpEvent::BrokerCancel {
+                        conn,
+                        consumer_tag: c.consumer_tag.into(),
+                        queue,
+                    })
+                }
                 basic::AMQPMethod::Nack(_) if by_broker => out.push(AmqpEvent::Nack { conn, ts }),
                 _ => {}
             },
@@ -377,7 +379,7 @@ impl AmqpConnection {
                     ts,
                     by_broker,
                     reply_code: c.reply_code,
-                    reply_text: c.reply_text.as_str().to_owned(),
+                    reply_text: c.reply_text.into(),
                 }),
                 connection::AMQPMethod::Blocked(b) => out.push(AmqpEvent::Blocked {
                     conn,
@@ -395,7 +397,7 @@ impl AmqpConnection {
                     ts,
                     by_broker,
                     reply_code: c.reply_code,
-                    reply_text: c.reply_text.as_str().to_owned(),
+                    reply_text: c.reply_text.into(),
                 })
             }
             AMQPClass::Queue(queue::AMQPMethod::Declare(_)) => {}
@@ -527,8 +529,6 @@ impl App for AmqpConnection {
 
 fn props_of(p: &basic::AMQPProperties) -> Props {
     Props {
-        content_type: p.content_type().as_ref().map(|s| s.as_str().to_owned()),
-        content_encoding: p.content_encoding().as_ref().map(|s| s.as_str().to_owned()),
         expiration: p.expiration().as_ref().map(|s| s.as_str().to_owned()),
         delivery_mode: *p.delivery_mode(),
         compression: p

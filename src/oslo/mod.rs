@@ -6,9 +6,11 @@
 //! never leave the parser.
 
 use crate::amqp::Props;
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::io::Read;
+
+mod scan;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -108,53 +110,63 @@ impl NotOslo {
     }
 }
 
-/// Marks that a key was present, whatever its value (even null).
-fn present<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
-    serde::de::IgnoredAny::deserialize(d).map(|_| true)
-}
-
-/// `_timeout` may be an int, a float or null.
-fn number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
-    Ok(Option::<serde_json::Number>::deserialize(d)?.and_then(|n| n.as_f64()))
-}
-
-#[derive(Deserialize, Default)]
+/// The members of a body or inner message we read; everything else is skipped unread.
+#[derive(Default)]
 struct Fields<'a> {
-    #[serde(rename = "oslo.version", borrow)]
     envelope_version: Option<Cow<'a, str>>,
-    #[serde(rename = "oslo.message", borrow)]
-    envelope_message: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    /// Raw JSON string literal: JSON inside JSON, unescaped on demand.
+    envelope_message: Option<&'a str>,
     method: Option<Cow<'a, str>>,
-    #[serde(borrow)]
     namespace: Option<Cow<'a, str>>,
-    #[serde(borrow)]
     version: Option<Cow<'a, str>>,
-    #[serde(rename = "_msg_id", borrow)]
     msg_id: Option<Cow<'a, str>>,
-    #[serde(rename = "_reply_q", borrow)]
     reply_q: Option<Cow<'a, str>>,
-    #[serde(rename = "_unique_id", borrow)]
     unique_id: Option<Cow<'a, str>>,
-    #[serde(rename = "_timeout", default, deserialize_with = "number")]
     call_monitor: Option<f64>,
-    #[serde(rename = "_context_request_id", borrow)]
     request_id: Option<Cow<'a, str>>,
-    #[serde(rename = "_context_global_request_id", borrow)]
     global_request_id: Option<Cow<'a, str>>,
-    #[serde(default, deserialize_with = "present")]
     result: bool,
-    #[serde(borrow)]
     failure: Option<Cow<'a, str>>,
     ending: Option<bool>,
-    #[serde(borrow)]
     event_type: Option<Cow<'a, str>>,
-    #[serde(borrow)]
     publisher_id: Option<Cow<'a, str>>,
-    #[serde(borrow)]
     priority: Option<Cow<'a, str>>,
-    #[serde(borrow)]
     message_id: Option<Cow<'a, str>>,
+}
+
+/// A JSON string value; null or any other type reads as absent.
+fn string(raw: &str) -> Option<Cow<'_, str>> {
+    if raw.starts_with('"') {
+        unescape(raw)
+    } else {
+        None
+    }
+}
+
+fn fields(json: &str) -> Option<Fields<'_>> {
+    let mut f = Fields::default();
+    scan::members(json, |key, raw| match key.as_ref() {
+        "oslo.version" => f.envelope_version = string(raw),
+        "oslo.message" => f.envelope_message = raw.starts_with('"').then_some(raw),
+        "method" => f.method = string(raw),
+        "namespace" => f.namespace = string(raw),
+        "version" => f.version = string(raw),
+        "_msg_id" => f.msg_id = string(raw),
+        "_reply_q" => f.reply_q = string(raw),
+        "_unique_id" => f.unique_id = string(raw),
+        "_timeout" => f.call_monitor = raw.parse::<f64>().ok(),
+        "_context_request_id" => f.request_id = string(raw),
+        "_context_global_request_id" => f.global_request_id = string(raw),
+        "result" => f.result = true,
+        "failure" => f.failure = string(raw),
+        "ending" => f.ending = matches!(raw, "true" | "false").then(|| raw == "true"),
+        "event_type" => f.event_type = string(raw),
+        "publisher_id" => f.publisher_id = string(raw),
+        "priority" => f.priority = string(raw),
+        "message_id" => f.message_id = string(raw),
+        _ => {}
+    })?;
+    Some(f)
 }
 
 #[derive(Deserialize)]
@@ -225,14 +237,15 @@ pub fn decode(exchange: &str, props: &Props, body: &[u8]) -> Result<Oslo, NotOsl
         }
         Some(_) => return Err(NotOslo::CompressedUnsupported),
     };
-    let outer: Fields<'_> = serde_json::from_slice(body).map_err(|_| NotOslo::NotJson)?;
-    match (&outer.envelope_version, &outer.envelope_message) {
-        (Some(v), Some(inner)) => {
+    let text = std::str::from_utf8(body).map_err(|_| NotOslo::NotJson)?;
+    let outer = fields(text).ok_or(NotOslo::NotJson)?;
+    match (&outer.envelope_version, outer.envelope_message) {
+        (Some(v), Some(raw)) => {
             if !v.starts_with("2.") {
                 return Err(NotOslo::UnsupportedEnvelope);
             }
-            let fields: Fields<'_> = serde_json::from_str(inner).map_err(|_| NotOslo::NotJson)?;
-            classify(exchange, fields)
+            let inner = unescape(raw).ok_or(NotOslo::NotJson)?;
+            classify(exchange, fields(&inner).ok_or(NotOslo::NotJson)?)
         }
         // no envelope: the 1.0 format, still used by the `messaging` notification driver
         _ => classify(exchange, outer),
@@ -272,23 +285,71 @@ fn classify(exchange: &str, f: Fields<'_>) -> Result<Oslo, NotOslo> {
             call_monitor_s: f.call_monitor,
         }));
     }
-    if let Some(msg_id) = f.msg_id {
-        if f.ending.is_some() || f.result || f.failure.is_some() {
-            let failure = f.failure.as_deref().map(parse_failure);
-            let part = match f.ending {
-                Some(true) => ReplyPart::Final,
-                Some(false) if failure.is_none() => ReplyPart::Heartbeat,
-                _ => ReplyPart::LegacyPayload,
-            };
-            return Ok(Oslo::Reply(Reply {
-                msg_id: msg_id.into_owned(),
-                unique_id: own(f.unique_id),
-                part,
-                failure,
-            }));
-        }
+    if let Some(msg_id) = f.msg_id
+        && (f.ending.is_some() || f.result || f.failure.is_some())
+    {
+        let failure = f.failure.as_deref().map(parse_failure);
+        let part = match f.ending {
+            Some(true) => ReplyPart::Final,
+            Some(false) if failure.is_none() => ReplyPart::Heartbeat,
+            _ => ReplyPart::LegacyPayload,
+        };
+        return Ok(Oslo::Reply(Reply {
+            msg_id: msg_id.into_owned(),
+            unique_id: own(f.unique_id),
+            part,
+            failure,
+        }));
     }
     Err(NotOslo::UnknownShape)
+}
+
+/// Unescapes a JSON string literal (quotes included). The envelope's `oslo.message` is
+/// JSON inside JSON: every inner quote is an escape, which serde_json handles one at a
+/// time; copying the runs between backslashes is several times faster. None if malformed.
+pub fn unescape(literal: &str) -> Option<Cow<'_, str>> {
+    let s = literal.strip_prefix('"')?.strip_suffix('"')?;
+    let b = s.as_bytes();
+    let Some(first) = memchr::memchr(b'\\', b) else {
+        return Some(Cow::Borrowed(s));
+    };
+    let mut out: Vec<u8> = Vec::with_capacity(b.len());
+    let mut i = 0;
+    let mut at = Some(first);
+    while let Some(j) = at {
+        out.extend_from_slice(&b[i..j]);
+        let esc = *b.get(j + 1)?;
+        i = j + 2;
+        match esc {
+            b'"' => out.push(b'"'),
+            b'\\' => out.push(b'\\'),
+            b'/' => out.push(b'/'),
+            b'b' => out.push(0x08),
+            b'f' => out.push(0x0c),
+            b'n' => out.push(b'\n'),
+            b'r' => out.push(b'\r'),
+            b't' => out.push(b'\t'),
+            b'u' => {
+                let hex = |k: usize| u32::from_str_radix(s.get(k..k + 4)?, 16).ok();
+                let mut cp = hex(j + 2)?;
+                i = j + 6;
+                if (0xD800..0xDC00).contains(&cp)
+                    && b.get(i) == Some(&b'\\')
+                    && b.get(i + 1) == Some(&b'u')
+                    && let Some(lo) = hex(i + 2).filter(|lo| (0xDC00..0xE000).contains(lo))
+                {
+                    cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+                    i += 6;
+                }
+                let c = char::from_u32(cp).unwrap_or('\u{FFFD}');
+                out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
+            }
+            _ => return None,
+        }
+        at = memchr::memchr(b'\\', &b[i..]).map(|k| k + i);
+    }
+    out.extend_from_slice(&b[i..]);
+    String::from_utf8(out).ok().map(Cow::Owned)
 }
 
 /// `compute.host1` → (`compute`, Some(`host1`)). Topics have no dots; hosts may.
@@ -420,6 +481,35 @@ mod tests {
             decode("nova", &Props::default(), v3),
             Err(NotOslo::UnsupportedEnvelope)
         );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn unescape_agrees_with_serde_json(text in "\\PC*", ctl in proptest::collection::vec(0u32..0x10FFFF, 0..8)) {
+            let mut s = text.clone();
+            s.extend(ctl.into_iter().filter_map(char::from_u32));
+            let literal = serde_json::to_string(&s).unwrap();
+            let got = unescape(&literal).unwrap().into_owned();
+            proptest::prop_assert_eq!(got, s.clone());
+            // Python's json.dumps escapes non-ASCII as \uXXXX (surrogate pairs too); the textual
+            // rewrite below needs a string with no backslash of its own
+            proptest::prop_assume!(!s.contains('\\'));
+            let ascii: String = s.chars().map(|c| if c.is_ascii() { c.to_string() } else {
+                let mut b = [0u16; 2];
+                c.encode_utf16(&mut b).iter().map(|u| format!("\\u{u:04x}")).collect()
+            }).collect();
+            let literal = serde_json::to_string(&ascii).unwrap().replace("\\\\u", "\\u");
+            let got = unescape(&literal).unwrap().into_owned();
+            proptest::prop_assert_eq!(got, s);
+        }
+    }
+
+    #[test]
+    fn unescape_rejects_garbage() {
+        for bad in ["", "\"", "\"\\\"", "\"\\x\"", "\"\\u12\"", "x"] {
+            assert!(unescape(bad).is_none(), "{bad:?}");
+        }
+        assert_eq!(unescape("\"\\ud83d\\ude00\"").unwrap(), "😀");
     }
 
     #[test]

@@ -4,13 +4,14 @@
 use crate::correlate::Signal;
 use crate::event::{Event, Outcome};
 use crate::health::Health;
+use crate::{FastMap as HashMap, FastSet as HashSet};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 type Labels = Vec<(&'static str, String)>;
@@ -33,8 +34,40 @@ struct Cap {
     seen: HashSet<Labels>,
 }
 
+/// Handles already resolved for a (family, label values) key: the per-message signals
+/// then cost one small key and a fast lookup instead of label vectors, a cap check and the
+/// registry's own lookup. Bounded by the caps (folded sets share one key's handle).
+struct Memo<M> {
+    map: HashMap<(&'static str, String), M>,
+}
+
+impl<M> Default for Memo<M> {
+    fn default() -> Self {
+        Memo {
+            map: HashMap::default(),
+        }
+    }
+}
+
+impl<M: Clone> Memo<M> {
+    fn get(&mut self, family: &'static str, parts: &[&str], resolve: impl FnOnce() -> M) -> M {
+        let mut key = String::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+        for p in parts {
+            key.push_str(p);
+            key.push('\u{1f}');
+        }
+        self.map
+            .entry((family, key))
+            .or_insert_with(resolve)
+            .clone()
+    }
+}
+
 pub struct Metrics {
     pub registry: Arc<Registry>,
+    memo_counters: Memo<Counter>,
+    memo_gauges: Memo<Gauge>,
+    memo_histograms: Memo<Histogram>,
     max_series: usize,
     caps: HashMap<&'static str, Cap>,
     folded: BTreeMap<&'static str, u64>,
@@ -79,8 +112,11 @@ impl Metrics {
         let mut r = Registry::with_prefix("stacktap");
         let m = Metrics {
             registry: Arc::new(Registry::default()),
+            memo_counters: Memo::default(),
+            memo_gauges: Memo::default(),
+            memo_histograms: Memo::default(),
             max_series,
-            caps: HashMap::new(),
+            caps: HashMap::default(),
             folded: BTreeMap::new(),
             rpc_messages: Family::default(),
             rpc_deliveries: Family::default(),
@@ -244,7 +280,7 @@ impl Metrics {
     fn cap(&mut self, family: &'static str, labels: Labels, keep: &[&str]) -> Labels {
         let max = self.max_series;
         let cap = self.caps.entry(family).or_insert_with(|| Cap {
-            seen: HashSet::new(),
+            seen: HashSet::default(),
         });
         if cap.seen.contains(&labels) {
             return labels;
@@ -274,17 +310,8 @@ impl Metrics {
                 method,
                 rpc_type,
             } => {
-                let ls = self.cap(
-                    "rpc_messages",
-                    l([
-                        ("exchange", exchange),
-                        ("topic", topic),
-                        ("method", method),
-                        ("type", rpc_type.as_str()),
-                    ]),
-                    &["type"],
-                );
-                self.rpc_messages.get_or_create(&ls).inc();
+                self.message_counter("rpc_messages", exchange, topic, method, rpc_type.as_str())
+                    .inc();
             }
             Signal::Delivered {
                 exchange,
@@ -293,21 +320,17 @@ impl Metrics {
                 rpc_type,
                 ..
             } => {
-                let ls = self.cap(
-                    "rpc_deliveries",
-                    l([
-                        ("exchange", exchange),
-                        ("topic", topic),
-                        ("method", method),
-                        ("type", rpc_type.as_str()),
-                    ]),
-                    &["type"],
-                );
-                self.rpc_deliveries.get_or_create(&ls).inc();
+                self.message_counter("rpc_deliveries", exchange, topic, method, rpc_type.as_str())
+                    .inc();
             }
             Signal::InFlight { topic, delta } => {
-                let ls = self.cap("rpc_in_flight", l([("topic", topic)]), &[]);
-                self.rpc_in_flight.get_or_create(&ls).inc_by(*delta);
+                let mut memo = std::mem::take(&mut self.memo_gauges);
+                let g = memo.get("rpc_in_flight", &[topic], || {
+                    let ls = self.cap("rpc_in_flight", l([("topic", topic)]), &[]);
+                    self.rpc_in_flight.get_or_create_owned(&ls)
+                });
+                self.memo_gauges = memo;
+                g.inc_by(*delta);
             }
             Signal::TimedOut { topic, method } => {
                 let ls = self.cap(
@@ -368,18 +391,18 @@ impl Metrics {
     }
 
     fn on_rpc(&mut self, e: &crate::event::RpcEvent) {
-        let tm = l([("topic", &e.topic), ("method", &e.method)]);
-        let tm = self.cap("rpc_topic_method", tm, &[]);
+        let (topic, method) = (e.topic.as_str(), e.method.as_str());
         if let Some(v) = e.queue_wait() {
-            self.rpc_queue_wait.get_or_create(&tm).observe(v);
+            self.topic_method_histogram("queue_wait", topic, method)
+                .observe(v);
         }
         if e.rpc_type != crate::oslo::RpcType::Call {
-            if e.outcome == Outcome::Undelivered || e.outcome == Outcome::Unroutable {
+            if matches!(e.outcome, Outcome::Undelivered | Outcome::Unroutable) {
                 let ls = self.cap(
                     "rpc_undelivered",
                     l([
-                        ("topic", &e.topic),
-                        ("method", &e.method),
+                        ("topic", topic),
+                        ("method", method),
                         ("type", e.rpc_type.as_str()),
                     ]),
                     &["type"],
@@ -388,35 +411,53 @@ impl Metrics {
             }
             return;
         }
-        let topic = tm[0].1.clone();
-        let method = tm[1].1.clone();
-        let ls = self.cap(
-            "rpc_replies",
-            l([
-                ("topic", &topic),
-                ("method", &method),
-                ("outcome", e.outcome.as_str()),
-            ]),
-            &["outcome"],
-        );
-        self.rpc_replies.get_or_create(&ls).inc();
+        let mut memo = std::mem::take(&mut self.memo_counters);
+        let replies = memo.get("rpc_replies", &[topic, method, e.outcome.as_str()], || {
+            let ls = self.cap(
+                "rpc_replies",
+                l([
+                    ("topic", topic),
+                    ("method", method),
+                    ("outcome", e.outcome.as_str()),
+                ]),
+                &["outcome"],
+            );
+            self.rpc_replies.get_or_create_owned(&ls)
+        });
+        self.memo_counters = memo;
+        replies.inc();
         if let Some(v) = e.server_time() {
-            self.rpc_server.get_or_create(&tm).observe(v);
+            self.topic_method_histogram("server", topic, method)
+                .observe(v);
         }
         match e.outcome {
             Outcome::Ok | Outcome::RemoteError => {
                 if let Some(v) = e.reply_wait() {
-                    self.rpc_reply_wait.get_or_create(&tm).observe(v);
-                    let q = self.cap("rpc_queue", l([("queue", &e.routing_key)]), &[]);
-                    self.rpc_queue_reply_wait.get_or_create(&q).observe(v);
-                }
-                if let Some(v) = e.reply_transit() {
-                    let t = l([("topic", &topic)]);
-                    self.rpc_reply_transit.get_or_create(&t).observe(v);
+                    self.topic_method_histogram("reply_wait", topic, method)
+                        .observe(v);
+                    let mut memo = std::mem::take(&mut self.memo_histograms);
+                    let q = memo.get("rpc_queue", &[&e.routing_key], || {
+                        let ls = self.cap("rpc_queue", l([("queue", &e.routing_key)]), &[]);
+                        self.rpc_queue_reply_wait.get_or_create_owned(&ls)
+                    });
+                    let t = memo.get("rpc_reply_transit", &[topic], || {
+                        let ls = self.cap("rpc_topic", l([("topic", topic)]), &[]);
+                        self.rpc_reply_transit.get_or_create_owned(&ls)
+                    });
+                    self.memo_histograms = memo;
+                    q.observe(v);
+                    if let Some(v) = e.reply_transit() {
+                        t.observe(v);
+                    }
                 }
             }
             Outcome::LateReply => {
-                self.rpc_late_replies.get_or_create(&tm).inc();
+                let ls = self.cap(
+                    "rpc_topic_method",
+                    l([("topic", topic), ("method", method)]),
+                    &[],
+                );
+                self.rpc_late_replies.get_or_create(&ls).inc();
             }
             _ => {}
         }
@@ -428,11 +469,66 @@ impl Metrics {
                 .unwrap_or("unknown");
             let ls = self.cap(
                 "rpc_remote_errors",
-                l([("topic", &topic), ("method", &method), ("exception", class)]),
+                l([("topic", topic), ("method", method), ("exception", class)]),
                 &[],
             );
             self.rpc_remote_errors.get_or_create(&ls).inc();
         }
+    }
+
+    fn message_counter(
+        &mut self,
+        family: &'static str,
+        exchange: &str,
+        topic: &str,
+        method: &str,
+        kind: &str,
+    ) -> Counter {
+        let mut memo = std::mem::take(&mut self.memo_counters);
+        let c = memo.get(family, &[exchange, topic, method, kind], || {
+            let ls = self.cap(
+                family,
+                l([
+                    ("exchange", exchange),
+                    ("topic", topic),
+                    ("method", method),
+                    ("type", kind),
+                ]),
+                &["type"],
+            );
+            let fam = if family == "rpc_messages" {
+                &self.rpc_messages
+            } else {
+                &self.rpc_deliveries
+            };
+            fam.get_or_create_owned(&ls)
+        });
+        self.memo_counters = memo;
+        c
+    }
+
+    /// A (topic, method) histogram handle, memoized.
+    fn topic_method_histogram(
+        &mut self,
+        which: &'static str,
+        topic: &str,
+        method: &str,
+    ) -> Histogram {
+        let mut memo = std::mem::take(&mut self.memo_histograms);
+        let h = memo.get(which, &[topic, method], || {
+            let ls = self.cap(
+                "rpc_topic_method",
+                l([("topic", topic), ("method", method)]),
+                &[],
+            );
+            match which {
+                "queue_wait" => self.rpc_queue_wait.get_or_create_owned(&ls),
+                "server" => self.rpc_server.get_or_create_owned(&ls),
+                _ => self.rpc_reply_wait.get_or_create_owned(&ls),
+            }
+        });
+        self.memo_histograms = memo;
+        h
     }
 
     /// Probe-health counters follow `Health` (cumulative) by deltas.
@@ -470,17 +566,19 @@ impl Metrics {
                     .inc_by(n - before);
             }
         }
-        for (name, n) in &h.amqp_frames {
-            let before = old.amqp_frames.get(name).copied().unwrap_or(0);
-            if *n > before {
+        let old_frames: BTreeMap<_, _> = old.frames_by_name().collect();
+        for (name, n) in h.frames_by_name() {
+            let before = old_frames.get(name).copied().unwrap_or(0);
+            if n > before {
                 self.amqp_frames
                     .get_or_create(&l([("type", name)]))
                     .inc_by(n - before);
             }
         }
-        for (name, n) in &h.amqp_methods {
-            let before = old.amqp_methods.get(name).copied().unwrap_or(0);
-            if *n > before {
+        let old_methods = old.methods_by_name();
+        for (name, n) in h.methods_by_name() {
+            let before = old_methods.get(name).copied().unwrap_or(0);
+            if n > before {
                 self.amqp_methods
                     .get_or_create(&l([("method", name)]))
                     .inc_by(n - before);

@@ -47,12 +47,11 @@ impl Sinks {
     pub fn on_signal(&mut self, s: &Signal) {
         self.metrics.on_signal(s);
         self.summary.on_signal(s);
-        if let (Signal::Event(ev), Some(w)) = (s, self.events.as_mut()) {
-            if self.write_error.is_none() {
-                if let Err(e) = w.write(ev) {
-                    self.write_error = Some(e);
-                }
-            }
+        if let (Signal::Event(ev), Some(w)) = (s, self.events.as_mut())
+            && self.write_error.is_none()
+            && let Err(e) = w.write(ev)
+        {
+            self.write_error = Some(e);
         }
     }
 

@@ -127,10 +127,10 @@ impl Summary {
         let q = self.queues.entry(e.routing_key.clone()).or_default();
         *q.outcomes.entry(e.outcome.as_str()).or_default() += 1;
         q.timeout_s = q.timeout_s.or(e.timeout_s);
-        if matches!(e.outcome, Outcome::Ok | Outcome::RemoteError) {
-            if let Some(v) = e.reply_wait() {
-                q.reply_wait.observe(v);
-            }
+        if matches!(e.outcome, Outcome::Ok | Outcome::RemoteError)
+            && let Some(v) = e.reply_wait()
+        {
+            q.reply_wait.observe(v);
         }
         if let Some(v) = e.queue_wait() {
             q.queue_wait.observe(v);

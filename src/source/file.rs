@@ -258,10 +258,10 @@ impl MergedFiles {
     pub fn next_into(&mut self, out: &mut Packet) -> Result<bool, SourceError> {
         let mut best: Option<usize> = None;
         for (i, h) in self.heads.iter().enumerate() {
-            if let Some(p) = h {
-                if best.is_none_or(|b| p.ts < self.heads[b].as_ref().map_or(Ts::ZERO, |q| q.ts)) {
-                    best = Some(i);
-                }
+            if let Some(p) = h
+                && best.is_none_or(|b| p.ts < self.heads[b].as_ref().map_or(Ts::ZERO, |q| q.ts))
+            {
+                best = Some(i);
             }
         }
         let Some(i) = best else { return Ok(false) };

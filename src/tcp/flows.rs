@@ -2,10 +2,10 @@
 //! to the protocol parser (the "app") the pipeline chose for the connection.
 
 use super::stream::{Chunk, Stream, StreamConfig};
+use crate::FastMap as HashMap;
 use crate::decode::{Endpoint, TcpSegment};
 use crate::health::Health;
 use crate::time::Ts;
-use std::collections::HashMap;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Dir {
@@ -97,7 +97,7 @@ impl<A: App> FlowTable<A> {
     pub fn new(cfg: FlowConfig) -> Self {
         FlowTable {
             cfg,
-            flows: HashMap::new(),
+            flows: HashMap::default(),
             next_id: 1,
             last_sweep: Ts::ZERO,
         }

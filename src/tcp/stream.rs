@@ -159,10 +159,10 @@ impl Stream {
             self.skip_to(health, first, out);
             self.drain(health, out);
         }
-        if let (Some(next), Some(fin)) = (self.next, self.fin_at) {
-            if fin > next {
-                self.skip_to(health, fin, out);
-            }
+        if let (Some(next), Some(fin)) = (self.next, self.fin_at)
+            && fin > next
+        {
+            self.skip_to(health, fin, out);
         }
         self.closed = true;
     }
@@ -285,10 +285,11 @@ impl Stream {
     }
 
     fn check_fin(&mut self) {
-        if let (Some(next), Some(fin)) = (self.next, self.fin_at) {
-            if next >= fin && self.pending.is_empty() {
-                self.closed = true;
-            }
+        if let (Some(next), Some(fin)) = (self.next, self.fin_at)
+            && next >= fin
+            && self.pending.is_empty()
+        {
+            self.closed = true;
         }
     }
 }
