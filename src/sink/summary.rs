@@ -161,13 +161,22 @@ impl Summary {
                 server: q.server.summary(),
             })
             .collect();
-        // worst first: p99 reply wait, then calls that never got one
+        // worst first: a call that timed out kept its caller waiting at least the timeout
+        let effective = |q: &QueueReport| {
+            let unanswered: u64 = ["timeout", "late_reply", "unroutable"]
+                .iter()
+                .map(|k| q.outcomes.get(k).copied().unwrap_or(0))
+                .sum();
+            let waited = if unanswered > 0 {
+                q.timeout_s.unwrap_or(0.0)
+            } else {
+                0.0
+            };
+            q.reply_wait.p99.max(waited)
+        };
         queues.sort_by(|a, b| {
-            let bad = |q: &QueueReport| q.calls - q.outcomes.get("ok").copied().unwrap_or(0);
-            b.reply_wait
-                .p99
-                .total_cmp(&a.reply_wait.p99)
-                .then(bad(b).cmp(&bad(a)))
+            effective(b)
+                .total_cmp(&effective(a))
                 .then(a.queue.cmp(&b.queue))
         });
         let mut errors: Vec<ErrorReport> = self
@@ -217,8 +226,11 @@ impl Summary {
     }
 }
 
-fn ms(v: f64) -> String {
-    if v >= 10.0 {
+/// A duration for the table; "-" when nothing was measured.
+fn ms(q: &Quantiles, v: f64) -> String {
+    if q.count == 0 {
+        "-".into()
+    } else if v >= 10.0 {
         format!("{v:.1}s")
     } else {
         format!("{:.1}ms", v * 1000.0)
@@ -245,7 +257,10 @@ impl Report {
             .collect();
         let _ = writeln!(s, "outcomes: {}", outcomes.join(" "));
         if !self.queues.is_empty() {
-            let _ = writeln!(s, "\nqueues by p99 reply wait (calls):");
+            let _ = writeln!(
+                s,
+                "\nqueues, worst first (p99 reply wait; a timeout counts as its full wait):"
+            );
             let _ = writeln!(
                 s,
                 "  {:<34} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9}  outcomes",
@@ -263,10 +278,10 @@ impl Report {
                     "  {:<34} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9}  {}",
                     q.queue,
                     q.calls,
-                    ms(q.reply_wait.p50),
-                    ms(q.reply_wait.p99),
-                    ms(q.queue_wait.p50),
-                    ms(q.server.p50),
+                    ms(&q.reply_wait, q.reply_wait.p50),
+                    ms(&q.reply_wait, q.reply_wait.p99),
+                    ms(&q.queue_wait, q.queue_wait.p50),
+                    ms(&q.server, q.server.p50),
                     q.timeout_s
                         .map(|t| format!("{t}s"))
                         .unwrap_or_else(|| "-".into()),

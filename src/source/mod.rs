@@ -26,11 +26,3 @@ pub struct Packet {
     pub data: Vec<u8>,
     pub orig_len: u32,
 }
-
-/// What a source hands the pipeline.
-pub enum Input<'a> {
-    Packet(&'a Packet),
-    /// Live capture only: no packet for a while; the clock may advance to this time so that
-    /// timeouts fire on a quiet link.
-    Tick(Ts),
-}

@@ -1,0 +1,115 @@
+//! The command line on bad input: a clear one-line error naming the file or flag, the
+//! contract's exit codes (2 usage, 1 runtime), never a panic.
+
+mod common;
+use common::repo;
+use std::process::Command;
+
+fn stacktap(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_stacktap"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_eq!(stacktap(&[]).0, 2);
+    assert_eq!(stacktap(&["replay"]).0, 2);
+    assert_eq!(stacktap(&["replay", "--no-such-flag", "x.pcap"]).0, 2);
+}
+
+#[test]
+fn missing_and_non_pcap_files_exit_1_naming_the_file() {
+    let (code, _, err) = stacktap(&["replay", "/nonexistent/x.pcap"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("/nonexistent/x.pcap") && err.lines().count() == 1,
+        "{err}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("notes.txt");
+    std::fs::write(&junk, "this is not a capture\n").unwrap();
+    let (code, _, err) = stacktap(&["replay", junk.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("notes.txt") && err.contains("not a pcap"),
+        "{err}"
+    );
+    let empty = dir.path().join("empty.pcap");
+    std::fs::write(&empty, "").unwrap();
+    let (code, _, err) = stacktap(&["replay", empty.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("empty.pcap"), "{err}");
+}
+
+#[test]
+fn truncated_capture_is_replayed_up_to_the_cut_with_a_warning() {
+    let bytes = std::fs::read(repo().join("sampledata/healthy.pcap")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for cut in [30, 100, bytes.len() / 3, bytes.len() - 7] {
+        let f = dir.path().join(format!("cut{cut}.pcap"));
+        std::fs::write(&f, &bytes[..cut]).unwrap();
+        let (code, out, err) = stacktap(&["replay", "--json", f.to_str().unwrap()]);
+        assert_eq!(code, 0, "cut at {cut}: {err}");
+        let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert!(summary["packets"].as_u64().is_some());
+        if cut > 24 {
+            assert!(err.contains("truncated"), "cut at {cut}: {err}");
+        }
+    }
+}
+
+#[test]
+fn bad_config_and_listen_address_name_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "[rpc]\nlate_reply_windw_s = 3\n").unwrap();
+    let pcap = repo().join("sampledata/healthy.pcap");
+    let (code, _, err) = stacktap(&[
+        "replay",
+        "--config",
+        cfg.to_str().unwrap(),
+        pcap.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("bad.toml"), "{err}");
+    let (code, _, err) = stacktap(&[
+        "replay",
+        "--listen",
+        "not-an-address",
+        pcap.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--listen"), "{err}");
+}
+
+#[test]
+fn replay_writes_events_and_metrics_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let ev = dir.path().join("e.jsonl");
+    let m = dir.path().join("m.prom");
+    let pcap = repo().join("sampledata/remote_error.pcap");
+    let (code, out, _) = stacktap(&[
+        "replay",
+        pcap.to_str().unwrap(),
+        "--events-out",
+        ev.to_str().unwrap(),
+        "--metrics-out",
+        m.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0);
+    assert!(out.contains("queues, worst first"), "{out}");
+    assert!(out.contains("PortBindingFailed"), "{out}");
+    assert!(std::fs::read_to_string(&ev).unwrap().lines().count() > 50);
+    assert!(
+        std::fs::read_to_string(&m)
+            .unwrap()
+            .contains("stacktap_rpc_queue_reply_wait_seconds_bucket")
+    );
+}
