@@ -158,3 +158,25 @@ fn several_files_merge_in_time_order() {
     let bad = check_against_truth(&r, &truth);
     assert!(bad.is_empty(), "{}", bad.join("\n"));
 }
+
+/// The same capture as pcapng and as nanosecond pcap (converted by Wireshark's editcap)
+/// gives the same events as the original microsecond pcap.
+#[test]
+fn pcapng_and_nanosecond_pcap_give_the_same_events() {
+    let src = repo().join("sampledata/remote_error.pcap");
+    let dir = tempfile::tempdir().unwrap();
+    let original = replay(std::slice::from_ref(&src));
+    for (format, name) in [("pcapng", "x.pcapng"), ("nsecpcap", "x.nsec.pcap")] {
+        let out = dir.path().join(name);
+        let ok = std::process::Command::new("editcap")
+            .args(["-F", format])
+            .arg(&src)
+            .arg(&out)
+            .status()
+            .expect("editcap (from tshark/wireshark-common) must be installed: .ci/run installs it")
+            .success();
+        assert!(ok, "editcap -F {format} failed");
+        let converted = replay(&[out]);
+        assert_eq!(converted.events_text, original.events_text, "{format}");
+    }
+}

@@ -197,14 +197,19 @@ impl AmqpConnection {
     ) {
         health.count_frame(f.kind);
         match f.kind {
-            FRAME_METHOD => match amq_protocol::protocol::parse_class(f.payload) {
-                Ok((_, class)) => {
-                    let id = |i: usize| u16::from_be_bytes([f.payload[i], f.payload[i + 1]]);
-                    health.count_method(id(0), id(2));
-                    self.on_method(dir, ts, f.channel, class, health, out)
+            FRAME_METHOD => {
+                // the frame reader guarantees at least the 4 bytes of class and method id
+                let id = |i: usize| u16::from_be_bytes([f.payload[i], f.payload[i + 1]]);
+                let (class, method) = (id(0), id(2));
+                health.count_method(class, method);
+                if !acted_on(class, method) {
+                    return; // acks, declares, qos…: counted, not decoded
                 }
-                Err(_) => health.anomaly("amqp", "bad_method"),
-            },
+                match amq_protocol::protocol::parse_class(f.payload) {
+                    Ok((_, parsed)) => self.on_method(dir, ts, f.channel, parsed, health, out),
+                    Err(_) => health.anomaly("amqp", "bad_method"),
+                }
+            }
             FRAME_HEADER => {
                 let Some(asm) = self.assembling[dir as usize].get_mut(&f.channel) else {
                     health.anomaly("amqp", "header_without_method");
@@ -525,6 +530,18 @@ impl App for AmqpConnection {
             ts,
         });
     }
+}
+
+/// The methods `on_method` acts on; every other method is only counted.
+fn acted_on(class: u16, method: u16) -> bool {
+    matches!(
+        (class, method),
+        (10, 11) | (10, 40) | (10, 50) | (10, 60) // connection start-ok, open, close, blocked
+            | (20, 40) // channel.close
+            | (60, 20) | (60, 21) | (60, 30) // basic consume, consume-ok, cancel
+            | (60, 40) | (60, 50) | (60, 60) | (60, 71) // publish, return, deliver, get-ok
+            | (60, 120) // nack
+    )
 }
 
 fn props_of(p: &basic::AMQPProperties) -> Props {
