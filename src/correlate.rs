@@ -41,36 +41,61 @@ impl Default for CorrelatorConfig {
     }
 }
 
+/// An interned name (exchange, topic, method): cloning is a reference-count bump.
+pub type Name = Arc<str>;
+
+/// Interns the few distinct names a cloud uses; bounded, past the bound names are
+/// allocated per use (still correct, just slower).
+#[derive(Default)]
+struct Names {
+    table: HashMap<Box<str>, Name>,
+}
+
+const MAX_INTERNED: usize = 1 << 16;
+
+impl Names {
+    fn get(&mut self, s: &str) -> Name {
+        if let Some(n) = self.table.get(s) {
+            return n.clone();
+        }
+        let n: Name = Arc::from(s);
+        if self.table.len() < MAX_INTERNED {
+            self.table.insert(Box::from(s), n.clone());
+        }
+        n
+    }
+}
+
 /// What the correlator tells the sinks.
 #[derive(Debug, Clone)]
 pub enum Signal {
     /// A request message seen for the first time ("RPCs received").
     Seen {
-        exchange: String,
-        topic: String,
-        method: String,
+        exchange: Name,
+        topic: Name,
+        method: Name,
         rpc_type: RpcType,
     },
     /// One copy delivered to a consumer.
     Delivered {
-        exchange: String,
-        topic: String,
-        method: String,
+        exchange: Name,
+        topic: Name,
+        method: Name,
         rpc_type: RpcType,
         redelivered: bool,
     },
     InFlight {
-        topic: String,
+        topic: Name,
         delta: i64,
     },
     /// The caller's timeout passed with no reply (counted now; the event comes later).
     TimedOut {
-        topic: String,
-        method: String,
+        topic: Name,
+        method: Name,
     },
     Heartbeat {
-        topic: String,
-        method: String,
+        topic: Name,
+        method: Name,
     },
     Returned {
         reply_code: u16,
@@ -180,6 +205,7 @@ impl DecodeCache {
 pub struct Correlator {
     cfg: CorrelatorConfig,
     cache: DecodeCache,
+    names: Names,
     conns: HashMap<u64, ConnInfo>,
     calls: HashMap<String, Call>,
     /// Casts and fanouts by `_unique_id`.
@@ -198,6 +224,7 @@ impl Correlator {
         let recent = cfg.max_messages.max(1024);
         Correlator {
             cfg,
+            names: Names::default(),
             cache: DecodeCache {
                 seed: ahash::RandomState::new().hash_one(0x5eed_u64),
                 map: HashMap::default(),
@@ -549,10 +576,10 @@ impl Correlator {
         }
         // first sighting
         let (topic, server) = match r.rpc_type {
-            RpcType::Fanout => (m.exchange.trim_end_matches("_fanout").to_owned(), None),
+            RpcType::Fanout => (self.names.get(m.exchange.trim_end_matches("_fanout")), None),
             _ => {
                 let (t, s) = oslo::split_routing_key(&m.routing_key);
-                (t.to_owned(), s.map(str::to_owned))
+                (self.names.get(t), s.map(str::to_owned))
             }
         };
         let timeout_s = if is_call {
@@ -568,11 +595,11 @@ impl Correlator {
             ev: RpcEvent {
                 kind: "rpc",
                 rpc_type: r.rpc_type,
-                exchange: m.exchange.clone(),
+                exchange: self.names.get(&m.exchange),
                 routing_key: m.routing_key.clone(),
                 topic,
                 server,
-                method: r.method.clone(),
+                method: self.names.get(&r.method),
                 namespace: r.namespace.clone(),
                 version: r.version.clone(),
                 msg_id: r.msg_id.clone(),

@@ -391,7 +391,7 @@ impl Metrics {
     }
 
     fn on_rpc(&mut self, e: &crate::event::RpcEvent) {
-        let (topic, method) = (e.topic.as_str(), e.method.as_str());
+        let (topic, method) = (&*e.topic, &*e.method);
         if let Some(v) = e.queue_wait() {
             self.topic_method_histogram("queue_wait", topic, method)
                 .observe(v);

@@ -2,7 +2,7 @@
 //! Also served live as `/api/summary`.
 
 use super::sketch::{Quantiles, Sketch};
-use crate::correlate::Signal;
+use crate::correlate::{Name, Signal};
 use crate::event::{Event, Outcome, RpcEvent};
 use crate::health::Health;
 use crate::oslo::RpcType;
@@ -22,7 +22,7 @@ struct QueueStats {
 #[derive(Default)]
 pub struct Summary {
     queues: BTreeMap<String, QueueStats>,
-    messages: BTreeMap<(String, String, &'static str), (u64, u64)>,
+    messages: BTreeMap<(Name, Name, &'static str), (u64, u64)>,
     errors: BTreeMap<(String, String), (u64, Option<String>)>,
     outcomes: BTreeMap<(&'static str, &'static str), u64>,
     notifications: BTreeMap<(String, String), u64>,
