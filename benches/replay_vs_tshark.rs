@@ -25,7 +25,11 @@ fn children_cpu() -> f64 {
 fn time(cmd: &mut Command) -> (f64, f64) {
     let cpu0 = children_cpu();
     let t = Instant::now();
-    let status = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().expect("run");
+    let status = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run");
     assert!(status.success(), "{cmd:?} failed");
     (t.elapsed().as_secs_f64(), children_cpu() - cpu0)
 }
@@ -38,7 +42,8 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target/bench/load.pcap"));
     if !file.exists() {
-        let python = std::env::var("STACKTAP_PYTHON").expect("set STACKTAP_PYTHON to record the bench capture");
+        let python = std::env::var("STACKTAP_PYTHON")
+            .expect("set STACKTAP_PYTHON to record the bench capture");
         let out = file.parent().unwrap_or(Path::new("."));
         let ok = Command::new(python)
             .arg(root.join("sampledata/generator/minicloud.py"))
@@ -51,20 +56,43 @@ fn main() {
     }
     let size = std::fs::metadata(&file).unwrap().len() as f64 / 1e6;
     let bin = root.join("target/release/stacktap");
-    assert!(bin.exists(), "build the release binary first: cargo build --release");
+    assert!(
+        bin.exists(),
+        "build the release binary first: cargo build --release"
+    );
     // warm the page cache so that both tools read from memory
     let _ = std::fs::read(&file);
     // best of 5: on a shared VM the minimum is the least disturbed run. CPU time (user +
     // system; the pipeline runs on one core) is not inflated by steal or waiting.
     let best = |f: &mut dyn FnMut() -> (f64, f64)| {
-        (0..5).map(|_| f()).fold((f64::MAX, f64::MAX), |a, b| (a.0.min(b.0), a.1.min(b.1)))
+        (0..5)
+            .map(|_| f())
+            .fold((f64::MAX, f64::MAX), |a, b| (a.0.min(b.0), a.1.min(b.1)))
     };
     let ours = best(&mut || time(Command::new(&bin).arg("replay").arg(&file)));
-    let theirs = best(&mut || time(Command::new("tshark").arg("-r").arg(&file).args(["-2", "-Y", "amqp"])));
+    let theirs = best(&mut || {
+        time(
+            Command::new("tshark")
+                .arg("-r")
+                .arg(&file)
+                .args(["-2", "-Y", "amqp"]),
+        )
+    });
     println!("capture: {} ({size:.1} MB)", file.display());
-    println!("{:<20} {:>9} {:>9} {:>9} {:>9}", "", "wall s", "MB/s", "cpu s", "MB/s");
+    println!(
+        "{:<20} {:>9} {:>9} {:>9} {:>9}",
+        "", "wall s", "MB/s", "cpu s", "MB/s"
+    );
     for (name, (wall, cpu)) in [("stacktap replay", ours), ("tshark -2 -Y amqp", theirs)] {
-        println!("{name:<20} {wall:9.3} {:9.1} {cpu:9.3} {:9.1}", size / wall, size / cpu);
+        println!(
+            "{name:<20} {wall:9.3} {:9.1} {cpu:9.3} {:9.1}",
+            size / wall,
+            size / cpu
+        );
     }
-    println!("ratio stacktap/tshark: wall {:.1}x, cpu {:.1}x", theirs.0 / ours.0, theirs.1 / ours.1);
+    println!(
+        "ratio stacktap/tshark: wall {:.1}x, cpu {:.1}x",
+        theirs.0 / ours.0,
+        theirs.1 / ours.1
+    );
 }

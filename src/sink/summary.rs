@@ -76,23 +76,13 @@ impl Summary {
                 method,
                 rpc_type,
                 ..
-            } => {
-                self.messages
-                    .entry((topic.clone(), method.clone(), rpc_type.as_str()))
-                    .or_default()
-                    .0 += 1;
-            }
+            } => self.count(topic, method, *rpc_type).0 += 1,
             Signal::Delivered {
                 topic,
                 method,
                 rpc_type,
                 ..
-            } => {
-                self.messages
-                    .entry((topic.clone(), method.clone(), rpc_type.as_str()))
-                    .or_default()
-                    .1 += 1;
-            }
+            } => self.count(topic, method, *rpc_type).1 += 1,
             Signal::Returned { reply_code } => *self.returns.entry(*reply_code).or_default() += 1,
             Signal::ChannelClosed { reply_code, .. } => {
                 *self.channel_closes.entry(*reply_code).or_default() += 1
@@ -106,6 +96,13 @@ impl Summary {
             }
             _ => {}
         }
+    }
+
+    /// (seen, delivered) for one topic/method/type.
+    fn count(&mut self, topic: &Name, method: &Name, t: RpcType) -> &mut (u64, u64) {
+        self.messages
+            .entry((topic.clone(), method.clone(), t.as_str()))
+            .or_default()
     }
 
     fn on_rpc(&mut self, e: &RpcEvent) {

@@ -138,6 +138,16 @@ impl PcapFile {
     }
 }
 
+/// Copies one record into `pkt` (the captured bytes only: `data` may carry padding).
+fn fill(pkt: &mut Packet, ts: Ts, ifc: &Interface, orig_len: u32, caplen: u32, data: &[u8]) {
+    pkt.ts = ts;
+    pkt.linktype = ifc.linktype;
+    pkt.orig_len = orig_len;
+    let n = (caplen as usize).min(data.len());
+    pkt.data.clear();
+    pkt.data.extend_from_slice(&data[..n]);
+}
+
 /// Interprets one block: interface descriptions are remembered, packets copied out.
 fn take_block(
     interfaces: &mut Vec<Interface>,
@@ -164,12 +174,14 @@ fn take_block(
                     return false;
                 };
                 let frac = b.ts_usec as u64 * (1_000_000_000 / ifc.units_per_sec);
-                pkt.ts = Ts::from_parts(b.ts_sec as u64, frac);
-                pkt.linktype = ifc.linktype;
-                pkt.orig_len = b.origlen;
-                let n = (b.caplen as usize).min(b.data.len());
-                pkt.data.clear();
-                pkt.data.extend_from_slice(&b.data[..n]);
+                fill(
+                    pkt,
+                    Ts::from_parts(b.ts_sec as u64, frac),
+                    ifc,
+                    b.origlen,
+                    b.caplen,
+                    b.data,
+                );
                 true
             }
             PcapBlockOwned::NG(Block::SectionHeader(_)) => {
@@ -194,12 +206,14 @@ fn take_block(
                 let rem = raw % ifc.units_per_sec;
                 let nanos = (rem as u128 * 1_000_000_000 / ifc.units_per_sec as u128) as u64;
                 let secs = (secs as i64).saturating_add(ifc.offset_secs).max(0) as u64;
-                pkt.ts = Ts::from_parts(secs, nanos);
-                pkt.linktype = ifc.linktype;
-                pkt.orig_len = epb.origlen;
-                let n = (epb.caplen as usize).min(epb.data.len());
-                pkt.data.clear();
-                pkt.data.extend_from_slice(&epb.data[..n]);
+                fill(
+                    pkt,
+                    Ts::from_parts(secs, nanos),
+                    ifc,
+                    epb.origlen,
+                    epb.caplen,
+                    epb.data,
+                );
                 true
             }
             PcapBlockOwned::NG(Block::SimplePacket(spb)) => {
