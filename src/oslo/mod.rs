@@ -145,28 +145,42 @@ fn string(raw: &str) -> Option<Cow<'_, str>> {
 
 fn fields(json: &str) -> Option<Fields<'_>> {
     let mut f = Fields::default();
-    scan::members(json, |key, raw| match key.as_ref() {
-        "oslo.version" => f.envelope_version = string(raw),
-        "oslo.message" => f.envelope_message = raw.starts_with('"').then_some(raw),
-        "method" => f.method = string(raw),
-        "namespace" => f.namespace = string(raw),
-        "version" => f.version = string(raw),
-        "_msg_id" => f.msg_id = string(raw),
-        "_reply_q" => f.reply_q = string(raw),
-        "_unique_id" => f.unique_id = string(raw),
-        "_timeout" => f.call_monitor = raw.parse::<f64>().ok(),
-        "_context_request_id" => f.request_id = string(raw),
-        "_context_global_request_id" => f.global_request_id = string(raw),
-        "result" => f.result = true,
-        "failure" => f.failure = string(raw),
-        "ending" => f.ending = matches!(raw, "true" | "false").then(|| raw == "true"),
-        "event_type" => f.event_type = string(raw),
-        "publisher_id" => f.publisher_id = string(raw),
-        "priority" => f.priority = string(raw),
-        "message_id" => f.message_id = string(raw),
-        _ => {}
-    })?;
+    scan::members(json, |key, raw| f.set(&key, raw, string))?;
     Some(f)
+}
+
+/// The fields of an inner message still inside its envelope's string literal: walked
+/// escaped, with only the kept values unescaped.
+fn escaped_fields(literal: &str) -> Option<Fields<'_>> {
+    let mut f = Fields::default();
+    scan::escaped_members(literal, |key, raw| f.set(&key, raw, scan::escaped_value))?;
+    Some(f)
+}
+
+impl<'a> Fields<'a> {
+    fn set(&mut self, key: &str, raw: &'a str, string: impl Fn(&'a str) -> Option<Cow<'a, str>>) {
+        match key {
+            "oslo.version" => self.envelope_version = string(raw),
+            "oslo.message" => self.envelope_message = raw.starts_with('"').then_some(raw),
+            "method" => self.method = string(raw),
+            "namespace" => self.namespace = string(raw),
+            "version" => self.version = string(raw),
+            "_msg_id" => self.msg_id = string(raw),
+            "_reply_q" => self.reply_q = string(raw),
+            "_unique_id" => self.unique_id = string(raw),
+            "_timeout" => self.call_monitor = raw.parse::<f64>().ok(),
+            "_context_request_id" => self.request_id = string(raw),
+            "_context_global_request_id" => self.global_request_id = string(raw),
+            "result" => self.result = true,
+            "failure" => self.failure = string(raw),
+            "ending" => self.ending = matches!(raw, "true" | "false").then(|| raw == "true"),
+            "event_type" => self.event_type = string(raw),
+            "publisher_id" => self.publisher_id = string(raw),
+            "priority" => self.priority = string(raw),
+            "message_id" => self.message_id = string(raw),
+            _ => {}
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -244,8 +258,7 @@ pub fn decode(exchange: &str, props: &Props, body: &[u8]) -> Result<Oslo, NotOsl
             if !v.starts_with("2.") {
                 return Err(NotOslo::UnsupportedEnvelope);
             }
-            let inner = unescape(raw).ok_or(NotOslo::NotJson)?;
-            classify(exchange, fields(&inner).ok_or(NotOslo::NotJson)?)
+            classify(exchange, escaped_fields(raw).ok_or(NotOslo::NotJson)?)
         }
         // no envelope: the 1.0 format, still used by the `messaging` notification driver
         _ => classify(exchange, outer),

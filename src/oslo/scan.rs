@@ -100,6 +100,137 @@ fn value_end(b: &[u8], start: usize) -> Option<usize> {
     }
 }
 
+/// Like `members`, but for an object that is itself the content of a JSON string literal
+/// (oslo.messaging's `oslo.message`: JSON inside JSON). `literal` is the outer string
+/// literal, quotes included. Inner quotes are `\"` in it and structure characters are never
+/// escaped, so the object can be walked without unescaping it first; only the values the
+/// caller keeps are unescaped (twice), by `escaped_value`.
+/// `raw_value` is handed over still escaped. None if this is not an object.
+pub fn escaped_members<'a>(
+    literal: &'a str,
+    mut f: impl FnMut(Cow<'a, str>, &'a str),
+) -> Option<()> {
+    let lit = literal.strip_prefix('"')?.strip_suffix('"')?;
+    let b = lit.as_bytes();
+    let mut i = eskip_ws(b, 0);
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    i = eskip_ws(b, i + 1);
+    if b.get(i) == Some(&b'}') {
+        return (eskip_ws(b, i + 1) == b.len()).then_some(());
+    }
+    loop {
+        if !is_inner_quote(b, i) {
+            return None;
+        }
+        let key_end = inner_string_end(b, i)?;
+        let key_raw = &lit[i..key_end];
+        let key = escaped_value(key_raw)?;
+        i = eskip_ws(b, key_end);
+        if b.get(i) != Some(&b':') {
+            return None;
+        }
+        let start = eskip_ws(b, i + 1);
+        let end = inner_value_end(b, start)?;
+        f(key, &lit[start..end]);
+        i = eskip_ws(b, end);
+        match b.get(i) {
+            Some(b',') => i = eskip_ws(b, i + 1),
+            Some(b'}') => return (eskip_ws(b, i + 1) == b.len()).then_some(()),
+            _ => return None,
+        }
+    }
+}
+
+/// An inner string value handed out by `escaped_members`, as its final text (None if it is
+/// not a string). Values without inner escapes (ids, names) are borrowed as they are.
+pub fn escaped_value(raw: &str) -> Option<Cow<'_, str>> {
+    let inner = raw.strip_prefix("\\\"")?.strip_suffix("\\\"")?;
+    if !inner.contains('\\') {
+        return Some(Cow::Borrowed(inner));
+    }
+    // undo the outer escaping, then the inner
+    let quoted = format!("\"{raw}\"");
+    let once = super::unescape(&quoted)?.into_owned();
+    super::unescape(&once).map(|v| Cow::Owned(v.into_owned()))
+}
+
+fn is_inner_quote(b: &[u8], i: usize) -> bool {
+    b.get(i) == Some(&b'\\') && b.get(i + 1) == Some(&b'"')
+}
+
+/// Whitespace of the inner object: plain, or escaped once (`\n`, `\t`, `\r`).
+fn eskip_ws(b: &[u8], mut i: usize) -> usize {
+    loop {
+        match b.get(i) {
+            Some(b' ') => i += 1,
+            Some(b'\\') if matches!(b.get(i + 1), Some(b'n' | b't' | b'r')) => i += 2,
+            _ => return i,
+        }
+    }
+}
+
+/// `b[start..]` starts with an inner quote (`\"`); the index just past the closing one.
+fn inner_string_end(b: &[u8], start: usize) -> Option<usize> {
+    let mut i = start + 2;
+    loop {
+        let k = memchr::memchr(b'\\', b.get(i..)?)? + i;
+        match *b.get(k + 1)? {
+            b'"' => return Some(k + 2),
+            // an inner escape: an escaped backslash, then the escaped character, which is
+            // itself escaped (two bytes) when it is a quote or a backslash
+            b'\\' => {
+                i = if b.get(k + 2) == Some(&b'\\') {
+                    k + 4
+                } else {
+                    k + 3
+                }
+            }
+            b'u' => i = k + 6,
+            _ => i = k + 2,
+        }
+    }
+}
+
+fn inner_value_end(b: &[u8], start: usize) -> Option<usize> {
+    match *b.get(start)? {
+        b'\\' if is_inner_quote(b, start) => inner_string_end(b, start),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut i = start;
+            loop {
+                match *b.get(i)? {
+                    b'\\' if is_inner_quote(b, i) => {
+                        i = inner_string_end(b, i)?;
+                        continue;
+                    }
+                    b'\\' => i += 1, // escaped whitespace between tokens
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(i + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                i += 1;
+            }
+        }
+        _ => {
+            let mut i = start;
+            while let Some(c) = b.get(i) {
+                if matches!(c, b',' | b'}' | b']' | b' ' | b'\\') {
+                    break;
+                }
+                i += 1;
+            }
+            (i > start).then_some(i)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,6 +284,38 @@ mod tests {
             if let Some(prefix) = obj.get(..cut.min(obj.len())) {
                 let _ = members(prefix, |_, _| {});
             }
+        }
+    }
+
+    proptest! {
+        /// Walking the escaped text finds the same members as unescaping first.
+        #[test]
+        fn escaped_walk_agrees(obj in proptest::collection::btree_map("\\PC{0,8}", arb_json(), 0..8)) {
+            let v = serde_json::Value::Object(obj.clone().into_iter().collect());
+            let inner = serde_json::to_string(&v).unwrap();
+            let literal = serde_json::to_string(&inner).unwrap();
+            let mut got = Vec::new();
+            escaped_members(&literal, |k, raw| {
+                // a raw escaped value is the inner JSON text escaped once
+                let text = crate::oslo::unescape(&format!("\"{raw}\"")).unwrap().into_owned();
+                got.push((k.into_owned(), serde_json::from_str::<serde_json::Value>(&text).unwrap()));
+            }).expect("valid");
+            let want: Vec<(String, serde_json::Value)> = obj.into_iter().collect();
+            prop_assert_eq!(&got, &want);
+            // strings come back whole through escaped_value
+            escaped_members(&literal, |k, raw| {
+                if let Some(serde_json::Value::String(s)) = v.get(k.as_ref()) {
+                    assert_eq!(escaped_value(raw).unwrap(), s.as_str());
+                } else {
+                    assert!(escaped_value(raw).is_none() || matches!(v.get(k.as_ref()), Some(serde_json::Value::String(_))));
+                }
+            }).unwrap();
+        }
+
+        #[test]
+        fn escaped_walk_never_panics(s in "\\PC{0,80}") {
+            let _ = escaped_members(&format!("\"{s}\""), |_, _| {});
+            let _ = escaped_members(&serde_json::to_string(&s).unwrap(), |_, _| {});
         }
     }
 
