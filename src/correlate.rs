@@ -349,8 +349,9 @@ impl Correlator {
             }),
             AmqpEvent::Blocked { .. } => out.push(Signal::Blocked),
             AmqpEvent::Gone { conn, .. } => {
-                // keep identity: replies may still be matched to this process's calls
-                let _ = conn;
+                // open calls keep their own Arc<Process>; a closed connection's id never
+                // comes back (flow ids only grow), so its entry can go
+                self.conns.remove(&conn);
             }
             AmqpEvent::VhostOpened { .. }
             | AmqpEvent::ConsumerStarted { .. }

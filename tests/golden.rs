@@ -180,3 +180,40 @@ fn pcapng_and_nanosecond_pcap_give_the_same_events() {
         assert_eq!(converted.events_text, original.events_text, "{format}");
     }
 }
+
+/// Tiny caps on a real capture: tables stay within them, every eviction is counted, and no
+/// call or cast disappears from the events (evicted ones are still reported).
+#[test]
+fn caps_bound_memory_and_count_evictions() {
+    let f = [repo().join("sampledata/dead_consumer.pcap")];
+    let normal = replay(&f);
+    let mut cfg = stacktap::config::Config::default();
+    cfg.correlator.max_calls = 1;
+    cfg.correlator.max_messages = 1;
+    cfg.flows.max_flows = 4;
+    cfg.max_series_per_family = 2;
+    let tight = replay_with(&f, cfg);
+    let rpc = |r: &Replayed| r.events.iter().filter(|e| e["kind"] == "rpc").count();
+    assert_eq!(
+        rpc(&tight),
+        rpc(&normal),
+        "an evicted call or cast was lost"
+    );
+    for table in ["rpc_calls", "rpc_messages", "tcp_flows"] {
+        assert!(
+            tight.health.evictions.get(table).copied().unwrap_or(0) > 0,
+            "{table} never evicted"
+        );
+        assert!(
+            tight
+                .metrics
+                .contains(&format!("stacktap_evictions_total{{table=\"{table}\"}}")),
+            "{table}"
+        );
+    }
+    assert!(tight.metrics.contains("stacktap_series_folded_total"));
+    assert!(
+        tight.metrics.contains("method=\"other\""),
+        "no series folded into other"
+    );
+}

@@ -37,6 +37,8 @@ struct Cap {
 /// Handles already resolved for a (family, label values) key: the per-message signals
 /// then cost one small key and a fast lookup instead of label vectors, a cap check and the
 /// registry's own lookup. Bounded by the caps (folded sets share one key's handle).
+const MAX_MEMO: usize = 1 << 16;
+
 struct Memo<M> {
     map: HashMap<(&'static str, String), M>,
 }
@@ -56,10 +58,16 @@ impl<M: Clone> Memo<M> {
             key.push_str(p);
             key.push('\u{1f}');
         }
-        self.map
-            .entry((family, key))
-            .or_insert_with(resolve)
-            .clone()
+        let key = (family, key);
+        if let Some(m) = self.map.get(&key) {
+            return m.clone();
+        }
+        let m = resolve();
+        // the caps bound the series, not the raw label values seen: bound the memo too
+        if self.map.len() < MAX_MEMO {
+            self.map.insert(key, m.clone());
+        }
+        m
     }
 }
 

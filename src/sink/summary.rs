@@ -19,6 +19,9 @@ struct QueueStats {
     timeout_s: Option<f64>,
 }
 
+const MAX_QUEUES: usize = 10_000;
+const MAX_ERRORS: usize = 10_000;
+
 #[derive(Default)]
 pub struct Summary {
     queues: BTreeMap<String, QueueStats>,
@@ -111,8 +114,11 @@ impl Summary {
             .entry((e.rpc_type.as_str(), e.outcome.as_str()))
             .or_default() += 1;
         if let Some(err) = &e.error {
-            let op = format!("{}.{}", e.topic, e.method);
-            let entry = self.errors.entry((op, err.class.clone())).or_default();
+            let mut key = (format!("{}.{}", e.topic, e.method), err.class.clone());
+            if self.errors.len() >= MAX_ERRORS && !self.errors.contains_key(&key) {
+                key = ("other".into(), "other".into());
+            }
+            let entry = self.errors.entry(key).or_default();
             entry.0 += 1;
             if entry.1.is_none() {
                 entry.1 = e.msg_id.clone();
@@ -121,7 +127,13 @@ impl Summary {
         if e.rpc_type != RpcType::Call {
             return;
         }
-        let q = self.queues.entry(e.routing_key.clone()).or_default();
+        // bounded like the metrics: past MAX_QUEUES distinct queues, the rest share "other"
+        let name = if self.queues.len() < MAX_QUEUES || self.queues.contains_key(&e.routing_key) {
+            e.routing_key.clone()
+        } else {
+            "other".to_owned()
+        };
+        let q = self.queues.entry(name).or_default();
         *q.outcomes.entry(e.outcome.as_str()).or_default() += 1;
         q.timeout_s = q.timeout_s.or(e.timeout_s);
         if matches!(e.outcome, Outcome::Ok | Outcome::RemoteError)

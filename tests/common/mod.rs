@@ -23,6 +23,10 @@ pub fn repo() -> PathBuf {
 }
 
 pub fn replay(files: &[PathBuf]) -> Replayed {
+    replay_with(files, Config::default())
+}
+
+pub fn replay_with(files: &[PathBuf], cfg: Config) -> Replayed {
     let dir = tempfile::tempdir().unwrap();
     let out = Outputs {
         events_out: Some(dir.path().join("events.jsonl")),
@@ -31,7 +35,7 @@ pub fn replay(files: &[PathBuf]) -> Replayed {
     };
     let mut merged = MergedFiles::open(files).expect("open capture");
     let (first_ts, last_ts) = capture_bounds(files);
-    let mut run = Run::new(Config::default(), &out).unwrap();
+    let mut run = Run::new(cfg, &out).unwrap();
     run::replay(&mut merged, &mut run, None, &out, &AtomicBool::new(false)).unwrap();
     let summary = run.finish(&out).unwrap();
     let health = run.health().clone();
