@@ -113,3 +113,21 @@ fn replay_writes_events_and_metrics_files() {
             .contains("stacktap_rpc_queue_reply_wait_seconds_bucket")
     );
 }
+
+/// `--speed X` paces by packet time: a capture spanning D seconds takes at least D/X.
+/// (A lower bound only: a loaded machine can make it slower, never faster.)
+#[test]
+fn speed_paces_the_replay_by_packet_time() {
+    let pcap = repo().join("sampledata/dead_consumer.pcap");
+    let (first, last) = common::capture_bounds(std::slice::from_ref(&pcap));
+    let speed = 20.0;
+    let t = std::time::Instant::now();
+    let (code, _, err) = stacktap(&["replay", "--speed", "20", pcap.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let want = (last - first) / speed;
+    assert!(
+        t.elapsed().as_secs_f64() >= want * 0.95,
+        "{:?} < {want}",
+        t.elapsed()
+    );
+}
