@@ -130,11 +130,6 @@ struct Call {
     legacy_failure: Option<RemoteError>,
 }
 
-#[derive(Default)]
-struct ConnInfo {
-    process: Option<Arc<Process>>,
-}
-
 /// Ids already reported, so that retries and duplicates are recognised. Bounded FIFO.
 struct Recent {
     set: HashSet<String>,
@@ -206,7 +201,8 @@ pub struct Correlator {
     cfg: CorrelatorConfig,
     cache: DecodeCache,
     names: Names,
-    conns: HashMap<u64, ConnInfo>,
+    /// The process at the client end of each open connection.
+    conns: HashMap<u64, Arc<Process>>,
     calls: HashMap<String, Call>,
     /// Casts and fanouts by `_unique_id`.
     casts: HashMap<String, Call>,
@@ -242,12 +238,8 @@ impl Correlator {
         }
     }
 
-    pub fn in_flight(&self) -> usize {
-        self.calls.values().filter(|c| !c.expired).count()
-    }
-
     /// Advances packet time: fires the timers that are due.
-    pub fn advance(&mut self, now: Ts, health: &mut Health, out: &mut Vec<Signal>) {
+    pub fn advance(&mut self, now: Ts, out: &mut Vec<Signal>) {
         if now > self.now {
             self.now = now;
         }
@@ -256,18 +248,11 @@ impl Correlator {
                 break;
             }
             let Reverse((at, timer, id)) = self.timers.pop().expect("peeked");
-            self.fire(at, timer, id, health, out);
+            self.fire(at, timer, id, out);
         }
     }
 
-    fn fire(
-        &mut self,
-        at: Ts,
-        timer: Timer,
-        id: String,
-        _health: &mut Health,
-        out: &mut Vec<Signal>,
-    ) {
+    fn fire(&mut self, at: Ts, timer: Timer, id: String, out: &mut Vec<Signal>) {
         match timer {
             Timer::Deadline => {
                 let late_window = self.cfg.late_reply_window_s;
@@ -328,7 +313,7 @@ impl Correlator {
                     pid,
                     host: client.ip.to_string(),
                 };
-                self.conns.entry(conn).or_default().process = Some(Arc::new(p));
+                self.conns.insert(conn, Arc::new(p));
             }
             AmqpEvent::Message(m) => self.on_message(&m, health, out),
             AmqpEvent::ChannelClosed {
@@ -363,13 +348,14 @@ impl Correlator {
     /// The process at the client end of `conn`: named when start-ok was seen, else just
     /// the peer address.
     fn process(&mut self, m: &Message) -> Arc<Process> {
-        let info = self.conns.entry(m.conn).or_default();
-        info.process
-            .get_or_insert_with(|| {
+        let host = m.client.ip;
+        self.conns
+            .entry(m.conn)
+            .or_insert_with(|| {
                 Arc::new(Process {
                     service: None,
                     pid: None,
-                    host: m.client.ip.to_string(),
+                    host: host.to_string(),
                 })
             })
             .clone()

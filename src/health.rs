@@ -14,8 +14,6 @@ pub struct Health {
     /// Packets the kernel or the interface dropped (live capture only).
     pub kernel_drops: u64,
     pub if_drops: u64,
-    /// Packets stamped earlier than the clock: processed on the clock, counted here.
-    pub clock_regressions: u64,
     /// Parse problems by protocol and kind: ("tcp","gap"), ("amqp","bad_frame_end"), …
     pub anomalies: BTreeMap<(&'static str, &'static str), u64>,
     /// Entries thrown out of a bounded table, by table.

@@ -36,30 +36,17 @@ impl Pipeline {
         }
     }
 
-    pub fn clock(&self) -> Ts {
-        self.clock
-    }
-
-    pub fn open_flows(&self) -> usize {
-        self.flows.len()
-    }
-
-    pub fn in_flight(&self) -> usize {
-        self.correlator.in_flight()
-    }
-
     /// One captured packet; the signals it produced go to `sink`.
     pub fn packet(&mut self, pkt: &Packet, sink: &mut dyn FnMut(&Signal, &Health)) {
         self.health.packets += 1;
         self.health.bytes += pkt.orig_len.max(pkt.data.len() as u32) as u64;
         // the clock never goes back; a packet stamped earlier is processed at its own time
         if pkt.ts < self.clock {
-            self.health.clock_regressions += 1;
+            self.health.anomaly("capture", "clock_regression");
         } else {
             self.clock = pkt.ts;
         }
-        self.correlator
-            .advance(self.clock, &mut self.health, &mut self.signals);
+        self.correlator.advance(self.clock, &mut self.signals);
         match decode::decode(pkt.linktype, &pkt.data) {
             Decoded::Tcp(seg) => {
                 let ports = &self.cfg.amqp_ports;
@@ -101,8 +88,7 @@ impl Pipeline {
         }
         self.flows
             .tick(self.clock, &mut self.health, &mut self.amqp);
-        self.correlator
-            .advance(self.clock, &mut self.health, &mut self.signals);
+        self.correlator.advance(self.clock, &mut self.signals);
         self.correlate_and_emit(sink);
     }
 

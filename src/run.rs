@@ -61,7 +61,7 @@ impl Run {
             sinks: Sinks {
                 metrics,
                 summary: Summary::default(),
-                events: None.or(events),
+                events,
                 write_error: None,
             },
             shared,

@@ -8,38 +8,92 @@
 
 use std::borrow::Cow;
 
-/// Calls `f(key, raw_value)` for each top-level member of the object in `json`.
-/// `key` is unescaped; `raw_value` is the value's JSON text. None if `json` is not an object.
-pub fn members<'a>(json: &'a str, mut f: impl FnMut(Cow<'a, str>, &'a str)) -> Option<()> {
-    let b = json.as_bytes();
-    let mut i = skip_ws(b, 0);
+/// How one kind of text spells JSON: plain, or escaped inside a string literal.
+trait Dialect {
+    fn skip_ws(b: &[u8], i: usize) -> usize;
+    fn at_quote(b: &[u8], i: usize) -> bool;
+    fn string_end(b: &[u8], start: usize) -> Option<usize>;
+    fn value_end(b: &[u8], start: usize) -> Option<usize>;
+    /// The key's text from its raw (quoted) form.
+    fn key(raw: &str) -> Option<Cow<'_, str>>;
+}
+
+struct Plain;
+struct Escaped;
+
+impl Dialect for Plain {
+    fn skip_ws(b: &[u8], i: usize) -> usize {
+        skip_ws(b, i)
+    }
+    fn at_quote(b: &[u8], i: usize) -> bool {
+        b.get(i) == Some(&b'"')
+    }
+    fn string_end(b: &[u8], start: usize) -> Option<usize> {
+        string_end(b, start)
+    }
+    fn value_end(b: &[u8], start: usize) -> Option<usize> {
+        value_end(b, start)
+    }
+    fn key(raw: &str) -> Option<Cow<'_, str>> {
+        super::unescape(raw)
+    }
+}
+
+impl Dialect for Escaped {
+    fn skip_ws(b: &[u8], i: usize) -> usize {
+        eskip_ws(b, i)
+    }
+    fn at_quote(b: &[u8], i: usize) -> bool {
+        is_inner_quote(b, i)
+    }
+    fn string_end(b: &[u8], start: usize) -> Option<usize> {
+        inner_string_end(b, start)
+    }
+    fn value_end(b: &[u8], start: usize) -> Option<usize> {
+        inner_value_end(b, start)
+    }
+    fn key(raw: &str) -> Option<Cow<'_, str>> {
+        escaped_value(raw)
+    }
+}
+
+/// Walks the members of the object spelled in `text`, in dialect `D`.
+fn walk<'a, D: Dialect>(text: &'a str, mut f: impl FnMut(Cow<'a, str>, &'a str)) -> Option<()> {
+    let b = text.as_bytes();
+    let mut i = D::skip_ws(b, 0);
     if b.get(i) != Some(&b'{') {
         return None;
     }
-    i = skip_ws(b, i + 1);
+    i = D::skip_ws(b, i + 1);
     if b.get(i) == Some(&b'}') {
-        return (skip_ws(b, i + 1) == b.len()).then_some(());
+        return (D::skip_ws(b, i + 1) == b.len()).then_some(());
     }
     loop {
-        if b.get(i) != Some(&b'"') {
+        if !D::at_quote(b, i) {
             return None;
         }
-        let key_end = string_end(b, i)?;
-        let key = super::unescape(&json[i..key_end])?;
-        i = skip_ws(b, key_end);
+        let key_end = D::string_end(b, i)?;
+        let key = D::key(&text[i..key_end])?;
+        i = D::skip_ws(b, key_end);
         if b.get(i) != Some(&b':') {
             return None;
         }
-        let start = skip_ws(b, i + 1);
-        let end = value_end(b, start)?;
-        f(key, &json[start..end]);
-        i = skip_ws(b, end);
+        let start = D::skip_ws(b, i + 1);
+        let end = D::value_end(b, start)?;
+        f(key, &text[start..end]);
+        i = D::skip_ws(b, end);
         match b.get(i) {
-            Some(b',') => i = skip_ws(b, i + 1),
-            Some(b'}') => return (skip_ws(b, i + 1) == b.len()).then_some(()),
+            Some(b',') => i = D::skip_ws(b, i + 1),
+            Some(b'}') => return (D::skip_ws(b, i + 1) == b.len()).then_some(()),
             _ => return None,
         }
     }
+}
+
+/// Calls `f(key, raw_value)` for each top-level member of the object in `json`.
+/// `key` is unescaped; `raw_value` is the value's JSON text. None if `json` is not an object.
+pub fn members<'a>(json: &'a str, f: impl FnMut(Cow<'a, str>, &'a str)) -> Option<()> {
+    walk::<Plain>(json, f)
 }
 
 fn skip_ws(b: &[u8], mut i: usize) -> usize {
@@ -106,41 +160,9 @@ fn value_end(b: &[u8], start: usize) -> Option<usize> {
 /// escaped, so the object can be walked without unescaping it first; only the values the
 /// caller keeps are unescaped (twice), by `escaped_value`.
 /// `raw_value` is handed over still escaped. None if this is not an object.
-pub fn escaped_members<'a>(
-    literal: &'a str,
-    mut f: impl FnMut(Cow<'a, str>, &'a str),
-) -> Option<()> {
+pub fn escaped_members<'a>(literal: &'a str, f: impl FnMut(Cow<'a, str>, &'a str)) -> Option<()> {
     let lit = literal.strip_prefix('"')?.strip_suffix('"')?;
-    let b = lit.as_bytes();
-    let mut i = eskip_ws(b, 0);
-    if b.get(i) != Some(&b'{') {
-        return None;
-    }
-    i = eskip_ws(b, i + 1);
-    if b.get(i) == Some(&b'}') {
-        return (eskip_ws(b, i + 1) == b.len()).then_some(());
-    }
-    loop {
-        if !is_inner_quote(b, i) {
-            return None;
-        }
-        let key_end = inner_string_end(b, i)?;
-        let key_raw = &lit[i..key_end];
-        let key = escaped_value(key_raw)?;
-        i = eskip_ws(b, key_end);
-        if b.get(i) != Some(&b':') {
-            return None;
-        }
-        let start = eskip_ws(b, i + 1);
-        let end = inner_value_end(b, start)?;
-        f(key, &lit[start..end]);
-        i = eskip_ws(b, end);
-        match b.get(i) {
-            Some(b',') => i = eskip_ws(b, i + 1),
-            Some(b'}') => return (eskip_ws(b, i + 1) == b.len()).then_some(()),
-            _ => return None,
-        }
-    }
+    walk::<Escaped>(lit, f)
 }
 
 /// An inner string value handed out by `escaped_members`, as its final text (None if it is

@@ -50,7 +50,6 @@ pub struct Stream {
     pub closed: bool,
     /// True when the stream was joined after its start (no SYN seen).
     pub midstream: bool,
-    pub delivered_bytes: u64,
 }
 
 impl Stream {
@@ -177,7 +176,6 @@ impl Stream {
             return;
         }
         out(Chunk::Data(data), health);
-        self.delivered_bytes += data.len() as u64;
         *self.next.as_mut().expect("started") += data.len() as u64;
     }
 
