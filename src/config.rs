@@ -2,8 +2,11 @@
 //! overridable from a TOML file (`--config`).
 
 use crate::correlate::CorrelatorConfig;
+use crate::http::HttpConfig;
+use crate::openstack::RestConfig;
 use crate::tcp::FlowConfig;
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 #[derive(Debug, Clone)]
@@ -13,6 +16,8 @@ pub struct Config {
     pub amqp_max_body: usize,
     pub flows: FlowConfig,
     pub correlator: CorrelatorConfig,
+    pub http: HttpConfig,
+    pub rest: RestConfig,
     /// Distinct label sets per metric family before new ones fold into "other".
     pub max_series_per_family: usize,
 }
@@ -25,6 +30,8 @@ impl Default for Config {
             amqp_max_body: 64 << 20,
             flows: FlowConfig::default(),
             correlator: CorrelatorConfig::default(),
+            http: HttpConfig::default(),
+            rest: RestConfig::default(),
             max_series_per_family: 2000,
         }
     }
@@ -37,6 +44,7 @@ struct File {
     amqp: Option<AmqpSection>,
     tcp: Option<TcpSection>,
     rpc: Option<RpcSection>,
+    http: Option<HttpSection>,
     metrics: Option<MetricsSection>,
 }
 
@@ -65,6 +73,30 @@ struct RpcSection {
     max_pending_messages: Option<usize>,
     late_reply_window_s: Option<f64>,
     cast_settle_s: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpSection {
+    /// Port → service type, merged over the defaults; "" removes a default.
+    ports: Option<BTreeMap<String, String>>,
+    /// Path prefix → service type, tried before the ports; "" removes a default.
+    prefixes: Option<BTreeMap<String, String>>,
+    sniff_other_ports: Option<bool>,
+    max_routes_per_service: Option<usize>,
+    max_pipeline: Option<usize>,
+    max_head_bytes: Option<usize>,
+    max_error_body_bytes: Option<usize>,
+}
+
+/// Merges `key = service` pairs over a default list; an empty service removes the key.
+fn merge<K: PartialEq>(list: &mut Vec<(K, String)>, over: Vec<(K, String)>) {
+    for (k, v) in over {
+        list.retain(|(old, _)| *old != k);
+        if !v.is_empty() {
+            list.push((k, v));
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -116,6 +148,35 @@ impl Config {
             k.late_reply_window_s = r.late_reply_window_s.unwrap_or(k.late_reply_window_s);
             k.cast_settle_s = r.cast_settle_s.unwrap_or(k.cast_settle_s);
         }
+        if let Some(h) = f.http {
+            if let Some(ports) = h.ports {
+                let mut parsed = Vec::new();
+                for (k, v) in ports {
+                    let port: u16 = k
+                        .parse()
+                        .map_err(|_| anyhow::anyhow!("[http.ports]: {k:?} is not a port"))?;
+                    parsed.push((port, v));
+                }
+                merge(&mut c.rest.ports, parsed);
+            }
+            if let Some(prefixes) = h.prefixes {
+                for k in prefixes.keys() {
+                    if !k.starts_with('/') || k.ends_with('/') {
+                        anyhow::bail!(
+                            "[http.prefixes]: {k:?} must start with / and not end with one"
+                        );
+                    }
+                }
+                merge(&mut c.rest.prefixes, prefixes.into_iter().collect());
+            }
+            let r = &mut c.rest;
+            r.sniff_other_ports = h.sniff_other_ports.unwrap_or(r.sniff_other_ports);
+            r.max_routes_per_service = h.max_routes_per_service.unwrap_or(r.max_routes_per_service);
+            let x = &mut c.http;
+            x.max_pipeline = h.max_pipeline.unwrap_or(x.max_pipeline).max(1);
+            x.max_head_bytes = h.max_head_bytes.unwrap_or(x.max_head_bytes);
+            x.max_error_body = h.max_error_body_bytes.unwrap_or(x.max_error_body);
+        }
         if let Some(m) = f.metrics {
             c.max_series_per_family = m.max_series_per_family.unwrap_or(c.max_series_per_family);
         }
@@ -135,5 +196,23 @@ mod tests {
         assert_eq!(c.amqp_ports, vec![5672, 5671]);
         assert_eq!(c.correlator.late_reply_window_s, 5.0);
         assert!(Config::from_toml("[rpc]\nlate_reply_windw_s = 5\n").is_err());
+    }
+
+    #[test]
+    fn http_services_merge_over_the_defaults() {
+        let c = Config::from_toml(
+            "[http.ports]\n8774 = \"\"\n18774 = \"nova\"\n[http.prefixes]\n\"/api/compute\" = \"nova\"\n",
+        )
+        .unwrap();
+        assert!(!c.rest.is_api_port(8774));
+        assert!(c.rest.is_api_port(18774) && c.rest.is_api_port(9696));
+        assert!(
+            c.rest
+                .prefixes
+                .iter()
+                .any(|(p, s)| p == "/api/compute" && s == "nova")
+        );
+        assert!(Config::from_toml("[http.ports]\nnova = \"nova\"\n").is_err());
+        assert!(Config::from_toml("[http.prefixes]\n\"compute/\" = \"nova\"\n").is_err());
     }
 }

@@ -8,6 +8,7 @@
 use crate::amqp::{AmqpEvent, Message, MessageKind};
 use crate::event::{Event, NotificationEvent, Outcome, Process, RpcEvent};
 use crate::health::Health;
+use crate::identity::AddressBook;
 use crate::oslo::{self, Oslo, RemoteError, ReplyPart, Request, RpcType};
 use crate::time::Ts;
 use crate::{FastMap as HashMap, FastSet as HashSet};
@@ -203,6 +204,8 @@ pub struct Correlator {
     names: Names,
     /// The process at the client end of each open connection.
     conns: HashMap<u64, Arc<Process>>,
+    /// Named processes by address, for REST callers.
+    addresses: AddressBook,
     calls: HashMap<String, Call>,
     /// Casts and fanouts by `_unique_id`.
     casts: HashMap<String, Call>,
@@ -227,6 +230,7 @@ impl Correlator {
                 order: VecDeque::new(),
             },
             conns: HashMap::default(),
+            addresses: AddressBook::new(65_536),
             calls: HashMap::default(),
             casts: HashMap::default(),
             call_order: VecDeque::new(),
@@ -313,7 +317,11 @@ impl Correlator {
                     pid,
                     host: client.ip.to_string(),
                 };
-                self.conns.insert(conn, Arc::new(p));
+                let p = Arc::new(p);
+                if !self.addresses.learn(client.ip, &p) {
+                    health.evict("address_book", 1);
+                }
+                self.conns.insert(conn, p);
             }
             AmqpEvent::Message(m) => self.on_message(&m, health, out),
             AmqpEvent::ChannelClosed {
@@ -343,6 +351,11 @@ impl Correlator {
             | AmqpEvent::BrokerCancel { .. }
             | AmqpEvent::Nack { .. } => {}
         }
+    }
+
+    /// The processes AMQP connections named, by address.
+    pub fn addresses(&self) -> &AddressBook {
+        &self.addresses
     }
 
     /// The process at the client end of `conn`: named when start-ok was seen, else just

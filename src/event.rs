@@ -105,9 +105,70 @@ pub struct NotificationEvent {
     pub publisher: Option<Arc<Process>>,
 }
 
+/// What became of a REST request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HttpOutcome {
+    /// A final status below 400.
+    Ok,
+    ClientError,
+    ServerError,
+    /// The connection or the capture ended first.
+    NoResponse,
+    /// The capture lost the response (a gap) or it was not HTTP.
+    ResponseLost,
+}
+
+impl HttpOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HttpOutcome::Ok => "ok",
+            HttpOutcome::ClientError => "client_error",
+            HttpOutcome::ServerError => "server_error",
+            HttpOutcome::NoResponse => "no_response",
+            HttpOutcome::ResponseLost => "response_lost",
+        }
+    }
+}
+
+/// One REST exchange. Credentials (tokens, cookies, Authorization, request bodies) are
+/// never read into it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpEvent {
+    pub kind: &'static str,
+    /// The caller; `service` is `external` when nothing names it.
+    pub client: Process,
+    pub user_agent: Option<String>,
+    /// The service type called (`neutron`), by port or path prefix; null if unknown.
+    pub service: Option<Arc<str>>,
+    /// The listening address.
+    pub server: String,
+    pub method: &'static str,
+    pub route: Arc<str>,
+    /// The request path, without the query string.
+    pub path: String,
+    pub status: Option<u16>,
+    pub t_request: f64,
+    /// First byte of the final response.
+    pub t_response: Option<f64>,
+    pub t_response_end: Option<f64>,
+    /// Request start to response end, when the whole response was seen.
+    pub duration_s: Option<f64>,
+    /// The callee's own id (`x-openstack-request-id` returned).
+    pub request_id: Option<String>,
+    /// The id the caller sent (`X-OpenStack-Request-ID`): its global request id.
+    pub global_request_id: Option<String>,
+    pub outcome: HttpOutcome,
+    /// The response body was cut by a capture gap or a closed connection.
+    pub truncated: bool,
+    /// The fault an error body names.
+    pub error: Option<crate::openstack::fault::Fault>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 #[serde(untagged)]
 pub enum Event {
     Rpc(Box<RpcEvent>),
     Notification(Box<NotificationEvent>),
+    Http(Box<HttpEvent>),
 }

@@ -1,4 +1,4 @@
-//! stacktap: rebuilds oslo.messaging RPC (and, later, OpenStack REST) from packets.
+//! stacktap: rebuilds oslo.messaging RPC and OpenStack REST exchanges from packets.
 //!
 //! The pipeline reads top to bottom in `pipeline.rs`; one module per stage and protocol.
 
@@ -8,8 +8,12 @@ pub mod correlate;
 pub mod decode;
 pub mod event;
 pub mod health;
+pub mod http;
+pub mod identity;
+pub mod openstack;
 pub mod oslo;
 pub mod pipeline;
+pub mod protocols;
 pub mod run;
 pub mod serve;
 pub mod sink;

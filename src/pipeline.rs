@@ -1,25 +1,28 @@
-//! The pipeline, top to bottom: packet → L2–L4 → TCP flow + reassembly → AMQP →
-//! oslo.messaging → correlation → signals for the sinks.
+//! The pipeline, top to bottom: packet → L2–L4 → TCP flow + reassembly → per
+//! connection AMQP or HTTP → oslo.messaging RPCs (correlated) and REST exchanges (with
+//! OpenStack semantics) → signals for the sinks.
 //!
 //! Deterministic and on packet time only: the same capture gives the same signals.
 
-use crate::amqp::{AmqpConnection, AmqpEvent};
 use crate::config::Config;
 use crate::correlate::{Correlator, Signal};
 use crate::decode::{self, Decoded};
+use crate::event::Event;
 use crate::health::Health;
+use crate::openstack::Rest;
+use crate::protocols::{self, Choice, Conn, Found};
 use crate::source::Packet;
 use crate::tcp::FlowTable;
-use crate::tcp::flows::NewFlow;
 use crate::time::Ts;
 
 pub struct Pipeline {
     cfg: Config,
     pub health: Health,
-    flows: FlowTable<AmqpConnection>,
+    flows: FlowTable<Conn>,
     correlator: Correlator,
+    rest: Rest,
     clock: Ts,
-    amqp: Vec<AmqpEvent>,
+    found: Found,
     signals: Vec<Signal>,
 }
 
@@ -28,10 +31,11 @@ impl Pipeline {
         Pipeline {
             flows: FlowTable::new(cfg.flows.clone()),
             correlator: Correlator::new(cfg.correlator.clone()),
+            rest: Rest::new(cfg.rest.clone()),
             cfg,
             health: Health::default(),
             clock: Ts::ZERO,
-            amqp: Vec::new(),
+            found: Found::default(),
             signals: Vec::new(),
         }
     }
@@ -49,29 +53,19 @@ impl Pipeline {
         self.correlator.advance(self.clock, &mut self.signals);
         match decode::decode(pkt.linktype, &pkt.data) {
             Decoded::Tcp(seg) => {
-                let ports = &self.cfg.amqp_ports;
-                let (max_frame, max_body) = (self.cfg.amqp_max_frame, self.cfg.amqp_max_body);
-                self.flows.segment(
-                    &seg,
-                    pkt.ts,
-                    &mut self.health,
-                    &mut self.amqp,
-                    |f: NewFlow| {
-                        // the broker is the side on an AMQP port
-                        let (client, server) = if ports.contains(&f.server.port) {
-                            (f.client, f.server)
-                        } else if ports.contains(&f.client.port) {
-                            (f.server, f.client)
-                        } else {
-                            return None;
-                        };
-                        Some((
-                            AmqpConnection::new(f.id, client, f.saw_syn, max_frame, max_body),
-                            client,
-                            server,
-                        ))
-                    },
-                );
+                let cfg = &self.cfg;
+                let choice = Choice {
+                    amqp_ports: &cfg.amqp_ports,
+                    amqp_max_frame: cfg.amqp_max_frame,
+                    amqp_max_body: cfg.amqp_max_body,
+                    http_ports: &|p| cfg.rest.is_api_port(p),
+                    sniff_other_ports: cfg.rest.sniff_other_ports,
+                    http: &cfg.http,
+                };
+                self.flows
+                    .segment(&seg, pkt.ts, &mut self.health, &mut self.found, |f| {
+                        protocols::choose(f, &choice)
+                    });
             }
             Decoded::NotTcp => {}
             Decoded::Fragment => self.health.anomaly("ip", "fragment"),
@@ -87,7 +81,7 @@ impl Pipeline {
             self.clock = now;
         }
         self.flows
-            .tick(self.clock, &mut self.health, &mut self.amqp);
+            .tick(self.clock, &mut self.health, &mut self.found);
         self.correlator.advance(self.clock, &mut self.signals);
         self.correlate_and_emit(sink);
     }
@@ -95,16 +89,22 @@ impl Pipeline {
     /// End of input: flush every connection and report every open call.
     pub fn finish(&mut self, sink: &mut dyn FnMut(&Signal, &Health)) {
         self.flows
-            .close_all(self.clock, &mut self.health, &mut self.amqp);
+            .close_all(self.clock, &mut self.health, &mut self.found);
         self.correlate_and_emit(sink);
         self.correlator.finish_all(&mut self.signals);
         self.correlate_and_emit(sink);
     }
 
     fn correlate_and_emit(&mut self, sink: &mut dyn FnMut(&Signal, &Health)) {
-        for ev in self.amqp.drain(..) {
+        for ev in self.found.amqp.drain(..) {
             self.correlator
                 .on_amqp(ev, &mut self.health, &mut self.signals);
+        }
+        for ex in self.found.http.drain(..) {
+            let ev = self
+                .rest
+                .event(ex, self.correlator.addresses(), &mut self.health);
+            self.signals.push(Signal::Event(Event::Http(Box::new(ev))));
         }
         for s in self.signals.drain(..) {
             sink(&s, &self.health);

@@ -492,7 +492,7 @@ impl AmqpConnection {
 }
 
 impl App for AmqpConnection {
-    type Out = AmqpEvent;
+    type Out = Vec<AmqpEvent>;
 
     fn on_chunk(
         &mut self,

@@ -98,6 +98,8 @@ pub struct Metrics {
     amqp_connection_closes: Counters,
     amqp_blocked: Counter,
     notifications: Counters,
+    http_requests: Counters,
+    http_duration: Histograms,
     // probe health, synced from `Health` as deltas
     packets: Counter,
     bytes: Counter,
@@ -145,6 +147,8 @@ impl Metrics {
             amqp_connection_closes: Family::default(),
             amqp_blocked: Counter::default(),
             notifications: Family::default(),
+            http_requests: Family::default(),
+            http_duration: histograms(),
             packets: Counter::default(),
             bytes: Counter::default(),
             drops: Family::default(),
@@ -250,6 +254,16 @@ impl Metrics {
             "notifications",
             "oslo.messaging notifications, by publisher service",
             m.notifications.clone(),
+        );
+        r.register(
+            "http_requests",
+            "REST requests, by caller, service, route template and status (none: no response)",
+            m.http_requests.clone(),
+        );
+        r.register(
+            "http_request_duration_seconds",
+            "REST request start to response end",
+            m.http_duration.clone(),
         );
         r.register("packets", "Packets read", m.packets.clone());
         r.register("bytes", "Bytes read (wire length)", m.bytes.clone());
@@ -395,6 +409,52 @@ impl Metrics {
                 self.notifications.get_or_create(&ls).inc();
             }
             Signal::Event(Event::Rpc(e)) => self.on_rpc(e),
+            Signal::Event(Event::Http(e)) => self.on_http(e),
+        }
+    }
+
+    fn on_http(&mut self, e: &crate::event::HttpEvent) {
+        let client = e.client.service.as_deref().unwrap_or("external");
+        let service = e.service.as_deref().unwrap_or("unknown");
+        let code = e.status.map(|s| s.to_string());
+        let code = code.as_deref().unwrap_or("none");
+        let mut memo = std::mem::take(&mut self.memo_counters);
+        let c = memo.get(
+            "http_requests",
+            &[client, service, e.method, &e.route, code],
+            || {
+                let ls = self.cap(
+                    "http_requests",
+                    l([
+                        ("client", client),
+                        ("service", service),
+                        ("method", e.method),
+                        ("route", &e.route),
+                        ("code", code),
+                    ]),
+                    &["method", "code"],
+                );
+                self.http_requests.get_or_create_owned(&ls)
+            },
+        );
+        self.memo_counters = memo;
+        c.inc();
+        if let Some(d) = e.duration_s {
+            let mut memo = std::mem::take(&mut self.memo_histograms);
+            let h = memo.get("http_duration", &[service, e.method, &e.route], || {
+                let ls = self.cap(
+                    "http_request_duration_seconds",
+                    l([
+                        ("service", service),
+                        ("method", e.method),
+                        ("route", &e.route),
+                    ]),
+                    &["method"],
+                );
+                self.http_duration.get_or_create_owned(&ls)
+            });
+            self.memo_histograms = memo;
+            h.observe(d.max(0.0));
         }
     }
 

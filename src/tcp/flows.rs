@@ -37,6 +37,7 @@ impl FlowKey {
 
 /// A protocol parser attached to one connection.
 pub trait App {
+    /// Where the parser puts what it found (e.g. a Vec of events).
     type Out;
     fn on_chunk(
         &mut self,
@@ -44,9 +45,9 @@ pub trait App {
         ts: Ts,
         chunk: Chunk<'_>,
         health: &mut Health,
-        out: &mut Vec<Self::Out>,
+        out: &mut Self::Out,
     );
-    fn on_close(&mut self, ts: Ts, health: &mut Health, out: &mut Vec<Self::Out>);
+    fn on_close(&mut self, ts: Ts, health: &mut Health, out: &mut Self::Out);
 }
 
 #[derive(Debug, Clone)]
@@ -77,13 +78,16 @@ pub struct Flow<A> {
 }
 
 /// What `make` sees of a connection the table has not seen before.
-pub struct NewFlow {
+pub struct NewFlow<'a> {
     pub id: u64,
     /// Best guess from the SYN flags; `make` may swap it (e.g. by well-known port).
     pub client: Endpoint,
     pub server: Endpoint,
     /// True when the connection's handshake was seen (a SYN).
     pub saw_syn: bool,
+    /// The segment's payload and whether it was sent by `client` (for content sniffing).
+    pub payload: &'a [u8],
+    pub from_client: bool,
 }
 
 pub struct FlowTable<A> {
@@ -118,8 +122,8 @@ impl<A: App> FlowTable<A> {
         seg: &TcpSegment<'_>,
         ts: Ts,
         health: &mut Health,
-        out: &mut Vec<A::Out>,
-        make: impl FnOnce(NewFlow) -> Option<(A, Endpoint, Endpoint)>,
+        out: &mut A::Out,
+        make: impl FnOnce(NewFlow<'_>) -> Option<(A, Endpoint, Endpoint)>,
     ) {
         let key = FlowKey::new(seg.src, seg.dst);
         if !self.flows.contains_key(&key) {
@@ -138,6 +142,8 @@ impl<A: App> FlowTable<A> {
                 client,
                 server,
                 saw_syn: seg.flags.syn,
+                payload: seg.payload,
+                from_client: seg.src == client,
             }) else {
                 return;
             };
@@ -206,12 +212,12 @@ impl<A: App> FlowTable<A> {
     }
 
     /// Advances the clock with no packet (live idle tick): times out holes and connections.
-    pub fn tick(&mut self, now: Ts, health: &mut Health, out: &mut Vec<A::Out>) {
+    pub fn tick(&mut self, now: Ts, health: &mut Health, out: &mut A::Out) {
         self.maybe_sweep(now, health, out);
     }
 
     /// End of input: every connection is flushed and closed, oldest first.
-    pub fn close_all(&mut self, ts: Ts, health: &mut Health, out: &mut Vec<A::Out>) {
+    pub fn close_all(&mut self, ts: Ts, health: &mut Health, out: &mut A::Out) {
         let mut flows: Vec<Flow<A>> = self.flows.drain().map(|(_, f)| f).collect();
         flows.sort_by_key(|f| f.id);
         for mut f in flows {
@@ -219,7 +225,7 @@ impl<A: App> FlowTable<A> {
         }
     }
 
-    fn close_flow(flow: &mut Flow<A>, ts: Ts, health: &mut Health, out: &mut Vec<A::Out>) {
+    fn close_flow(flow: &mut Flow<A>, ts: Ts, health: &mut Health, out: &mut A::Out) {
         let Flow { streams, app, .. } = flow;
         for d in Dir::BOTH {
             streams[d as usize].flush(health, &mut |c, h| app.on_chunk(d, ts, c, h, out));
@@ -227,7 +233,7 @@ impl<A: App> FlowTable<A> {
         app.on_close(ts, health, out);
     }
 
-    fn maybe_sweep(&mut self, now: Ts, health: &mut Health, out: &mut Vec<A::Out>) {
+    fn maybe_sweep(&mut self, now: Ts, health: &mut Health, out: &mut A::Out) {
         if now.0 < self.last_sweep.0.saturating_add(1_000_000_000) {
             return;
         }
@@ -263,7 +269,7 @@ impl<A: App> FlowTable<A> {
         }
     }
 
-    fn evict_oldest(&mut self, health: &mut Health, out: &mut Vec<A::Out>) {
+    fn evict_oldest(&mut self, health: &mut Health, out: &mut A::Out) {
         // the oldest sixteenth at once, so that a full table is not rescanned per packet
         let n = (self.flows.len() / 16).max(1);
         let mut by_age: Vec<(Ts, u64, FlowKey)> = self

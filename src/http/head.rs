@@ -1,0 +1,410 @@
+//! Request and response heads: httparse does the syntax; we keep only the few header
+//! values framing and OpenStack semantics need. Every other header, credentials included
+//! (X-Auth-Token, Authorization, Cookie, …), is skipped without being copied.
+
+/// Longest request path kept (after the query string is dropped).
+const MAX_PATH: usize = 2048;
+/// Longest User-Agent / request id kept.
+const MAX_VALUE: usize = 256;
+/// Headers per message httparse is given room for; more is an anomaly.
+const MAX_HEADERS: usize = 128;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body, or a body of exactly this many bytes.
+    Length(u64),
+    Chunked,
+    /// The body ends when the connection closes (responses only).
+    UntilClose,
+    /// The connection stops being HTTP (CONNECT 2xx, 101 Switching Protocols).
+    Tunnel,
+}
+
+/// What the length headers say, before the method/status rules are applied.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BodyHeaders {
+    pub content_length: Option<u64>,
+    pub chunked: bool,
+    /// Two Content-Length headers that disagree (request smuggling or a broken peer).
+    pub conflicting_length: bool,
+    pub bad_length: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead {
+    pub method: Box<str>,
+    /// The path of the request target: no query string, no scheme or authority.
+    pub path: String,
+    pub minor: u8,
+    pub body: BodyHeaders,
+    pub user_agent: Option<String>,
+    /// `X-OpenStack-Request-ID` as sent: the caller's global request id.
+    pub request_id: Option<String>,
+    pub expect_continue: bool,
+    pub upgrade: bool,
+    /// The request line had no `HTTP/1.x` (an HTTP/0.9-style or broken client).
+    pub missing_version: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseHead {
+    pub status: u16,
+    pub minor: u8,
+    pub body: BodyHeaders,
+    /// `x-openstack-request-id` (or nova's `x-compute-request-id`, ironic's
+    /// `openstack-request-id`): the callee's own request id.
+    pub request_id: Option<String>,
+    /// Content-Type is JSON (or absent): the error body may carry an OpenStack fault.
+    pub json_or_unknown: bool,
+    /// Content-Encoding other than identity: the body is not readable as is.
+    pub encoded: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadError {
+    /// Not an HTTP/1.x message start (the kind names the httparse error).
+    Syntax(&'static str),
+    TooManyHeaders,
+}
+
+impl HeadError {
+    pub fn kind(self) -> &'static str {
+        match self {
+            HeadError::Syntax(k) => k,
+            HeadError::TooManyHeaders => "too_many_headers",
+        }
+    }
+}
+
+fn syntax(e: httparse::Error) -> HeadError {
+    match e {
+        httparse::Error::TooManyHeaders => HeadError::TooManyHeaders,
+        httparse::Error::HeaderName => HeadError::Syntax("bad_header_name"),
+        httparse::Error::HeaderValue => HeadError::Syntax("bad_header_value"),
+        httparse::Error::NewLine => HeadError::Syntax("bad_newline"),
+        httparse::Error::Status => HeadError::Syntax("bad_status"),
+        httparse::Error::Token => HeadError::Syntax("bad_token"),
+        httparse::Error::Version => HeadError::Syntax("bad_version"),
+    }
+}
+
+fn config() -> httparse::ParserConfig {
+    let mut c = httparse::ParserConfig::default();
+    c.allow_multiple_spaces_in_request_line_delimiters(true)
+        .allow_multiple_spaces_in_response_status_delimiters(true)
+        .allow_obsolete_multiline_headers_in_responses(true)
+        .allow_spaces_after_header_name_in_responses(true)
+        .ignore_invalid_headers_in_responses(true)
+        .ignore_invalid_headers_in_requests(true);
+    c
+}
+
+/// A bounded, printable copy of a header value we keep.
+fn keep(v: &[u8]) -> Option<String> {
+    let v = v.trim_ascii();
+    if v.is_empty() {
+        return None;
+    }
+    let v = &v[..v.len().min(MAX_VALUE)];
+    Some(
+        String::from_utf8_lossy(v)
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect(),
+    )
+}
+
+fn body_header(body: &mut BodyHeaders, name: &str, value: &[u8]) {
+    if name.eq_ignore_ascii_case("content-length") {
+        match std::str::from_utf8(value)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+        {
+            Some(n) => {
+                if body.content_length.is_some_and(|old| old != n) {
+                    body.conflicting_length = true;
+                }
+                body.content_length.get_or_insert(n);
+            }
+            None => body.bad_length = true,
+        }
+    } else if name.eq_ignore_ascii_case("transfer-encoding") {
+        // chunked must be the last coding; anything else leaves the body unframed
+        let last = value.rsplit(|b| *b == b',').next().unwrap_or(b"");
+        body.chunked = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
+    }
+}
+
+fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// The path of a request target: origin form as is, absolute form without scheme and
+/// authority (which may hold `user:password@`), the query and fragment dropped.
+pub fn target_path(target: &str) -> String {
+    let mut t = target;
+    if let Some(rest) = t
+        .strip_prefix("http://")
+        .or_else(|| t.strip_prefix("https://"))
+    {
+        t = rest.find('/').map_or("/", |i| &rest[i..]);
+    }
+    let end = t.find(['?', '#']).unwrap_or(t.len());
+    let mut p = &t[..end];
+    if p.len() > MAX_PATH {
+        let mut cut = MAX_PATH;
+        while !p.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        p = &p[..cut];
+    }
+    p.to_string()
+}
+
+/// Parses a complete request head (`buf` ends with the blank line).
+pub fn parse_request(buf: &[u8]) -> Result<RequestHead, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let parsed = config().parse_request(&mut req, buf);
+    let (method, target, minor, fields, missing_version) = match parsed {
+        Ok(httparse::Status::Complete(_)) => (
+            req.method.unwrap_or(""),
+            req.path.unwrap_or(""),
+            req.version.unwrap_or(1),
+            &*req.headers,
+            false,
+        ),
+        Ok(httparse::Status::Partial) => return Err(HeadError::Syntax("bad_head")),
+        Err(e @ (httparse::Error::Version | httparse::Error::Token)) => {
+            return parse_request_without_version(buf).ok_or(syntax(e));
+        }
+        Err(e) => return Err(syntax(e)),
+    };
+    Ok(request_head(method, target, minor, fields, missing_version))
+}
+
+/// `GET /path` with no protocol version: kept as a request (the server may answer it),
+/// its headers read if they parse.
+fn parse_request_without_version(buf: &[u8]) -> Option<RequestHead> {
+    let nl = memchr::memchr(b'\n', buf)?;
+    let line = std::str::from_utf8(&buf[..nl]).ok()?.trim_end_matches('\r');
+    let mut parts = line.split(' ').filter(|p| !p.is_empty());
+    let (method, target) = (parts.next()?, parts.next()?);
+    if parts.next().is_some() || looks_like_request(line.as_bytes()) != Some(true) {
+        return None;
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let fields = match httparse::parse_headers(&buf[nl + 1..], &mut headers) {
+        Ok(httparse::Status::Complete((_, h))) => h,
+        _ => &[],
+    };
+    Some(request_head(method, target, 0, fields, true))
+}
+
+fn request_head(
+    method: &str,
+    target: &str,
+    minor: u8,
+    fields: &[httparse::Header<'_>],
+    missing_version: bool,
+) -> RequestHead {
+    let mut head = RequestHead {
+        method: method.into(),
+        path: target_path(target),
+        minor,
+        body: BodyHeaders::default(),
+        user_agent: None,
+        request_id: None,
+        expect_continue: false,
+        upgrade: false,
+        missing_version,
+    };
+    for h in fields {
+        let name = h.name;
+        body_header(&mut head.body, name, h.value);
+        if name.eq_ignore_ascii_case("user-agent") {
+            head.user_agent = keep(h.value);
+        } else if name.eq_ignore_ascii_case("x-openstack-request-id") {
+            head.request_id = keep(h.value);
+        } else if name.eq_ignore_ascii_case("expect") {
+            head.expect_continue = has_token(h.value, b"100-continue");
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            head.upgrade = true;
+        }
+    }
+    head
+}
+
+/// Parses a complete response head.
+pub fn parse_response(buf: &[u8]) -> Result<ResponseHead, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    match config().parse_response(&mut resp, buf) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err(HeadError::Syntax("bad_head")),
+        Err(e) => return Err(syntax(e)),
+    }
+    let mut head = ResponseHead {
+        status: resp.code.unwrap_or(0),
+        minor: resp.version.unwrap_or(1),
+        body: BodyHeaders::default(),
+        request_id: None,
+        json_or_unknown: true,
+        encoded: false,
+    };
+    for h in resp.headers.iter() {
+        let name = h.name;
+        body_header(&mut head.body, name, h.value);
+        if name.eq_ignore_ascii_case("x-openstack-request-id")
+            || name.eq_ignore_ascii_case("x-compute-request-id")
+            || name.eq_ignore_ascii_case("openstack-request-id")
+        {
+            // nova sends two of these with one value; the first wins
+            if head.request_id.is_none() {
+                head.request_id = keep(h.value);
+            }
+        } else if name.eq_ignore_ascii_case("content-type") {
+            let v = h.value.to_ascii_lowercase();
+            head.json_or_unknown = memchr::memmem::find(&v, b"json").is_some();
+        } else if name.eq_ignore_ascii_case("content-encoding") {
+            head.encoded = !h.value.trim_ascii().eq_ignore_ascii_case(b"identity");
+        }
+    }
+    Ok(head)
+}
+
+/// Request body framing (RFC 9112 §6.3): chunked, else Content-Length, else none.
+pub fn request_framing(head: &RequestHead) -> Framing {
+    if head.body.chunked {
+        Framing::Chunked
+    } else {
+        Framing::Length(head.body.content_length.unwrap_or(0))
+    }
+}
+
+/// Response body framing, which depends on the request it answers.
+pub fn response_framing(head: &ResponseHead, request_method: Option<&str>) -> Framing {
+    let s = head.status;
+    let connect = request_method == Some("CONNECT");
+    if s == 101 || (connect && (200..300).contains(&s)) {
+        return Framing::Tunnel;
+    }
+    if (100..200).contains(&s) || s == 204 || s == 304 || request_method == Some("HEAD") {
+        return Framing::Length(0);
+    }
+    if head.body.chunked {
+        Framing::Chunked
+    } else if let Some(n) = head.body.content_length {
+        Framing::Length(n)
+    } else {
+        Framing::UntilClose
+    }
+}
+
+/// Could `b` be the start of a request line? (A method token and a space.) `None`: too
+/// few bytes to tell.
+pub fn looks_like_request(b: &[u8]) -> Option<bool> {
+    let mut n = 0;
+    for &c in b.iter().take(24) {
+        if c == b' ' {
+            return Some(n >= 3 && b[..n].iter().all(|c| c.is_ascii_uppercase()));
+        }
+        if !c.is_ascii_uppercase() {
+            return Some(false);
+        }
+        n += 1;
+    }
+    if n >= 24 { Some(false) } else { None }
+}
+
+/// Could `b` be the start of a status line (`HTTP/1.x `)?
+pub fn looks_like_response(b: &[u8]) -> Option<bool> {
+    const P: &[u8] = b"HTTP/1.";
+    let n = b.len().min(P.len());
+    if b[..n] != P[..n] {
+        Some(false)
+    } else if n < P.len() {
+        None
+    } else {
+        Some(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_keeps_only_what_it_needs() {
+        let h = parse_request(
+            b"PUT /v2.0/ports/9a3c?fields=id HTTP/1.1\r\nHost: x\r\nX-Auth-Token: gAAAA-secret\r\n\
+              User-Agent: nova-compute keystoneauth1/5.18.1\r\nX-OpenStack-Request-ID: req-1\r\n\
+              Content-Length: 12\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(&*h.method, "PUT");
+        assert_eq!(h.path, "/v2.0/ports/9a3c");
+        assert_eq!(h.body.content_length, Some(12));
+        assert_eq!(h.request_id.as_deref(), Some("req-1"));
+        assert!(!format!("{h:?}").contains("secret"));
+        assert_eq!(request_framing(&h), Framing::Length(12));
+    }
+
+    #[test]
+    fn absolute_targets_lose_credentials_and_query() {
+        assert_eq!(target_path("http://u:pw@h:80/a/b?token=x"), "/a/b");
+        assert_eq!(target_path("http://h"), "/");
+        assert_eq!(target_path("*"), "*");
+    }
+
+    #[test]
+    fn response_framing_rules() {
+        let r =
+            parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").unwrap();
+        assert_eq!(response_framing(&r, Some("GET")), Framing::Chunked);
+        assert_eq!(response_framing(&r, Some("HEAD")), Framing::Length(0));
+        assert_eq!(response_framing(&r, Some("CONNECT")), Framing::Tunnel);
+        let r = parse_response(b"HTTP/1.0 200 OK\r\n\r\n").unwrap();
+        assert_eq!(response_framing(&r, Some("GET")), Framing::UntilClose);
+        let r = parse_response(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n").unwrap();
+        assert_eq!(response_framing(&r, Some("GET")), Framing::Length(0));
+        let r = parse_response(
+            b"HTTP/1.1 500 x\r\nContent-Length: 3\r\ncontent-length: 4\r\n\
+              x-openstack-request-id: req-a\r\nx-compute-request-id: req-a\r\n\
+              Content-Type: application/json\r\n\r\n",
+        )
+        .unwrap();
+        assert!(r.body.conflicting_length && r.json_or_unknown);
+        assert_eq!(r.request_id.as_deref(), Some("req-a"));
+    }
+
+    #[test]
+    fn start_line_sniffing() {
+        assert_eq!(looks_like_request(b"GET / HTTP/1.1"), Some(true));
+        assert_eq!(looks_like_request(b"GE"), None);
+        assert_eq!(looks_like_request(b"get /"), Some(false));
+        assert_eq!(looks_like_request(b"\x16\x03\x01"), Some(false));
+        assert_eq!(looks_like_response(b"HTTP/1.1 200"), Some(true));
+        assert_eq!(looks_like_response(b"HTT"), None);
+        assert_eq!(looks_like_response(b"AMQP"), Some(false));
+    }
+
+    #[test]
+    fn a_request_line_without_version_is_still_a_request() {
+        let h = parse_request(b"GET /gen.php?x=1\r\nHost: a\r\nUser-Agent: m\r\n\r\n").unwrap();
+        assert!(h.missing_version);
+        assert_eq!((&*h.method, h.path.as_str()), ("GET", "/gen.php"));
+        assert_eq!(h.user_agent.as_deref(), Some("m"));
+        let h = parse_request(b"GET /\r\nFakeHeader\r\nHost: localhost\r\n\r\n").unwrap();
+        assert!(h.missing_version && h.user_agent.is_none());
+        assert!(parse_request(b"GET / HTTP/2.0\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(parse_request(b"\x00\x01\r\n\r\n").is_err());
+        assert!(parse_response(b"HTTP/1.1 2XX OK\r\n\r\n").is_err());
+    }
+}

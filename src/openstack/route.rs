@@ -1,0 +1,201 @@
+//! Route templates: a request path reduced to a bounded label (`/v2.1/servers/{id}/action`).
+//!
+//! Ids are recognised by shape (uuid, hex, numbers, long mixed tokens) and by position
+//! (the segment after a collection whose members are named freely: flavors, traits,
+//! tags, stacks, …). Deep tails fold into `{tail}`. The per-service cap on distinct
+//! templates is applied by the caller.
+
+/// Segments kept; deeper paths end in `{tail}`.
+const MAX_SEGMENTS: usize = 7;
+
+/// Collections whose members are addressed by a free-form name, not an id.
+const NAMED_MEMBERS: &[&str] = &[
+    "flavors",
+    "os-keypairs",
+    "os-extra_specs",
+    "metadata",
+    "tags",
+    "traits",
+    "resource_classes",
+    "inventories",
+    "stacks",
+    "resources",
+    "schemas",
+    "os-hypervisors",
+    "os-availability-zone",
+    "extra_specs",
+    "buckets",
+];
+
+/// Words that stay literal even where a name is expected (`/flavors/detail`).
+const RESERVED: &[&str] = &[
+    "detail", "action", "defaults", "search", "servers", "events",
+];
+
+fn is_hex(s: &str) -> bool {
+    s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Looks like an identifier rather than a word of the API.
+fn id_shaped(s: &str) -> bool {
+    let b = s.as_bytes();
+    if b.is_empty() {
+        return false;
+    }
+    if b.iter().all(u8::is_ascii_digit) {
+        return true;
+    }
+    let digits = b.iter().filter(|c| c.is_ascii_digit()).count();
+    // uuid (dashed or not), keystone hex32, short hex ids with digits
+    let undashed: String = s.chars().filter(|c| *c != '-').collect();
+    if undashed.len() >= 8 && is_hex(&undashed) && digits > 0 {
+        return true;
+    }
+    if let Some(rest) = s.strip_prefix("req-") {
+        return rest.len() >= 8;
+    }
+    // long tokens mixing letters and digits; anything outside the API's alphabet
+    (b.len() >= 16 && digits >= 2)
+        || !b
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.' | b':'))
+}
+
+fn is_version(s: &str) -> bool {
+    let Some(v) = s.strip_prefix('v') else {
+        return false;
+    };
+    !v.is_empty() && v.bytes().all(|c| c.is_ascii_digit() || c == b'.')
+}
+
+/// The template of `path` for `service` (a service type name such as "nova"), the
+/// deployment prefix already removed.
+pub fn template(service: Option<&str>, path: &str) -> String {
+    if path == "*" {
+        return "*".into();
+    }
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    if segs.is_empty() {
+        return "/".into();
+    }
+    let mut out: Vec<&str> = Vec::with_capacity(segs.len().min(MAX_SEGMENTS + 1));
+    if service == Some("swift") && segs[0] == "v1" {
+        // /v1/{account}/{container}/{object…}: the object name may hold slashes
+        out.push("v1");
+        for (i, name) in ["{account}", "{container}", "{object}"].iter().enumerate() {
+            if segs.len() > i + 1 {
+                out.push(name);
+            }
+        }
+        return join(&out);
+    }
+    for (i, seg) in segs.iter().enumerate() {
+        if out.len() == MAX_SEGMENTS {
+            out.push("{tail}");
+            break;
+        }
+        let prev = out.last().copied();
+        let t = if i == 0 && is_version(seg) {
+            seg
+        } else if i == 1
+            && prev.is_some_and(is_version)
+            && project_scoped(service)
+            && id_shaped(seg)
+        {
+            "{project_id}"
+        } else if seg.starts_with("AUTH_") {
+            "{account}"
+        } else if prev.is_some_and(|p| NAMED_MEMBERS.contains(&p)) && !RESERVED.contains(seg) {
+            "{name}"
+        } else if id_shaped(seg) || seg.len() > 48 {
+            "{id}"
+        } else {
+            seg
+        };
+        out.push(t);
+    }
+    join(&out)
+}
+
+/// Services whose URLs may carry the project id after the version.
+fn project_scoped(service: Option<&str>) -> bool {
+    matches!(service, Some("nova" | "cinder" | "heat") | None)
+}
+
+fn join(segs: &[&str]) -> String {
+    let mut s = String::with_capacity(segs.iter().map(|x| x.len() + 1).sum());
+    for seg in segs {
+        s.push('/');
+        s.push_str(seg);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openstack_paths_template_as_the_api_reference_names_them() {
+        let cases = [
+            (
+                "nova",
+                "/v2.1/servers/0b7a3c37-8d36-4d52-9c53-ef4d0f0e3a11/action",
+                "/v2.1/servers/{id}/action",
+            ),
+            (
+                "nova",
+                "/v2.1/4a3b9c2d1e0f4a5b8c7d6e5f4a3b2c1d/servers/detail",
+                "/v2.1/{project_id}/servers/detail",
+            ),
+            ("nova", "/v2.1/flavors/m1.tiny", "/v2.1/flavors/{name}"),
+            ("nova", "/v2.1/flavors/detail", "/v2.1/flavors/detail"),
+            (
+                "neutron",
+                "/v2.0/ports/9a3c0b7a-3c37-4d36-8d52-9c53ef4d0f0e",
+                "/v2.0/ports/{id}",
+            ),
+            ("keystone", "/v3/auth/tokens", "/v3/auth/tokens"),
+            (
+                "keystone",
+                "/v3/users/4a3b9c2d1e0f4a5b8c7d6e5f4a3b2c1d/projects",
+                "/v3/users/{id}/projects",
+            ),
+            (
+                "placement",
+                "/resource_providers/0b7a3c37-8d36-4d52-9c53-ef4d0f0e3a11/inventories/VCPU",
+                "/resource_providers/{id}/inventories/{name}",
+            ),
+            ("placement", "/traits/CUSTOM_GPU", "/traits/{name}"),
+            (
+                "swift",
+                "/v1/AUTH_4a3b9c2d1e0f4a5b8c7d6e5f4a3b2c1d/photos/2024/a.jpg",
+                "/v1/{account}/{container}/{object}",
+            ),
+            (
+                "heat",
+                "/v1/4a3b9c2d1e0f/stacks/web/0b7a3c37-8d36-4d52-9c53-ef4d0f0e3a11/resources",
+                "/v1/{project_id}/stacks/{name}/{id}/resources",
+            ),
+            (
+                "glance",
+                "/v2/images/12/tags/gold",
+                "/v2/images/{id}/tags/{name}",
+            ),
+            ("glance", "/", "/"),
+        ];
+        for (svc, path, want) in cases {
+            assert_eq!(template(Some(svc), path), want, "{path}");
+        }
+    }
+
+    #[test]
+    fn templates_are_bounded_in_depth_and_shape() {
+        let deep = "/a/b/c/d/e/f/g/h/i/j";
+        assert_eq!(template(None, deep), "/a/b/c/d/e/f/g/{tail}");
+        assert_eq!(template(None, "/x/%2e%2e/y"), "/x/{id}/y");
+        assert_eq!(template(None, &format!("/x/{}", "a".repeat(60))), "/x/{id}");
+        assert_eq!(template(None, "/comment/"), "/comment");
+        assert_eq!(template(None, "/x/req-0b7a3c37-8d36"), "/x/{id}");
+    }
+}

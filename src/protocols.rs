@@ -1,0 +1,137 @@
+//! Which parser a connection gets: AMQP by port (the broker's), HTTP by port (the
+//! OpenStack API ports) or, on any other port, by its first bytes (a request line from
+//! the client or a status line from the server).
+
+use crate::amqp::{AmqpConnection, AmqpEvent};
+use crate::decode::Endpoint;
+use crate::health::Health;
+use crate::http::head::{looks_like_request, looks_like_response};
+use crate::http::{Exchange, HttpConfig, HttpConnection};
+use crate::tcp::flows::{App, Dir, NewFlow};
+use crate::tcp::stream::Chunk;
+use crate::time::Ts;
+
+/// What the parsers of all connections found, per protocol.
+#[derive(Default)]
+pub struct Found {
+    pub amqp: Vec<AmqpEvent>,
+    pub http: Vec<Exchange>,
+}
+
+pub enum Conn {
+    Amqp(AmqpConnection),
+    Http(Box<HttpConnection>),
+    /// A handshake on a port we don't know: the first payload decides.
+    Undecided {
+        id: u64,
+        client: Endpoint,
+        server: Endpoint,
+        http: HttpConfig,
+    },
+    /// Not a protocol we read.
+    Opaque,
+}
+
+/// The settings `choose` needs.
+pub struct Choice<'a> {
+    pub amqp_ports: &'a [u16],
+    pub amqp_max_frame: usize,
+    pub amqp_max_body: usize,
+    pub http_ports: &'a dyn Fn(u16) -> bool,
+    pub sniff_other_ports: bool,
+    pub http: &'a HttpConfig,
+}
+
+/// Picks the parser for a new connection and says which side is the client (None: a
+/// connection we don't follow).
+pub fn choose(f: NewFlow<'_>, c: &Choice<'_>) -> Option<(Conn, Endpoint, Endpoint)> {
+    let by_port = |is: &dyn Fn(u16) -> bool| {
+        if is(f.server.port) {
+            Some((f.client, f.server))
+        } else if is(f.client.port) {
+            Some((f.server, f.client))
+        } else {
+            None
+        }
+    };
+    if let Some((client, server)) = by_port(&|p| c.amqp_ports.contains(&p)) {
+        let a = AmqpConnection::new(f.id, client, f.saw_syn, c.amqp_max_frame, c.amqp_max_body);
+        return Some((Conn::Amqp(a), client, server));
+    }
+    let http = |client, server| {
+        let h = HttpConnection::new(f.id, client, server, !f.saw_syn, c.http.clone());
+        Some((Conn::Http(Box::new(h)), client, server))
+    };
+    if let Some((client, server)) = by_port(c.http_ports) {
+        return http(client, server);
+    }
+    if !c.sniff_other_ports {
+        return None;
+    }
+    if f.payload.is_empty() {
+        // a handshake: follow the connection until its first bytes say what it is
+        return f.saw_syn.then(|| {
+            let u = Conn::Undecided {
+                id: f.id,
+                client: f.client,
+                server: f.server,
+                http: c.http.clone(),
+            };
+            (u, f.client, f.server)
+        });
+    }
+    // joined mid-stream: the sender of a request line is the client
+    let (sender, receiver) = if f.from_client {
+        (f.client, f.server)
+    } else {
+        (f.server, f.client)
+    };
+    if looks_like_request(f.payload) == Some(true) {
+        http(sender, receiver)
+    } else if looks_like_response(f.payload) == Some(true) {
+        http(receiver, sender)
+    } else {
+        None
+    }
+}
+
+impl App for Conn {
+    type Out = Found;
+
+    fn on_chunk(&mut self, dir: Dir, ts: Ts, chunk: Chunk<'_>, h: &mut Health, out: &mut Found) {
+        match self {
+            Conn::Amqp(a) => a.on_chunk(dir, ts, chunk, h, &mut out.amqp),
+            Conn::Http(c) => c.on_chunk(dir, ts, chunk, h, &mut out.http),
+            Conn::Undecided {
+                id,
+                client,
+                server,
+                http,
+            } => {
+                let Chunk::Data(d) = chunk else { return };
+                let verdict = if dir == Dir::ToServer {
+                    looks_like_request(d)
+                } else {
+                    looks_like_response(d)
+                };
+                if verdict == Some(false) {
+                    *self = Conn::Opaque;
+                    return;
+                }
+                // a request line split after a few bytes is still taken for HTTP
+                let mut c = HttpConnection::new(*id, *client, *server, false, http.clone());
+                c.on_chunk(dir, ts, chunk, h, &mut out.http);
+                *self = Conn::Http(Box::new(c));
+            }
+            Conn::Opaque => {}
+        }
+    }
+
+    fn on_close(&mut self, ts: Ts, h: &mut Health, out: &mut Found) {
+        match self {
+            Conn::Amqp(a) => a.on_close(ts, h, &mut out.amqp),
+            Conn::Http(c) => c.on_close(ts, h, &mut out.http),
+            Conn::Undecided { .. } | Conn::Opaque => {}
+        }
+    }
+}
