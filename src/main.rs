@@ -94,6 +94,7 @@ const SAMPLES: &[(&str, &[u8])] = &[
         "slow_server.pcap",
         include_bytes!("../sampledata/slow_server.pcap"),
     ),
+    ("rest.pcap", include_bytes!("../sampledata/rest.pcap")),
 ];
 
 fn load_config(path: &Option<PathBuf>) -> anyhow::Result<Config> {

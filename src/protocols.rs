@@ -18,6 +18,9 @@ pub struct Found {
     pub http: Vec<Exchange>,
 }
 
+// AMQP connections are the common and hot case: kept inline (no pointer chase per
+// segment); the rarer HTTP parser is boxed
+#[allow(clippy::large_enum_variant)]
 pub enum Conn {
     Amqp(AmqpConnection),
     Http(Box<HttpConnection>),

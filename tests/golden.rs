@@ -217,3 +217,47 @@ fn caps_bound_memory_and_count_evictions() {
         "no series folded into other"
     );
 }
+
+#[test]
+fn rest() {
+    // the RPC half (nova-api's casts, the scheduler's calls) against the truth, as above
+    let r = golden("rest");
+    let dir = repo().join("sampledata");
+    let truth = read_truth(&dir.join("rest.truth.jsonl"));
+    let bad = check_rest_against_truth(&r, &truth);
+    assert!(
+        bad.is_empty(),
+        "{} mismatches:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+    // the faults the services injected show up with their messages
+    let faults: Vec<&serde_json::Value> = r
+        .events
+        .iter()
+        .filter(|e| e["kind"] == "http" && e["status"] == 500)
+        .collect();
+    assert!(faults.iter().any(|e| e["service"] == "neutron"
+        && e["route"] == "/v2.0/ports/{id}"
+        && e["error"]["type"] == "PortBindingFailed"));
+    assert!(faults.iter().any(
+        |e| e["service"] == "placement" && e["error"]["message"] == "Database connection lost"
+    ));
+    // nova-scheduler's keystoneauth User-Agent names it
+    assert!(r.events.iter().any(|e| e["kind"] == "http"
+        && e["client"]["service"] == "nova-scheduler"
+        && e["service"] == "placement"));
+    assert!(r.metrics.contains(
+        "stacktap_http_requests_total{client=\"python-neutronclient\",service=\"neutron\",method=\"PUT\",route=\"/v2.0/ports/{id}\",code=\"500\"}"
+    ));
+    assert!(r.metrics.contains("stacktap_http_request_duration_seconds_count{service=\"nova\",method=\"POST\",route=\"/v2.1/servers\"}"));
+    assert_eq!(r.summary.anomalies.len(), 0, "{:?}", r.summary.anomalies);
+    // no token, password or keystone credential of the capture in any output
+    let secrets = secrets_in_capture(&dir.join("rest.pcap"));
+    assert!(
+        secrets.len() > 10,
+        "the capture should carry tokens: {secrets:?}"
+    );
+    assert!(secrets.iter().any(|s| s.starts_with(PASSWORD_PREFIX)));
+    assert_no_secrets("rest", &r, &secrets);
+}

@@ -18,6 +18,11 @@ oslo.messaging puts in the AMQP connection_name, exactly as in a real deployment
                   (fanout, so every scheduler gets a copy)
   nova-compute    topic "compute", server hostN: build_and_run_instance (cast),
                   attach_interface / get_console_output / slow_op (calls)
+
+The "rest" scenario adds real WSGI APIs (restapis.py: keystone, nova-api, glance,
+neutron-server, placement-api on their usual ports, oslo.middleware request ids,
+keystoneauth1 clients) and a user ("openstack") who boots servers through nova's API;
+the scheduler then calls placement and the computes bind ports in neutron.
 """
 
 import argparse
@@ -257,13 +262,26 @@ class ComputeTaskEndpoint(Handled):
 
 
 class SchedulerEndpoint(Handled):
-    def __init__(self, truth, name, hosts, fail_every):
+    def __init__(self, truth, name, hosts, fail_every, rest=None):
         super().__init__(truth, "nova-scheduler", name)
         self.target = endpoint_target(version="4.5")
         self.hosts, self.n, self.fail_every = hosts, 0, fail_every
+        self.rest = rest  # placement, with nova's plain keystoneauth adapter
 
     def select_destinations(self, ctxt, instance_uuid):
         self.n += 1
+        if self.rest:
+            r = self.rest.call("placement", "GET", "/allocation_candidates?resources=VCPU:1",
+                               global_request_id=ctxt.global_id,
+                               route="/allocation_candidates")
+            if r.status_code != 200:
+                self.record(ctxt, "select_destinations", "call",
+                            raised={"class": "NoValidHost", "module": "nova.exception"})
+                raise NoValidHost(reason="Placement API returned %d." % r.status_code)
+            self.rest.call("placement", "PUT", "/allocations/" + instance_uuid,
+                           global_request_id=ctxt.global_id,
+                           route="/allocations/{consumer_uuid}",
+                           json={"allocations": {}, "consumer_generation": None})
         if self.fail_every and self.n % self.fail_every == 0:
             self.record(ctxt, "select_destinations", "call",
                         raised={"class": "NoValidHost", "module": "nova.exception"})
@@ -276,13 +294,26 @@ class SchedulerEndpoint(Handled):
 
 
 class ComputeEndpoint(Handled):
-    def __init__(self, truth, host, transport, notifier, faults):
+    def __init__(self, truth, host, transport, notifier, faults, rest=None):
         super().__init__(truth, "nova-compute", host)
         self.target = endpoint_target(version="6.0")
         self.conductor = client(transport, "conductor", version="3.0")
         self.notifier, self.faults = notifier, faults
+        self.rest = rest  # neutron, through python-neutronclient
 
     def build_and_run_instance(self, ctxt, instance_uuid):
+        if self.rest:
+            port = str(uuid.uuid4())
+            r = self.rest.call("neutron", "PUT", "/v2.0/ports/" + port,
+                               global_request_id=ctxt.global_id, route="/v2.0/ports/{port_id}",
+                               json={"port": {"binding:host_id": self.host,
+                                              "device_id": instance_uuid}})
+            if r.status_code != 200:
+                self.record(ctxt, "build_and_run_instance", "cast",
+                            raised={"class": "PortBindingFailed", "module": "nova.exception"})
+                self.notifier.error(ctxt, "compute.instance.create.error",
+                                    {"instance_id": instance_uuid, "port_id": port})
+                raise PortBindingFailed(port_id=port)
         self.record(ctxt, "build_and_run_instance", "cast")
         timed_call(self.truth, "nova-compute", self.conductor.prepare(timeout=10), ctxt,
                    "object_action", desc("conductor", version="3.0"), 10,
@@ -322,15 +353,25 @@ def run_service(args):
     ntransport = oslo_messaging.get_notification_transport(conf, url=url)
     faults = set(filter(None, (args.faults or "").split(",")))
     servers = []
-    if args.role == "nova-conductor":
+    stop = threading.Event()
+    rest_faults = dict((k, int(v)) for k, v in
+                       (f.split("=") for f in filter(None, (args.rest_faults or "").split(","))))
+    if args.role in REST_ROLES:
+        run_api(args, truth, transport, rest_faults, stop)
+        servers = []
+    elif args.role == "nova-conductor":
         eps = [ConductorEndpoint(truth), ComputeTaskEndpoint(truth, transport)]
         target = oslo_messaging.Target(topic="conductor", server=args.host)
         servers.append(oslo_messaging.get_rpc_server(transport, target, eps,
                                                      executor="threading",
                                                      serializer=ContextSerializer()))
     elif args.role == "nova-scheduler":
+        rest = None
+        if args.rest:
+            import restapis
+            rest = restapis.service_client(truth, "nova-scheduler", FAKE_TOKEN_PREFIX)
         ep = SchedulerEndpoint(truth, args.host, args.hosts.split(","),
-                               int(args.fail_every or 0))
+                               int(args.fail_every or 0), rest)
         target = oslo_messaging.Target(topic="scheduler", server=args.host)
         servers.append(oslo_messaging.get_rpc_server(transport, target, [ep],
                                                      executor="threading",
@@ -338,7 +379,12 @@ def run_service(args):
     elif args.role == "nova-compute":
         notifier = oslo_messaging.Notifier(ntransport, publisher_id="compute." + args.host,
                                            driver="messagingv2", topics=["notifications"])
-        ep = ComputeEndpoint(truth, args.host, transport, notifier, faults)
+        rest = None
+        if args.rest:
+            import restapis
+            rest = restapis.service_client(truth, "nova-compute", FAKE_TOKEN_PREFIX,
+                                           user_agent="python-neutronclient")
+        ep = ComputeEndpoint(truth, args.host, transport, notifier, faults, rest)
         target = oslo_messaging.Target(topic="compute", server=args.host)
         servers.append(oslo_messaging.get_rpc_server(transport, target, [ep],
                                                      executor="threading",
@@ -346,7 +392,6 @@ def run_service(args):
     else:
         raise SystemExit("unknown role " + args.role)
 
-    stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     for s in servers:
@@ -370,6 +415,90 @@ def run_service(args):
         s.wait()
     transport.cleanup()
     ntransport.cleanup()
+
+
+REST_ROLES = ("keystone", "glance-api", "placement-api", "neutron-server", "nova-api")
+
+
+def run_api(args, truth, transport, faults, stop):
+    """One REST API process (restapis.py) on its usual port."""
+    import restapis
+    tp = FAKE_TOKEN_PREFIX
+    if args.role == "keystone":
+        app = restapis.Keystone(truth, tp)
+        service = "keystone"
+    elif args.role == "glance-api":
+        app = restapis.Glance("glance", truth,
+                              restapis.middleware_client(truth, "glance-api", "glance", tp))
+        service = "glance"
+    elif args.role == "placement-api":
+        app = restapis.Placement("placement", truth,
+                                 restapis.middleware_client(truth, "placement-api", "placement",
+                                                            tp), faults)
+        service = "placement"
+    elif args.role == "neutron-server":
+        app = restapis.Neutron(truth,
+                               restapis.middleware_client(truth, "neutron-server", "neutron", tp),
+                               restapis.service_client(truth, "neutron-server", tp,
+                                                       user_agent="python-novaclient"),
+                               faults)
+        service = "neutron"
+    else:
+        conductor = client(transport, "conductor", namespace="compute_task", version="1.25")
+
+        def build(local, glob, sid):
+            from oslo_context import context
+            ctxt = context.RequestContext(user_id="u-demo", project_id="p-demo",
+                                          auth_token=tp + uuid.uuid4().hex, roles=["member"],
+                                          request_id=local, global_request_id=glob)
+            timed_cast(truth, "nova-api", conductor, ctxt, "schedule_and_build_instances",
+                       desc("conductor", namespace="compute_task", version="1.25"),
+                       instance_uuid=sid)
+        app = restapis.Nova(truth, restapis.middleware_client(truth, "nova-api", "nova", tp),
+                            restapis.service_client(truth, "nova-api", tp,
+                                                    user_agent="python-glanceclient"),
+                            restapis.service_client(truth, "nova-api", tp,
+                                                    user_agent="python-neutronclient"),
+                            build)
+        service = "nova"
+    restapis.serve(service, app, stop)
+
+
+def run_user(args):
+    """The user: an SDK session for keystone and glance, novaclient for nova."""
+    import restapis
+    truth = Truth(args.truth)
+    truth.write(kind="process", service="openstack", host=None, pid=os.getpid(), t=time.time())
+    sdk = restapis.Client(truth, "openstack", FAKE_TOKEN_PREFIX, app_name="openstacksdk")
+    token = sdk.login("demo")
+    nova = restapis.Client(truth, "openstack", FAKE_TOKEN_PREFIX, user_agent="python-novaclient")
+    nova.token = token
+    image = str(uuid.uuid4())
+    for i in range(args.calls):
+        # every other boot carries a global request id, one a malformed one (dropped by
+        # oslo.middleware, so nova starts a new chain)
+        gid = "req-" + str(uuid.uuid4()) if i % 2 else None
+        if i == 2:
+            gid = "not-a-request-id"
+        r = nova.call("nova", "POST", "/v2.1/servers", global_request_id=gid,
+                      route="/v2.1/servers",
+                      json={"server": {"name": "vm%d" % i, "imageRef": image,
+                                       "flavorRef": "1"}})
+        sid = (r.json().get("server") or {}).get("id") if r.status_code == 202 else None
+        if sid:
+            nova.call("nova", "GET", "/v2.1/servers/" + sid, route="/v2.1/servers/{server_id}")
+        if i % 4 == 3:
+            nova.call("nova", "GET", "/v2.1/servers/" + str(uuid.uuid4()),
+                      route="/v2.1/servers/{server_id}")
+        if i % 3 == 0:
+            nova.call("nova", "GET", "/v2.1/flavors/detail", route="/v2.1/flavors/detail")
+            sdk.call("glance", "GET", "/v2/images?limit=20", route="/v2/images")
+        time.sleep(0.05)
+    # a token keystone never issued: nova answers 401
+    stale = restapis.Client(truth, "openstack", FAKE_TOKEN_PREFIX, user_agent="python-novaclient")
+    stale.token = FAKE_TOKEN_PREFIX + "revoked" + uuid.uuid4().hex
+    stale.call("nova", "GET", "/v2.1/flavors/detail", route="/v2.1/flavors/detail")
+    time.sleep(2.0)  # let the builds the casts started finish
 
 
 # --------------------------------------------------------------------------------------
@@ -492,6 +621,10 @@ SCENARIOS = {
     "midstream": "the capture starts after every connection is up and while a call is in "
                  "flight",
     "load": "the healthy mix, many times over (benchmark captures)",
+    "rest": "a user boots servers through real WSGI APIs (keystone, nova-api, glance, "
+            "neutron, placement; oslo.middleware request ids, keystoneauth1 clients): nova-api "
+            "casts to the conductor, the scheduler calls placement (every 4th: 500), computes "
+            "bind ports in neutron (every 3rd: 500 PortBindingFailed)",
 }
 
 
@@ -535,8 +668,12 @@ def record(args):
 
     def start_capture():
         nonlocal tcpdump
+        ports = [BROKER.split(":")[1]]
+        if scenario == "rest":
+            import restapis
+            ports += [str(p) for p in restapis.PORTS.values()]
         tcpdump = subprocess.Popen(["tcpdump", "-i", "lo", "-U", "-s", "0", "-w", pcap,
-                                    "tcp port %s" % BROKER.split(":")[1]],
+                                    " or ".join("tcp port " + p for p in ports)],
                                    stderr=subprocess.PIPE, text=True)
         line = tcpdump.stderr.readline()  # "listening on lo ..." once the filter is live
         if "listening" not in line:
@@ -558,14 +695,25 @@ def record(args):
         hosts = "host1,host2"
         faults = {"remote_error": {"host2": "port_binding,value_error"}}.get(scenario, {})
         readies = []
+        rest = scenario == "rest"
+        if rest:
+            # keystone first: every other service logs in to it when it starts
+            r = service("keystone", "api")
+            wait_for(r[1], "keystone", procs=procs)
+            api_faults = {"placement-api": "placement_500=4", "neutron-server": "port_binding=3"}
+            for role in ("glance-api", "placement-api", "neutron-server", "nova-api"):
+                extra = ["--rest-faults", api_faults[role]] if role in api_faults else []
+                readies.append(service(role, "api", *extra)[1])
         readies.append(service("nova-conductor", "cond1")[1])
-        for s in ("sched1", "sched2"):
+        for s in ("sched1", "sched2")[:1 if rest else 2]:
             extra = ["--hosts", hosts]
             if scenario == "remote_error":
                 extra += ["--fail-every", "3"]
+            if rest:
+                extra += ["--rest"]
             readies.append(service("nova-scheduler", s, *extra)[1])
         for h in ("host1", "host2"):
-            extra = ["--fanout-every", "2"]
+            extra = ["--fanout-every", "2"] + (["--rest"] if rest else [])
             if h in faults:
                 extra += ["--faults", faults[h]]
             if scenario == "slow_server":
@@ -586,7 +734,9 @@ def record(args):
         if midstream:
             phase1 = os.path.join(work, "phase1")
             dargs += ["--go-file", go, "--phase1-file", phase1]
-        driver = spawn("nova-api", dargs, log)
+        if rest:
+            dargs = ["user", "--calls", str(args.calls), "--truth", driver_truth]
+        driver = spawn("openstack" if rest else "nova-api", dargs, log)
         if midstream:
             wait_for(phase1, "phase 1", procs=[driver])
             start_capture()
@@ -621,6 +771,7 @@ def record(args):
         f.write(json.dumps({"kind": "scenario", "scenario": scenario,
                             "description": SCENARIOS[scenario],
                             "token_prefix": FAKE_TOKEN_PREFIX,
+                            "password_prefix": "secret-password-",
                             "broker_password": "guest"}) + "\n")
         for r in records:
             f.write(json.dumps(r, sort_keys=True) + "\n")
@@ -647,6 +798,12 @@ def main():
     s.add_argument("--fail-every")
     s.add_argument("--fanout-every", type=float, default=0)
     s.add_argument("--reply-retry", type=int)
+    s.add_argument("--rest", action="store_true", help="call placement / neutron over REST")
+    s.add_argument("--rest-faults", help="FAULT=N,...: fail every Nth request of a kind")
+    u = sub.add_parser("user")
+    for a in ("--truth",):
+        u.add_argument(a, required=True)
+    u.add_argument("--calls", type=int, default=12)
     d = sub.add_parser("driver")
     for a in ("--scenario", "--truth", "--vhost"):
         d.add_argument(a, required=True)
@@ -656,7 +813,7 @@ def main():
     o = sub.add_parser("orphan")
     for a in ("--truth", "--vhost"):
         o.add_argument(a, required=True)
-    for p in (s, d, o):
+    for p in (s, d, o, u):
         p.add_argument("--as", dest="process_name", required=True)
     args = ap.parse_args()
     if getattr(args, "process_name", None):
@@ -674,6 +831,8 @@ def main():
         run_driver(args)
     elif args.cmd == "orphan":
         run_orphan_caller(args)
+    elif args.cmd == "user":
+        run_user(args)
 
 
 if __name__ == "__main__":

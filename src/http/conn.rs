@@ -440,13 +440,26 @@ impl HttpConnection {
             }
         }
         let side = &mut self.sides[dir as usize];
-        match memchr::memchr(b'\n', data) {
-            Some(nl) => {
+        // a message may also start right after body bytes with no line break between
+        // (a body whose end the capture lost): look for the start line's version token
+        let glued = glued_start(dir, data);
+        let nl = memchr::memchr(b'\n', data);
+        match (glued, nl) {
+            (Some(at), nl) if nl.is_none_or(|nl| at <= nl) => {
+                side.state = State::Start;
+                side.suspect = Suspect::Nothing;
+                &data[at..]
+            }
+            (_, Some(nl)) => {
                 side.state = State::Resync { line_start: true };
                 &data[nl + 1..]
             }
-            None => {
+            (_, None) => {
                 side.state = State::Resync { line_start: false };
+                // keep the tail: a version token may be cut at the chunk's end
+                let keep = data.len().min(24);
+                side.buf.clear();
+                side.buf.extend_from_slice(&data[data.len() - keep..]);
                 &[]
             }
         }
@@ -714,6 +727,28 @@ impl HttpConnection {
     }
 }
 
+/// Methods a request line may start with after garbage, longest first.
+const METHODS: &[&[u8]] = &[
+    b"OPTIONS", b"CONNECT", b"DELETE", b"PATCH", b"TRACE", b"POST", b"HEAD", b"GET", b"PUT",
+];
+
+/// Where a start line begins inside `data` with no line break before it: a status line's
+/// `HTTP/1.`, or a request line's method before ` <target> HTTP/1.`.
+fn glued_start(dir: Dir, data: &[u8]) -> Option<usize> {
+    if dir == Dir::ToClient {
+        let at = memchr::memmem::find(data, b"HTTP/1.")?;
+        return (data.len() - at >= 9).then_some(at);
+    }
+    let v = memchr::memmem::find(data, b" HTTP/1.")?;
+    let line = memchr::memrchr(b'\n', &data[..v]).map_or(0, |i| i + 1);
+    let target_sp = memchr::memrchr(b' ', &data[line..v])? + line;
+    let word = &data[line..target_sp];
+    METHODS
+        .iter()
+        .find(|m| word.ends_with(m))
+        .map(|m| target_sp - m.len())
+}
+
 /// End of the head: the byte after the blank line (CRLF CRLF, or bare LF LF).
 fn head_end(buf: &[u8], from: usize) -> Option<usize> {
     let mut i = from;
@@ -871,29 +906,34 @@ mod tests {
 
     #[test]
     fn body_gap_keeps_framing_and_head_gap_loses_one_response() {
+        let reqs: &[u8] = b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\nGET /3 HTTP/1.1\r\n\r\n\
+            GET /4 HTTP/1.1\r\n\r\n";
         let (ex, _) = run(
             false,
             &[
-                (
-                    C,
-                    Chunk::Data(
-                        b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\nGET /3 HTTP/1.1\r\n\r\n",
-                    ),
-                ),
+                (C, Chunk::Data(reqs)),
                 (
                     S,
                     Chunk::Data(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01"),
                 ),
+                // inside the body: the framing survives
                 (S, Chunk::Gap(8)),
-                // the gap eats response 2's head
                 (
                     S,
                     Chunk::Data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nab"),
                 ),
+                // a whole response gone, and the next one starts cleanly: a lost message
+                // can't be seen, so the next response pairs with /3 (as Suricata does)
                 (S, Chunk::Gap(30)),
                 (
                     S,
                     Chunk::Data(b"HTTP/1.1 201 OK\r\nContent-Length: 0\r\n\r\n"),
+                ),
+                // the gap ends inside a response: that response is lost, the next pairs
+                (S, Chunk::Gap(30)),
+                (
+                    S,
+                    Chunk::Data(b"tail of a lost body\r\nHTTP/1.1 204 No\r\n\r\n"),
                 ),
             ],
         );
@@ -902,9 +942,40 @@ mod tests {
             vec![
                 ("/1".into(), Some(200), End::Truncated),
                 ("/2".into(), Some(200), End::Complete),
-                ("/3".into(), None, End::ResponseLost),
+                ("/3".into(), Some(201), End::Complete),
+                ("/4".into(), None, End::ResponseLost),
             ]
         );
+    }
+
+    #[test]
+    fn gap_past_a_body_end_then_a_clean_start_loses_nothing() {
+        let (ex, h) = run(
+            false,
+            &[
+                (
+                    C,
+                    Chunk::Data(b"GET /1 HTTP/1.0\r\n\r\nGET /2 HTTP/1.0\r\n\r\n"),
+                ),
+                (
+                    S,
+                    Chunk::Data(b"HTTP/1.0 200 OK\r\nContent-Length: 12\r\n\r\n"),
+                ),
+                (S, Chunk::Gap(14)),
+                (
+                    S,
+                    Chunk::Data(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n"),
+                ),
+            ],
+        );
+        assert_eq!(
+            statuses(&ex),
+            vec![
+                ("/1".into(), Some(200), End::Truncated),
+                ("/2".into(), Some(200), End::Complete),
+            ]
+        );
+        assert_eq!(h.anomaly_count("http", "gap_lost_message"), 0);
     }
 
     #[test]

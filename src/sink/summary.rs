@@ -1,9 +1,9 @@
-//! The end-of-replay summary: top queues by reply wait, errors, timeouts, anomalies.
-//! Also served live as `/api/summary`.
+//! The end-of-replay summary: top queues by reply wait, RPC errors, REST routes by errors
+//! and latency per service, anomalies. Also served live as `/api/summary`.
 
 use super::sketch::{Quantiles, Sketch};
 use crate::correlate::{Name, Signal};
-use crate::event::{Event, Outcome, RpcEvent};
+use crate::event::{Event, HttpEvent, Outcome, RpcEvent};
 use crate::health::Health;
 use crate::oslo::RpcType;
 use serde::Serialize;
@@ -21,6 +21,16 @@ struct QueueStats {
 
 const MAX_QUEUES: usize = 10_000;
 const MAX_ERRORS: usize = 10_000;
+const MAX_ROUTES: usize = 10_000;
+
+#[derive(Default)]
+struct RouteStats {
+    /// By status code; 0 = no response seen.
+    codes: BTreeMap<u16, u64>,
+    latency: Sketch,
+    /// The last fault an error body named ("PortBindingFailed: Binding failed …").
+    last_error: Option<String>,
+}
 
 #[derive(Default)]
 pub struct Summary {
@@ -31,6 +41,23 @@ pub struct Summary {
     notifications: BTreeMap<(String, String), u64>,
     returns: BTreeMap<u16, u64>,
     channel_closes: BTreeMap<u16, u64>,
+    /// REST by (service, method, route).
+    routes: BTreeMap<(String, &'static str, String), RouteStats>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RouteReport {
+    pub service: String,
+    pub method: &'static str,
+    pub route: String,
+    pub requests: u64,
+    pub server_errors: u64,
+    pub client_errors: u64,
+    pub no_response: u64,
+    /// Status code → count ("none": no response seen).
+    pub codes: BTreeMap<String, u64>,
+    pub latency: Quantiles,
+    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -64,6 +91,9 @@ pub struct Report {
     pub queues: Vec<QueueReport>,
     pub errors: Vec<ErrorReport>,
     pub notifications: BTreeMap<String, u64>,
+    pub http_requests: u64,
+    /// Per service, worst first: server errors, then client errors, then p99 latency.
+    pub http_routes: Vec<RouteReport>,
     pub amqp_returns: BTreeMap<u16, u64>,
     pub amqp_channel_closes: BTreeMap<u16, u64>,
     pub anomalies: BTreeMap<String, u64>,
@@ -91,6 +121,7 @@ impl Summary {
                 *self.channel_closes.entry(*reply_code).or_default() += 1
             }
             Signal::Event(Event::Rpc(e)) => self.on_rpc(e),
+            Signal::Event(Event::Http(e)) => self.on_http(e),
             Signal::Event(Event::Notification(n)) => {
                 *self
                     .notifications
@@ -106,6 +137,75 @@ impl Summary {
         self.messages
             .entry((topic.clone(), method.clone(), t.as_str()))
             .or_default()
+    }
+
+    fn on_http(&mut self, e: &HttpEvent) {
+        let mut key = (
+            e.service.as_deref().unwrap_or("unknown").to_string(),
+            e.method,
+            e.route.to_string(),
+        );
+        if self.routes.len() >= MAX_ROUTES && !self.routes.contains_key(&key) {
+            key = (key.0, "OTHER", "{other}".into());
+        }
+        let r = self.routes.entry(key).or_default();
+        *r.codes.entry(e.status.unwrap_or(0)).or_default() += 1;
+        if let Some(d) = e.duration_s {
+            r.latency.observe(d.max(0.0));
+        }
+        if let Some(f) = &e.error {
+            let text = match (&f.kind, &f.message) {
+                (Some(k), Some(m)) => format!("{k}: {m}"),
+                (Some(x), None) | (None, Some(x)) => x.clone(),
+                (None, None) => return,
+            };
+            r.last_error = Some(text);
+        }
+    }
+
+    fn route_reports(&self) -> Vec<RouteReport> {
+        let mut out: Vec<RouteReport> = self
+            .routes
+            .iter()
+            .map(|((service, method, route), r)| {
+                let sum = |f: &dyn Fn(u16) -> bool| -> u64 {
+                    r.codes.iter().filter(|(c, _)| f(**c)).map(|(_, n)| n).sum()
+                };
+                RouteReport {
+                    service: service.clone(),
+                    method,
+                    route: route.clone(),
+                    requests: r.codes.values().sum(),
+                    server_errors: sum(&|c| c >= 500),
+                    client_errors: sum(&|c| (400..500).contains(&c)),
+                    no_response: sum(&|c| c == 0),
+                    codes: r
+                        .codes
+                        .iter()
+                        .map(|(c, n)| {
+                            let c = if *c == 0 {
+                                "none".into()
+                            } else {
+                                c.to_string()
+                            };
+                            (c, *n)
+                        })
+                        .collect(),
+                    latency: r.latency.summary(),
+                    last_error: r.last_error.clone(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            a.service
+                .cmp(&b.service)
+                .then(b.server_errors.cmp(&a.server_errors))
+                .then(b.client_errors.cmp(&a.client_errors))
+                .then(b.latency.p99.total_cmp(&a.latency.p99))
+                .then(a.route.cmp(&b.route))
+                .then(a.method.cmp(b.method))
+        });
+        out
     }
 
     fn on_rpc(&mut self, e: &RpcEvent) {
@@ -218,6 +318,8 @@ impl Summary {
                 .iter()
                 .map(|((p, e), n)| (format!("{p} {e}"), *n))
                 .collect(),
+            http_requests: self.routes.values().flat_map(|r| r.codes.values()).sum(),
+            http_routes: self.route_reports(),
             amqp_returns: self.returns.clone(),
             amqp_channel_closes: self.channel_closes.clone(),
             anomalies: health
@@ -247,6 +349,48 @@ fn ms(q: &Quantiles, v: f64) -> String {
 }
 
 impl Report {
+    /// REST routes: the worst `top` of each service.
+    fn rest_text(&self, s: &mut String, top: usize) {
+        let total = |f: fn(&RouteReport) -> u64| -> u64 { self.http_routes.iter().map(f).sum() };
+        let _ = writeln!(
+            s,
+            "\nREST: {} requests, {} server errors, {} client errors, {} without response",
+            self.http_requests,
+            total(|r| r.server_errors),
+            total(|r| r.client_errors),
+            total(|r| r.no_response),
+        );
+        let _ = writeln!(
+            s,
+            "  {:<12} {:<7} {:<44} {:>6} {:>5} {:>5} {:>9} {:>9}",
+            "service", "method", "route (worst first)", "reqs", "5xx", "4xx", "p50", "p99"
+        );
+        let mut shown: BTreeMap<&str, usize> = BTreeMap::new();
+        for r in &self.http_routes {
+            let n = shown.entry(&r.service).or_default();
+            if *n >= top {
+                continue;
+            }
+            *n += 1;
+            let _ = writeln!(
+                s,
+                "  {:<12} {:<7} {:<44} {:>6} {:>5} {:>5} {:>9} {:>9}",
+                r.service,
+                r.method,
+                r.route,
+                r.requests,
+                r.server_errors,
+                r.client_errors,
+                ms(&r.latency, r.latency.p50),
+                ms(&r.latency, r.latency.p99),
+            );
+            if let Some(e) = &r.last_error {
+                let e: String = e.chars().take(100).collect();
+                let _ = writeln!(s, "  {:<12} {:<7} └ {e}", "", "");
+            }
+        }
+    }
+
     pub fn to_text(&self, top: usize) -> String {
         let mut s = String::new();
         let _ = writeln!(
@@ -314,6 +458,9 @@ impl Report {
                     e.example_msg_id.as_deref().unwrap_or("?")
                 );
             }
+        }
+        if !self.http_routes.is_empty() {
+            self.rest_text(&mut s, top);
         }
         if !self.amqp_returns.is_empty() {
             let r: Vec<String> = self

@@ -249,3 +249,179 @@ pub fn foreign_dir() -> PathBuf {
 
 /// Every token the generator put in `_context_auth_token` starts with this.
 pub const TOKEN_PREFIX: &str = "gAAAAABsecret-token-";
+
+/// Every password the generator sent to keystone starts with this.
+pub const PASSWORD_PREFIX: &str = "secret-password-";
+
+/// `{image_id}` and `{id}` alike: placeholder names differ between services' routers.
+fn placeholders_erased(route: &str) -> String {
+    let mut out = String::new();
+    let mut inside = false;
+    for c in route.chars() {
+        match c {
+            '{' => {
+                inside = true;
+                out.push_str("{}");
+            }
+            '}' => inside = false,
+            _ if !inside => out.push(c),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Compares the `kind: http` events with what the generator's REST clients sent and got.
+pub fn check_rest_against_truth(r: &Replayed, truth: &[Value]) -> Vec<String> {
+    let mut bad = Vec::new();
+    let http: Vec<&Value> = r.events.iter().filter(|e| e["kind"] == "http").collect();
+    let calls: Vec<&Value> = truth.iter().filter(|t| t["kind"] == "rest_call").collect();
+    assert!(!calls.is_empty(), "the truth has no REST call");
+    if http.len() != calls.len() {
+        bad.push(format!(
+            "{} http events for {} REST calls in the truth",
+            http.len(),
+            calls.len()
+        ));
+    }
+    // keystoneauth's own process-named User-Agent must name the right process; client
+    // libraries and keystonemiddleware name a library or the project (the loopback
+    // address is shared by every process, so it names nobody)
+    let allowed_other = [
+        "python-novaclient",
+        "python-glanceclient",
+        "python-neutronclient",
+        "openstacksdk",
+        "nova",
+        "neutron",
+        "glance",
+        "placement",
+    ];
+    let mut used = vec![false; http.len()];
+    for t in &calls {
+        let rid = &t["request_id"];
+        let found = http.iter().enumerate().find(|(i, e)| {
+            !used[*i]
+                && e["request_id"] == *rid
+                && e["method"] == t["method"]
+                && e["path"] == t["path"]
+        });
+        let Some((i, e)) = found else {
+            bad.push(format!(
+                "{} {} (request id {rid}) not reported",
+                t["method"], t["path"]
+            ));
+            continue;
+        };
+        used[i] = true;
+        let what = format!("{} {}", t["method"], t["path"]);
+        if e["status"] != t["status"] {
+            bad.push(format!("{what}: status {} != {}", e["status"], t["status"]));
+        }
+        if e["service"] != t["service"] {
+            bad.push(format!(
+                "{what}: service {} != {}",
+                e["service"], t["service"]
+            ));
+        }
+        if let Some(route) = t["route"].as_str() {
+            let ours = e["route"].as_str().unwrap_or("");
+            if placeholders_erased(ours) != placeholders_erased(route) {
+                bad.push(format!("{what}: route {ours} != {route}"));
+            }
+        }
+        let sent = t["global_request_id"]
+            .as_str()
+            .filter(|g| g.starts_with("req-"));
+        if e["global_request_id"].as_str() != sent {
+            bad.push(format!(
+                "{what}: global_request_id {} != sent {:?}",
+                e["global_request_id"], sent
+            ));
+        }
+        let client = e["client"]["service"].as_str().unwrap_or("");
+        if client != t["caller"] && !allowed_other.contains(&client) {
+            bad.push(format!(
+                "{what}: client {client} but the caller was {}",
+                t["caller"]
+            ));
+        }
+        let (start, end) = (t["t_start"].as_f64().unwrap(), t["t_end"].as_f64().unwrap());
+        let slack = 0.002;
+        let t_req = e["t_request"].as_f64().unwrap();
+        let t_end = e["t_response_end"].as_f64().unwrap_or(f64::NAN);
+        if !(t_req >= start - slack && t_end <= end + slack && t_req <= t_end) {
+            bad.push(format!(
+                "{what}: wire [{t_req}, {t_end}] outside the caller's [{start}, {end}]"
+            ));
+        }
+    }
+    bad
+}
+
+/// Credentials in a capture: the values of the headers that carry them, as raw bytes
+/// found in the file (tokens, Basic/Digest credentials, cookies) and JSON passwords.
+pub fn secrets_in_capture(pcap: &Path) -> Vec<String> {
+    let bytes = std::fs::read(pcap).unwrap();
+    let lower = bytes.to_ascii_lowercase();
+    let mut found = std::collections::BTreeSet::new();
+    let names: [&[u8]; 8] = [
+        b"\nx-auth-token:",
+        b"\nx-subject-token:",
+        b"\nx-service-token:",
+        b"\nauthorization:",
+        b"\nproxy-authorization:",
+        b"\ncookie:",
+        b"\nset-cookie:",
+        b"\"password\": \"",
+    ];
+    for name in names {
+        let mut at = 0;
+        while let Some(p) = memfind(&lower[at..], name) {
+            let start = at + p + name.len();
+            let end = bytes[start..]
+                .iter()
+                .position(|b| matches!(b, b'\r' | b'\n' | b'"'))
+                .map_or(bytes.len(), |e| start + e);
+            let value = String::from_utf8_lossy(&bytes[start..end])
+                .trim()
+                .to_string();
+            // the credential part: after the scheme word of Authorization headers
+            let value = value
+                .strip_prefix("Basic ")
+                .or_else(|| value.strip_prefix("Digest "))
+                .or_else(|| value.strip_prefix("Bearer "))
+                .unwrap_or(&value)
+                .to_string();
+            if value.len() >= 8 {
+                found.insert(value);
+            }
+            at = start;
+        }
+    }
+    found.into_iter().collect()
+}
+
+fn memfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Panics if any secret appears in any output of the replay.
+pub fn assert_no_secrets(name: &str, r: &Replayed, secrets: &[String]) {
+    let summary_json = serde_json::to_string(&r.summary).unwrap();
+    let summary_text = r.summary.to_text(1000);
+    for (what, text) in [
+        ("events", &r.events_text),
+        ("metrics", &r.metrics),
+        ("summary", &summary_json),
+        ("summary text", &summary_text),
+    ] {
+        for s in secrets
+            .iter()
+            .map(String::as_str)
+            .chain([TOKEN_PREFIX, PASSWORD_PREFIX])
+        {
+            assert!(!text.contains(s), "{name}: secret {s:?} reached the {what}");
+        }
+    }
+}
