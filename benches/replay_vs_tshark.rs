@@ -2,10 +2,14 @@
 //!
 //!   cargo bench --bench replay_vs_tshark [-- FILE]
 //!
-//! FILE defaults to target/bench/load.pcap; when it is missing, the generator records it
-//! against the live broker (`minicloud.py record load --calls 6000`, ~110 MB; needs
-//! STACKTAP_PYTHON and RabbitMQ). Prints wall-clock and CPU-time throughput of
-//! `stacktap replay FILE` and of `tshark -r FILE -2 -Y amqp`, and their ratios.
+//! Without FILE, two captures are measured, recorded against the live broker when missing
+//! (needs STACKTAP_PYTHON, RabbitMQ and the API ports free):
+//! * target/bench/load.pcap: `minicloud.py record load --calls 6000` (~110 MB of RPC);
+//! * target/bench/rest.pcap: `minicloud.py record rest --calls 4000` (~85 MB of REST, the
+//!   RPCs the boots cause, and keystone token traffic).
+//!
+//! Prints wall-clock and CPU-time throughput of `stacktap replay FILE` and of
+//! `tshark -r FILE -2 -Y 'amqp or http'` (the API ports decoded as HTTP), and their ratios.
 //! Throughput is reported, never asserted: a timed assertion would flake on a shared machine.
 
 use std::path::{Path, PathBuf};
@@ -34,32 +38,56 @@ fn time(cmd: &mut Command) -> (f64, f64) {
     (t.elapsed().as_secs_f64(), children_cpu() - cpu0)
 }
 
+/// Records `scenario` with the generator into `dir` (its capture is `dir/scenario.pcap`).
+fn record(root: &Path, scenario: &str, calls: &str, dir: &Path) -> PathBuf {
+    let python =
+        std::env::var("STACKTAP_PYTHON").expect("set STACKTAP_PYTHON to record the bench capture");
+    let ok = Command::new(python)
+        .arg(root.join("sampledata/generator/minicloud.py"))
+        .args(["record", scenario, "--calls", calls, "--out"])
+        .arg(dir)
+        .status()
+        .expect("run the generator")
+        .success();
+    let file = dir.join(format!("{scenario}.pcap"));
+    assert!(ok && file.exists(), "could not record {}", file.display());
+    file
+}
+
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let file = std::env::args()
-        .skip(1)
-        .find(|a| !a.starts_with('-'))
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target/bench/load.pcap"));
-    if !file.exists() {
-        let python = std::env::var("STACKTAP_PYTHON")
-            .expect("set STACKTAP_PYTHON to record the bench capture");
-        let out = file.parent().unwrap_or(Path::new("."));
-        let ok = Command::new(python)
-            .arg(root.join("sampledata/generator/minicloud.py"))
-            .args(["record", "load", "--calls", "6000", "--out"])
-            .arg(out)
-            .status()
-            .expect("run the generator")
-            .success();
-        assert!(ok && file.exists(), "could not record {}", file.display());
-    }
-    let size = std::fs::metadata(&file).unwrap().len() as f64 / 1e6;
     let bin = root.join("target/release/stacktap");
     assert!(
         bin.exists(),
         "build the release binary first: cargo build --release"
     );
+    let given: Vec<PathBuf> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .map(PathBuf::from)
+        .collect();
+    if !given.is_empty() {
+        for f in given {
+            bench(&bin, &f);
+        }
+        return;
+    }
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    let load = dir.join("load.pcap");
+    if !load.exists() {
+        record(&root, "load", "6000", &dir);
+    }
+    bench(&bin, &load);
+    let rest = dir.join("rest.pcap");
+    if !rest.exists() {
+        record(&root, "rest", "4000", &dir);
+    }
+    bench(&bin, &rest);
+}
+
+fn bench(bin: &Path, file: &Path) {
+    let size = std::fs::metadata(file).unwrap().len() as f64 / 1e6;
     // warm the page cache so that both tools read from memory
     let _ = std::fs::read(&file);
     // best of 5: on a shared VM the minimum is the least disturbed run. CPU time (user +
@@ -69,13 +97,20 @@ fn main() {
             .map(|_| f())
             .fold((f64::MAX, f64::MAX), |a, b| (a.0.min(b.0), a.1.min(b.1)))
     };
-    let ours = best(&mut || time(Command::new(&bin).arg("replay").arg(&file)));
+    let ours = best(&mut || time(Command::new(bin).arg("replay").arg(file)));
+    // tshark decodes AMQP on 5672 by itself; the OpenStack API ports must be named
+    let mut decode_as = Vec::new();
+    for port in [5000, 8774, 8778, 9292, 9696] {
+        decode_as.push("-d".to_string());
+        decode_as.push(format!("tcp.port=={port},http"));
+    }
     let theirs = best(&mut || {
         time(
             Command::new("tshark")
                 .arg("-r")
-                .arg(&file)
-                .args(["-2", "-Y", "amqp"]),
+                .arg(file)
+                .args(["-2", "-Y", "amqp or http"])
+                .args(&decode_as),
         )
     });
     println!("capture: {} ({size:.1} MB)", file.display());
@@ -83,7 +118,10 @@ fn main() {
         "{:<20} {:>9} {:>9} {:>9} {:>9}",
         "", "wall s", "MB/s", "cpu s", "MB/s"
     );
-    for (name, (wall, cpu)) in [("stacktap replay", ours), ("tshark -2 -Y amqp", theirs)] {
+    for (name, (wall, cpu)) in [
+        ("stacktap replay", ours),
+        ("tshark -2 -Y amqp|http", theirs),
+    ] {
         println!(
             "{name:<20} {wall:9.3} {:9.1} {cpu:9.3} {:9.1}",
             size / wall,

@@ -51,11 +51,8 @@ fn live_capture_on_the_real_broker_matches_the_truth() {
     let events = dir.path().join("live.jsonl");
     let mut stacktap = Command::new(env!("CARGO_BIN_EXE_stacktap"))
         .args([
-            "capture",
-            "-i",
-            "lo",
-            "--filter",
-            "tcp port 5672",
+            "capture", "-i", "lo",
+            // the default filter: AMQP and the OpenStack API ports
             "--listen",
         ])
         .arg(format!("127.0.0.1:{port}"))
@@ -78,6 +75,7 @@ fn live_capture_on_the_real_broker_matches_the_truth() {
 
     record("healthy", dir.path());
     record("dead_consumer", dir.path());
+    record("rest", dir.path());
 
     // the 2 s timeouts were decided live, on the packet clock, while stacktap still runs
     std::thread::sleep(Duration::from_secs(2));
@@ -93,6 +91,12 @@ fn live_capture_on_the_real_broker_matches_the_truth() {
         "probe health missing"
     );
     assert!(!metrics.contains(TOKEN_PREFIX));
+    assert!(
+        metrics.contains(
+            "stacktap_http_requests_total{client=\"nova-scheduler\",service=\"placement\""
+        ),
+        "live REST metrics missing"
+    );
 
     // SIGINT: a clean stop, with the summary and the events written
     let pid = stacktap.id().to_string();
@@ -119,12 +123,12 @@ fn live_capture_on_the_real_broker_matches_the_truth() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let mut union = Vec::new();
-    for scenario in ["healthy", "dead_consumer"] {
+    for scenario in ["healthy", "dead_consumer", "rest"] {
         union.extend(read_truth(
             &dir.path().join(format!("{scenario}.truth.jsonl")),
         ));
     }
-    for scenario in ["healthy", "dead_consumer"] {
+    for scenario in ["healthy", "dead_consumer", "rest"] {
         let pcap = dir.path().join(format!("{scenario}.pcap"));
         let (first_ts, last_ts) = capture_bounds(&[pcap]);
         let truth = read_truth(&dir.path().join(format!("{scenario}.truth.jsonl")));
@@ -138,6 +142,13 @@ fn live_capture_on_the_real_broker_matches_the_truth() {
             health: Default::default(),
         };
         let mut bad = check_against_truth(&r, &truth);
+        if scenario == "rest" {
+            // only the rest scenario speaks HTTP: every exchange seen live is its
+            bad.extend(check_rest_against_truth(&r, &truth));
+            let secrets = secrets_in_capture(&pcap_of(dir.path(), scenario));
+            assert!(!secrets.is_empty());
+            assert_no_secrets("rest (live)", &r, &secrets);
+        }
         // both scenarios share the live event stream: "invented" is judged on their union
         bad.retain(|m| !m.contains("is not in the truth"));
         bad.extend(
@@ -154,6 +165,10 @@ fn live_capture_on_the_real_broker_matches_the_truth() {
         );
         assert!(bad.is_empty(), "{scenario} (live): {}", bad.join("\n"));
     }
+}
+
+fn pcap_of(dir: &Path, scenario: &str) -> std::path::PathBuf {
+    dir.join(format!("{scenario}.pcap"))
 }
 
 fn empty_report() -> stacktap::sink::summary::Report {

@@ -14,8 +14,8 @@ use std::sync::OnceLock;
 fn packets() -> &'static Vec<Packet> {
     static P: OnceLock<Vec<Packet>> = OnceLock::new();
     P.get_or_init(|| {
-        let files =
-            ["remote_error", "slow_server"].map(|s| repo().join(format!("sampledata/{s}.pcap")));
+        let files = ["remote_error", "slow_server", "rest"]
+            .map(|s| repo().join(format!("sampledata/{s}.pcap")));
         let mut m = MergedFiles::open(&files).unwrap();
         let mut out = Vec::new();
         let mut p = Packet::default();
@@ -94,6 +94,36 @@ proptest! {
         }
         let (events, _) = run(&pkts);
         prop_assert_eq!(events, 0, "random bytes produced an RPC event");
+    }
+
+    #[test]
+    fn random_bytes_on_an_api_port_never_panic_nor_pair(
+        chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 1..40),
+        from_server in proptest::collection::vec(any::<bool>(), 40),
+    ) {
+        // both directions of a nova-api connection carry noise: no request line ever
+        // starts, so no exchange may be reported
+        let mut pkts = Vec::new();
+        let (mut c_seq, mut s_seq) = (1000u32, 9000u32);
+        for (i, c) in chunks.iter().enumerate() {
+            let b = if from_server[i] {
+                let b = etherparse::PacketBuilder::ipv4([10, 0, 0, 2], [10, 0, 0, 1], 64)
+                    .tcp(8774, 40000, s_seq, 65535).ack(c_seq);
+                s_seq = s_seq.wrapping_add(c.len() as u32);
+                b
+            } else {
+                let b = etherparse::PacketBuilder::ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+                    .tcp(40000, 8774, c_seq, 65535).ack(s_seq);
+                c_seq = c_seq.wrapping_add(c.len() as u32);
+                b
+            };
+            let mut data = Vec::new();
+            b.write(&mut data, c).unwrap();
+            pkts.push(Packet { ts: stacktap::time::Ts(i as u64 * 1000), linktype: 101, orig_len: data.len() as u32, data });
+        }
+        let plausible = chunks.iter().any(|c| c.windows(4).any(|w| w.iter().all(u8::is_ascii_uppercase)));
+        let (events, _) = run(&pkts);
+        prop_assert!(events == 0 || plausible, "noise produced an HTTP exchange");
     }
 }
 

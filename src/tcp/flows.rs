@@ -248,7 +248,8 @@ impl<A: App> FlowTable<A> {
         expired.sort();
         for (_, k) in expired {
             let mut f = self.flows.remove(&k).expect("present");
-            health.anomaly("tcp", "idle_close");
+            // not a parse problem: the idle timeout bounds the table like its size cap
+            health.evict("tcp_flows_idle", 1);
             Self::close_flow(&mut f, now, health, out);
         }
         // holes that timed out in connections that went quiet
