@@ -89,7 +89,7 @@ fn main() {
 fn bench(bin: &Path, file: &Path) {
     let size = std::fs::metadata(file).unwrap().len() as f64 / 1e6;
     // warm the page cache so that both tools read from memory
-    let _ = std::fs::read(&file);
+    let _ = std::fs::read(file);
     // best of 5: on a shared VM the minimum is the least disturbed run. CPU time (user +
     // system; the pipeline runs on one core) is not inflated by steal or waiting.
     let best = |f: &mut dyn FnMut() -> (f64, f64)| {
