@@ -314,6 +314,15 @@ impl HttpConnection {
         } else {
             looks_like_response(&side.buf)
         };
+        if plausible == Some(false) && side.buf.starts_with(&[0x16, 0x03]) {
+            // a TLS handshake on an API port: nothing here is readable
+            h.anomaly("http", "tls_encrypted");
+            self.sides = [Side::new(false), Side::new(false)];
+            for s in &mut self.sides {
+                s.state = State::Tunnel;
+            }
+            return &[];
+        }
         if plausible == Some(false) {
             h.anomaly("http", "not_a_message_start");
             self.lose_message(dir, ts, out);
@@ -837,16 +846,25 @@ mod tests {
 
     use Dir::{ToClient as S, ToServer as C};
 
-    fn statuses(ex: &[Exchange]) -> Vec<(String, Option<u16>, End)> {
-        ex.iter()
+    /// Client bytes; server bytes.
+    fn c(b: &[u8]) -> (Dir, Chunk<'_>) {
+        (Dir::ToServer, Chunk::Data(b))
+    }
+    fn s(b: &[u8]) -> (Dir, Chunk<'_>) {
+        (S, Chunk::Data(b))
+    }
+
+    /// The exchanges, as (path, status, end), are exactly `want`.
+    #[track_caller]
+    fn check(ex: &[Exchange], want: &[(&str, Option<u16>, End)]) {
+        let got: Vec<(&str, Option<u16>, End)> = ex
+            .iter()
             .map(|e| {
-                (
-                    e.request.path.clone(),
-                    e.response.as_ref().map(|r| r.head.status),
-                    e.end,
-                )
+                let status = e.response.as_ref().map(|r| r.head.status);
+                (e.request.path.as_str(), status, e.end)
             })
-            .collect()
+            .collect();
+        assert_eq!(got, want);
     }
 
     #[test]
@@ -865,15 +883,12 @@ mod tests {
                     (S, Chunk::Data(&resp[cut..])),
                 ],
             );
-            assert_eq!(
-                statuses(&ex),
-                vec![
-                    ("/1".into(), Some(200), End::Complete),
-                    ("/2".into(), Some(404), End::Complete),
-                    ("/3".into(), Some(200), End::Complete),
-                ],
-                "cut at {cut}"
-            );
+            let want = [
+                ("/1", Some(200), End::Complete),
+                ("/2", Some(404), End::Complete),
+                ("/3", Some(200), End::Complete),
+            ];
+            check(&ex, &want);
             assert!(h.anomalies.is_empty(), "cut {cut}: {:?}", h.anomalies);
             assert_eq!(ex[1].response.as_ref().unwrap().error_body, b"abc");
         }
@@ -890,8 +905,8 @@ mod tests {
                         b"POST /u HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
                     ),
                 ),
-                (S, Chunk::Data(b"HTTP/1.1 100 Continue\r\n\r\n")),
-                (C, Chunk::Data(b"abc")),
+                s(b"HTTP/1.1 100 Continue\r\n\r\n"),
+                c(b"abc"),
                 (
                     S,
                     Chunk::Data(
@@ -900,7 +915,7 @@ mod tests {
                 ),
             ],
         );
-        assert_eq!(statuses(&ex), vec![("/u".into(), Some(200), End::Complete)]);
+        check(&ex, &[("/u", Some(200), End::Complete)]);
         assert_eq!(ex[0].response.as_ref().unwrap().informational, 2);
     }
 
@@ -912,39 +927,27 @@ mod tests {
             false,
             &[
                 (C, Chunk::Data(reqs)),
-                (
-                    S,
-                    Chunk::Data(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01"),
-                ),
+                s(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01"),
                 // inside the body: the framing survives
                 (S, Chunk::Gap(8)),
-                (
-                    S,
-                    Chunk::Data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nab"),
-                ),
+                s(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nab"),
                 // a whole response gone, and the next one starts cleanly: a lost message
                 // can't be seen, so the next response pairs with /3 (as Suricata does)
                 (S, Chunk::Gap(30)),
-                (
-                    S,
-                    Chunk::Data(b"HTTP/1.1 201 OK\r\nContent-Length: 0\r\n\r\n"),
-                ),
+                s(b"HTTP/1.1 201 OK\r\nContent-Length: 0\r\n\r\n"),
                 // the gap ends inside a response: that response is lost, the next pairs
                 (S, Chunk::Gap(30)),
-                (
-                    S,
-                    Chunk::Data(b"tail of a lost body\r\nHTTP/1.1 204 No\r\n\r\n"),
-                ),
+                s(b"tail of a lost body\r\nHTTP/1.1 204 No\r\n\r\n"),
             ],
         );
-        assert_eq!(
-            statuses(&ex),
-            vec![
-                ("/1".into(), Some(200), End::Truncated),
-                ("/2".into(), Some(200), End::Complete),
-                ("/3".into(), Some(201), End::Complete),
-                ("/4".into(), None, End::ResponseLost),
-            ]
+        check(
+            &ex,
+            &[
+                ("/1", Some(200), End::Truncated),
+                ("/2", Some(200), End::Complete),
+                ("/3", Some(201), End::Complete),
+                ("/4", None, End::ResponseLost),
+            ],
         );
     }
 
@@ -953,27 +956,18 @@ mod tests {
         let (ex, h) = run(
             false,
             &[
-                (
-                    C,
-                    Chunk::Data(b"GET /1 HTTP/1.0\r\n\r\nGET /2 HTTP/1.0\r\n\r\n"),
-                ),
-                (
-                    S,
-                    Chunk::Data(b"HTTP/1.0 200 OK\r\nContent-Length: 12\r\n\r\n"),
-                ),
+                c(b"GET /1 HTTP/1.0\r\n\r\nGET /2 HTTP/1.0\r\n\r\n"),
+                s(b"HTTP/1.0 200 OK\r\nContent-Length: 12\r\n\r\n"),
                 (S, Chunk::Gap(14)),
-                (
-                    S,
-                    Chunk::Data(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n"),
-                ),
+                s(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n"),
             ],
         );
-        assert_eq!(
-            statuses(&ex),
-            vec![
-                ("/1".into(), Some(200), End::Truncated),
-                ("/2".into(), Some(200), End::Complete),
-            ]
+        check(
+            &ex,
+            &[
+                ("/1", Some(200), End::Truncated),
+                ("/2", Some(200), End::Complete),
+            ],
         );
         assert_eq!(h.anomaly_count("http", "gap_lost_message"), 0);
     }
@@ -984,22 +978,13 @@ mod tests {
         let (ex, h) = run(
             true,
             &[
-                (C, Chunk::Data(b"ody of a lost request\r\n")),
-                (
-                    S,
-                    Chunk::Data(b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n"),
-                ),
-                (C, Chunk::Data(b"GET /next HTTP/1.1\r\n\r\n")),
-                (
-                    S,
-                    Chunk::Data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
-                ),
+                c(b"ody of a lost request\r\n"),
+                s(b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n"),
+                c(b"GET /next HTTP/1.1\r\n\r\n"),
+                s(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
             ],
         );
-        assert_eq!(
-            statuses(&ex),
-            vec![("/next".into(), Some(200), End::Complete)]
-        );
+        check(&ex, &[("/next", Some(200), End::Complete)]);
         assert_eq!(
             h.anomalies.get(&("http", "response_to_lost_request")),
             Some(&1)
@@ -1011,27 +996,33 @@ mod tests {
         let (ex, _) = run(
             false,
             &[
-                (C, Chunk::Data(b"CONNECT h:443 HTTP/1.1\r\n\r\n")),
-                (
-                    S,
-                    Chunk::Data(b"HTTP/1.1 200 Connection established\r\n\r\n"),
-                ),
-                (
-                    C,
-                    Chunk::Data(b"\x16\x03\x01 tls bytes GET / HTTP/1.1\r\n\r\n"),
-                ),
-                (S, Chunk::Data(b"\x16\x03\x03 more HTTP/1.1 200 OK\r\n\r\n")),
+                c(b"CONNECT h:443 HTTP/1.1\r\n\r\n"),
+                s(b"HTTP/1.1 200 Connection established\r\n\r\n"),
+                c(b"\x16\x03\x01 tls bytes GET / HTTP/1.1\r\n\r\n"),
+                s(b"\x16\x03\x03 more HTTP/1.1 200 OK\r\n\r\n"),
             ],
         );
-        assert_eq!(statuses(&ex).len(), 1);
-        let (ex, h) = run(false, &[(C, Chunk::Data(b"\x00\x01\x02\x03binary\n"))]);
+        check(&ex, &[("h:443", Some(200), End::Complete)]);
+        let (ex, h) = run(false, &[c(b"\x00\x01\x02\x03binary\n")]);
         assert!(ex.is_empty());
         assert!(h.anomalies.contains_key(&("http", "not_a_message_start")));
     }
 
     #[test]
+    fn tls_on_an_api_port_is_counted_once_and_skipped() {
+        let hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 GET / HTTP/1.1\r\n\r\n";
+        let (ex, h) = run(
+            false,
+            &[c(hello), s(b"\x16\x03\x03\x00\x7a HTTP/1.1 200 OK\r\n\r\n")],
+        );
+        assert!(ex.is_empty());
+        assert_eq!(h.anomaly_count("http", "tls_encrypted"), 1);
+        assert_eq!(h.total_anomalies(), 1);
+    }
+
+    #[test]
     fn unanswered_requests_are_reported_at_close() {
-        let (ex, _) = run(false, &[(C, Chunk::Data(b"DELETE /x HTTP/1.1\r\n\r\n"))]);
-        assert_eq!(statuses(&ex), vec![("/x".into(), None, End::NoResponse)]);
+        let (ex, _) = run(false, &[c(b"DELETE /x HTTP/1.1\r\n\r\n")]);
+        check(&ex, &[("/x", None, End::NoResponse)]);
     }
 }
