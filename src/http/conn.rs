@@ -1021,6 +1021,28 @@ mod tests {
     }
 
     #[test]
+    fn pipeline_depth_is_bounded_and_the_overflow_reported() {
+        let cfg = HttpConfig {
+            max_pipeline: 2,
+            ..HttpConfig::default()
+        };
+        let mut conn = HttpConnection::new(1, ep(40000), ep(8774), false, cfg);
+        let (mut h, mut out) = (Health::default(), Vec::new());
+        let reqs = b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\nGET /3 HTTP/1.1\r\n\r\n";
+        conn.on_chunk(C, Ts(1), Chunk::Data(reqs), &mut h, &mut out);
+        conn.on_close(Ts(2), &mut h, &mut out);
+        check(
+            &out,
+            &[
+                ("/1", None, End::NoResponse),
+                ("/2", None, End::NoResponse),
+                ("/3", None, End::NoResponse),
+            ],
+        );
+        assert_eq!(h.anomaly_count("http", "pipeline_overflow"), 1);
+    }
+
+    #[test]
     fn unanswered_requests_are_reported_at_close() {
         let (ex, _) = run(false, &[c(b"DELETE /x HTTP/1.1\r\n\r\n")]);
         check(&ex, &[("/x", None, End::NoResponse)]);
