@@ -305,6 +305,20 @@ impl HttpConnection {
     ) -> &'a [u8] {
         let max = self.cfg.max_head_bytes;
         let side = &mut self.sides[dir as usize];
+        if side.buf.is_empty() {
+            // the usual case: the whole head is in this chunk and is parsed in place
+            let plausible = if dir == Dir::ToServer {
+                looks_like_request(data)
+            } else {
+                looks_like_response(data)
+            };
+            if plausible != Some(false)
+                && let Some(end) = head_end(&data[..data.len().min(max)], 0)
+            {
+                self.on_head(dir, ts, &data[..end], h, out);
+                return &data[end..];
+            }
+        }
         let old = side.buf.len();
         let take = data.len().min(max + 4 - old.min(max));
         side.buf.extend_from_slice(&data[..take]);

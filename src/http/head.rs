@@ -106,6 +106,10 @@ fn keep(v: &[u8]) -> Option<String> {
         return None;
     }
     let v = &v[..v.len().min(MAX_VALUE)];
+    if v.iter().all(|b| (0x20..0x7f).contains(b)) {
+        // printable ASCII, the usual case: one copy
+        return std::str::from_utf8(v).ok().map(str::to_owned);
+    }
     Some(
         String::from_utf8_lossy(v)
             .chars()

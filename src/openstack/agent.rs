@@ -38,16 +38,15 @@ pub fn classify(user_agent: &str) -> Agent {
     let Some(first) = tokens.next() else {
         return Agent::Other;
     };
-    let rest: Vec<&str> = tokens.collect();
-    if rest
-        .iter()
+    let second = tokens.next();
+    if second
+        .into_iter()
+        .chain(tokens)
         .any(|t| t.starts_with("keystonemiddleware.auth_token/"))
     {
         return product(first).map_or(Agent::Other, Agent::TokenMiddleware);
     }
-    let ksa_next = rest
-        .first()
-        .is_some_and(|t| t.starts_with("keystoneauth1/"));
+    let ksa_next = second.is_some_and(|t| t.starts_with("keystoneauth1/"));
     if ksa_next && !first.contains('/') {
         let generic = GENERIC_ARGV0.contains(&first)
             || (first.starts_with("python")

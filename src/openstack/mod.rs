@@ -95,6 +95,7 @@ pub struct Rest {
     ports: HashMap<u16, Arc<str>>,
     /// Distinct templates seen per service (bounded by `max_routes_per_service`).
     routes: HashMap<Arc<str>, crate::FastSet<Arc<str>>>,
+    other: Arc<str>,
 }
 
 const UNKNOWN: &str = "unknown";
@@ -110,6 +111,7 @@ impl Rest {
             cfg,
             ports,
             routes: HashMap::default(),
+            other: Arc::from("{other}"),
         }
     }
 
@@ -127,16 +129,21 @@ impl Rest {
 
     /// The bounded template: new templates past the per-service cap become `{other}`.
     fn route(&mut self, service: Option<&Arc<str>>, path: &str, h: &mut Health) -> Arc<str> {
-        let t: Arc<str> = Arc::from(route::template(service.map(|s| &**s), path));
-        let key = service.cloned().unwrap_or_else(|| Arc::from(UNKNOWN));
-        let seen = self.routes.entry(key).or_default();
-        if let Some(known) = seen.get(&t) {
+        let t = route::template(service.map(|s| &**s), path);
+        let key = service.map_or(UNKNOWN, |s| &**s);
+        let seen = match self.routes.get_mut(key) {
+            Some(seen) => seen,
+            None => self.routes.entry(Arc::from(key)).or_default(),
+        };
+        // a known template costs no allocation beyond building it
+        if let Some(known) = seen.get(t.as_str()) {
             return known.clone();
         }
         if seen.len() >= self.cfg.max_routes_per_service {
             *h.series_folded.entry("http_route").or_default() += 1;
-            return Arc::from("{other}");
+            return self.other.clone();
         }
+        let t: Arc<str> = Arc::from(t);
         seen.insert(t.clone());
         t
     }

@@ -32,10 +32,6 @@ const RESERVED: &[&str] = &[
     "detail", "action", "defaults", "search", "servers", "events",
 ];
 
-fn is_hex(s: &str) -> bool {
-    s.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
 /// Looks like an identifier rather than a word of the API.
 fn id_shaped(s: &str) -> bool {
     let b = s.as_bytes();
@@ -47,8 +43,9 @@ fn id_shaped(s: &str) -> bool {
     }
     let digits = b.iter().filter(|c| c.is_ascii_digit()).count();
     // uuid (dashed or not), keystone hex32, short hex ids with digits
-    let undashed: String = s.chars().filter(|c| *c != '-').collect();
-    if undashed.len() >= 8 && is_hex(&undashed) && digits > 0 {
+    let dashes = b.iter().filter(|c| **c == b'-').count();
+    if b.len() - dashes >= 8 && digits > 0 && b.iter().all(|c| c.is_ascii_hexdigit() || *c == b'-')
+    {
         return true;
     }
     if let Some(rest) = s.strip_prefix("req-") {
