@@ -1023,6 +1023,38 @@ mod tests {
     }
 
     #[test]
+    fn switching_protocols_ends_http_and_a_refused_upgrade_does_not() {
+        let upgrade = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+        let (ex, h) = run(
+            false,
+            &[
+                c(upgrade),
+                s(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"),
+                c(b"\x81\x85GET / HTTP/1.1\r\n\r\n"),
+                s(b"\x81\x05HTTP/1.1 200 OK\r\n\r\n"),
+            ],
+        );
+        check(&ex, &[("/ws", Some(101), End::Complete)]);
+        assert_eq!(h.total_anomalies(), 0);
+        let (ex, _) = run(
+            false,
+            &[
+                c(upgrade),
+                s(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+                c(b"GET /next HTTP/1.1\r\n\r\n"),
+                s(b"HTTP/1.1 204 No Content\r\n\r\n"),
+            ],
+        );
+        check(
+            &ex,
+            &[
+                ("/ws", Some(200), End::Complete),
+                ("/next", Some(204), End::Complete),
+            ],
+        );
+    }
+
+    #[test]
     fn tls_on_an_api_port_is_counted_once_and_skipped() {
         let hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 GET / HTTP/1.1\r\n\r\n";
         let (ex, h) = run(
