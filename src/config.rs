@@ -18,6 +18,10 @@ pub struct Config {
     pub correlator: CorrelatorConfig,
     pub http: HttpConfig,
     pub rest: RestConfig,
+    pub trace: crate::trace::TraceConfig,
+    pub requests: crate::sink::requests::RequestsConfig,
+    /// The live graph's sliding window (a replay covers the whole input).
+    pub graph_window_s: f64,
     /// Distinct label sets per metric family before new ones fold into "other".
     pub max_series_per_family: usize,
 }
@@ -32,6 +36,9 @@ impl Default for Config {
             correlator: CorrelatorConfig::default(),
             http: HttpConfig::default(),
             rest: RestConfig::default(),
+            trace: crate::trace::TraceConfig::default(),
+            requests: crate::sink::requests::RequestsConfig::default(),
+            graph_window_s: 900.0,
             max_series_per_family: 2000,
         }
     }
@@ -45,6 +52,7 @@ struct File {
     tcp: Option<TcpSection>,
     rpc: Option<RpcSection>,
     http: Option<HttpSection>,
+    requests: Option<RequestsSection>,
     metrics: Option<MetricsSection>,
 }
 
@@ -97,6 +105,18 @@ fn merge<K: PartialEq>(list: &mut Vec<(K, String)>, over: Vec<(K, String)>) {
             list.push((k, v));
         }
     }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequestsSection {
+    /// Quiet time after which a request is complete and judged.
+    settle_s: Option<f64>,
+    max_open: Option<usize>,
+    max_spans: Option<usize>,
+    max_trees: Option<usize>,
+    max_chains: Option<usize>,
+    graph_window_s: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -176,6 +196,16 @@ impl Config {
             x.max_pipeline = h.max_pipeline.unwrap_or(x.max_pipeline).max(1);
             x.max_head_bytes = h.max_head_bytes.unwrap_or(x.max_head_bytes);
             x.max_error_body = h.max_error_body_bytes.unwrap_or(x.max_error_body);
+        }
+        if let Some(r) = f.requests {
+            let t = &mut c.trace;
+            t.settle_s = r.settle_s.unwrap_or(t.settle_s);
+            t.max_open = r.max_open.unwrap_or(t.max_open).max(1);
+            t.max_spans = r.max_spans.unwrap_or(t.max_spans).max(1);
+            let q = &mut c.requests;
+            q.max_trees = r.max_trees.unwrap_or(q.max_trees);
+            q.max_chains = r.max_chains.unwrap_or(q.max_chains);
+            c.graph_window_s = r.graph_window_s.unwrap_or(c.graph_window_s);
         }
         if let Some(m) = f.metrics {
             c.max_series_per_family = m.max_series_per_family.unwrap_or(c.max_series_per_family);

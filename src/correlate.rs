@@ -111,6 +111,14 @@ pub enum Signal {
     },
     Blocked,
     Event(Event),
+    /// A finished request tree (for the request API and the store).
+    Request(std::sync::Arc<crate::trace::RequestTree>),
+    /// A failure a successful retry masked.
+    Masked {
+        service: Option<String>,
+        operation: String,
+        error: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

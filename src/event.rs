@@ -171,4 +171,5 @@ pub enum Event {
     Rpc(Box<RpcEvent>),
     Notification(Box<NotificationEvent>),
     Http(Box<HttpEvent>),
+    Chain(Box<crate::trace::ChainEvent>),
 }

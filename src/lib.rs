@@ -14,12 +14,14 @@ pub mod openstack;
 pub mod oslo;
 pub mod pipeline;
 pub mod protocols;
+pub mod rca;
 pub mod run;
 pub mod serve;
 pub mod sink;
 pub mod source;
 pub mod tcp;
 pub mod time;
+pub mod trace;
 
 /// Hash map for tables keyed by wire data: ahash (fast) with random seeds (no hash
 /// flooding from crafted ids). Iteration order is never relied on; output is sorted.

@@ -64,6 +64,27 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
     },
+    /// Root causes of failing user requests: on captures, or a running stacktap (--from)
+    Rca {
+        /// Capture files to analyse
+        #[arg(required_unless_present = "from", conflicts_with = "from")]
+        files: Vec<PathBuf>,
+        /// A running stacktap's address, e.g. http://127.0.0.1:9465
+        #[arg(long)]
+        from: Option<String>,
+        /// Print this request's tree, the failing path and root cause marked
+        #[arg(long)]
+        request_id: Option<String>,
+        /// Only failures in the last DUR (30s, 15m, 1h, 2d) before the newest packet
+        #[arg(long)]
+        since: Option<String>,
+        /// JSON instead of text
+        #[arg(long)]
+        json: bool,
+        /// TOML file with caps, windows and ports
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Capture live from an interface (a sidecar on a broker or API node)
     Capture {
         #[arg(short = 'i', long = "interface")]
@@ -119,6 +140,7 @@ fn outputs(c: &Common) -> Outputs {
         events_out: c.events_out.clone(),
         metrics_out: c.metrics_out.clone(),
         progress: std::io::stderr().is_terminal(),
+        live: false,
     }
 }
 
@@ -165,7 +187,10 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
             common,
         } => {
             let cfg = load_config(&common.config)?;
-            let out = outputs(&common);
+            let out = Outputs {
+                live: true,
+                ..outputs(&common)
+            };
             let mut cap =
                 LiveCapture::open(&interface, filter.as_deref().unwrap_or(DEFAULT_FILTER))?;
             let mut run = Run::new(cfg, &out)?;
@@ -178,6 +203,86 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
             )?;
             print_report(&run.finish(&out)?, common.json)?;
         }
+        Cmd::Rca {
+            files,
+            from,
+            request_id,
+            since,
+            json,
+            config,
+        } => rca(files, from, request_id, since, json, config)?,
+    }
+    Ok(())
+}
+
+/// `stacktap rca`: on capture files (replayed here) or on a running stacktap's API.
+fn rca(
+    files: Vec<PathBuf>,
+    from: Option<String>,
+    request_id: Option<String>,
+    since: Option<String>,
+    json: bool,
+    config: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use stacktap::rca::{fetch, parse_duration, render_report, render_tree};
+    let since = since.as_deref().map(parse_duration).transpose()?;
+    if let Some(base) = from {
+        if let Some(id) = request_id {
+            let body = fetch(&base, &format!("/api/requests/{id}"))?;
+            let tree: stacktap::trace::RequestTree = serde_json::from_str(&body)
+                .map_err(|e| anyhow::anyhow!("--from {base}: bad answer: {e}"))?;
+            print_rca(json, &tree, || render_tree(&tree))?;
+        } else {
+            let q = since.map(|s| format!("?since={s}")).unwrap_or_default();
+            let body: serde_json::Value =
+                serde_json::from_str(&fetch(&base, &format!("/api/chains{q}"))?)
+                    .map_err(|e| anyhow::anyhow!("--from {base}: bad answer: {e}"))?;
+            let report: stacktap::sink::requests::RcaReport =
+                serde_json::from_value(body["rca"].clone())
+                    .map_err(|e| anyhow::anyhow!("--from {base}: bad answer: {e}"))?;
+            print_rca(json, &report, || render_report(&report))?;
+        }
+        return Ok(());
+    }
+    let cfg = load_config(&config)?;
+    let out = Outputs::default();
+    let mut merged = MergedFiles::open(&files)?;
+    let mut run = Run::new(cfg, &out)?;
+    if let Some(id) = &request_id {
+        run.sinks.requests.lock().expect("requests").pin(id);
+    }
+    let stop = run::stop_flag();
+    run::replay(&mut merged, &mut run, None, &out, &stop)?;
+    run.finish(&out)?;
+    let requests = run.sinks.requests.lock().expect("requests");
+    match request_id {
+        Some(id) => {
+            let tree = requests.tree(&id).ok_or_else(|| {
+                anyhow::anyhow!("--request-id {id}: no such request in the capture")
+            })?;
+            print_rca(json, &*tree, || render_tree(&tree))?;
+        }
+        None => {
+            let from = match (since, requests.latest()) {
+                (Some(d), Some(latest)) => latest - d,
+                _ => f64::MIN,
+            };
+            let report = requests.rca(from);
+            print_rca(json, &report, || render_report(&report))?;
+        }
+    }
+    Ok(())
+}
+
+fn print_rca<T: serde::Serialize + ?Sized>(
+    json: bool,
+    value: &T,
+    text: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        print!("{}", text());
     }
     Ok(())
 }

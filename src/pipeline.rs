@@ -14,6 +14,7 @@ use crate::protocols::{self, Choice, Conn, Found};
 use crate::source::Packet;
 use crate::tcp::FlowTable;
 use crate::time::Ts;
+use crate::trace::{Traced, Tracer};
 
 pub struct Pipeline {
     cfg: Config,
@@ -21,6 +22,8 @@ pub struct Pipeline {
     flows: FlowTable<Conn>,
     correlator: Correlator,
     rest: Rest,
+    tracer: Tracer,
+    traced: Vec<Traced>,
     clock: Ts,
     found: Found,
     signals: Vec<Signal>,
@@ -32,6 +35,8 @@ impl Pipeline {
             flows: FlowTable::new(cfg.flows.clone()),
             correlator: Correlator::new(cfg.correlator.clone()),
             rest: Rest::new(cfg.rest.clone()),
+            tracer: Tracer::new(cfg.trace.clone()),
+            traced: Vec::new(),
             cfg,
             health: Health::default(),
             clock: Ts::ZERO,
@@ -93,6 +98,8 @@ impl Pipeline {
         self.correlate_and_emit(sink);
         self.correlator.finish_all(&mut self.signals);
         self.correlate_and_emit(sink);
+        self.tracer.finish_all(&mut self.traced);
+        self.emit_traced(sink);
     }
 
     fn correlate_and_emit(&mut self, sink: &mut dyn FnMut(&Signal, &Health)) {
@@ -107,6 +114,32 @@ impl Pipeline {
             self.signals.push(Signal::Event(Event::Http(Box::new(ev))));
         }
         for s in self.signals.drain(..) {
+            if let Signal::Event(ev) = &s {
+                self.tracer
+                    .observe(ev, self.clock, &mut self.health, &mut self.traced);
+            }
+            sink(&s, &self.health);
+        }
+        self.tracer.advance(self.clock, &mut self.traced);
+        self.emit_traced(sink);
+    }
+
+    /// Request trees, chains and masked failures, as signals.
+    fn emit_traced(&mut self, sink: &mut dyn FnMut(&Signal, &Health)) {
+        for t in self.traced.drain(..) {
+            let s = match t {
+                Traced::Tree(tree) => Signal::Request(tree),
+                Traced::Chain(c) => Signal::Event(Event::Chain(c)),
+                Traced::Masked {
+                    service,
+                    operation,
+                    error,
+                } => Signal::Masked {
+                    service,
+                    operation,
+                    error,
+                },
+            };
             sink(&s, &self.health);
         }
     }

@@ -5,7 +5,9 @@ use crate::config::Config;
 use crate::health::Health;
 use crate::pipeline::Pipeline;
 use crate::serve::{self, Shared};
+use crate::sink::graph::Graph;
 use crate::sink::metrics::Metrics;
+use crate::sink::requests::Requests;
 use crate::sink::summary::{Report, Summary};
 use crate::sink::{EventWriter, Sinks};
 use crate::source::Packet;
@@ -23,6 +25,8 @@ pub struct Outputs {
     pub metrics_out: Option<PathBuf>,
     /// Show a progress bar (stderr is a terminal and the input is large).
     pub progress: bool,
+    /// Live capture: the graph covers a sliding window, not the whole input.
+    pub live: bool,
 }
 
 /// A run in progress: the pipeline, its sinks and (optionally) the HTTP listener.
@@ -44,11 +48,18 @@ impl Run {
             None => None,
         };
         let metrics = Metrics::new(cfg.max_series_per_family);
+        let requests = Arc::new(Mutex::new(Requests::new(cfg.requests.clone())));
+        let graph = Graph::new(
+            out.live.then_some(cfg.graph_window_s),
+            cfg.max_series_per_family,
+        );
         let shared = match &out.listen {
             Some(addr) => {
                 let shared = Shared {
                     registry: metrics.registry.clone(),
                     summary: Arc::new(Mutex::new("{}".into())),
+                    graph: Arc::new(Mutex::new("{}".into())),
+                    requests: requests.clone(),
                 };
                 let bound = serve::spawn(addr, shared.clone())?;
                 eprintln!("stacktap: serving http://{bound}/metrics and /api/summary");
@@ -61,6 +72,8 @@ impl Run {
             sinks: Sinks {
                 metrics,
                 summary: Summary::default(),
+                graph,
+                requests,
                 events,
                 write_error: None,
             },
@@ -94,6 +107,10 @@ impl Run {
             let json = serde_json::to_string(&self.sinks.summary.report(&self.pipeline.health))
                 .unwrap_or_default();
             if let Ok(mut g) = shared.summary.lock() {
+                *g = json;
+            }
+            let json = serde_json::to_string(&self.sinks.graph.report()).unwrap_or_default();
+            if let Ok(mut g) = shared.graph.lock() {
                 *g = json;
             }
         }

@@ -1,6 +1,10 @@
-//! The HTTP listener: `/metrics` for Prometheus, `/api/summary`, `/healthz`.
+//! The HTTP listener: `/metrics` for Prometheus, `/api/summary`, `/api/graph`,
+//! `/api/chains`, `/api/requests/{id}`, `/healthz`.
 
 use crate::sink::metrics::Metrics;
+use crate::sink::requests::Requests;
+use axum::extract::{Path, Query};
+use axum::http::StatusCode;
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
 use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
@@ -11,6 +15,47 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     /// The latest summary as JSON, refreshed by the pipeline thread.
     pub summary: Arc<Mutex<String>>,
+    /// The latest call graph as JSON, refreshed with the summary.
+    pub graph: Arc<Mutex<String>>,
+    pub requests: Arc<Mutex<Requests>>,
+}
+
+fn json(body: String) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], body)
+}
+
+async fn graph(State(s): State<Shared>) -> impl IntoResponse {
+    json(s.graph.lock().map(|g| g.clone()).unwrap_or_default())
+}
+
+#[derive(serde::Deserialize)]
+struct Since {
+    /// Seconds before the newest packet; absent: everything kept.
+    since: Option<f64>,
+}
+
+/// Root causes ranked, and the chains themselves, over the last `since` seconds.
+async fn chains(State(s): State<Shared>, Query(q): Query<Since>) -> impl IntoResponse {
+    let Ok(r) = s.requests.lock() else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, json(String::new())).into_response();
+    };
+    let from = match (q.since, r.latest()) {
+        (Some(d), Some(latest)) => latest - d,
+        _ => f64::MIN,
+    };
+    let body = serde_json::json!({
+        "rca": r.rca(from),
+        "chains": r.chains_since(from),
+    });
+    json(body.to_string()).into_response()
+}
+
+async fn request(State(s): State<Shared>, Path(id): Path<String>) -> impl IntoResponse {
+    let tree = s.requests.lock().ok().and_then(|r| r.tree(&id));
+    match tree {
+        Some(t) => json(serde_json::to_string(&*t).unwrap_or_default()).into_response(),
+        None => (StatusCode::NOT_FOUND, format!("no request {id}\n")).into_response(),
+    }
 }
 
 async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
@@ -33,6 +78,9 @@ pub fn router(shared: Shared) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/api/summary", get(summary))
+        .route("/api/graph", get(graph))
+        .route("/api/chains", get(chains))
+        .route("/api/requests/{id}", get(request))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(shared)
 }

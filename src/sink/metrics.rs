@@ -100,6 +100,13 @@ pub struct Metrics {
     notifications: Counters,
     http_requests: Counters,
     http_duration: Histograms,
+    graph_edges: Counters,
+    error_chains: Counters,
+    masked_failures: Counters,
+    tempo_requests: Counters,
+    tempo_failed: Counters,
+    tempo_server: Histograms,
+    tempo_client: Histograms,
     // probe health, synced from `Health` as deltas
     packets: Counter,
     bytes: Counter,
@@ -119,7 +126,10 @@ fn l<const N: usize>(pairs: [(&'static str, &str); N]) -> Labels {
 
 impl Metrics {
     pub fn new(max_series: usize) -> Metrics {
-        let mut r = Registry::with_prefix("stacktap");
+        // Tempo's service-graph families are unprefixed (Grafana's service graph reads
+        // them as they are); everything else is stacktap_*
+        let mut root = Registry::default();
+        let r = root.sub_registry_with_prefix("stacktap");
         let m = Metrics {
             registry: Arc::new(Registry::default()),
             memo_counters: Memo::default(),
@@ -149,6 +159,13 @@ impl Metrics {
             notifications: Family::default(),
             http_requests: Family::default(),
             http_duration: histograms(),
+            graph_edges: Family::default(),
+            error_chains: Family::default(),
+            masked_failures: Family::default(),
+            tempo_requests: Family::default(),
+            tempo_failed: Family::default(),
+            tempo_server: histograms(),
+            tempo_client: histograms(),
             packets: Counter::default(),
             bytes: Counter::default(),
             drops: Family::default(),
@@ -265,6 +282,21 @@ impl Metrics {
             "REST request start to response end",
             m.http_duration.clone(),
         );
+        r.register(
+            "graph_edge_requests",
+            "Requests between two services (RPC: caller to server), by protocol",
+            m.graph_edges.clone(),
+        );
+        r.register(
+            "error_chains",
+            "User requests that failed, by where the failure showed and its root cause",
+            m.error_chains.clone(),
+        );
+        r.register(
+            "masked_failures",
+            "Failures a successful retry hid from the user",
+            m.masked_failures.clone(),
+        );
         r.register("packets", "Packets read", m.packets.clone());
         r.register("bytes", "Bytes read (wire length)", m.bytes.clone());
         r.register(
@@ -292,8 +324,28 @@ impl Metrics {
             "Label sets folded into \"other\" by the cardinality cap",
             m.series_folded.clone(),
         );
+        root.register(
+            "traces_service_graph_request",
+            "Requests between two services (Tempo service-graph compatible)",
+            m.tempo_requests.clone(),
+        );
+        root.register(
+            "traces_service_graph_request_failed",
+            "Failed requests between two services (Tempo service-graph compatible)",
+            m.tempo_failed.clone(),
+        );
+        root.register(
+            "traces_service_graph_request_server_seconds",
+            "Server-side duration (Tempo service-graph compatible)",
+            m.tempo_server.clone(),
+        );
+        root.register(
+            "traces_service_graph_request_client_seconds",
+            "Client-side duration (Tempo service-graph compatible)",
+            m.tempo_client.clone(),
+        );
         Metrics {
-            registry: Arc::new(r),
+            registry: Arc::new(root),
             ..m
         }
     }
@@ -410,7 +462,134 @@ impl Metrics {
             }
             Signal::Event(Event::Rpc(e)) => self.on_rpc(e),
             Signal::Event(Event::Http(e)) => self.on_http(e),
+            Signal::Event(Event::Chain(c)) => {
+                let ls = self.cap(
+                    "error_chains",
+                    l([
+                        (
+                            "origin_service",
+                            c.origin.service.as_deref().unwrap_or("unknown"),
+                        ),
+                        ("origin_operation", &c.origin.operation),
+                        (
+                            "root_service",
+                            c.root.service.as_deref().unwrap_or("unknown"),
+                        ),
+                        ("root_operation", &c.root.operation),
+                        ("root_error", c.root.error.as_deref().unwrap_or("unknown")),
+                    ]),
+                    &[],
+                );
+                self.error_chains.get_or_create(&ls).inc();
+            }
+            Signal::Masked {
+                service,
+                operation,
+                error,
+            } => {
+                let ls = self.cap(
+                    "masked_failures",
+                    l([
+                        ("service", service.as_deref().unwrap_or("unknown")),
+                        ("operation", operation),
+                        ("error", error),
+                    ]),
+                    &[],
+                );
+                self.masked_failures.get_or_create(&ls).inc();
+            }
+            Signal::Request(_) => {}
         }
+        if let Signal::Event(ev) = s
+            && let Some(hop) = super::graph::hop_of(ev)
+        {
+            self.on_hop(&hop);
+        }
+    }
+
+    /// The service-graph families, for one caller → server observation.
+    fn on_hop(&mut self, hop: &super::graph::Hop) {
+        let conn = if hop.protocol == "rpc" {
+            "messaging_system"
+        } else {
+            ""
+        };
+        let (client, server) = (hop.client.as_str(), hop.server.as_str());
+        let mut memo = std::mem::take(&mut self.memo_counters);
+        let edge = memo.get("graph_edges", &[client, server, hop.protocol], || {
+            let ls = self.cap(
+                "graph_edge_requests",
+                l([
+                    ("client", client),
+                    ("server", server),
+                    ("protocol", hop.protocol),
+                ]),
+                &["protocol"],
+            );
+            self.graph_edges.get_or_create_owned(&ls)
+        });
+        let tempo = memo.get("tempo_requests", &[client, server, conn], || {
+            let ls = self.cap(
+                "traces_service_graph_request",
+                l([
+                    ("client", client),
+                    ("server", server),
+                    ("connection_type", conn),
+                ]),
+                &["connection_type"],
+            );
+            self.tempo_requests.get_or_create_owned(&ls)
+        });
+        let failed = hop.failed.then(|| {
+            memo.get("tempo_failed", &[client, server, conn], || {
+                let ls = self.cap(
+                    "traces_service_graph_request_failed",
+                    l([
+                        ("client", client),
+                        ("server", server),
+                        ("connection_type", conn),
+                    ]),
+                    &["connection_type"],
+                );
+                self.tempo_failed.get_or_create_owned(&ls)
+            })
+        });
+        self.memo_counters = memo;
+        edge.inc();
+        tempo.inc();
+        if let Some(f) = failed {
+            f.inc();
+        }
+        let mut memo = std::mem::take(&mut self.memo_histograms);
+        for (family, v) in [
+            ("tempo_server", hop.server_s),
+            ("tempo_client", hop.client_s),
+        ] {
+            let Some(v) = v else { continue };
+            let h = memo.get(family, &[client, server, conn], || {
+                let name = if family == "tempo_server" {
+                    "traces_service_graph_request_server_seconds"
+                } else {
+                    "traces_service_graph_request_client_seconds"
+                };
+                let ls = self.cap(
+                    name,
+                    l([
+                        ("client", client),
+                        ("server", server),
+                        ("connection_type", conn),
+                    ]),
+                    &["connection_type"],
+                );
+                if family == "tempo_server" {
+                    self.tempo_server.get_or_create_owned(&ls)
+                } else {
+                    self.tempo_client.get_or_create_owned(&ls)
+                }
+            });
+            h.observe(v.max(0.0));
+        }
+        self.memo_histograms = memo;
     }
 
     fn on_http(&mut self, e: &crate::event::HttpEvent) {

@@ -1,6 +1,8 @@
 //! Sinks: where signals end up. Metrics (Prometheus registry), events (JSONL), summary.
 
+pub mod graph;
 pub mod metrics;
+pub mod requests;
 pub mod sketch;
 pub mod summary;
 
@@ -39,6 +41,9 @@ impl EventWriter {
 pub struct Sinks {
     pub metrics: metrics::Metrics,
     pub summary: summary::Summary,
+    pub graph: graph::Graph,
+    /// Shared with the HTTP API (and read by `stacktap rca`).
+    pub requests: std::sync::Arc<std::sync::Mutex<requests::Requests>>,
     pub events: Option<EventWriter>,
     pub write_error: Option<std::io::Error>,
 }
@@ -47,6 +52,25 @@ impl Sinks {
     pub fn on_signal(&mut self, s: &Signal) {
         self.metrics.on_signal(s);
         self.summary.on_signal(s);
+        match s {
+            Signal::Event(Event::Chain(c)) => {
+                if let Ok(mut r) = self.requests.lock() {
+                    r.add_chain(std::sync::Arc::new((**c).clone()));
+                }
+            }
+            Signal::Event(ev) => self.graph.on_event(ev),
+            Signal::Request(t) => {
+                if let Ok(mut r) = self.requests.lock() {
+                    r.add_tree(t.clone());
+                }
+            }
+            Signal::Masked { .. } => {
+                if let (Ok(mut r), Some(t)) = (self.requests.lock(), self.graph.latest()) {
+                    r.add_masked(t);
+                }
+            }
+            _ => {}
+        }
         if let (Signal::Event(ev), Some(w)) = (s, self.events.as_mut())
             && self.write_error.is_none()
             && let Err(e) = w.write(ev)

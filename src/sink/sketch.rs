@@ -50,6 +50,16 @@ impl Sketch {
         self.max = self.max.max(v);
     }
 
+    /// Adds another sketch's observations (for windows made of slots).
+    pub fn merge(&mut self, other: &Sketch) {
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+        self.count += other.count;
+        self.sum += other.sum;
+        self.max = self.max.max(other.max);
+    }
+
     pub fn quantile(&self, q: f64) -> f64 {
         if self.count == 0 {
             return 0.0;

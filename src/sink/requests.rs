@@ -1,0 +1,199 @@
+//! Finished requests and their chains, kept for the API (`/api/chains`,
+//! `/api/requests/{id}`), `stacktap rca` and the store: recent trees by id, recent
+//! chains, and root causes ranked by how many user requests they broke. Bounded.
+
+use crate::FastMap as HashMap;
+use crate::trace::{ChainEvent, RequestTree};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+#[derive(Debug, Clone)]
+pub struct RequestsConfig {
+    /// Finished request trees kept for lookup by id.
+    pub max_trees: usize,
+    /// Chains kept (newest first out of the ranking window too).
+    pub max_chains: usize,
+}
+
+impl Default for RequestsConfig {
+    fn default() -> Self {
+        RequestsConfig {
+            max_trees: 20_000,
+            max_chains: 10_000,
+        }
+    }
+}
+
+/// One root cause: every chain that ended at the same service, operation and error.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RootCause {
+    pub service: Option<String>,
+    pub operation: String,
+    pub error: Option<String>,
+    /// The last message seen for it.
+    pub message: Option<String>,
+    /// User requests it broke.
+    pub requests: u64,
+    pub first_seen: f64,
+    pub last_seen: f64,
+    pub example_request_id: String,
+    /// How users saw it: "resource_error via compute.instance.create.error" → count.
+    pub seen_as: BTreeMap<String, u64>,
+    /// The services the failure crossed on its way up (from the example chain).
+    pub path: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RcaReport {
+    pub failed_requests: u64,
+    pub masked_failures: u64,
+    pub first: Option<f64>,
+    pub last: Option<f64>,
+    pub roots: Vec<RootCause>,
+}
+
+pub struct Requests {
+    cfg: RequestsConfig,
+    trees: HashMap<String, Arc<RequestTree>>,
+    tree_order: VecDeque<String>,
+    chains: VecDeque<Arc<ChainEvent>>,
+    masked: VecDeque<f64>,
+    /// Trees always kept regardless of the cap (e.g. the one `rca --request-id` wants).
+    pinned: Option<String>,
+}
+
+impl Requests {
+    pub fn new(cfg: RequestsConfig) -> Requests {
+        Requests {
+            cfg,
+            trees: HashMap::default(),
+            tree_order: VecDeque::new(),
+            chains: VecDeque::new(),
+            masked: VecDeque::new(),
+            pinned: None,
+        }
+    }
+
+    /// Keeps this request's tree however many others come after it.
+    pub fn pin(&mut self, id: &str) {
+        self.pinned = Some(id.to_string());
+    }
+
+    pub fn add_tree(&mut self, t: Arc<RequestTree>) {
+        let id = t.request_id.clone();
+        if self.trees.insert(id.clone(), t).is_none() {
+            self.tree_order.push_back(id);
+        }
+        while self.trees.len() > self.cfg.max_trees {
+            let Some(old) = self.tree_order.pop_front() else {
+                break;
+            };
+            if self.pinned.as_deref() == Some(old.as_str()) {
+                self.tree_order.push_back(old);
+                continue;
+            }
+            self.trees.remove(&old);
+        }
+    }
+
+    pub fn add_chain(&mut self, c: Arc<ChainEvent>) {
+        self.chains.push_back(c);
+        while self.chains.len() > self.cfg.max_chains {
+            self.chains.pop_front();
+        }
+    }
+
+    pub fn add_masked(&mut self, t: f64) {
+        self.masked.push_back(t);
+        while self.masked.len() > self.cfg.max_chains {
+            self.masked.pop_front();
+        }
+    }
+
+    pub fn tree(&self, id: &str) -> Option<Arc<RequestTree>> {
+        self.trees.get(id).cloned()
+    }
+
+    /// Chains that showed at or after `since` (packet time), oldest first.
+    pub fn chains_since(&self, since: f64) -> Vec<Arc<ChainEvent>> {
+        self.chains
+            .iter()
+            .filter(|c| c.origin.t >= since)
+            .cloned()
+            .collect()
+    }
+
+    /// The newest packet time a chain or masked failure was seen at.
+    pub fn latest(&self) -> Option<f64> {
+        let c = self.chains.iter().map(|c| c.origin.t).fold(None, max);
+        let m = self.masked.iter().copied().fold(None, max);
+        [c, m].into_iter().flatten().fold(None, max)
+    }
+
+    pub fn rca(&self, since: f64) -> RcaReport {
+        rank(
+            &self.chains_since(since),
+            self.masked.iter().filter(|t| **t >= since).count() as u64,
+        )
+    }
+}
+
+fn max(a: Option<f64>, b: f64) -> Option<f64> {
+    Some(a.map_or(b, |a| a.max(b)))
+}
+
+/// Root causes ranked by user requests broken (then by most recent).
+pub fn rank(chains: &[Arc<ChainEvent>], masked: u64) -> RcaReport {
+    let mut by_root: BTreeMap<(Option<String>, String, Option<String>), RootCause> =
+        BTreeMap::new();
+    for c in chains {
+        let key = (
+            c.root.service.clone(),
+            c.root.operation.clone(),
+            c.root.error.clone(),
+        );
+        let seen_as = format!(
+            "{} via {}",
+            c.symptom,
+            c.origin.error.clone().unwrap_or_default()
+        );
+        let r = by_root.entry(key).or_insert_with(|| RootCause {
+            service: c.root.service.clone(),
+            operation: c.root.operation.clone(),
+            error: c.root.error.clone(),
+            message: None,
+            requests: 0,
+            first_seen: c.origin.t,
+            last_seen: c.origin.t,
+            example_request_id: c.request_id.clone(),
+            seen_as: BTreeMap::new(),
+            path: c.hops.iter().filter_map(|h| h.service.clone()).collect(),
+        });
+        r.requests += 1;
+        r.first_seen = r.first_seen.min(c.origin.t);
+        r.last_seen = r.last_seen.max(c.origin.t);
+        if c.root.message.is_some() {
+            r.message = c.root.message.clone();
+        }
+        *r.seen_as.entry(seen_as).or_default() += 1;
+    }
+    let mut roots: Vec<RootCause> = by_root.into_values().collect();
+    roots.sort_by(|a, b| {
+        b.requests
+            .cmp(&a.requests)
+            .then(b.last_seen.total_cmp(&a.last_seen))
+            .then(a.operation.cmp(&b.operation))
+    });
+    RcaReport {
+        failed_requests: chains.len() as u64,
+        masked_failures: masked,
+        first: chains
+            .iter()
+            .map(|c| c.origin.t)
+            .fold(None, max)
+            .map(|_| chains.iter().map(|c| c.origin.t).fold(f64::MAX, f64::min)),
+        last: chains.iter().map(|c| c.origin.t).fold(None, max),
+        roots,
+    }
+}

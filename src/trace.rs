@@ -1,0 +1,938 @@
+//! Request trees and error-propagation chains.
+//!
+//! Every REST exchange, RPC and notification carries request ids (REST headers,
+//! `_context_request_id` / `_context_global_request_id`). The id a user request's tree
+//! shares is its root id: `global_request_id` when the caller sent one, else the local
+//! `request_id` (oslo-wire.md §7: the callee's global id is the caller's local one). Spans
+//! with one root id are collected until the request has been quiet for `settle_s` (packet
+//! time), then linked by causality into a tree: a span's parent is the latest span, still
+//! running when it started, whose handler is the span's caller (a process named by AMQP
+//! or a keystoneauth User-Agent); a caller we cannot name links by time alone and is
+//! marked inferred.
+//!
+//! A user request fails when its answer is a 5xx, a 4xx caused by a downstream fault, or
+//! the resource it started ends in error (an ERROR notification, a failed RPC, a cast
+//! nobody consumed). Its chain walks from that symptom down to the deepest failure not
+//! masked by a successful retry: the root cause. A request whose failures were all masked
+//! is reported as masked, not as a chain.
+
+use crate::FastMap as HashMap;
+use crate::event::{Event, Outcome};
+use crate::health::Health;
+use crate::oslo::RpcType;
+use crate::time::Ts;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+#[derive(Debug, Clone)]
+pub struct TraceConfig {
+    /// A request is complete after this long without a new span (packet time).
+    pub settle_s: f64,
+    /// Requests being collected at once; the oldest is completed early past this.
+    pub max_open: usize,
+    /// Spans kept per request.
+    pub max_spans: usize,
+}
+
+impl Default for TraceConfig {
+    fn default() -> Self {
+        TraceConfig {
+            settle_s: 60.0,
+            max_open: 100_000,
+            max_spans: 2_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpanKind {
+    Http,
+    Call,
+    Cast,
+    Fanout,
+    Notification,
+}
+
+/// One REST exchange, RPC or notification inside a request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Span {
+    pub kind: SpanKind,
+    /// Who made it: a process or service name, a client library, `external`.
+    pub caller: Option<String>,
+    /// Who handled it: the RPC server's process, the API's process, the publisher.
+    pub handler: Option<String>,
+    /// `POST /v2.1/servers`, `compute.build_and_run_instance`, an event type.
+    pub operation: String,
+    pub t_start: f64,
+    /// When the handler started on it (RPC delivery, request start).
+    #[serde(skip)]
+    pub t_handle: f64,
+    /// When the handler was done, if the wire shows it (reply, response end).
+    pub t_end: Option<f64>,
+    /// HTTP status, when there is one.
+    pub status: Option<u16>,
+    /// How it failed (None: it did not, or we cannot tell).
+    pub failure: Option<Failure>,
+    pub request_id: Option<String>,
+    pub global_request_id: Option<String>,
+    /// The parent in the tree (an index into the request's spans).
+    pub parent: Option<usize>,
+    /// The parent was chosen by time alone (the caller could not be named).
+    pub inferred: bool,
+    /// An ERROR (or CRITICAL) notification: the resource the request touched failed.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub error_notification: bool,
+    /// The caller named itself as a service process (not a library, not a user).
+    #[serde(skip)]
+    caller_is_service: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    /// Exception class, fault type or `HTTP 500`.
+    pub error: String,
+    pub message: Option<String>,
+    /// How the failure left this span: rest_error_response, rpc_failure_reply,
+    /// rpc_timeout, rpc_unroutable, cast_undelivered.
+    pub propagation: String,
+}
+
+/// One hop of a chain.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Hop {
+    pub service: Option<String>,
+    pub operation: String,
+    pub error: Option<String>,
+    pub message: Option<String>,
+    pub t: f64,
+    pub propagation: Option<String>,
+}
+
+/// `kind: chain`: from the failure the user saw down to its root cause.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChainEvent {
+    pub kind: String,
+    /// The request's root id (what every span of it shares).
+    pub request_id: String,
+    /// What the user saw: http_5xx, http_4xx, resource_error, never_completed,
+    /// async_failure.
+    pub symptom: String,
+    pub origin: Hop,
+    pub root: Hop,
+    pub hops: Vec<Hop>,
+    /// The root was found by time alone somewhere on its path (an unnamed caller).
+    pub inferred: bool,
+}
+
+/// A finished request: its spans (parents set) and what became of it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RequestTree {
+    pub request_id: String,
+    pub spans: Vec<Span>,
+    /// The span the request started with (a user's REST request when `user` is set).
+    pub root: usize,
+    pub user: bool,
+    /// Indexes of the failed spans no retry masked, and of those a retry did.
+    pub failed: Vec<usize>,
+    pub masked: Vec<usize>,
+    /// The span the chain blames, when the request failed.
+    pub root_cause: Option<usize>,
+    pub symptom: Option<String>,
+    pub t_first: f64,
+    pub t_last: f64,
+}
+
+/// What the tracer tells the sinks.
+#[derive(Debug, Clone)]
+pub enum Traced {
+    Tree(Arc<RequestTree>),
+    Chain(Box<ChainEvent>),
+    /// A failed span whose request still succeeded (retried elsewhere).
+    Masked {
+        service: Option<String>,
+        operation: String,
+        error: String,
+    },
+}
+
+struct Open {
+    spans: Vec<Span>,
+    last: Ts,
+    first: Ts,
+}
+
+pub struct Tracer {
+    cfg: TraceConfig,
+    open: HashMap<String, Open>,
+    /// Root ids by first sighting, for evicting the oldest (lazy: may hold finished ids).
+    order: VecDeque<String>,
+    last_sweep: Ts,
+}
+
+/// The process that runs a REST service's API, by the usual names (a service type
+/// otherwise stands for itself).
+pub fn api_process(service: &str) -> String {
+    match service {
+        "nova" => "nova-api",
+        "neutron" => "neutron-server",
+        "glance" => "glance-api",
+        "placement" => "placement-api",
+        "cinder" => "cinder-api",
+        "heat" => "heat-api",
+        "heat-cfn" => "heat-api-cfn",
+        "designate" => "designate-api",
+        "octavia" => "octavia-api",
+        "barbican" => "barbican-api",
+        "ironic" => "ironic-api",
+        "swift" => "swift-proxy-server",
+        "nova-metadata" => "nova-api-metadata",
+        other => other,
+    }
+    .to_string()
+}
+
+/// Names a REST caller: a service type (keystonemiddleware's project) is its API process.
+fn rest_caller(client: Option<&str>) -> Option<String> {
+    let c = client?;
+    Some(match c {
+        "nova" | "neutron" | "glance" | "placement" | "cinder" | "heat" | "designate"
+        | "octavia" | "barbican" | "ironic" => api_process(c),
+        _ => c.to_string(),
+    })
+}
+
+fn is_library_or_user(name: &str) -> bool {
+    name == "external"
+        || name == "openstacksdk"
+        || name == "keystoneauth1"
+        || (name.starts_with("python-") && name.ends_with("client"))
+}
+
+/// The span an event stands for, and the id of the request it belongs to.
+pub fn span_of(ev: &Event) -> Option<(String, Span)> {
+    match ev {
+        Event::Http(e) => {
+            let root = e.global_request_id.clone().or(e.request_id.clone())?;
+            let caller = rest_caller(e.client.service.as_deref());
+            let failure = match e.status {
+                Some(s) if s >= 500 => Some(Failure {
+                    error: e
+                        .error
+                        .as_ref()
+                        .and_then(|f| f.kind.clone())
+                        .unwrap_or_else(|| format!("HTTP {s}")),
+                    message: e.error.as_ref().and_then(|f| f.message.clone()),
+                    propagation: "rest_error_response".into(),
+                }),
+                _ => None,
+            };
+            let service = e.service.as_deref().unwrap_or("unknown");
+            Some((
+                root,
+                Span {
+                    kind: SpanKind::Http,
+                    caller_is_service: caller.as_deref().is_some_and(|c| !is_library_or_user(c)),
+                    caller,
+                    handler: Some(api_process(service)),
+                    operation: format!("{} {}", e.method, e.route),
+                    t_start: e.t_request,
+                    t_handle: e.t_request,
+                    t_end: e.t_response_end,
+                    status: e.status,
+                    failure,
+                    request_id: e.request_id.clone(),
+                    global_request_id: e.global_request_id.clone(),
+                    parent: None,
+                    inferred: false,
+                    error_notification: false,
+                },
+            ))
+        }
+        Event::Rpc(e) => {
+            let root = e.global_request_id.clone().or(e.request_id.clone())?;
+            let failure = match e.outcome {
+                Outcome::RemoteError => Some(Failure {
+                    error: e
+                        .error
+                        .as_ref()
+                        .map_or("RemoteError".into(), |r| r.class.clone()),
+                    message: e.error.as_ref().and_then(|r| r.message.clone()),
+                    propagation: "rpc_failure_reply".into(),
+                }),
+                Outcome::Timeout | Outcome::LateReply => Some(Failure {
+                    error: "MessagingTimeout".into(),
+                    message: Some(format!(
+                        "no reply from {} within {}s",
+                        e.routing_key,
+                        e.timeout_s.unwrap_or(0.0)
+                    )),
+                    propagation: "rpc_timeout".into(),
+                }),
+                Outcome::Unroutable => Some(Failure {
+                    error: "Unroutable".into(),
+                    message: Some("the broker returned the message (no queue)".into()),
+                    propagation: "rpc_unroutable".into(),
+                }),
+                Outcome::Undelivered => Some(Failure {
+                    error: "Undelivered".into(),
+                    message: Some(format!("no consumer on {}", e.routing_key)),
+                    propagation: "cast_undelivered".into(),
+                }),
+                Outcome::Ok | Outcome::NoReply => None,
+            };
+            let t_start = e.t_publish.or(e.t_deliver)?;
+            let caller = e.caller.as_ref().and_then(|p| p.service.clone());
+            Some((
+                root,
+                Span {
+                    kind: match e.rpc_type {
+                        RpcType::Call => SpanKind::Call,
+                        RpcType::Cast => SpanKind::Cast,
+                        RpcType::Fanout => SpanKind::Fanout,
+                    },
+                    caller_is_service: caller.is_some(),
+                    caller,
+                    handler: e.callee.as_ref().and_then(|p| p.service.clone()),
+                    operation: format!("{}.{}", e.topic, e.method),
+                    t_start,
+                    t_handle: e.t_deliver.unwrap_or(t_start),
+                    t_end: e.t_reply_publish,
+                    status: None,
+                    failure,
+                    request_id: e.request_id.clone(),
+                    global_request_id: e.global_request_id.clone(),
+                    parent: None,
+                    inferred: false,
+                    error_notification: false,
+                },
+            ))
+        }
+        Event::Notification(n) => {
+            let root = n.global_request_id.clone().or(n.request_id.clone())?;
+            let publisher = n.publisher.as_ref().and_then(|p| p.service.clone());
+            let error = matches!(n.priority.as_str(), "ERROR" | "CRITICAL");
+            Some((
+                root,
+                Span {
+                    kind: SpanKind::Notification,
+                    caller_is_service: publisher.is_some(),
+                    caller: publisher.clone(),
+                    handler: publisher,
+                    operation: n.event_type.clone(),
+                    t_start: n.t,
+                    t_handle: n.t,
+                    t_end: Some(n.t),
+                    status: None,
+                    failure: None,
+                    request_id: n.request_id.clone(),
+                    global_request_id: n.global_request_id.clone(),
+                    parent: None,
+                    inferred: false,
+                    error_notification: error,
+                },
+            ))
+        }
+        Event::Chain(_) => None,
+    }
+}
+
+impl Tracer {
+    pub fn new(cfg: TraceConfig) -> Tracer {
+        Tracer {
+            cfg,
+            open: HashMap::default(),
+            order: VecDeque::new(),
+            last_sweep: Ts::ZERO,
+        }
+    }
+
+    /// Takes in one event (REST, RPC or notification) seen at `now`.
+    pub fn observe(&mut self, ev: &Event, now: Ts, h: &mut Health, out: &mut Vec<Traced>) {
+        let Some((root, span)) = span_of(ev) else {
+            return;
+        };
+        if !self.open.contains_key(&root) {
+            if self.open.len() >= self.cfg.max_open {
+                self.evict_oldest(h, out);
+            }
+            self.order.push_back(root.clone());
+            self.open.insert(
+                root.clone(),
+                Open {
+                    spans: Vec::new(),
+                    last: now,
+                    first: now,
+                },
+            );
+        }
+        let o = self.open.get_mut(&root).expect("present");
+        o.last = o.last.max(now);
+        if o.spans.len() >= self.cfg.max_spans {
+            h.evict("request_spans", 1);
+            return;
+        }
+        o.spans.push(span);
+    }
+
+    /// Completes the requests quiet for `settle_s` (checked once a second of packet time).
+    pub fn advance(&mut self, now: Ts, out: &mut Vec<Traced>) {
+        if now.0 < self.last_sweep.0.saturating_add(1_000_000_000) {
+            return;
+        }
+        self.last_sweep = now;
+        let settle = (self.cfg.settle_s * 1e9) as u64;
+        let mut done: Vec<(Ts, String)> = self
+            .open
+            .iter()
+            .filter(|(_, o)| now.0.saturating_sub(o.last.0) >= settle)
+            .map(|(k, o)| (o.first, k.clone()))
+            .collect();
+        done.sort();
+        for (_, k) in done {
+            let o = self.open.remove(&k).expect("present");
+            finish(k, o, out);
+        }
+        if self.order.len() > 2 * self.open.len() + 1024 {
+            let open = &self.open;
+            self.order.retain(|k| open.contains_key(k));
+        }
+    }
+
+    /// End of input: every request is complete.
+    pub fn finish_all(&mut self, out: &mut Vec<Traced>) {
+        let mut all: Vec<(Ts, String, Open)> =
+            self.open.drain().map(|(k, o)| (o.first, k, o)).collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+        for (_, k, o) in all {
+            finish(k, o, out);
+        }
+        self.order.clear();
+    }
+
+    fn evict_oldest(&mut self, h: &mut Health, out: &mut Vec<Traced>) {
+        while let Some(k) = self.order.pop_front() {
+            if let Some(o) = self.open.remove(&k) {
+                h.evict("open_requests", 1);
+                finish(k, o, out);
+                return;
+            }
+        }
+    }
+}
+
+fn finish(request_id: String, o: Open, out: &mut Vec<Traced>) {
+    let tree = build(request_id, o.spans);
+    for &i in &tree.masked {
+        let s = &tree.spans[i];
+        out.push(Traced::Masked {
+            service: s.handler.clone(),
+            operation: s.operation.clone(),
+            error: s
+                .failure
+                .as_ref()
+                .map(|f| f.error.clone())
+                .unwrap_or_default(),
+        });
+    }
+    if let Some(chain) = chain_of(&tree) {
+        out.push(Traced::Chain(Box::new(chain)));
+    }
+    out.push(Traced::Tree(Arc::new(tree)));
+}
+
+/// Links the spans into a tree and judges the request.
+pub fn build(request_id: String, mut spans: Vec<Span>) -> RequestTree {
+    spans.sort_by(|a, b| a.t_start.total_cmp(&b.t_start));
+    const SLACK: f64 = 0.001;
+    for i in 0..spans.len() {
+        let (start, caller, named) = (
+            spans[i].t_start,
+            spans[i].caller.clone(),
+            spans[i].caller_is_service,
+        );
+        let running = |p: &Span| {
+            p.kind != SpanKind::Notification
+                && p.t_handle <= start + SLACK
+                && p.t_end.is_none_or(|e| start <= e + SLACK)
+        };
+        let pick = |want_handler: bool| {
+            (0..spans.len())
+                .filter(|&j| j != i && running(&spans[j]))
+                .filter(|&j| !want_handler || spans[j].handler == caller)
+                .max_by(|&a, &b| {
+                    spans[a]
+                        .t_handle
+                        .total_cmp(&spans[b].t_handle)
+                        .then(b.cmp(&a))
+                })
+        };
+        let parent = if named { pick(true) } else { None };
+        let (parent, inferred) = match parent {
+            Some(p) => (Some(p), false),
+            None if named => (None, false),
+            None => (pick(false), true),
+        };
+        // a parent must start before its child (no cycles): ties go to the earlier index
+        let parent = parent.filter(|&p| p < i || spans[p].t_start < start);
+        spans[i].parent = parent;
+        spans[i].inferred = parent.is_some() && inferred;
+    }
+    // the root: the earliest parentless span, preferring a REST request
+    let roots: Vec<usize> = (0..spans.len())
+        .filter(|&i| spans[i].parent.is_none())
+        .collect();
+    let root = roots
+        .iter()
+        .copied()
+        .find(|&i| spans[i].kind == SpanKind::Http)
+        .or(roots.first().copied())
+        .unwrap_or(0);
+    // other parentless spans hang under the root: same request, cause unseen
+    for i in roots {
+        if i != root {
+            spans[i].parent = Some(root);
+            spans[i].inferred = true;
+        }
+    }
+    break_cycles(&mut spans, root);
+    let user = spans.get(root).is_some_and(|s| {
+        s.kind == SpanKind::Http
+            && s.caller
+                .as_deref()
+                .is_none_or(|c| !s.caller_is_service || c == "external")
+    });
+    let masked: Vec<usize> = (0..spans.len())
+        .filter(|&i| spans[i].failure.is_some() && retried_ok(&spans, i))
+        .collect();
+    let failed: Vec<usize> = (0..spans.len())
+        .filter(|&i| spans[i].failure.is_some() && !masked.contains(&i) && i != root)
+        .collect();
+    let symptom = if user {
+        symptom(&spans, root, &failed).map(String::from)
+    } else {
+        None
+    };
+    let root_cause = symptom
+        .as_ref()
+        .map(|_| deepest(&spans, &failed).unwrap_or(root));
+    let (t_first, t_last) = spans.iter().fold((f64::MAX, 0f64), |(a, b), s| {
+        (a.min(s.t_start), b.max(s.t_end.unwrap_or(s.t_start)))
+    });
+    // a failure is masked only when the request as a whole did not fail
+    let (failed, masked) = if symptom.is_some() {
+        (failed, masked)
+    } else {
+        (Vec::new(), [masked, failed].concat())
+    };
+    RequestTree {
+        request_id,
+        spans,
+        root,
+        user,
+        failed,
+        masked,
+        root_cause,
+        symptom,
+        t_first,
+        t_last,
+    }
+}
+
+/// Defensive: any parent chain that loops is cut at the root.
+fn break_cycles(spans: &mut [Span], root: usize) {
+    for i in 0..spans.len() {
+        let mut seen = 0;
+        let mut at = spans[i].parent;
+        while let Some(p) = at {
+            seen += 1;
+            if seen > spans.len() {
+                spans[i].parent = if i == root { None } else { Some(root) };
+                break;
+            }
+            at = spans[p].parent;
+        }
+    }
+    spans[root].parent = None;
+}
+
+/// A later sibling did the same operation and succeeded: the failure was retried away.
+fn retried_ok(spans: &[Span], i: usize) -> bool {
+    let s = &spans[i];
+    spans.iter().enumerate().any(|(j, o)| {
+        j != i
+            && o.parent == s.parent
+            && o.operation == s.operation
+            && o.t_start > s.t_start
+            && o.failure.is_none()
+            && o.status.is_none_or(|c| c < 400)
+    })
+}
+
+fn symptom(spans: &[Span], root: usize, failed: &[usize]) -> Option<&'static str> {
+    let r = &spans[root];
+    if r.status.is_some_and(|s| s >= 500) {
+        return Some("http_5xx");
+    }
+    if r.status.is_some_and(|s| s >= 400) {
+        return (!failed.is_empty()).then_some("http_4xx");
+    }
+    if spans.iter().any(|s| s.error_notification) {
+        return Some("resource_error");
+    }
+    if failed.iter().any(|&i| {
+        spans[i]
+            .failure
+            .as_ref()
+            .is_some_and(|f| f.propagation == "cast_undelivered")
+    }) {
+        return Some("never_completed");
+    }
+    (!failed.is_empty()).then_some("async_failure")
+}
+
+fn depth(spans: &[Span], mut i: usize) -> usize {
+    let mut d = 0;
+    while let Some(p) = spans[i].parent {
+        d += 1;
+        i = p;
+        if d > spans.len() {
+            break;
+        }
+    }
+    d
+}
+
+/// The deepest failure that no failure below it explains.
+fn deepest(spans: &[Span], failed: &[usize]) -> Option<usize> {
+    let below = |i: usize| {
+        failed.iter().any(|&f| {
+            let mut at = spans[f].parent;
+            while let Some(p) = at {
+                if p == i {
+                    return true;
+                }
+                at = spans[p].parent;
+            }
+            false
+        })
+    };
+    failed
+        .iter()
+        .copied()
+        .filter(|&i| !below(i))
+        .max_by(|&a, &b| {
+            depth(spans, a)
+                .cmp(&depth(spans, b))
+                .then(spans[b].t_start.total_cmp(&spans[a].t_start))
+        })
+}
+
+fn hop(s: &Span) -> Hop {
+    Hop {
+        service: s.handler.clone(),
+        operation: s.operation.clone(),
+        error: s
+            .failure
+            .as_ref()
+            .map(|f| f.error.clone())
+            .or_else(|| s.status.filter(|c| *c >= 400).map(|c| format!("HTTP {c}"))),
+        message: s.failure.as_ref().and_then(|f| f.message.clone()),
+        t: s.t_start,
+        propagation: s.failure.as_ref().map(|f| f.propagation.clone()),
+    }
+}
+
+pub fn chain_of(tree: &RequestTree) -> Option<ChainEvent> {
+    let symptom = tree.symptom.clone()?;
+    let cause = tree.root_cause?;
+    let mut path = vec![cause];
+    let mut at = tree.spans[cause].parent;
+    while let Some(p) = at {
+        path.push(p);
+        at = tree.spans[p].parent;
+        if path.len() > tree.spans.len() {
+            break;
+        }
+    }
+    path.reverse();
+    let mut origin = hop(&tree.spans[tree.root]);
+    if origin.error.is_none() {
+        // the request was accepted; the failure showed later, on the resource
+        let shown = tree
+            .spans
+            .iter()
+            .find(|s| s.error_notification)
+            .map(|s| s.operation.clone());
+        origin.error = Some(shown.unwrap_or_else(|| symptom.clone()));
+    }
+    Some(ChainEvent {
+        kind: "chain".into(),
+        request_id: tree.request_id.clone(),
+        symptom,
+        origin,
+        root: hop(&tree.spans[cause]),
+        inferred: path.iter().any(|&i| tree.spans[i].inferred),
+        hops: path.iter().map(|&i| hop(&tree.spans[i])).collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(
+        kind: SpanKind,
+        caller: &str,
+        handler: &str,
+        op: &str,
+        t: f64,
+        end: Option<f64>,
+    ) -> Span {
+        Span {
+            kind,
+            caller: Some(caller.into()),
+            handler: Some(handler.into()),
+            operation: op.into(),
+            t_start: t,
+            t_handle: t + 0.001,
+            t_end: end,
+            status: None,
+            failure: None,
+            request_id: None,
+            global_request_id: None,
+            parent: None,
+            inferred: false,
+            error_notification: false,
+            caller_is_service: !is_library_or_user(caller),
+        }
+    }
+
+    fn fail(mut s: Span, error: &str, propagation: &str) -> Span {
+        s.failure = Some(Failure {
+            error: error.into(),
+            message: None,
+            propagation: propagation.into(),
+        });
+        s
+    }
+
+    fn http(mut s: Span, status: u16) -> Span {
+        s.status = Some(status);
+        if status >= 500 {
+            s = fail(s, &format!("HTTP {status}"), "rest_error_response");
+        }
+        s
+    }
+
+    #[test]
+    fn port_binding_failure_chains_from_the_error_notification_to_neutron() {
+        let spans = vec![
+            http(
+                span(
+                    SpanKind::Http,
+                    "python-novaclient",
+                    "nova-api",
+                    "POST /v2.1/servers",
+                    0.0,
+                    Some(0.1),
+                ),
+                202,
+            ),
+            span(
+                SpanKind::Cast,
+                "nova-api",
+                "nova-conductor",
+                "conductor.schedule_and_build_instances",
+                0.05,
+                None,
+            ),
+            span(
+                SpanKind::Call,
+                "nova-conductor",
+                "nova-scheduler",
+                "scheduler.select_destinations",
+                0.2,
+                Some(0.3),
+            ),
+            span(
+                SpanKind::Cast,
+                "nova-conductor",
+                "nova-compute",
+                "compute.build_and_run_instance",
+                0.4,
+                None,
+            ),
+            http(
+                span(
+                    SpanKind::Http,
+                    "python-neutronclient",
+                    "neutron-server",
+                    "PUT /v2.0/ports/{id}",
+                    0.5,
+                    Some(0.6),
+                ),
+                500,
+            ),
+            {
+                let mut n = span(
+                    SpanKind::Notification,
+                    "nova-compute",
+                    "nova-compute",
+                    "compute.instance.create.error",
+                    0.7,
+                    Some(0.7),
+                );
+                n.error_notification = true;
+                n
+            },
+        ];
+        let t = build("req-1".into(), spans);
+        assert!(t.user);
+        assert_eq!(t.symptom.as_deref(), Some("resource_error"));
+        let c = chain_of(&t).unwrap();
+        let ops: Vec<&str> = c.hops.iter().map(|h| h.operation.as_str()).collect();
+        assert_eq!(
+            ops,
+            [
+                "POST /v2.1/servers",
+                "conductor.schedule_and_build_instances",
+                "compute.build_and_run_instance",
+                "PUT /v2.0/ports/{id}"
+            ]
+        );
+        assert_eq!(c.root.service.as_deref(), Some("neutron-server"));
+        assert!(c.inferred, "the neutron call was made by a client library");
+        assert_eq!(
+            c.origin.error.as_deref(),
+            Some("compute.instance.create.error")
+        );
+    }
+
+    #[test]
+    fn a_retry_that_succeeds_masks_the_failure() {
+        let spans = vec![
+            http(
+                span(
+                    SpanKind::Http,
+                    "external",
+                    "nova-api",
+                    "GET /x",
+                    0.0,
+                    Some(1.0),
+                ),
+                200,
+            ),
+            fail(
+                span(
+                    SpanKind::Call,
+                    "nova-api",
+                    "nova-compute",
+                    "compute.get_console_output",
+                    0.1,
+                    Some(0.2),
+                ),
+                "ValueError",
+                "rpc_failure_reply",
+            ),
+            span(
+                SpanKind::Call,
+                "nova-api",
+                "nova-compute",
+                "compute.get_console_output",
+                0.3,
+                Some(0.4),
+            ),
+        ];
+        let t = build("req-2".into(), spans);
+        assert_eq!(t.symptom, None);
+        assert_eq!(t.masked, vec![1]);
+        assert!(chain_of(&t).is_none());
+    }
+
+    #[test]
+    fn a_5xx_with_healthy_downstream_blames_the_api_itself_and_4xx_alone_is_no_chain() {
+        let t = build(
+            "r".into(),
+            vec![
+                http(
+                    span(
+                        SpanKind::Http,
+                        "external",
+                        "nova-api",
+                        "GET /y",
+                        0.0,
+                        Some(1.0),
+                    ),
+                    500,
+                ),
+                http(
+                    span(
+                        SpanKind::Http,
+                        "python-glanceclient",
+                        "glance-api",
+                        "GET /v2/images/{id}",
+                        0.1,
+                        Some(0.2),
+                    ),
+                    200,
+                ),
+            ],
+        );
+        assert_eq!(t.root_cause, Some(0));
+        assert_eq!(chain_of(&t).unwrap().hops.len(), 1);
+        let t = build(
+            "r".into(),
+            vec![http(
+                span(
+                    SpanKind::Http,
+                    "external",
+                    "nova-api",
+                    "GET /z",
+                    0.0,
+                    Some(1.0),
+                ),
+                404,
+            )],
+        );
+        assert!(chain_of(&t).is_none());
+    }
+
+    #[test]
+    fn timeout_under_a_500_is_the_root_cause() {
+        let t = build(
+            "r".into(),
+            vec![
+                http(
+                    span(
+                        SpanKind::Http,
+                        "external",
+                        "nova-api",
+                        "GET /v2.1/servers/{id}/action",
+                        0.0,
+                        Some(2.5),
+                    ),
+                    500,
+                ),
+                fail(
+                    span(
+                        SpanKind::Call,
+                        "nova-api",
+                        "nova-compute",
+                        "compute.get_console_output",
+                        0.1,
+                        None,
+                    ),
+                    "MessagingTimeout",
+                    "rpc_timeout",
+                ),
+            ],
+        );
+        let c = chain_of(&t).unwrap();
+        assert_eq!(c.symptom, "http_5xx");
+        assert_eq!(c.root.error.as_deref(), Some("MessagingTimeout"));
+        assert_eq!(c.root.propagation.as_deref(), Some("rpc_timeout"));
+        assert!(!c.inferred);
+    }
+}
