@@ -116,6 +116,10 @@ const SAMPLES: &[(&str, &[u8])] = &[
         include_bytes!("../sampledata/slow_server.pcap"),
     ),
     ("rest.pcap", include_bytes!("../sampledata/rest.pcap")),
+    (
+        "failures.pcap",
+        include_bytes!("../sampledata/failures.pcap"),
+    ),
 ];
 
 fn load_config(path: &Option<PathBuf>) -> anyhow::Result<Config> {

@@ -82,7 +82,7 @@ pub struct Span {
     /// The parent was chosen by time alone (the caller could not be named).
     pub inferred: bool,
     /// An ERROR (or CRITICAL) notification: the resource the request touched failed.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub error_notification: bool,
     /// The caller named itself as a service process (not a library, not a user).
     #[serde(skip)]
@@ -294,7 +294,12 @@ pub fn span_of(ev: &Event) -> Option<(String, Span)> {
                     },
                     caller_is_service: caller.is_some(),
                     caller,
-                    handler: e.callee.as_ref().and_then(|p| p.service.clone()),
+                    // nobody consumed it: the queue it waited in is all there is to name
+                    handler: e
+                        .callee
+                        .as_ref()
+                        .and_then(|p| p.service.clone())
+                        .or_else(|| failure.as_ref().map(|_| format!("queue:{}", e.routing_key))),
                     operation: format!("{}.{}", e.topic, e.method),
                     t_start,
                     t_handle: e.t_deliver.unwrap_or(t_start),
@@ -589,7 +594,18 @@ fn symptom(spans: &[Span], root: usize, failed: &[usize]) -> Option<&'static str
     }) {
         return Some("never_completed");
     }
-    (!failed.is_empty()).then_some("async_failure")
+    // an accepted request whose last word was a failure: nothing succeeded after it
+    let last_good = spans
+        .iter()
+        .filter(|s| {
+            s.failure.is_none() && !s.error_notification && s.status.is_none_or(|c| c < 400)
+        })
+        .map(|s| s.t_start)
+        .fold(f64::MIN, f64::max);
+    failed
+        .iter()
+        .any(|&i| spans[i].t_start >= last_good)
+        .then_some("async_failure")
 }
 
 fn depth(spans: &[Span], mut i: usize) -> usize {

@@ -261,3 +261,63 @@ fn rest() {
     assert!(secrets.iter().any(|s| s.starts_with(PASSWORD_PREFIX)));
     assert_no_secrets("rest", &r, &secrets);
 }
+
+#[test]
+fn failures() {
+    let r = golden("failures");
+    let dir = repo().join("sampledata");
+    let truth = read_truth(&dir.join("failures.truth.jsonl"));
+    let mut bad = check_rest_against_truth(&r, &truth);
+    bad.extend(check_chains_against_truth(&r, &truth));
+    assert!(
+        bad.is_empty(),
+        "{} mismatches:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+    // the five stories of the scenario, each as its root cause
+    let roots: Vec<(String, String)> = r
+        .summary
+        .rca
+        .roots
+        .iter()
+        .map(|c| {
+            (
+                c.service.clone().unwrap_or_default(),
+                c.error.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    for want in [
+        ("neutron-server", "PortBindingFailed"),
+        ("placement-api", "Internal Server Error"),
+        ("queue:compute.host3", "MessagingTimeout"),
+        ("nova-scheduler", "NoValidHost"),
+    ] {
+        assert!(
+            roots.iter().any(|(s, e)| s == want.0 && e == want.1),
+            "{want:?} not among {roots:?}"
+        );
+    }
+    assert!(r.summary.rca.masked_failures > 0);
+    assert!(
+        r.metrics
+            .contains("stacktap_error_chains_total{origin_service=\"nova-api\"")
+    );
+    let secrets = secrets_in_capture(&dir.join("failures.pcap"));
+    assert_no_secrets("failures", &r, &secrets);
+}
+
+#[test]
+fn healthy_captures_have_no_chain() {
+    for scenario in ["healthy", "rest"] {
+        let r = replay(&[repo().join(format!("sampledata/{scenario}.pcap"))]);
+        let chains = r.events.iter().filter(|e| e["kind"] == "chain").count();
+        // the rest sample injects faults; the healthy one must have none at all
+        if scenario == "healthy" {
+            assert_eq!(chains, 0);
+        } else {
+            assert!(chains > 0);
+        }
+    }
+}

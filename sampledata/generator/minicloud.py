@@ -242,23 +242,46 @@ class ConductorEndpoint(Handled):
 
 
 class ComputeTaskEndpoint(Handled):
-    def __init__(self, truth, transport):
+    def __init__(self, truth, transport, notifier=None):
         super().__init__(truth, "nova-conductor", None)
         self.target = endpoint_target(namespace="compute_task", version="1.25")
         self.transport = transport
         self.sched = client(transport, "scheduler", version="4.5")
+        self.notifier = notifier
 
-    def schedule_and_build_instances(self, ctxt, instance_uuid):
+    def schedule_and_build_instances(self, ctxt, instance_uuid, flavor=None):
         self.record(ctxt, "schedule_and_build_instances", "cast")
+        self._build(ctxt, instance_uuid, flavor, [], 1)
+
+    def build_instances(self, ctxt, instance_uuid, flavor=None, exclude=None, attempt=2):
+        """A compute gave up on a build: schedule it again, away from the hosts tried."""
+        self.record(ctxt, "build_instances", "cast")
+        self._build(ctxt, instance_uuid, flavor, exclude or [], attempt)
+
+    def _build(self, ctxt, instance_uuid, flavor, exclude, attempt):
+        extra = {"flavor": flavor, "exclude": exclude} if flavor or exclude else {}
         outcome, host = timed_call(self.truth, "nova-conductor", self.sched.prepare(timeout=10),
                                    ctxt, "select_destinations",
                                    desc("scheduler", version="4.5"), 10,
-                                   instance_uuid=instance_uuid)
+                                   instance_uuid=instance_uuid, **extra)
         if outcome != "ok":
+            if self.notifier:
+                # as nova's set_vm_state_and_notify: the instance goes to ERROR
+                self.notifier.error(ctxt, "compute_task.build_instances",
+                                    {"instance_id": instance_uuid, "reason": "NoValidHost"})
+                self.truth.write(kind="surfaced", service="nova-conductor", pid=os.getpid(),
+                                 how="compute_task.build_instances",
+                                 cause={"service": "nova-scheduler",
+                                        "operation": "scheduler.select_destinations",
+                                        "error": "NoValidHost"},
+                                 request_id=ctxt.request_id,
+                                 global_request_id=ctxt.global_request_id, t=time.time())
             return
         cctx = client(self.transport, "compute", server=host, version="6.0")
+        extra = {"flavor": flavor, "attempt": attempt} if flavor else {}
         timed_cast(self.truth, "nova-conductor", cctx, ctxt, "build_and_run_instance",
-                   desc("compute", server=host, version="6.0"), instance_uuid=instance_uuid)
+                   desc("compute", server=host, version="6.0"), instance_uuid=instance_uuid,
+                   **extra)
 
 
 class SchedulerEndpoint(Handled):
@@ -268,16 +291,41 @@ class SchedulerEndpoint(Handled):
         self.hosts, self.n, self.fail_every = hosts, 0, fail_every
         self.rest = rest  # placement, with nova's plain keystoneauth adapter
 
-    def select_destinations(self, ctxt, instance_uuid):
+    def no_valid_host(self, ctxt, reason, cause=None):
+        self.record(ctxt, "select_destinations", "call",
+                    raised={"class": "NoValidHost", "module": "nova.exception"})
+        self.truth.write(kind="failure", service="nova-scheduler", pid=os.getpid(),
+                         operation="scheduler.select_destinations", error="NoValidHost",
+                         cause=cause, request_id=ctxt.request_id,
+                         global_request_id=ctxt.global_request_id, t=time.time())
+        raise NoValidHost(reason=reason)
+
+    def select_destinations(self, ctxt, instance_uuid, flavor=None, exclude=None):
         self.n += 1
         if self.rest:
             r = self.rest.call("placement", "GET", "/allocation_candidates?resources=VCPU:1",
                                global_request_id=ctxt.global_id,
                                route="/allocation_candidates")
             if r.status_code != 200:
-                self.record(ctxt, "select_destinations", "call",
-                            raised={"class": "NoValidHost", "module": "nova.exception"})
-                raise NoValidHost(reason="Placement API returned %d." % r.status_code)
+                self.no_valid_host(ctxt, "Placement API returned %d." % r.status_code,
+                                   {"service": "placement-api",
+                                    "operation": "GET /allocation_candidates",
+                                    "error": "Internal Server Error"})
+        if flavor is not None:
+            # only host1 is big enough for the "big" flavor; hosts tried are excluded
+            fits = self.hosts[:1] if flavor == "big" else self.hosts
+            left = [h for h in fits if h not in (exclude or [])]
+            if not left:
+                self.no_valid_host(ctxt, "Exhausted all hosts available for retrying build "
+                                         "failures for instance %s." % instance_uuid)
+            host = left[self.n % len(left)]
+            if self.rest:
+                self.rest.call("placement", "PUT", "/allocations/" + instance_uuid,
+                               global_request_id=ctxt.global_id,
+                               route="/allocations/{consumer_uuid}",
+                               json={"allocations": {}, "consumer_generation": None})
+            self.record(ctxt, "select_destinations", "call")
+            return host
             self.rest.call("placement", "PUT", "/allocations/" + instance_uuid,
                            global_request_id=ctxt.global_id,
                            route="/allocations/{consumer_uuid}",
@@ -294,21 +342,44 @@ class SchedulerEndpoint(Handled):
 
 
 class ComputeEndpoint(Handled):
-    def __init__(self, truth, host, transport, notifier, faults, rest=None):
+    MAX_ATTEMPTS = 2
+
+    def __init__(self, truth, host, transport, notifier, faults, rest=None, reschedule=False):
         super().__init__(truth, "nova-compute", host)
         self.target = endpoint_target(version="6.0")
         self.conductor = client(transport, "conductor", version="3.0")
+        self.builds = client(transport, "conductor", namespace="compute_task", version="1.25")
         self.notifier, self.faults = notifier, faults
         self.rest = rest  # neutron, through python-neutronclient
+        self.reschedule = reschedule
 
-    def build_and_run_instance(self, ctxt, instance_uuid):
+    def build_and_run_instance(self, ctxt, instance_uuid, flavor=None, attempt=1):
         if self.rest:
             port = str(uuid.uuid4())
             r = self.rest.call("neutron", "PUT", "/v2.0/ports/" + port,
                                global_request_id=ctxt.global_id, route="/v2.0/ports/{port_id}",
                                json={"port": {"binding:host_id": self.host,
                                               "device_id": instance_uuid}})
+            cause = {"service": "neutron-server", "operation": "PUT /v2.0/ports/{port_id}",
+                     "error": "PortBindingFailed"}
+            if r.status_code != 200 and self.reschedule and attempt < self.MAX_ATTEMPTS:
+                # as nova does on a failed build: RescheduledException, back to the conductor
+                self.record(ctxt, "build_and_run_instance", "cast",
+                            raised={"class": "RescheduledException",
+                                    "module": "nova.exception"})
+                self.truth.write(kind="rescheduled", service="nova-compute", host=self.host,
+                                 pid=os.getpid(), cause=cause, request_id=ctxt.request_id,
+                                 global_request_id=ctxt.global_request_id, t=time.time())
+                timed_cast(self.truth, "nova-compute", self.builds, ctxt, "build_instances",
+                           desc("conductor", namespace="compute_task", version="1.25"),
+                           instance_uuid=instance_uuid, flavor=flavor, exclude=[self.host],
+                           attempt=attempt + 1)
+                return
             if r.status_code != 200:
+                self.truth.write(kind="surfaced", service="nova-compute", pid=os.getpid(),
+                                 how="compute.instance.create.error", cause=cause,
+                                 request_id=ctxt.request_id,
+                                 global_request_id=ctxt.global_request_id, t=time.time())
                 self.record(ctxt, "build_and_run_instance", "cast",
                             raised={"class": "PortBindingFailed", "module": "nova.exception"})
                 self.notifier.error(ctxt, "compute.instance.create.error",
@@ -360,7 +431,9 @@ def run_service(args):
         run_api(args, truth, transport, rest_faults, stop)
         servers = []
     elif args.role == "nova-conductor":
-        eps = [ConductorEndpoint(truth), ComputeTaskEndpoint(truth, transport)]
+        notifier = oslo_messaging.Notifier(ntransport, publisher_id="conductor." + args.host,
+                                           driver="messagingv2", topics=["notifications"])
+        eps = [ConductorEndpoint(truth), ComputeTaskEndpoint(truth, transport, notifier)]
         target = oslo_messaging.Target(topic="conductor", server=args.host)
         servers.append(oslo_messaging.get_rpc_server(transport, target, eps,
                                                      executor="threading",
@@ -384,7 +457,8 @@ def run_service(args):
             import restapis
             rest = restapis.service_client(truth, "nova-compute", FAKE_TOKEN_PREFIX,
                                            user_agent="python-neutronclient")
-        ep = ComputeEndpoint(truth, args.host, transport, notifier, faults, rest)
+        ep = ComputeEndpoint(truth, args.host, transport, notifier, faults, rest,
+                             reschedule=args.reschedule)
         target = oslo_messaging.Target(topic="compute", server=args.host)
         servers.append(oslo_messaging.get_rpc_server(transport, target, [ep],
                                                      executor="threading",
@@ -441,25 +515,42 @@ def run_api(args, truth, transport, faults, stop):
                                restapis.middleware_client(truth, "neutron-server", "neutron", tp),
                                restapis.service_client(truth, "neutron-server", tp,
                                                        user_agent="python-novaclient"),
-                               faults)
+                               faults, flaky_host=args.flaky_host)
         service = "neutron"
     else:
         conductor = client(transport, "conductor", namespace="compute_task", version="1.25")
 
-        def build(local, glob, sid):
+        def api_context(local, glob):
             from oslo_context import context
-            ctxt = context.RequestContext(user_id="u-demo", project_id="p-demo",
+            return context.RequestContext(user_id="u-demo", project_id="p-demo",
                                           auth_token=tp + uuid.uuid4().hex, roles=["member"],
                                           request_id=local, global_request_id=glob)
-            timed_cast(truth, "nova-api", conductor, ctxt, "schedule_and_build_instances",
+
+        def build(local, glob, sid, flavor):
+            extra = {"flavor": flavor} if args.quota else {}
+            timed_cast(truth, "nova-api", conductor, api_context(local, glob),
+                       "schedule_and_build_instances",
                        desc("conductor", namespace="compute_task", version="1.25"),
-                       instance_uuid=sid)
+                       instance_uuid=sid, **extra)
+
+        def console(local, glob, host):
+            cctx = client(transport, "compute", server=host, version="6.0").prepare(timeout=2)
+            outcome, _ = timed_call(truth, "nova-api", cctx, api_context(local, glob),
+                                    "get_console_output",
+                                    desc("compute", server=host, version="6.0"), 2,
+                                    instance_uuid=str(uuid.uuid4()))
+            return outcome == "ok", "MessagingTimeout" if outcome == "timeout" else outcome
+
+        legacy = {"9d6f0b8e-1c2a-4b7e-9f3d-5a4c3b2a1f00": "host3"} if args.quota else None
         app = restapis.Nova(truth, restapis.middleware_client(truth, "nova-api", "nova", tp),
                             restapis.service_client(truth, "nova-api", tp,
                                                     user_agent="python-glanceclient"),
                             restapis.service_client(truth, "nova-api", tp,
                                                     user_agent="python-neutronclient"),
-                            build)
+                            build,
+                            placement=restapis.service_client(truth, "nova-api", tp)
+                            if args.quota else None,
+                            console=console, legacy=legacy)
         service = "nova"
     restapis.serve(service, app, stop)
 
@@ -474,6 +565,9 @@ def run_user(args):
     nova = restapis.Client(truth, "openstack", FAKE_TOKEN_PREFIX, user_agent="python-novaclient")
     nova.token = token
     image = str(uuid.uuid4())
+    if args.failures:
+        user_failures(nova, image, args.calls)
+        return
     for i in range(args.calls):
         # every other boot carries a global request id, one a malformed one (dropped by
         # oslo.middleware, so nova starts a new chain)
@@ -499,6 +593,30 @@ def run_user(args):
     stale.token = FAKE_TOKEN_PREFIX + "revoked" + uuid.uuid4().hex
     stale.call("nova", "GET", "/v2.1/flavors/detail", route="/v2.1/flavors/detail")
     time.sleep(2.0)  # let the builds the casts started finish
+
+
+def user_failures(nova, image, n):
+    """Boots of two sizes (only host1 fits "big"; host1 cannot bind ports), and console
+    output of an old server on host3, whose compute is gone."""
+    legacy = None
+    for i in range(n):
+        flavor = "big" if i % 4 == 1 else "small"
+        r = nova.call("nova", "POST", "/v2.1/servers", route="/v2.1/servers",
+                      json={"server": {"name": "vm%d" % i, "imageRef": image,
+                                       "flavorRef": flavor}})
+        if r.status_code == 202:
+            sid = r.json()["server"]["id"]
+            nova.call("nova", "GET", "/v2.1/servers/" + sid, route="/v2.1/servers/{server_id}")
+        if i % 5 == 3:
+            if legacy is None:
+                d = nova.call("nova", "GET", "/v2.1/servers/detail", route="/v2.1/servers/detail")
+                legacy = [s["id"] for s in d.json()["servers"]
+                          if s["OS-EXT-SRV-ATTR:host"] == "host3"][0]
+            nova.call("nova", "POST", "/v2.1/servers/%s/action" % legacy,
+                      route="/v2.1/servers/{server_id}/action",
+                      json={"os-getConsoleOutput": {"length": 50}})
+        time.sleep(0.1)
+    time.sleep(3.0)  # reschedules and error notifications land
 
 
 # --------------------------------------------------------------------------------------
@@ -621,6 +739,11 @@ SCENARIOS = {
     "midstream": "the capture starts after every connection is up and while a call is in "
                  "flight",
     "load": "the healthy mix, many times over (benchmark captures)",
+    "failures": "the REST cloud failing: quota counted in placement fails (nova-api 500), a "
+                "host that cannot bind ports (builds rescheduled: masked), instances whose "
+                "ports bind nowhere (rescheduled, then ERROR), a flavor only that host fits "
+                "(reschedule runs out of hosts: NoValidHost), console output of a server on "
+                "a dead compute (RPC timeout, nova-api 500)",
     "rest": "a user boots servers through real WSGI APIs (keystone, nova-api, glance, "
             "neutron, placement; oslo.middleware request ids, keystoneauth1 clients): nova-api "
             "casts to the conductor, the scheduler calls placement (every 4th: 500), computes "
@@ -669,7 +792,7 @@ def record(args):
     def start_capture():
         nonlocal tcpdump
         ports = [BROKER.split(":")[1]]
-        if scenario == "rest":
+        if scenario in ("rest", "failures"):
             import restapis
             ports += [str(p) for p in restapis.PORTS.values()]
         tcpdump = subprocess.Popen(["tcpdump", "-i", "lo", "-U", "-s", "0", "-w", pcap,
@@ -695,14 +818,22 @@ def record(args):
         hosts = "host1,host2"
         faults = {"remote_error": {"host2": "port_binding,value_error"}}.get(scenario, {})
         readies = []
-        rest = scenario == "rest"
+        failures = scenario == "failures"
+        rest = scenario == "rest" or failures
         if rest:
             # keystone first: every other service logs in to it when it starts
             r = service("keystone", "api")
             wait_for(r[1], "keystone", procs=procs)
             api_faults = {"placement-api": "placement_500=4", "neutron-server": "port_binding=3"}
+            if failures:
+                api_faults = {"placement-api": "usages_500=5",
+                              "neutron-server": "doomed_instance=4"}
             for role in ("glance-api", "placement-api", "neutron-server", "nova-api"):
                 extra = ["--rest-faults", api_faults[role]] if role in api_faults else []
+                if failures and role == "neutron-server":
+                    extra += ["--flaky-host", "host1"]
+                if failures and role == "nova-api":
+                    extra += ["--quota"]
                 readies.append(service(role, "api", *extra)[1])
         readies.append(service("nova-conductor", "cond1")[1])
         for s in ("sched1", "sched2")[:1 if rest else 2]:
@@ -714,12 +845,14 @@ def record(args):
             readies.append(service("nova-scheduler", s, *extra)[1])
         for h in ("host1", "host2"):
             extra = ["--fanout-every", "2"] + (["--rest"] if rest else [])
+            if failures:
+                extra += ["--reschedule"]
             if h in faults:
                 extra += ["--faults", faults[h]]
             if scenario == "slow_server":
                 extra += ["--reply-retry", "3"]
             readies.append(service("nova-compute", h, *extra)[1])
-        if scenario == "dead_consumer":
+        if scenario in ("dead_consumer", "failures"):
             p, r = service("nova-compute", "host3")
             wait_for(r, "host3", procs=[p])
             p.send_signal(signal.SIGTERM)
@@ -736,6 +869,8 @@ def record(args):
             dargs += ["--go-file", go, "--phase1-file", phase1]
         if rest:
             dargs = ["user", "--calls", str(args.calls), "--truth", driver_truth]
+            if failures:
+                dargs += ["--failures"]
         driver = spawn("openstack" if rest else "nova-api", dargs, log)
         if midstream:
             wait_for(phase1, "phase 1", procs=[driver])
@@ -800,10 +935,16 @@ def main():
     s.add_argument("--reply-retry", type=int)
     s.add_argument("--rest", action="store_true", help="call placement / neutron over REST")
     s.add_argument("--rest-faults", help="FAULT=N,...: fail every Nth request of a kind")
+    s.add_argument("--reschedule", action="store_true",
+                   help="computes send failed builds back to the conductor")
+    s.add_argument("--flaky-host", help="neutron: port binding on this host always fails")
+    s.add_argument("--quota", action="store_true",
+                   help="nova-api counts quota in placement and knows a server on host3")
     u = sub.add_parser("user")
     for a in ("--truth",):
         u.add_argument(a, required=True)
     u.add_argument("--calls", type=int, default=12)
+    u.add_argument("--failures", action="store_true")
     d = sub.add_parser("driver")
     for a in ("--scenario", "--truth", "--vhost"):
         d.add_argument(a, required=True)

@@ -18,6 +18,8 @@ import time
 import uuid
 
 PORTS = {"keystone": 5000, "nova": 8774, "glance": 9292, "neutron": 9696, "placement": 8778}
+SERVICE_PROCESS = {"keystone": "keystone", "nova": "nova-api", "glance": "glance-api",
+                   "neutron": "neutron-server", "placement": "placement-api"}
 HOST = "127.0.0.1"
 # Passwords travel in clear in keystone's POST /v3/auth/tokens body, tokens in headers:
 # stacktap's tests grep every output for these prefixes.
@@ -137,6 +139,18 @@ class Api:
     def handle(self, req, local, glob, ctx_global):
         raise NotImplementedError
 
+    def failure(self, operation, error, local, glob, cause=None):
+        """Truth: this service failed a request (cause: the downstream failure it saw)."""
+        self.truth.write(kind="failure", service=SERVICE_PROCESS[self.name], pid=os.getpid(),
+                         operation=operation, error=error, cause=cause, request_id=local,
+                         global_request_id=glob, t=time.time())
+
+    def surfaced(self, how, cause, local, glob):
+        """Truth: a failure became visible to the user here."""
+        self.truth.write(kind="surfaced", service=SERVICE_PROCESS[self.name], pid=os.getpid(),
+                         how=how, cause=cause, request_id=local, global_request_id=glob,
+                         t=time.time())
+
 
 class Keystone(Api):
     def __init__(self, truth, token_prefix):
@@ -185,13 +199,35 @@ class Placement(Api):
                 "/allocation_candidates", []
         if parts[0] == "allocations" and len(parts) == 2 and req.method == "PUT":
             return 204, None, "/allocations/{consumer_uuid}", []
+        if parts == ["usages"]:
+            if self.every("usages_500"):
+                self.failure("GET /usages", "Internal Server Error", local, glob)
+                return 500, {"errors": [{"status": 500, "title": "Internal Server Error",
+                                         "detail": "Database connection lost",
+                                         "request_id": local,
+                                         "code": "placement.undefined_code"}]}, "/usages", []
+            return 200, {"usages": {"VCPU": 2}}, "/usages", []
         return 404, None, None, []
 
 
 class Neutron(Api):
-    def __init__(self, truth, keystone_client, nova_client, faults):
+    def __init__(self, truth, keystone_client, nova_client, faults, flaky_host=None):
         super().__init__("neutron", truth, keystone_client, faults)
         self.nova = nova_client
+        self.flaky_host = flaky_host  # binding on this host always fails
+        self.seen, self.doomed = set(), set()  # instances whose ports bind nowhere
+
+    def binding_fails(self, port):
+        if self.flaky_host and port.get("binding:host_id") == self.flaky_host:
+            return True
+        n = self.faults.get("doomed_instance")
+        device = port.get("device_id")
+        with self.lock:
+            if n and device and device not in self.seen:
+                self.seen.add(device)
+                if len(self.seen) % n == 0:
+                    self.doomed.add(device)
+            return device in self.doomed
 
     def handle(self, req, local, glob, ctx_global):
         parts = req.path.strip("/").split("/")
@@ -199,7 +235,9 @@ class Neutron(Api):
             return 200, {"networks": [{"id": str(uuid.uuid4()), "name": "private"}]}, \
                 "/v2.0/networks", []
         if parts[:2] == ["v2.0", "ports"] and len(parts) == 3 and req.method == "PUT":
-            if self.every("port_binding"):
+            port = req.json_body.get("port") or {}
+            if self.binding_fails(port) or self.every("port_binding"):
+                self.failure("PUT /v2.0/ports/{port_id}", "PortBindingFailed", local, glob)
                 return 500, {"NeutronError": {
                     "type": "PortBindingFailed",
                     "message": "Binding failed for port %s, host %s" % (
@@ -220,15 +258,31 @@ class Neutron(Api):
 class Nova(Api):
     """nova-api: the user's entry point; casts the build to the conductor over RPC."""
 
-    def __init__(self, truth, keystone_client, glance, neutron, build):
+    def __init__(self, truth, keystone_client, glance, neutron, build, placement=None,
+                 console=None, legacy=None):
         super().__init__("nova", truth, keystone_client)
         self.glance, self.neutron, self.build = glance, neutron, build
+        self.placement = placement  # quota counted in placement (nova's ksa adapter)
+        self.console = console      # RPC call to a compute: (local, glob, host) -> (ok, err)
         self.servers = set()
+        self.hosts = dict(legacy or {})  # servers from before, and where they run
 
     def handle(self, req, local, glob, ctx_global):
         parts = req.path.strip("/").split("/")
         if parts == ["v2.1", "servers"] and req.method == "POST":
             server = req.json_body.get("server", {})
+            if self.placement:
+                q = self.placement.call("placement", "GET", "/usages?project_id=p-demo",
+                                        global_request_id=ctx_global, route="/usages")
+                if q.status_code >= 500:
+                    self.surfaced("http 500", {"service": "placement-api", "operation":
+                                               "GET /usages", "error": "Internal Server Error"},
+                                  local, glob)
+                    return 500, {"computeFault": {
+                        "code": 500, "message": "Unexpected API Error. Please report this at "
+                        "http://bugs.launchpad.net/nova/ and attach the Nova API log if "
+                        "possible.\n<class 'keystoneauth1.exceptions.http.InternalServerError'>"
+                    }}, "/v2.1/servers", []
             img = self.glance.call("glance", "GET", "/v2/images/" + server.get("imageRef", ""),
                                    global_request_id=ctx_global, route="/v2/images/{image_id}")
             if img.status_code != 200:
@@ -238,15 +292,37 @@ class Nova(Api):
                               global_request_id=ctx_global, route="/v2.0/networks")
             sid = str(uuid.uuid4())
             self.servers.add(sid)
-            self.build(local, glob, sid)
+            self.build(local, glob, sid, server.get("flavorRef"))
             return 202, {"server": {"id": sid}}, "/v2.1/servers", []
-        if parts[:2] == ["v2.1", "servers"] and len(parts) == 3 and req.method == "GET":
+        if (parts[:2] == ["v2.1", "servers"] and len(parts) == 3 and req.method == "GET"
+                and parts[2] != "detail"):
             if parts[2] in self.servers:
                 return 200, {"server": {"id": parts[2], "status": "BUILD"}}, \
                     "/v2.1/servers/{server_id}", []
             return 404, {"itemNotFound": {"code": 404,
                                           "message": "Instance %s could not be found." % parts[2]}}, \
                 "/v2.1/servers/{server_id}", []
+        if parts == ["v2.1", "servers", "detail"] and req.method == "GET":
+            return 200, {"servers": [{"id": s, "OS-EXT-SRV-ATTR:host": h}
+                                     for s, h in sorted(self.hosts.items())]}, \
+                "/v2.1/servers/detail", []
+        if (parts[:2] == ["v2.1", "servers"] and len(parts) == 4 and parts[3] == "action"
+                and req.method == "POST" and self.console):
+            host = self.hosts.get(parts[2])
+            if host is None:
+                return 404, {"itemNotFound": {"code": 404, "message": "Instance %s could not "
+                                              "be found." % parts[2]}}, \
+                    "/v2.1/servers/{server_id}/action", []
+            ok, error = self.console(local, glob, host)
+            if not ok:
+                self.surfaced("http 500", {"service": "queue:compute." + host, "operation":
+                                           "compute.get_console_output", "error": error},
+                              local, glob)
+                return 500, {"computeFault": {"code": 500, "message": "Unexpected API Error."
+                                              " <class 'oslo_messaging.exceptions."
+                                              "MessagingTimeout'>"}}, \
+                    "/v2.1/servers/{server_id}/action", []
+            return 200, {"output": "login: "}, "/v2.1/servers/{server_id}/action", []
         if parts == ["v2.1", "flavors", "detail"]:
             return 200, {"flavors": [{"id": "1", "name": "m1.tiny"}]}, "/v2.1/flavors/detail", []
         if parts == ["v2.1", "os-server-external-events"] and req.method == "POST":

@@ -211,9 +211,9 @@ pub fn valid_request_id(id: &str) -> bool {
         })
 }
 
-/// The caller: a service process named by its User-Agent, else the one service its
-/// address is home to, else the service a token validation is done for, else the
-/// client library, else the external client.
+/// The caller: a service process named by its User-Agent, else the service a token
+/// validation is done for, else the one service its address is home to, else the client
+/// library, else the external client.
 fn caller(ua: Option<&str>, ip: &std::net::IpAddr, book: &AddressBook) -> Process {
     let host = ip.to_string();
     let named = |service: String| Process {
@@ -229,11 +229,15 @@ fn caller(ua: Option<&str>, ip: &std::net::IpAddr, book: &AddressBook) -> Proces
             _ => named(name),
         };
     }
+    if let Agent::TokenMiddleware(project) = agent {
+        // the middleware runs inside the project's API: surer than an address, which may
+        // be shared with services whose AMQP connections were not seen yet
+        return named(project);
+    }
     if let Some(p) = book.lookup(ip) {
         return (**p).clone();
     }
     match agent {
-        Agent::TokenMiddleware(project) => named(project),
         Agent::ClientLibrary(lib) => named(lib),
         _ => named("external".into()),
     }

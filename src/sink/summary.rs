@@ -43,6 +43,9 @@ pub struct Summary {
     channel_closes: BTreeMap<u16, u64>,
     /// REST by (service, method, route).
     routes: BTreeMap<(String, &'static str, String), RouteStats>,
+    /// Error chains (bounded) and masked failures, for the root-cause ranking.
+    chains: std::collections::VecDeque<std::sync::Arc<crate::trace::ChainEvent>>,
+    masked: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -94,6 +97,8 @@ pub struct Report {
     pub http_requests: u64,
     /// Per service, worst first: server errors, then client errors, then p99 latency.
     pub http_routes: Vec<RouteReport>,
+    /// Failing user requests, root causes ranked (the `stacktap rca` view).
+    pub rca: crate::sink::requests::RcaReport,
     pub amqp_returns: BTreeMap<u16, u64>,
     pub amqp_channel_closes: BTreeMap<u16, u64>,
     pub anomalies: BTreeMap<String, u64>,
@@ -122,6 +127,13 @@ impl Summary {
             }
             Signal::Event(Event::Rpc(e)) => self.on_rpc(e),
             Signal::Event(Event::Http(e)) => self.on_http(e),
+            Signal::Event(Event::Chain(c)) => {
+                self.chains.push_back(std::sync::Arc::new((**c).clone()));
+                if self.chains.len() > MAX_ERRORS {
+                    self.chains.pop_front();
+                }
+            }
+            Signal::Masked { .. } => self.masked += 1,
             Signal::Event(Event::Notification(n)) => {
                 *self
                     .notifications
@@ -320,6 +332,10 @@ impl Summary {
                 .collect(),
             http_requests: self.routes.values().flat_map(|r| r.codes.values()).sum(),
             http_routes: self.route_reports(),
+            rca: crate::sink::requests::rank(
+                &self.chains.iter().cloned().collect::<Vec<_>>(),
+                self.masked,
+            ),
             amqp_returns: self.returns.clone(),
             amqp_channel_closes: self.channel_closes.clone(),
             anomalies: health
@@ -461,6 +477,24 @@ impl Report {
         }
         if !self.http_routes.is_empty() {
             self.rest_text(&mut s, top);
+        }
+        if self.rca.failed_requests > 0 || self.rca.masked_failures > 0 {
+            let _ = writeln!(
+                s,
+                "\nfailing user requests: {} ({} failures masked by retries); root causes:",
+                self.rca.failed_requests, self.rca.masked_failures
+            );
+            for r in self.rca.roots.iter().take(top) {
+                let _ = writeln!(
+                    s,
+                    "  {:>5} × {} {} → {} (e.g. {})",
+                    r.requests,
+                    r.service.as_deref().unwrap_or("?"),
+                    r.operation,
+                    r.error.as_deref().unwrap_or("?"),
+                    r.example_request_id
+                );
+            }
         }
         if !self.amqp_returns.is_empty() {
             let r: Vec<String> = self

@@ -425,3 +425,88 @@ pub fn assert_no_secrets(name: &str, r: &Replayed, secrets: &[String]) {
         }
     }
 }
+
+/// The root cause the processes recorded for a failure: follow `cause` from the record
+/// that surfaced it through the `failure` records of the same request.
+fn recorded_root(truth: &[Value], root_id: &str, cause: &Value) -> Value {
+    let mut at = cause.clone();
+    for _ in 0..10 {
+        let next = truth.iter().find(|t| {
+            t["kind"] == "failure"
+                && root_of(t) == root_id
+                && t["service"] == at["service"]
+                && t["operation"] == at["operation"]
+                && t["error"] == at["error"]
+                && !t["cause"].is_null()
+        });
+        match next {
+            Some(t) => at = t["cause"].clone(),
+            None => break,
+        }
+    }
+    at
+}
+
+fn root_of(t: &Value) -> &str {
+    t["global_request_id"]
+        .as_str()
+        .or(t["request_id"].as_str())
+        .unwrap_or("")
+}
+
+/// Every failure the processes saw surface to a user has exactly one chain, whose root
+/// is the fault the processes recorded at the bottom; nothing else is a chain; every
+/// request rescheduled away from a failure that then succeeded counts as masked.
+pub fn check_chains_against_truth(r: &Replayed, truth: &[Value]) -> Vec<String> {
+    let mut bad = Vec::new();
+    let chains: Vec<&Value> = r.events.iter().filter(|e| e["kind"] == "chain").collect();
+    let mut surfaced: Vec<&Value> = truth.iter().filter(|t| t["kind"] == "surfaced").collect();
+    surfaced.sort_by_key(|t| root_of(t).to_string());
+    surfaced.dedup_by_key(|t| root_of(t).to_string());
+    assert!(!surfaced.is_empty(), "the truth has no surfaced failure");
+    for s in &surfaced {
+        let id = root_of(s);
+        let want = recorded_root(truth, id, &s["cause"]);
+        let mine: Vec<&&Value> = chains.iter().filter(|c| c["request_id"] == id).collect();
+        if mine.len() != 1 {
+            bad.push(format!("{id} ({}): {} chains", s["how"], mine.len()));
+            continue;
+        }
+        let root = &mine[0]["root"];
+        let op = |v: &Value| placeholders_erased(v.as_str().unwrap_or(""));
+        if root["service"] != want["service"]
+            || root["error"] != want["error"]
+            || op(&root["operation"]) != op(&want["operation"])
+        {
+            bad.push(format!(
+                "{id}: root {root} but the processes recorded {want}"
+            ));
+        }
+    }
+    if chains.len() != surfaced.len() {
+        bad.push(format!(
+            "{} chains for {} surfaced failures",
+            chains.len(),
+            surfaced.len()
+        ));
+    }
+    let masked_requests = truth
+        .iter()
+        .filter(|t| t["kind"] == "rescheduled")
+        .map(root_of)
+        .filter(|id| !surfaced.iter().any(|s| root_of(s) == *id))
+        .collect::<std::collections::BTreeSet<_>>()
+        .len() as u64;
+    let masked: u64 = r
+        .metrics
+        .lines()
+        .filter(|l| l.starts_with("stacktap_masked_failures_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    if masked < masked_requests {
+        bad.push(format!(
+            "{masked} masked failures counted, {masked_requests} requests were rescheduled and succeeded"
+        ));
+    }
+    bad
+}

@@ -1,0 +1,208 @@
+//! `stacktap rca` on a failure capture and on a running stacktap, and the API behind it
+//! (`/api/chains`, `/api/requests/{id}`, `/api/graph`).
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn stacktap(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_stacktap"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn sample(name: &str) -> String {
+    repo()
+        .join(format!("sampledata/{name}"))
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let status = resp.split(' ').nth(1)?.parse().ok()?;
+    let body = resp.split_once("\r\n\r\n")?.1.to_string();
+    Some((status, body))
+}
+
+#[test]
+fn rca_on_a_capture_ranks_the_injected_faults_and_prints_a_tree() {
+    let (code, out, err) = stacktap(&["rca", "--json", &sample("failures.pcap")]);
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    let truth = read_truth(&repo().join("sampledata/failures.truth.jsonl"));
+    let surfaced: std::collections::BTreeSet<&str> = truth
+        .iter()
+        .filter(|t| t["kind"] == "surfaced")
+        .filter_map(|t| t["global_request_id"].as_str().or(t["request_id"].as_str()))
+        .collect();
+    assert_eq!(report["failed_requests"], surfaced.len() as u64);
+    let roots = report["roots"].as_array().unwrap();
+    assert_eq!(roots.len(), 4, "{report}");
+    let total: u64 = roots.iter().map(|r| r["requests"].as_u64().unwrap()).sum();
+    assert_eq!(total, surfaced.len() as u64);
+
+    // the text view names each root with an example to drill into
+    let (code, text, _) = stacktap(&["rca", &sample("failures.pcap")]);
+    assert_eq!(code, 0);
+    assert!(
+        text.contains("root causes, by user requests broken"),
+        "{text}"
+    );
+    assert!(text.contains("neutron-server PUT /v2.0/ports/{id} → PortBindingFailed"));
+    let example = roots[0]["example_request_id"].as_str().unwrap();
+    let (code, tree, err) = stacktap(&["rca", &sample("failures.pcap"), "--request-id", example]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        tree.contains("ROOT CAUSE") && tree.contains("FAILED"),
+        "{tree}"
+    );
+    assert!(
+        tree.lines()
+            .any(|l| l.contains("✗") && l.contains("POST /v2.1/servers"))
+    );
+    let (code, _, err) = stacktap(&["rca", &sample("failures.pcap"), "--request-id", "req-nope"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("req-nope"), "{err}");
+}
+
+#[test]
+fn rca_usage_errors() {
+    assert_eq!(stacktap(&["rca"]).0, 2);
+    assert_eq!(
+        stacktap(&[
+            "rca",
+            "--from",
+            "http://127.0.0.1:1",
+            &sample("failures.pcap")
+        ])
+        .0,
+        2
+    );
+    let (code, _, err) = stacktap(&["rca", "--since", "1w", &sample("failures.pcap")]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--since"), "{err}");
+    let (code, _, err) = stacktap(&["rca", "--from", "http://127.0.0.1:1"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--from"), "{err}");
+}
+
+#[test]
+fn a_running_stacktap_serves_chains_trees_and_the_graph() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_stacktap"))
+        .args(["replay", &sample("failures.pcap"), "--listen", &addr])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // the replay is done once the chains are published
+    let chains = loop {
+        if let Some((200, body)) = get(port, "/api/chains") {
+            let v: Value = serde_json::from_str(&body).unwrap();
+            if v["rca"]["failed_requests"].as_u64().unwrap_or(0) > 0 {
+                break v;
+            }
+        }
+        assert!(Instant::now() < deadline, "no chains served");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::thread::sleep(Duration::from_millis(1200)); // the graph is refreshed once a second
+    let from = format!("http://{addr}");
+    let (code, out, err) = stacktap(&["rca", "--from", &from, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let remote: Value = serde_json::from_str(&out).unwrap();
+    let (_, local, _) = stacktap(&["rca", "--json", &sample("failures.pcap")]);
+    let local: Value = serde_json::from_str(&local).unwrap();
+    assert_eq!(
+        remote, local,
+        "the same answer from the API as from the file"
+    );
+    assert_eq!(
+        chains["chains"].as_array().unwrap().len() as u64,
+        chains["rca"]["failed_requests"]
+    );
+    let example = local["roots"][0]["example_request_id"].as_str().unwrap();
+    let (code, tree, _) = stacktap(&["rca", "--from", &from, "--request-id", example]);
+    assert_eq!(code, 0);
+    assert!(tree.contains("ROOT CAUSE"));
+    assert_eq!(get(port, "/api/requests/req-nope").unwrap().0, 404);
+    let (code, out, _) = stacktap(&["rca", "--from", &from, "--since", "1s", "--json"]);
+    assert_eq!(code, 0);
+    let recent: Value = serde_json::from_str(&out).unwrap();
+    assert!(recent["failed_requests"].as_u64() < local["failed_requests"].as_u64());
+
+    // the graph: every REST request and RPC of the truth on an edge, with the right count
+    let (status, body) = get(port, "/api/graph").unwrap();
+    assert_eq!(status, 200);
+    let graph: Value = serde_json::from_str(&body).unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    let truth = read_truth(&repo().join("sampledata/failures.truth.jsonl"));
+    let mut want: BTreeMap<String, u64> = BTreeMap::new();
+    for t in &truth {
+        let key = match t["kind"].as_str() {
+            Some("rest_call") => format!(
+                "http service:{}",
+                process_of(t["service"].as_str().unwrap())
+            ),
+            Some("call") | Some("cast") => {
+                let topic = t["topic"].as_str().unwrap();
+                let q = if t["fanout"] == true {
+                    format!("exchange:{topic}_fanout")
+                } else {
+                    format!("queue:{topic}")
+                };
+                format!("rpc {q} from service:{}", t["caller"].as_str().unwrap())
+            }
+            _ => continue,
+        };
+        *want.entry(key).or_default() += 1;
+    }
+    let mut got: BTreeMap<String, u64> = BTreeMap::new();
+    for e in graph["edges"].as_array().unwrap() {
+        let key = match e["protocol"].as_str().unwrap() {
+            "http" => format!("http {}", e["target"].as_str().unwrap()),
+            _ if e["type"] == "deliver" => continue,
+            _ => format!(
+                "rpc {} from {}",
+                e["target"].as_str().unwrap(),
+                e["source"].as_str().unwrap()
+            ),
+        };
+        *got.entry(key).or_default() += e["requests"].as_u64().unwrap();
+    }
+    assert_eq!(got, want, "graph edges vs the processes' own records");
+    assert!(
+        graph["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["id"] == "queue:compute")
+    );
+}
+
+fn process_of(service: &str) -> String {
+    stacktap::trace::api_process(service)
+}
