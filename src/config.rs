@@ -22,6 +22,7 @@ pub struct Config {
     pub requests: crate::sink::requests::RequestsConfig,
     /// The live graph's sliding window (a replay covers the whole input).
     pub graph_window_s: f64,
+    pub store: crate::sink::store::StoreConfig,
     /// Distinct label sets per metric family before new ones fold into "other".
     pub max_series_per_family: usize,
 }
@@ -39,6 +40,7 @@ impl Default for Config {
             trace: crate::trace::TraceConfig::default(),
             requests: crate::sink::requests::RequestsConfig::default(),
             graph_window_s: 900.0,
+            store: crate::sink::store::StoreConfig::default(),
             max_series_per_family: 2000,
         }
     }
@@ -53,6 +55,7 @@ struct File {
     rpc: Option<RpcSection>,
     http: Option<HttpSection>,
     requests: Option<RequestsSection>,
+    store: Option<StoreSection>,
     metrics: Option<MetricsSection>,
 }
 
@@ -117,6 +120,14 @@ struct RequestsSection {
     max_trees: Option<usize>,
     max_chains: Option<usize>,
     graph_window_s: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreSection {
+    /// Rows older than this (packet time, before the newest) are deleted.
+    retention_s: Option<f64>,
+    max_trees: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -206,6 +217,10 @@ impl Config {
             q.max_trees = r.max_trees.unwrap_or(q.max_trees);
             q.max_chains = r.max_chains.unwrap_or(q.max_chains);
             c.graph_window_s = r.graph_window_s.unwrap_or(c.graph_window_s);
+        }
+        if let Some(s) = f.store {
+            c.store.retention_s = s.retention_s.unwrap_or(c.store.retention_s);
+            c.store.max_trees = s.max_trees.unwrap_or(c.store.max_trees).max(1);
         }
         if let Some(m) = f.metrics {
             c.max_series_per_family = m.max_series_per_family.unwrap_or(c.max_series_per_family);

@@ -42,6 +42,9 @@ struct Common {
     /// Print the summary as JSON instead of text
     #[arg(long)]
     json: bool,
+    /// Keep error chains and request trees in this SQLite file (read back on restart)
+    #[arg(long)]
+    store: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -145,6 +148,7 @@ fn outputs(c: &Common) -> Outputs {
         metrics_out: c.metrics_out.clone(),
         progress: std::io::stderr().is_terminal(),
         live: false,
+        store: c.store.clone(),
     }
 }
 

@@ -27,6 +27,8 @@ pub struct Outputs {
     pub progress: bool,
     /// Live capture: the graph covers a sliding window, not the whole input.
     pub live: bool,
+    /// `--store`: chains and request trees persisted in SQLite.
+    pub store: Option<PathBuf>,
 }
 
 /// A run in progress: the pipeline, its sinks and (optionally) the HTTP listener.
@@ -35,6 +37,8 @@ pub struct Run {
     pub sinks: Sinks,
     shared: Option<Shared>,
     last_publish: Instant,
+    last_flush: Instant,
+    store_error: Option<anyhow::Error>,
 }
 
 impl Run {
@@ -48,7 +52,11 @@ impl Run {
             None => None,
         };
         let metrics = Metrics::new(cfg.max_series_per_family);
-        let requests = Arc::new(Mutex::new(Requests::new(cfg.requests.clone())));
+        let mut reqs = Requests::new(cfg.requests.clone());
+        if let Some(path) = &out.store {
+            reqs.attach_store(crate::sink::store::Store::open(path, cfg.store.clone())?)?;
+        }
+        let requests = Arc::new(Mutex::new(reqs));
         let graph = Graph::new(
             out.live.then_some(cfg.graph_window_s),
             cfg.max_series_per_family,
@@ -79,6 +87,8 @@ impl Run {
             },
             shared,
             last_publish: Instant::now(),
+            last_flush: Instant::now(),
+            store_error: None,
         })
     }
 
@@ -114,6 +124,15 @@ impl Run {
                 *g = json;
             }
         }
+        if force || self.last_flush.elapsed() >= Duration::from_secs(1) {
+            self.last_flush = Instant::now();
+            if let Ok(mut r) = self.sinks.requests.lock()
+                && let Err(e) = r.flush()
+                && self.store_error.is_none()
+            {
+                self.store_error = Some(e);
+            }
+        }
     }
 
     /// End of input: flush everything, write the files, return the summary.
@@ -126,6 +145,9 @@ impl Run {
         }
         if let Some(e) = self.sinks.write_error.take() {
             anyhow::bail!("--events-out: {e}");
+        }
+        if let Some(e) = self.store_error.take() {
+            return Err(e);
         }
         if let Some(p) = &out.metrics_out {
             std::fs::write(p, Metrics::render(&self.sinks.metrics.registry))

@@ -559,7 +559,9 @@ fn break_cycles(spans: &mut [Span], root: usize) {
             at = spans[p].parent;
         }
     }
-    spans[root].parent = None;
+    if let Some(s) = spans.get_mut(root) {
+        s.parent = None;
+    }
 }
 
 /// A later sibling did the same operation and succeeded: the failure was retried away.

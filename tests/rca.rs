@@ -206,3 +206,62 @@ fn a_running_stacktap_serves_chains_trees_and_the_graph() {
 fn process_of(service: &str) -> String {
     stacktap::trace::api_process(service)
 }
+
+#[test]
+fn the_store_keeps_chains_and_trees_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("stacktap.db");
+    let db = db.to_str().unwrap();
+    // a first run records the failures, then exits
+    let (code, _, err) = stacktap(&["replay", &sample("failures.pcap"), "--store", db]);
+    assert_eq!(code, 0, "{err}");
+    let (_, local, _) = stacktap(&["rca", "--json", &sample("failures.pcap")]);
+    let local: Value = serde_json::from_str(&local).unwrap();
+    // a new process on other traffic still answers about them
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_stacktap"))
+        .args([
+            "replay",
+            &sample("healthy.pcap"),
+            "--store",
+            db,
+            "--listen",
+            &addr,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while get(port, "/healthz").is_none() {
+        assert!(Instant::now() < deadline, "no listener");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let from = format!("http://{addr}");
+    let (code, out, err) = stacktap(&["rca", "--from", &from, "--json"]);
+    let example = local["roots"][0]["example_request_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (tcode, tree, _) = stacktap(&["rca", "--from", &from, "--request-id", &example]);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(code, 0, "{err}");
+    let remote: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(remote["roots"], local["roots"]);
+    assert_eq!(tcode, 0);
+    assert!(tree.contains("ROOT CAUSE"), "{tree}");
+    let (code, _, err) = stacktap(&[
+        "replay",
+        &sample("healthy.pcap"),
+        "--store",
+        "/nonexistent/dir/x.db",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--store"), "{err}");
+}

@@ -4,6 +4,7 @@ pub mod graph;
 pub mod metrics;
 pub mod requests;
 pub mod sketch;
+pub mod store;
 pub mod summary;
 
 use crate::correlate::Signal;

@@ -61,6 +61,8 @@ pub struct Requests {
     masked: VecDeque<f64>,
     /// Trees always kept regardless of the cap (e.g. the one `rca --request-id` wants).
     pinned: Option<String>,
+    /// `--store`: everything added is also written there, and read back after a restart.
+    store: Option<super::store::Store>,
 }
 
 impl Requests {
@@ -72,7 +74,32 @@ impl Requests {
             chains: VecDeque::new(),
             masked: VecDeque::new(),
             pinned: None,
+            store: None,
         }
+    }
+
+    /// Persists to `store` from now on, starting with the chains it already holds.
+    pub fn attach_store(&mut self, store: super::store::Store) -> anyhow::Result<()> {
+        for c in store
+            .chains()
+            .map_err(|e| anyhow::anyhow!("--store: cannot read it back: {e}"))?
+        {
+            self.chains.push_back(Arc::new(c));
+        }
+        while self.chains.len() > self.cfg.max_chains {
+            self.chains.pop_front();
+        }
+        self.store = Some(store);
+        Ok(())
+    }
+
+    /// Writes what was added to the store (a no-op without one).
+    pub fn flush(&mut self) -> anyhow::Result<()> {
+        if let Some(s) = self.store.as_mut() {
+            s.flush()
+                .map_err(|e| anyhow::anyhow!("--store: cannot write: {e}"))?;
+        }
+        Ok(())
     }
 
     /// Keeps this request's tree however many others come after it.
@@ -81,6 +108,9 @@ impl Requests {
     }
 
     pub fn add_tree(&mut self, t: Arc<RequestTree>) {
+        if let Some(s) = self.store.as_mut() {
+            s.add_tree(t.clone());
+        }
         let id = t.request_id.clone();
         if self.trees.insert(id.clone(), t).is_none() {
             self.tree_order.push_back(id);
@@ -98,6 +128,9 @@ impl Requests {
     }
 
     pub fn add_chain(&mut self, c: Arc<ChainEvent>) {
+        if let Some(s) = self.store.as_mut() {
+            s.add_chain(c.clone());
+        }
         self.chains.push_back(c);
         while self.chains.len() > self.cfg.max_chains {
             self.chains.pop_front();
@@ -112,7 +145,10 @@ impl Requests {
     }
 
     pub fn tree(&self, id: &str) -> Option<Arc<RequestTree>> {
-        self.trees.get(id).cloned()
+        self.trees
+            .get(id)
+            .cloned()
+            .or_else(|| Some(Arc::new(self.store.as_ref()?.tree(id)?)))
     }
 
     /// Chains that showed at or after `since` (packet time), oldest first.
