@@ -174,6 +174,11 @@ pub struct Tracer {
 /// The process that runs a REST service's API, by the usual names (a service type
 /// otherwise stands for itself).
 pub fn api_process(service: &str) -> String {
+    api_process_name(service).to_string()
+}
+
+/// `api_process` without the copy.
+pub fn api_process_name(service: &str) -> &str {
     match service {
         "nova" => "nova-api",
         "neutron" => "neutron-server",
@@ -190,7 +195,6 @@ pub fn api_process(service: &str) -> String {
         "nova-metadata" => "nova-api-metadata",
         other => other,
     }
-    .to_string()
 }
 
 /// Names a REST caller: a service type (keystonemiddleware's project) is its API process.
@@ -358,7 +362,17 @@ impl Tracer {
         let Some((root, span)) = span_of(ev) else {
             return;
         };
-        if !self.open.contains_key(&root) {
+        if let Some(o) = self.open.get_mut(&root) {
+            // the common case: a request already being collected
+            o.last = o.last.max(now);
+            if o.spans.len() >= self.cfg.max_spans {
+                h.evict("request_spans", 1);
+            } else {
+                o.spans.push(span);
+            }
+            return;
+        }
+        {
             if self.open.len() >= self.cfg.max_open {
                 self.evict_oldest(h, out);
             }

@@ -10,10 +10,11 @@ use crate::FastMap as HashMap;
 use crate::event::{Event, HttpEvent, Outcome, RpcEvent};
 use crate::oslo::RpcType;
 use crate::time::Ts;
-use crate::trace::api_process;
+use crate::trace::api_process_name;
 use petgraph::graph::{DiGraph, EdgeIndex, NodeIndex};
 use serde::Serialize;
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 /// Slots a window is cut into (the oldest slides out whole).
 const SLOTS: u64 = 6;
@@ -52,9 +53,9 @@ struct EdgeStats {
 }
 
 /// One endpoint-to-endpoint observation, as the Tempo-style metrics see it.
-pub struct Hop {
-    pub client: String,
-    pub server: String,
+pub struct Hop<'a> {
+    pub client: &'a str,
+    pub server: std::borrow::Cow<'a, str>,
     /// "http" or "rpc".
     pub protocol: &'static str,
     pub failed: bool,
@@ -66,35 +67,51 @@ pub struct Hop {
 
 /// The REST caller as a graph node name: a service type named by keystonemiddleware is
 /// its API process; nothing known is the external client.
-fn http_client(e: &HttpEvent) -> String {
+fn http_client(e: &HttpEvent) -> &str {
     let c = e.client.service.as_deref().unwrap_or("external");
     match c {
         "nova" | "neutron" | "glance" | "placement" | "cinder" | "heat" | "designate"
-        | "octavia" | "barbican" | "ironic" => api_process(c),
-        other => other.to_string(),
+        | "octavia" | "barbican" | "ironic" => api_process_name(c),
+        other => other,
     }
 }
 
-fn http_server(e: &HttpEvent) -> String {
-    api_process(e.service.as_deref().unwrap_or("unknown"))
+fn http_server(e: &HttpEvent) -> &str {
+    api_process_name(e.service.as_deref().unwrap_or("unknown"))
+}
+
+/// An edge's operation, keyed without building its text (built once, for the report).
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Op {
+    Http(&'static str, Arc<str>),
+    Rpc(Arc<str>, Arc<str>),
+}
+
+impl Op {
+    fn text(&self) -> String {
+        match self {
+            Op::Http(m, r) => format!("{m} {r}"),
+            Op::Rpc(t, m) => format!("{t}.{m}"),
+        }
+    }
 }
 
 fn rpc_failed(e: &RpcEvent) -> bool {
     !matches!(e.outcome, Outcome::Ok | Outcome::NoReply)
 }
 
-fn name(p: &Option<std::sync::Arc<crate::event::Process>>) -> String {
+fn name(p: &Option<std::sync::Arc<crate::event::Process>>) -> &str {
     p.as_ref()
-        .and_then(|p| p.service.clone())
-        .unwrap_or_else(|| "unknown".into())
+        .and_then(|p| p.service.as_deref())
+        .unwrap_or("unknown")
 }
 
 /// The caller → callee observation of an event (None for notifications and chains).
-pub fn hop_of(ev: &Event) -> Option<Hop> {
+pub fn hop_of(ev: &Event) -> Option<Hop<'_>> {
     match ev {
         Event::Http(e) => Some(Hop {
             client: http_client(e),
-            server: http_server(e),
+            server: http_server(e).into(),
             protocol: "http",
             failed: e.status.is_none_or(|s| s >= 500),
             client_s: e.duration_s,
@@ -102,11 +119,10 @@ pub fn hop_of(ev: &Event) -> Option<Hop> {
         }),
         Event::Rpc(e) => Some(Hop {
             client: name(&e.caller),
-            server: e
-                .callee
-                .as_ref()
-                .and_then(|p| p.service.clone())
-                .unwrap_or_else(|| format!("queue:{}", e.topic)),
+            server: match e.callee.as_ref().and_then(|p| p.service.as_deref()) {
+                Some(s) => s.into(),
+                None => format!("queue:{}", e.topic).into(),
+            },
             protocol: "rpc",
             failed: rpc_failed(e),
             client_s: e.reply_wait(),
@@ -120,8 +136,9 @@ pub struct Graph {
     /// None: the whole input (replay).
     window_ns: Option<u64>,
     graph: DiGraph<Node, EdgeStats>,
-    nodes: HashMap<String, NodeIndex>,
-    edges: HashMap<(NodeIndex, NodeIndex, &'static str, String), EdgeIndex>,
+    /// Per node kind, by name.
+    nodes: [HashMap<Box<str>, NodeIndex>; 4],
+    edges: HashMap<(NodeIndex, NodeIndex, &'static str, Op), EdgeIndex>,
     first: Option<Ts>,
     now: Ts,
     max_edges: usize,
@@ -166,7 +183,7 @@ impl Graph {
         Graph {
             window_ns: window_s.map(|w| (w.max(1.0) * 1e9) as u64),
             graph: DiGraph::new(),
-            nodes: HashMap::default(),
+            nodes: Default::default(),
             edges: HashMap::default(),
             first: None,
             now: Ts::ZERO,
@@ -175,22 +192,23 @@ impl Graph {
         }
     }
 
+    /// The node of `kind` named `name` (an exchange is named by its topic).
     fn node(&mut self, kind: NodeKind, name: &str) -> NodeIndex {
-        let id = match kind {
-            NodeKind::Service => format!("service:{name}"),
-            NodeKind::Queue => format!("queue:{name}"),
-            NodeKind::Exchange => format!("exchange:{name}"),
-            NodeKind::Client => format!("client:{name}"),
-        };
-        if let Some(&i) = self.nodes.get(&id) {
+        if let Some(&i) = self.nodes[kind as usize].get(name) {
             return i;
         }
+        let (id, shown) = match kind {
+            NodeKind::Service => (format!("service:{name}"), name.to_string()),
+            NodeKind::Queue => (format!("queue:{name}"), name.to_string()),
+            NodeKind::Exchange => (format!("exchange:{name}_fanout"), format!("{name}_fanout")),
+            NodeKind::Client => (format!("client:{name}"), name.to_string()),
+        };
         let i = self.graph.add_node(Node {
-            id: id.clone(),
+            id,
             kind,
-            name: name.to_string(),
+            name: shown,
         });
-        self.nodes.insert(id, i);
+        self.nodes[kind as usize].insert(name.into(), i);
         i
     }
 
@@ -209,13 +227,13 @@ impl Graph {
         to: NodeIndex,
         protocol: &'static str,
         kind: &'static str,
-        operation: &str,
+        op: &Op,
         t: Ts,
         failed: bool,
         latency: Option<f64>,
         split: Option<[Option<f64>; 3]>,
     ) {
-        let key = (from, to, kind, operation.to_string());
+        let key = (from, to, kind, op.clone());
         let e = match self.edges.get(&key) {
             Some(&e) => e,
             None if self.edges.len() >= self.max_edges => {
@@ -229,7 +247,7 @@ impl Graph {
                     EdgeStats {
                         protocol,
                         kind,
-                        operation: operation.to_string(),
+                        operation: op.text(),
                         slots: VecDeque::new(),
                     },
                 );
@@ -290,9 +308,9 @@ impl Graph {
                 } else {
                     NodeKind::Service
                 };
-                let from = self.node(kind, &client);
-                let to = self.node(NodeKind::Service, &http_server(e));
-                let op = format!("{} {}", e.method, e.route);
+                let from = self.node(kind, client);
+                let to = self.node(NodeKind::Service, http_server(e));
+                let op = Op::Http(e.method, e.route.clone());
                 let failed = e.status.is_none_or(|s| s >= 500);
                 self.record(
                     from,
@@ -307,13 +325,13 @@ impl Graph {
                 );
             }
             Event::Rpc(e) => {
-                let from = self.node(NodeKind::Service, &name(&e.caller));
-                let (queue, qkind) = match e.rpc_type {
-                    RpcType::Fanout => (format!("{}_fanout", e.topic), NodeKind::Exchange),
-                    _ => (e.topic.to_string(), NodeKind::Queue),
+                let from = self.node(NodeKind::Service, name(&e.caller));
+                let qkind = match e.rpc_type {
+                    RpcType::Fanout => NodeKind::Exchange,
+                    _ => NodeKind::Queue,
                 };
-                let q = self.node(qkind, &queue);
-                let op = format!("{}.{}", e.topic, e.method);
+                let q = self.node(qkind, &e.topic);
+                let op = Op::Rpc(e.topic.clone(), e.method.clone());
                 let failed = rpc_failed(e);
                 let call = e.rpc_type == RpcType::Call;
                 let split = call.then(|| [e.queue_wait(), e.server_time(), e.reply_transit()]);
@@ -329,8 +347,8 @@ impl Graph {
                     e.reply_wait(),
                     split,
                 );
-                if let Some(callee) = e.callee.as_ref().and_then(|p| p.service.clone()) {
-                    let to = self.node(NodeKind::Service, &callee);
+                if let Some(callee) = e.callee.as_ref().and_then(|p| p.service.as_deref()) {
+                    let to = self.node(NodeKind::Service, callee);
                     let server = e.server_time();
                     self.record(q, to, "rpc", "deliver", &op, now, false, server, None);
                 }
@@ -401,7 +419,12 @@ impl Graph {
         used.dedup();
         let nodes = used
             .iter()
-            .filter_map(|id| self.nodes.get(*id).map(|&i| self.graph[i].clone()))
+            .filter_map(|id| {
+                self.graph
+                    .node_indices()
+                    .find(|&i| self.graph[i].id == *id)
+                    .map(|i| self.graph[i].clone())
+            })
             .collect();
         GraphReport {
             window_s,

@@ -71,8 +71,19 @@ impl<M: Clone> Memo<M> {
     }
 }
 
+/// The series of one caller → server pair (see `on_hop`).
+#[derive(Clone)]
+struct HopHandles {
+    edge: Counter,
+    tempo: Counter,
+    failed: Counter,
+    server_s: Histogram,
+    client_s: Histogram,
+}
+
 pub struct Metrics {
     pub registry: Arc<Registry>,
+    memo_hops: Memo<HopHandles>,
     memo_counters: Memo<Counter>,
     memo_gauges: Memo<Gauge>,
     memo_histograms: Memo<Histogram>,
@@ -133,6 +144,7 @@ impl Metrics {
         let m = Metrics {
             registry: Arc::new(Registry::default()),
             memo_counters: Memo::default(),
+            memo_hops: Memo::default(),
             memo_gauges: Memo::default(),
             memo_histograms: Memo::default(),
             max_series,
@@ -514,82 +526,88 @@ impl Metrics {
         } else {
             ""
         };
-        let (client, server) = (hop.client.as_str(), hop.server.as_str());
-        let mut memo = std::mem::take(&mut self.memo_counters);
-        let edge = memo.get("graph_edges", &[client, server, hop.protocol], || {
+        let (client, server) = (hop.client, &*hop.server);
+        let mut memo = std::mem::take(&mut self.memo_hops);
+        let handles = memo.get("hop", &[client, server, hop.protocol], || {
+            self.hop_handles(client, server, hop.protocol, conn)
+        });
+        self.memo_hops = memo;
+        let HopHandles {
+            edge,
+            tempo,
+            failed,
+            server_s,
+            client_s,
+        } = handles;
+        edge.inc();
+        tempo.inc();
+        if hop.failed {
+            failed.inc();
+        }
+        if let Some(v) = hop.server_s {
+            server_s.observe(v.max(0.0));
+        }
+        if let Some(v) = hop.client_s {
+            client_s.observe(v.max(0.0));
+        }
+    }
+
+    /// The five series one caller → server pair feeds, resolved once per pair.
+    fn hop_handles(
+        &mut self,
+        client: &str,
+        server: &str,
+        protocol: &'static str,
+        conn: &'static str,
+    ) -> HopHandles {
+        let edge = {
             let ls = self.cap(
                 "graph_edge_requests",
                 l([
                     ("client", client),
                     ("server", server),
-                    ("protocol", hop.protocol),
+                    ("protocol", protocol),
                 ]),
                 &["protocol"],
             );
             self.graph_edges.get_or_create_owned(&ls)
-        });
-        let tempo = memo.get("tempo_requests", &[client, server, conn], || {
-            let ls = self.cap(
-                "traces_service_graph_request",
-                l([
-                    ("client", client),
-                    ("server", server),
-                    ("connection_type", conn),
-                ]),
-                &["connection_type"],
-            );
-            self.tempo_requests.get_or_create_owned(&ls)
-        });
-        let failed = hop.failed.then(|| {
-            memo.get("tempo_failed", &[client, server, conn], || {
-                let ls = self.cap(
-                    "traces_service_graph_request_failed",
-                    l([
-                        ("client", client),
-                        ("server", server),
-                        ("connection_type", conn),
-                    ]),
-                    &["connection_type"],
-                );
-                self.tempo_failed.get_or_create_owned(&ls)
-            })
-        });
-        self.memo_counters = memo;
-        edge.inc();
-        tempo.inc();
-        if let Some(f) = failed {
-            f.inc();
+        };
+        let pair = l([
+            ("client", client),
+            ("server", server),
+            ("connection_type", conn),
+        ]);
+        let ls = self.cap(
+            "traces_service_graph_request",
+            pair.clone(),
+            &["connection_type"],
+        );
+        let tempo = self.tempo_requests.get_or_create_owned(&ls);
+        let ls = self.cap(
+            "traces_service_graph_request_failed",
+            pair.clone(),
+            &["connection_type"],
+        );
+        let failed = self.tempo_failed.get_or_create_owned(&ls);
+        let ls = self.cap(
+            "traces_service_graph_request_server_seconds",
+            pair.clone(),
+            &["connection_type"],
+        );
+        let server_s = self.tempo_server.get_or_create_owned(&ls);
+        let ls = self.cap(
+            "traces_service_graph_request_client_seconds",
+            pair,
+            &["connection_type"],
+        );
+        let client_s = self.tempo_client.get_or_create_owned(&ls);
+        HopHandles {
+            edge,
+            tempo,
+            failed,
+            server_s,
+            client_s,
         }
-        let mut memo = std::mem::take(&mut self.memo_histograms);
-        for (family, v) in [
-            ("tempo_server", hop.server_s),
-            ("tempo_client", hop.client_s),
-        ] {
-            let Some(v) = v else { continue };
-            let h = memo.get(family, &[client, server, conn], || {
-                let name = if family == "tempo_server" {
-                    "traces_service_graph_request_server_seconds"
-                } else {
-                    "traces_service_graph_request_client_seconds"
-                };
-                let ls = self.cap(
-                    name,
-                    l([
-                        ("client", client),
-                        ("server", server),
-                        ("connection_type", conn),
-                    ]),
-                    &["connection_type"],
-                );
-                if family == "tempo_server" {
-                    self.tempo_server.get_or_create_owned(&ls)
-                } else {
-                    self.tempo_client.get_or_create_owned(&ls)
-                }
-            });
-            h.observe(v.max(0.0));
-        }
-        self.memo_histograms = memo;
     }
 
     fn on_http(&mut self, e: &crate::event::HttpEvent) {
