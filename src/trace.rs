@@ -142,6 +142,25 @@ pub struct RequestTree {
     pub symptom: Option<String>,
     pub t_first: f64,
     pub t_last: f64,
+    /// False for a request with nothing wrong in it: its spans are kept as they came and
+    /// linked only when someone looks (`linked()`), which most never are.
+    #[serde(skip, default = "yes")]
+    pub linked: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl RequestTree {
+    /// The tree with parents set (built now if it was kept unlinked).
+    pub fn linked(self: &Arc<Self>) -> Arc<RequestTree> {
+        if self.linked {
+            self.clone()
+        } else {
+            Arc::new(build(self.request_id.clone(), self.spans.clone()))
+        }
+    }
 }
 
 /// What the tracer tells the sinks.
@@ -442,6 +461,30 @@ impl Tracer {
 }
 
 fn finish(request_id: String, o: Open, out: &mut Vec<Traced>) {
+    let healthy = o
+        .spans
+        .iter()
+        .all(|s| s.failure.is_none() && !s.error_notification && s.status.is_none_or(|c| c < 400));
+    if healthy {
+        // nothing to judge: no chain, nothing masked; link it only if asked for
+        let (t_first, t_last) = o.spans.iter().fold((f64::MAX, 0f64), |(a, b), s| {
+            (a.min(s.t_start), b.max(s.t_end.unwrap_or(s.t_start)))
+        });
+        out.push(Traced::Tree(Arc::new(RequestTree {
+            request_id,
+            spans: o.spans,
+            root: 0,
+            user: false,
+            failed: Vec::new(),
+            masked: Vec::new(),
+            root_cause: None,
+            symptom: None,
+            t_first,
+            t_last,
+            linked: false,
+        })));
+        return;
+    }
     let tree = build(request_id, o.spans);
     for &i in &tree.masked {
         let s = &tree.spans[i];
@@ -556,6 +599,7 @@ pub fn build(request_id: String, mut spans: Vec<Span>) -> RequestTree {
         symptom,
         t_first,
         t_last,
+        linked: true,
     }
 }
 

@@ -147,7 +147,7 @@ impl Requests {
     pub fn tree(&self, id: &str) -> Option<Arc<RequestTree>> {
         self.trees
             .get(id)
-            .cloned()
+            .map(|t| t.linked())
             .or_else(|| Some(Arc::new(self.store.as_ref()?.tree(id)?)))
     }
 

@@ -79,7 +79,7 @@ impl Store {
                 "INSERT OR REPLACE INTO requests (request_id, t, json) VALUES (?1, ?2, ?3)",
             )?;
             for t in self.trees.drain(..) {
-                let json = serde_json::to_string(&*t).unwrap_or_default();
+                let json = serde_json::to_string(&*t.linked()).unwrap_or_default();
                 ins.execute(params![t.request_id, t.t_first, json])?;
             }
         }
