@@ -42,6 +42,14 @@ fn healthy() {
         r.events.iter().filter(|e| e["kind"] == "rpc").count()
     );
     assert_eq!(r.summary.anomalies.len(), 0, "{:?}", r.summary.anomalies);
+    // AMQP traffic and probe health are exported, zero drops included
+    for series in [
+        "stacktap_amqp_methods_total{method=\"basic.publish\"}",
+        "stacktap_amqp_frames_total{type=\"content-body\"}",
+        "stacktap_capture_drops_total{where=\"kernel\"} 0",
+    ] {
+        assert!(r.metrics.contains(series), "{series}");
+    }
     // per-queue reply wait is exported for every queue that took calls
     for q in ["scheduler", "conductor", "compute.host1", "compute.host2"] {
         assert!(

@@ -129,6 +129,7 @@ pub struct Metrics {
     amqp_frames: Counters,
     amqp_methods: Counters,
     exported: Health,
+    exported_folded: BTreeMap<&'static str, u64>,
 }
 
 fn l<const N: usize>(pairs: [(&'static str, &str); N]) -> Labels {
@@ -188,6 +189,7 @@ impl Metrics {
             amqp_frames: Family::default(),
             amqp_methods: Family::default(),
             exported: Health::default(),
+            exported_folded: BTreeMap::new(),
         };
         r.register(
             "rpc_messages",
@@ -336,6 +338,32 @@ impl Metrics {
             "Label sets folded into \"other\" by the cardinality cap",
             m.series_folded.clone(),
         );
+        r.register(
+            "amqp_frames",
+            "AMQP frames, by type (method, content-header, content-body, heartbeat)",
+            m.amqp_frames.clone(),
+        );
+        r.register(
+            "amqp_methods",
+            "AMQP methods, by name (declare churn, acks, rejects, ...)",
+            m.amqp_methods.clone(),
+        );
+        // the probe's health exists as zero from the start: "no drops" must not look like
+        // "no probe"
+        for table in [
+            "tcp_flows",
+            "tcp_flows_idle",
+            "rpc_calls",
+            "rpc_messages",
+            "open_requests",
+            "request_spans",
+            "address_book",
+        ] {
+            let _ = m.evictions.get_or_create_owned(&l([("table", table)]));
+        }
+        for place in ["kernel", "interface"] {
+            let _ = m.drops.get_or_create_owned(&l([("where", place)]));
+        }
         root.register(
             "traces_service_graph_request",
             "Requests between two services (Tempo service-graph compatible)",
@@ -849,14 +877,20 @@ impl Metrics {
                     .inc_by(n - before);
             }
         }
-        for (family, n) in &self.folded {
-            let before = old.series_folded.get(family).copied().unwrap_or(0);
+        // folds by the metric caps (here) and by the route cap (the pipeline's health)
+        let mut folded = self.folded.clone();
+        for (family, n) in &h.series_folded {
+            *folded.entry(family).or_default() += n;
+        }
+        for (family, n) in &folded {
+            let before = self.exported_folded.get(family).copied().unwrap_or(0);
             if *n > before {
                 self.series_folded
                     .get_or_create(&l([("family", family)]))
                     .inc_by(n - before);
             }
         }
+        self.exported_folded = folded;
         *old = h.clone();
         old.series_folded = self.folded.clone();
     }
