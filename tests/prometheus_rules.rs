@@ -103,3 +103,74 @@ fn rules_name_only_metrics_stacktap_exports() {
         assert!(known, "the rules use {m}, which stacktap does not export");
     }
 }
+
+/// Grafana's variables replaced by values Prometheus accepts.
+fn concrete(expr: &str) -> String {
+    expr.replace("$__rate_interval", "5m")
+        .replace("$__interval", "1m")
+        .replace("$topic", ".*")
+        .replace("$queue", ".*")
+        .replace("$service", ".*")
+}
+
+#[test]
+fn dashboards_are_current_parse_and_name_only_exported_metrics() {
+    let dir = repo().join("dashboards");
+    let status = Command::new("python3")
+        .arg(dir.join("build.py"))
+        .arg("--check")
+        .status()
+        .expect("python3");
+    assert!(
+        status.success(),
+        "dashboards/*.json differ from dashboards/build.py"
+    );
+    let exported = exported_names();
+    let mut rules = String::from("groups:\n  - name: dashboards\n    rules:\n");
+    let mut n = 0;
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 6, "{files:?}");
+    for f in files {
+        let board: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&f).unwrap()).unwrap();
+        let name = f.file_name().unwrap().to_string_lossy().to_string();
+        let vars = board["templating"]["list"].as_array().unwrap();
+        assert!(
+            vars.iter()
+                .any(|v| v["name"] == "datasource" && v["type"] == "datasource"),
+            "{name}: no ${{datasource}} variable"
+        );
+        for p in board["panels"].as_array().unwrap() {
+            if p["type"] == "row" {
+                continue;
+            }
+            assert_eq!(
+                p["datasource"]["uid"], "${datasource}",
+                "{name}: {}",
+                p["title"]
+            );
+            for t in p["targets"].as_array().unwrap() {
+                let expr = t["expr"].as_str().unwrap();
+                for m in named_metrics(expr) {
+                    assert!(exported.contains(&m), "{name}: {m} is not exported");
+                }
+                // promtool parses each query as a recording rule's expression
+                rules.push_str(&format!(
+                    "      - record: dashboard:q{n}\n        expr: {}\n",
+                    serde_json::to_string(&concrete(expr)).unwrap()
+                ));
+                n += 1;
+            }
+        }
+    }
+    assert!(n > 25, "only {n} queries");
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("queries.yml"), rules).unwrap();
+    let out = promtool(&["check", "rules", "queries.yml"], tmp.path());
+    assert!(out.contains(&format!("SUCCESS: {n} rules found")), "{out}");
+}

@@ -361,6 +361,9 @@ impl Metrics {
         ] {
             let _ = m.evictions.get_or_create_owned(&l([("table", table)]));
         }
+        let _ = m
+            .series_folded
+            .get_or_create_owned(&l([("family", "http_route")]));
         for place in ["kernel", "interface"] {
             let _ = m.drops.get_or_create_owned(&l([("where", place)]));
         }
