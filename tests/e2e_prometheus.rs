@@ -51,16 +51,6 @@ impl Drop for Killed {
 fn prometheus_scrapes_stacktap_and_the_alerts_fire() {
     let dir = tempfile::tempdir().unwrap();
     let (st_port, prom_port) = (free_port(), free_port());
-    let _stacktap = Killed(
-        Command::new(env!("CARGO_BIN_EXE_stacktap"))
-            .args(["replay", "--speed", "1", "--listen"])
-            .arg(format!("127.0.0.1:{st_port}"))
-            .arg(repo().join("sampledata/failures.pcap"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
     let config = format!(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n\
          scrape_configs:\n  - job_name: stacktap\n    static_configs:\n      - targets: ['127.0.0.1:{st_port}']\n",
@@ -84,6 +74,22 @@ fn prometheus_scrapes_stacktap_and_the_alerts_fire() {
             .expect(
                 "prometheus must be installed (Debian package prometheus; .ci/run installs it)",
             ),
+    );
+    // Prometheus first, so that it sees stacktap's counters from their birth
+    let ready = Instant::now() + Duration::from_secs(30);
+    while get(prom_port, "/-/ready").is_none() {
+        assert!(Instant::now() < ready, "prometheus did not start");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _stacktap = Killed(
+        Command::new(env!("CARGO_BIN_EXE_stacktap"))
+            .args(["replay", "--speed", "1", "--listen"])
+            .arg(format!("127.0.0.1:{st_port}"))
+            .arg(repo().join("sampledata/failures.pcap"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
     );
     let deadline = Instant::now() + Duration::from_secs(90);
     let want = ["StacktapRpcTimeouts", "StacktapNewErrorChainRoot"];
@@ -131,12 +137,17 @@ fn prometheus_scrapes_stacktap_and_the_alerts_fire() {
         "stacktap:rpc_reply_wait_seconds:p99_5m",
         "sum(traces_service_graph_request_total)",
     ] {
-        let body = get(prom_port, &format!("/api/v1/query?query={}", encode(q))).unwrap();
-        let v: Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(v["status"], "success", "{q}: {body}");
-        assert!(
-            !v["data"]["result"].as_array().unwrap().is_empty(),
-            "{q}: no data"
-        );
+        // recording rules are evaluated every 30 s: give each query time to have data
+        let deadline = Instant::now() + Duration::from_secs(75);
+        loop {
+            let body = get(prom_port, &format!("/api/v1/query?query={}", encode(q))).unwrap();
+            let v: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["status"], "success", "{q}: {body}");
+            if !v["data"]["result"].as_array().unwrap().is_empty() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{q}: no data");
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
 }
