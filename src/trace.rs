@@ -99,6 +99,35 @@ pub struct Failure {
     pub propagation: String,
 }
 
+impl Span {
+    /// A span with nothing wrong in it yet and no parent.
+    fn new(
+        kind: SpanKind,
+        (caller, handler): (Option<String>, Option<String>),
+        operation: String,
+        (t_start, t_handle, t_end): (f64, f64, Option<f64>),
+        (request_id, global_request_id): (&Option<String>, &Option<String>),
+    ) -> Span {
+        Span {
+            kind,
+            caller,
+            handler,
+            operation,
+            t_start,
+            t_handle,
+            t_end,
+            status: None,
+            failure: None,
+            request_id: request_id.clone(),
+            global_request_id: global_request_id.clone(),
+            parent: None,
+            inferred: false,
+            error_notification: false,
+            caller_is_service: false,
+        }
+    }
+}
+
 /// One hop of a chain.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Hop {
@@ -255,21 +284,16 @@ pub fn span_of(ev: &Event) -> Option<(String, Span)> {
             Some((
                 root,
                 Span {
-                    kind: SpanKind::Http,
                     caller_is_service: caller.as_deref().is_some_and(|c| !is_library_or_user(c)),
-                    caller,
-                    handler: Some(api_process(service)),
-                    operation: format!("{} {}", e.method, e.route),
-                    t_start: e.t_request,
-                    t_handle: e.t_request,
-                    t_end: e.t_response_end,
                     status: e.status,
                     failure,
-                    request_id: e.request_id.clone(),
-                    global_request_id: e.global_request_id.clone(),
-                    parent: None,
-                    inferred: false,
-                    error_notification: false,
+                    ..Span::new(
+                        SpanKind::Http,
+                        (caller, Some(api_process(service))),
+                        format!("{} {}", e.method, e.route),
+                        (e.t_request, e.t_request, e.t_response_end),
+                        (&e.request_id, &e.global_request_id),
+                    )
                 },
             ))
         }
@@ -307,33 +331,29 @@ pub fn span_of(ev: &Event) -> Option<(String, Span)> {
             };
             let t_start = e.t_publish.or(e.t_deliver)?;
             let caller = e.caller.as_ref().and_then(|p| p.service.clone());
+            // nobody consumed it: the queue it waited in is all there is to name
+            let handler = e
+                .callee
+                .as_ref()
+                .and_then(|p| p.service.clone())
+                .or_else(|| failure.as_ref().map(|_| format!("queue:{}", e.routing_key)));
+            let kind = match e.rpc_type {
+                RpcType::Call => SpanKind::Call,
+                RpcType::Cast => SpanKind::Cast,
+                RpcType::Fanout => SpanKind::Fanout,
+            };
             Some((
                 root,
                 Span {
-                    kind: match e.rpc_type {
-                        RpcType::Call => SpanKind::Call,
-                        RpcType::Cast => SpanKind::Cast,
-                        RpcType::Fanout => SpanKind::Fanout,
-                    },
-                    caller_is_service: caller.is_some(),
-                    caller,
-                    // nobody consumed it: the queue it waited in is all there is to name
-                    handler: e
-                        .callee
-                        .as_ref()
-                        .and_then(|p| p.service.clone())
-                        .or_else(|| failure.as_ref().map(|_| format!("queue:{}", e.routing_key))),
-                    operation: format!("{}.{}", e.topic, e.method),
-                    t_start,
-                    t_handle: e.t_deliver.unwrap_or(t_start),
-                    t_end: e.t_reply_publish,
-                    status: None,
                     failure,
-                    request_id: e.request_id.clone(),
-                    global_request_id: e.global_request_id.clone(),
-                    parent: None,
-                    inferred: false,
-                    error_notification: false,
+                    caller_is_service: caller.is_some(),
+                    ..Span::new(
+                        kind,
+                        (caller, handler),
+                        format!("{}.{}", e.topic, e.method),
+                        (t_start, e.t_deliver.unwrap_or(t_start), e.t_reply_publish),
+                        (&e.request_id, &e.global_request_id),
+                    )
                 },
             ))
         }
@@ -344,21 +364,15 @@ pub fn span_of(ev: &Event) -> Option<(String, Span)> {
             Some((
                 root,
                 Span {
-                    kind: SpanKind::Notification,
                     caller_is_service: publisher.is_some(),
-                    caller: publisher.clone(),
-                    handler: publisher,
-                    operation: n.event_type.clone(),
-                    t_start: n.t,
-                    t_handle: n.t,
-                    t_end: Some(n.t),
-                    status: None,
-                    failure: None,
-                    request_id: n.request_id.clone(),
-                    global_request_id: n.global_request_id.clone(),
-                    parent: None,
-                    inferred: false,
                     error_notification: error,
+                    ..Span::new(
+                        SpanKind::Notification,
+                        (publisher.clone(), publisher),
+                        n.event_type.clone(),
+                        (n.t, n.t, Some(n.t)),
+                        (&n.request_id, &n.global_request_id),
+                    )
                 },
             ))
         }
@@ -391,27 +405,18 @@ impl Tracer {
             }
             return;
         }
-        {
-            if self.open.len() >= self.cfg.max_open {
-                self.evict_oldest(h, out);
-            }
-            self.order.push_back(root.clone());
-            self.open.insert(
-                root.clone(),
-                Open {
-                    spans: Vec::new(),
-                    last: now,
-                    first: now,
-                },
-            );
+        if self.open.len() >= self.cfg.max_open {
+            self.evict_oldest(h, out);
         }
-        let o = self.open.get_mut(&root).expect("present");
-        o.last = o.last.max(now);
-        if o.spans.len() >= self.cfg.max_spans {
-            h.evict("request_spans", 1);
-            return;
-        }
-        o.spans.push(span);
+        self.order.push_back(root.clone());
+        self.open.insert(
+            root,
+            Open {
+                spans: vec![span],
+                last: now,
+                first: now,
+            },
+        );
     }
 
     /// Completes the requests quiet for `settle_s` (checked once a second of packet time).
@@ -802,53 +807,50 @@ mod tests {
         s
     }
 
+    /// A REST span `caller>handler`, running [t, t + 0.1] with this status.
+    fn rest(who: &str, op: &str, t: f64, status: u16) -> Span {
+        let (caller, handler) = who.split_once('>').unwrap();
+        http(
+            span(SpanKind::Http, caller, handler, op, t, Some(t + 0.1)),
+            status,
+        )
+    }
+
+    /// An RPC span `caller>handler` of `kind`; `end` None: no reply seen.
+    fn rpc(kind: SpanKind, who: &str, op: &str, t: f64, end: Option<f64>) -> Span {
+        let (caller, handler) = who.split_once('>').unwrap();
+        span(kind, caller, handler, op, t, end)
+    }
+
     #[test]
     fn port_binding_failure_chains_from_the_error_notification_to_neutron() {
         let spans = vec![
-            http(
-                span(
-                    SpanKind::Http,
-                    "python-novaclient",
-                    "nova-api",
-                    "POST /v2.1/servers",
-                    0.0,
-                    Some(0.1),
-                ),
-                202,
-            ),
-            span(
+            rest("python-novaclient>nova-api", "POST /v2.1/servers", 0.0, 202),
+            rpc(
                 SpanKind::Cast,
-                "nova-api",
-                "nova-conductor",
+                "nova-api>nova-conductor",
                 "conductor.schedule_and_build_instances",
                 0.05,
                 None,
             ),
-            span(
+            rpc(
                 SpanKind::Call,
-                "nova-conductor",
-                "nova-scheduler",
+                "nova-conductor>nova-scheduler",
                 "scheduler.select_destinations",
                 0.2,
                 Some(0.3),
             ),
-            span(
+            rpc(
                 SpanKind::Cast,
-                "nova-conductor",
-                "nova-compute",
+                "nova-conductor>nova-compute",
                 "compute.build_and_run_instance",
                 0.4,
                 None,
             ),
-            http(
-                span(
-                    SpanKind::Http,
-                    "python-neutronclient",
-                    "neutron-server",
-                    "PUT /v2.0/ports/{id}",
-                    0.5,
-                    Some(0.6),
-                ),
+            rest(
+                "python-neutronclient>neutron-server",
+                "PUT /v2.0/ports/{id}",
+                0.5,
                 500,
             ),
             {
@@ -889,22 +891,11 @@ mod tests {
     #[test]
     fn a_retry_that_succeeds_masks_the_failure() {
         let spans = vec![
-            http(
-                span(
-                    SpanKind::Http,
-                    "external",
-                    "nova-api",
-                    "GET /x",
-                    0.0,
-                    Some(1.0),
-                ),
-                200,
-            ),
+            rest("external>nova-api", "GET /x", 0.0, 200),
             fail(
-                span(
+                rpc(
                     SpanKind::Call,
-                    "nova-api",
-                    "nova-compute",
+                    "nova-api>nova-compute",
                     "compute.get_console_output",
                     0.1,
                     Some(0.2),
@@ -912,10 +903,9 @@ mod tests {
                 "ValueError",
                 "rpc_failure_reply",
             ),
-            span(
+            rpc(
                 SpanKind::Call,
-                "nova-api",
-                "nova-compute",
+                "nova-api>nova-compute",
                 "compute.get_console_output",
                 0.3,
                 Some(0.4),
@@ -932,26 +922,11 @@ mod tests {
         let t = build(
             "r".into(),
             vec![
-                http(
-                    span(
-                        SpanKind::Http,
-                        "external",
-                        "nova-api",
-                        "GET /y",
-                        0.0,
-                        Some(1.0),
-                    ),
-                    500,
-                ),
-                http(
-                    span(
-                        SpanKind::Http,
-                        "python-glanceclient",
-                        "glance-api",
-                        "GET /v2/images/{id}",
-                        0.1,
-                        Some(0.2),
-                    ),
+                rest("external>nova-api", "GET /y", 0.0, 500),
+                rest(
+                    "python-glanceclient>glance-api",
+                    "GET /v2/images/{id}",
+                    0.1,
                     200,
                 ),
             ],
@@ -960,17 +935,7 @@ mod tests {
         assert_eq!(chain_of(&t).unwrap().hops.len(), 1);
         let t = build(
             "r".into(),
-            vec![http(
-                span(
-                    SpanKind::Http,
-                    "external",
-                    "nova-api",
-                    "GET /z",
-                    0.0,
-                    Some(1.0),
-                ),
-                404,
-            )],
+            vec![rest("external>nova-api", "GET /z", 0.0, 404)],
         );
         assert!(chain_of(&t).is_none());
     }
@@ -980,22 +945,16 @@ mod tests {
         let t = build(
             "r".into(),
             vec![
-                http(
-                    span(
-                        SpanKind::Http,
-                        "external",
-                        "nova-api",
-                        "GET /v2.1/servers/{id}/action",
-                        0.0,
-                        Some(2.5),
-                    ),
+                rest(
+                    "external>nova-api",
+                    "GET /v2.1/servers/{id}/action",
+                    0.0,
                     500,
                 ),
                 fail(
-                    span(
+                    rpc(
                         SpanKind::Call,
-                        "nova-api",
-                        "nova-compute",
+                        "nova-api>nova-compute",
                         "compute.get_console_output",
                         0.1,
                         None,

@@ -2,20 +2,7 @@
 //! contract's exit codes (2 usage, 1 runtime), never a panic.
 
 mod common;
-use common::repo;
-use std::process::Command;
-
-fn stacktap(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_stacktap"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::{repo, stacktap};
 
 #[test]
 fn usage_errors_exit_2() {

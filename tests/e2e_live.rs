@@ -6,8 +6,6 @@
 
 mod common;
 use common::*;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,23 +13,6 @@ use std::time::{Duration, Instant};
 fn python() -> String {
     std::env::var("STACKTAP_PYTHON")
         .expect("STACKTAP_PYTHON must name a Python with oslo.messaging (.ci/run sets it up)")
-}
-
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    Some(body)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn record(scenario: &str, out: &Path) {
@@ -64,7 +45,7 @@ fn live_capture_on_the_real_broker_matches_the_truth() {
         .expect("start stacktap capture");
     // the listener comes up once the capture handle is open
     let deadline = Instant::now() + Duration::from_secs(20);
-    while http_get(port, "/healthz").is_none() {
+    while http_get(port, "/healthz").map(|r| r.1).is_none() {
         assert!(Instant::now() < deadline, "stacktap capture did not start");
         assert!(
             stacktap.try_wait().unwrap().is_none(),
@@ -79,7 +60,9 @@ fn live_capture_on_the_real_broker_matches_the_truth() {
 
     // the 2 s timeouts were decided live, on the packet clock, while stacktap still runs
     std::thread::sleep(Duration::from_secs(2));
-    let metrics = http_get(port, "/metrics").expect("scrape /metrics");
+    let metrics = http_get(port, "/metrics")
+        .map(|r| r.1)
+        .expect("scrape /metrics");
     assert!(
         metrics.contains(
             "stacktap_rpc_timeouts_total{topic=\"compute\",method=\"get_console_output\"} 4"

@@ -6,27 +6,8 @@
 mod common;
 use common::*;
 use serde_json::Value;
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn get(port: u16, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).ok()?;
-    Some(resp.split_once("\r\n\r\n")?.1.to_string())
-}
 
 /// Percent-encodes a PromQL query for a URL.
 fn encode(q: &str) -> String {
@@ -36,15 +17,6 @@ fn encode(q: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]
@@ -77,7 +49,7 @@ fn prometheus_scrapes_stacktap_and_the_alerts_fire() {
     );
     // Prometheus first, so that it sees stacktap's counters from their birth
     let ready = Instant::now() + Duration::from_secs(30);
-    while get(prom_port, "/-/ready").is_none() {
+    while http_get(prom_port, "/-/ready").map(|r| r.1).is_none() {
         assert!(Instant::now() < ready, "prometheus did not start");
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -94,7 +66,8 @@ fn prometheus_scrapes_stacktap_and_the_alerts_fire() {
     let deadline = Instant::now() + Duration::from_secs(90);
     let want = ["StacktapRpcTimeouts", "StacktapNewErrorChainRoot"];
     let firing = loop {
-        let alerts: Vec<(String, String)> = get(prom_port, "/api/v1/alerts")
+        let alerts: Vec<(String, String)> = http_get(prom_port, "/api/v1/alerts")
+            .map(|r| r.1)
             .and_then(|b| serde_json::from_str::<Value>(&b).ok())
             .map(|v| {
                 v["data"]["alerts"]
@@ -140,7 +113,9 @@ fn prometheus_scrapes_stacktap_and_the_alerts_fire() {
         // recording rules are evaluated every 30 s: give each query time to have data
         let deadline = Instant::now() + Duration::from_secs(75);
         loop {
-            let body = get(prom_port, &format!("/api/v1/query?query={}", encode(q))).unwrap();
+            let body = http_get(prom_port, &format!("/api/v1/query?query={}", encode(q)))
+                .unwrap()
+                .1;
             let v: Value = serde_json::from_str(&body).unwrap();
             assert_eq!(v["status"], "success", "{q}: {body}");
             if !v["data"]["result"].as_array().unwrap().is_empty() {

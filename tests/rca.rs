@@ -5,39 +5,29 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
-fn stacktap(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_stacktap"))
+/// `stacktap replay ARGS --listen` on a free port, killed when dropped.
+fn serve(args: &[&str]) -> (Killed, u16, String) {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let child = Command::new(env!("CARGO_BIN_EXE_stacktap"))
+        .arg("replay")
         .args(args)
-        .output()
+        .args(["--listen", &addr])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
         .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (Killed(child), port, addr)
 }
+use std::time::{Duration, Instant};
 
 fn sample(name: &str) -> String {
     repo()
         .join(format!("sampledata/{name}"))
         .to_string_lossy()
         .into_owned()
-}
-
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).ok()?;
-    let status = resp.split(' ').nth(1)?.parse().ok()?;
-    let body = resp.split_once("\r\n\r\n")?.1.to_string();
-    Some((status, body))
 }
 
 #[test]
@@ -104,22 +94,11 @@ fn rca_usage_errors() {
 
 #[test]
 fn a_running_stacktap_serves_chains_trees_and_the_graph() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut server = Command::new(env!("CARGO_BIN_EXE_stacktap"))
-        .args(["replay", &sample("failures.pcap"), "--listen", &addr])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (server, port, addr) = serve(&[&sample("failures.pcap")]);
     let deadline = Instant::now() + Duration::from_secs(20);
     // the replay is done once the chains are published
     let chains = loop {
-        if let Some((200, body)) = get(port, "/api/chains") {
+        if let Some((200, body)) = http_get(port, "/api/chains") {
             let v: Value = serde_json::from_str(&body).unwrap();
             if v["rca"]["failed_requests"].as_u64().unwrap_or(0) > 0 {
                 break v;
@@ -147,18 +126,17 @@ fn a_running_stacktap_serves_chains_trees_and_the_graph() {
     let (code, tree, _) = stacktap(&["rca", "--from", &from, "--request-id", example]);
     assert_eq!(code, 0);
     assert!(tree.contains("ROOT CAUSE"));
-    assert_eq!(get(port, "/api/requests/req-nope").unwrap().0, 404);
+    assert_eq!(http_get(port, "/api/requests/req-nope").unwrap().0, 404);
     let (code, out, _) = stacktap(&["rca", "--from", &from, "--since", "1s", "--json"]);
     assert_eq!(code, 0);
     let recent: Value = serde_json::from_str(&out).unwrap();
     assert!(recent["failed_requests"].as_u64() < local["failed_requests"].as_u64());
 
     // the graph: every REST request and RPC of the truth on an edge, with the right count
-    let (status, body) = get(port, "/api/graph").unwrap();
+    let (status, body) = http_get(port, "/api/graph").unwrap();
     assert_eq!(status, 200);
     let graph: Value = serde_json::from_str(&body).unwrap();
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     let truth = read_truth(&repo().join("sampledata/failures.truth.jsonl"));
     let mut want: BTreeMap<String, u64> = BTreeMap::new();
     for t in &truth {
@@ -218,27 +196,9 @@ fn the_store_keeps_chains_and_trees_across_a_restart() {
     let (_, local, _) = stacktap(&["rca", "--json", &sample("failures.pcap")]);
     let local: Value = serde_json::from_str(&local).unwrap();
     // a new process on other traffic still answers about them
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut server = Command::new(env!("CARGO_BIN_EXE_stacktap"))
-        .args([
-            "replay",
-            &sample("healthy.pcap"),
-            "--store",
-            db,
-            "--listen",
-            &addr,
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (server, port, addr) = serve(&[&sample("healthy.pcap"), "--store", db]);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while get(port, "/healthz").is_none() {
+    while http_get(port, "/healthz").is_none() {
         assert!(Instant::now() < deadline, "no listener");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -249,8 +209,7 @@ fn the_store_keeps_chains_and_trees_across_a_restart() {
         .unwrap()
         .to_string();
     let (tcode, tree, _) = stacktap(&["rca", "--from", &from, "--request-id", &example]);
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     assert_eq!(code, 0, "{err}");
     let remote: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(remote["roots"], local["roots"]);
