@@ -411,21 +411,16 @@ impl Graph {
                 &b.operation,
             ))
         });
-        let mut used: Vec<&str> = edges
-            .iter()
-            .flat_map(|e| [e.source.as_str(), e.target.as_str()])
+        // the nodes some edge of the window touches, in id order
+        let used: std::collections::BTreeMap<&str, &Node> = self
+            .graph
+            .edge_indices()
+            .filter(|&e| self.graph[e].slots.iter().any(|s| live(&s)))
+            .filter_map(|e| self.graph.edge_endpoints(e))
+            .flat_map(|(a, b)| [&self.graph[a], &self.graph[b]])
+            .map(|n| (n.id.as_str(), n))
             .collect();
-        used.sort();
-        used.dedup();
-        let nodes = used
-            .iter()
-            .filter_map(|id| {
-                self.graph
-                    .node_indices()
-                    .find(|&i| self.graph[i].id == *id)
-                    .map(|i| self.graph[i].clone())
-            })
-            .collect();
+        let nodes = used.into_values().cloned().collect();
         GraphReport {
             window_s,
             nodes,

@@ -608,30 +608,17 @@ impl Metrics {
             ("server", server),
             ("connection_type", conn),
         ]);
-        let ls = self.cap(
-            "traces_service_graph_request",
-            pair.clone(),
-            &["connection_type"],
+        let mut capped = |family| self.cap(family, pair.clone(), &["connection_type"]);
+        let (t, f, s, c) = (
+            capped("traces_service_graph_request"),
+            capped("traces_service_graph_request_failed"),
+            capped("traces_service_graph_request_server_seconds"),
+            capped("traces_service_graph_request_client_seconds"),
         );
-        let tempo = self.tempo_requests.get_or_create_owned(&ls);
-        let ls = self.cap(
-            "traces_service_graph_request_failed",
-            pair.clone(),
-            &["connection_type"],
-        );
-        let failed = self.tempo_failed.get_or_create_owned(&ls);
-        let ls = self.cap(
-            "traces_service_graph_request_server_seconds",
-            pair.clone(),
-            &["connection_type"],
-        );
-        let server_s = self.tempo_server.get_or_create_owned(&ls);
-        let ls = self.cap(
-            "traces_service_graph_request_client_seconds",
-            pair,
-            &["connection_type"],
-        );
-        let client_s = self.tempo_client.get_or_create_owned(&ls);
+        let tempo = self.tempo_requests.get_or_create_owned(&t);
+        let failed = self.tempo_failed.get_or_create_owned(&f);
+        let server_s = self.tempo_server.get_or_create_owned(&s);
+        let client_s = self.tempo_client.get_or_create_owned(&c);
         HopHandles {
             edge,
             tempo,
