@@ -114,11 +114,7 @@ pub enum Signal {
     /// A finished request tree (for the request API and the store).
     Request(std::sync::Arc<crate::trace::RequestTree>),
     /// A failure a successful retry masked.
-    Masked {
-        service: Option<String>,
-        operation: String,
-        error: String,
-    },
+    Masked(crate::trace::MaskedFailure),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

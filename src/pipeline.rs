@@ -130,15 +130,7 @@ impl Pipeline {
             let s = match t {
                 Traced::Tree(tree) => Signal::Request(tree),
                 Traced::Chain(c) => Signal::Event(Event::Chain(c)),
-                Traced::Masked {
-                    service,
-                    operation,
-                    error,
-                } => Signal::Masked {
-                    service,
-                    operation,
-                    error,
-                },
+                Traced::Masked(m) => Signal::Masked(m),
             };
             sink(&s, &self.health);
         }

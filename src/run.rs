@@ -114,7 +114,7 @@ impl Run {
             && (force || self.last_publish.elapsed() >= Duration::from_secs(1))
         {
             self.last_publish = Instant::now();
-            let json = serde_json::to_string(&self.sinks.summary.report(&self.pipeline.health))
+            let json = serde_json::to_string(&self.sinks.report(&self.pipeline.health))
                 .unwrap_or_default();
             if let Ok(mut g) = shared.summary.lock() {
                 *g = json;
@@ -153,7 +153,7 @@ impl Run {
             std::fs::write(p, Metrics::render(&self.sinks.metrics.registry))
                 .map_err(|e| anyhow::anyhow!("--metrics-out {}: {e}", p.display()))?;
         }
-        Ok(self.sinks.summary.report(&self.pipeline.health))
+        Ok(self.sinks.report(&self.pipeline.health))
     }
 
     pub fn health(&self) -> &Health {

@@ -198,11 +198,17 @@ pub enum Traced {
     Tree(Arc<RequestTree>),
     Chain(Box<ChainEvent>),
     /// A failed span whose request still succeeded (retried elsewhere).
-    Masked {
-        service: Option<String>,
-        operation: String,
-        error: String,
-    },
+    Masked(MaskedFailure),
+}
+
+/// A failure a successful retry hid from the user.
+#[derive(Debug, Clone)]
+pub struct MaskedFailure {
+    pub service: Option<String>,
+    pub operation: String,
+    pub error: String,
+    /// When it happened (packet time, seconds).
+    pub t: f64,
 }
 
 struct Open {
@@ -493,7 +499,7 @@ fn finish(request_id: String, o: Open, out: &mut Vec<Traced>) {
     let tree = build(request_id, o.spans);
     for &i in &tree.masked {
         let s = &tree.spans[i];
-        out.push(Traced::Masked {
+        out.push(Traced::Masked(MaskedFailure {
             service: s.handler.clone(),
             operation: s.operation.clone(),
             error: s
@@ -501,7 +507,8 @@ fn finish(request_id: String, o: Open, out: &mut Vec<Traced>) {
                 .as_ref()
                 .map(|f| f.error.clone())
                 .unwrap_or_default(),
-        });
+            t: s.t_start,
+        }));
     }
     if let Some(chain) = chain_of(&tree) {
         out.push(Traced::Chain(Box::new(chain)));

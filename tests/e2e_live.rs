@@ -155,5 +155,6 @@ fn pcap_of(dir: &Path, scenario: &str) -> std::path::PathBuf {
 }
 
 fn empty_report() -> stacktap::sink::summary::Report {
-    stacktap::sink::summary::Summary::default().report(&Default::default())
+    let rca = stacktap::sink::requests::rank(&[], 0);
+    stacktap::sink::summary::Summary::default().report(&Default::default(), rca)
 }

@@ -525,17 +525,13 @@ impl Metrics {
                 );
                 self.error_chains.get_or_create(&ls).inc();
             }
-            Signal::Masked {
-                service,
-                operation,
-                error,
-            } => {
+            Signal::Masked(m) => {
                 let ls = self.cap(
                     "masked_failures",
                     l([
-                        ("service", service.as_deref().unwrap_or("unknown")),
-                        ("operation", operation),
-                        ("error", error),
+                        ("service", m.service.as_deref().unwrap_or("unknown")),
+                        ("operation", &m.operation),
+                        ("error", &m.error),
                     ]),
                     &[],
                 );

@@ -65,9 +65,9 @@ impl Sinks {
                     r.add_tree(t.clone());
                 }
             }
-            Signal::Masked { .. } => {
-                if let (Ok(mut r), Some(t)) = (self.requests.lock(), self.graph.latest()) {
-                    r.add_masked(t);
+            Signal::Masked(m) => {
+                if let Ok(mut r) = self.requests.lock() {
+                    r.add_masked(m.t);
                 }
             }
             _ => {}
@@ -78,6 +78,15 @@ impl Sinks {
         {
             self.write_error = Some(e);
         }
+    }
+
+    /// The summary with the root causes ranked, over everything kept.
+    pub fn report(&self, health: &Health) -> summary::Report {
+        let rca = match self.requests.lock() {
+            Ok(r) => r.rca(f64::MIN),
+            Err(_) => requests::rank(&[], 0),
+        };
+        self.summary.report(health, rca)
     }
 
     /// Brings the probe-health metrics up to date (cheap, but not per signal).

@@ -58,7 +58,9 @@ pub struct Requests {
     trees: HashMap<String, Arc<RequestTree>>,
     tree_order: VecDeque<String>,
     chains: VecDeque<Arc<ChainEvent>>,
+    /// Masked failures: their times (bounded) and how many in all.
     masked: VecDeque<f64>,
+    masked_total: u64,
     /// Trees always kept regardless of the cap (e.g. the one `rca --request-id` wants).
     pinned: Option<String>,
     /// `--store`: everything added is also written there, and read back after a restart.
@@ -73,6 +75,7 @@ impl Requests {
             tree_order: VecDeque::new(),
             chains: VecDeque::new(),
             masked: VecDeque::new(),
+            masked_total: 0,
             pinned: None,
             store: None,
         }
@@ -138,6 +141,7 @@ impl Requests {
     }
 
     pub fn add_masked(&mut self, t: f64) {
+        self.masked_total += 1;
         self.masked.push_back(t);
         while self.masked.len() > self.cfg.max_chains {
             self.masked.pop_front();
@@ -167,11 +171,14 @@ impl Requests {
         [c, m].into_iter().flatten().fold(None, max)
     }
 
+    /// Root causes of the chains since `since` (`f64::MIN`: everything kept).
     pub fn rca(&self, since: f64) -> RcaReport {
-        rank(
-            &self.chains_since(since),
-            self.masked.iter().filter(|t| **t >= since).count() as u64,
-        )
+        let masked = if since == f64::MIN {
+            self.masked_total
+        } else {
+            self.masked.iter().filter(|t| **t >= since).count() as u64
+        };
+        rank(&self.chains_since(since), masked)
     }
 }
 

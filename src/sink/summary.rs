@@ -6,6 +6,7 @@ use crate::correlate::{Name, Signal};
 use crate::event::{Event, HttpEvent, Outcome, RpcEvent};
 use crate::health::Health;
 use crate::oslo::RpcType;
+use crate::sink::requests::RcaReport;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -43,9 +44,6 @@ pub struct Summary {
     channel_closes: BTreeMap<u16, u64>,
     /// REST by (service, method, route).
     routes: BTreeMap<(String, &'static str, String), RouteStats>,
-    /// Error chains (bounded) and masked failures, for the root-cause ranking.
-    chains: std::collections::VecDeque<std::sync::Arc<crate::trace::ChainEvent>>,
-    masked: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -98,7 +96,7 @@ pub struct Report {
     /// Per service, worst first: server errors, then client errors, then p99 latency.
     pub http_routes: Vec<RouteReport>,
     /// Failing user requests, root causes ranked (the `stacktap rca` view).
-    pub rca: crate::sink::requests::RcaReport,
+    pub rca: RcaReport,
     pub amqp_returns: BTreeMap<u16, u64>,
     pub amqp_channel_closes: BTreeMap<u16, u64>,
     pub anomalies: BTreeMap<String, u64>,
@@ -127,13 +125,6 @@ impl Summary {
             }
             Signal::Event(Event::Rpc(e)) => self.on_rpc(e),
             Signal::Event(Event::Http(e)) => self.on_http(e),
-            Signal::Event(Event::Chain(c)) => {
-                self.chains.push_back(std::sync::Arc::new((**c).clone()));
-                if self.chains.len() > MAX_ERRORS {
-                    self.chains.pop_front();
-                }
-            }
-            Signal::Masked { .. } => self.masked += 1,
             Signal::Event(Event::Notification(n)) => {
                 *self
                     .notifications
@@ -261,7 +252,8 @@ impl Summary {
         }
     }
 
-    pub fn report(&self, health: &Health) -> Report {
+    /// The report; `rca` is the root-cause ranking (kept by the request store).
+    pub fn report(&self, health: &Health, rca: RcaReport) -> Report {
         let count = |t: RpcType| {
             self.messages
                 .iter()
@@ -332,10 +324,7 @@ impl Summary {
                 .collect(),
             http_requests: self.routes.values().flat_map(|r| r.codes.values()).sum(),
             http_routes: self.route_reports(),
-            rca: crate::sink::requests::rank(
-                &self.chains.iter().cloned().collect::<Vec<_>>(),
-                self.masked,
-            ),
+            rca,
             amqp_returns: self.returns.clone(),
             amqp_channel_closes: self.channel_closes.clone(),
             anomalies: health
@@ -351,6 +340,18 @@ impl Summary {
             tcp_gap_bytes: health.tcp_gap_bytes,
         }
     }
+}
+
+/// `k=v k=v …` for a summary line.
+fn pairs<K: std::fmt::Display, V: std::fmt::Display>(
+    items: impl IntoIterator<Item = (K, V)>,
+    sep: &str,
+) -> String {
+    let parts: Vec<String> = items
+        .into_iter()
+        .map(|(k, v)| format!("{k}{sep}{v}"))
+        .collect();
+    parts.join(" ")
 }
 
 /// A duration for the table; "-" when nothing was measured.
@@ -419,12 +420,7 @@ impl Report {
             self.fanouts,
             self.deliveries
         );
-        let outcomes: Vec<String> = self
-            .outcomes
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        let _ = writeln!(s, "outcomes: {}", outcomes.join(" "));
+        let _ = writeln!(s, "outcomes: {}", pairs(&self.outcomes, "="));
         if !self.queues.is_empty() {
             let _ = writeln!(
                 s,
@@ -436,12 +432,7 @@ impl Report {
                 "queue", "calls", "p50", "p99", "queue", "server", "timeout"
             );
             for q in self.queues.iter().take(top) {
-                let outs: Vec<String> = q
-                    .outcomes
-                    .iter()
-                    .filter(|(k, _)| **k != "ok")
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect();
+                let outs = pairs(q.outcomes.iter().filter(|(k, _)| **k != "ok"), "=");
                 let _ = writeln!(
                     s,
                     "  {:<34} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9}  {}",
@@ -457,7 +448,7 @@ impl Report {
                     if outs.is_empty() {
                         "all ok".into()
                     } else {
-                        outs.join(" ")
+                        outs
                     }
                 );
             }
@@ -497,12 +488,8 @@ impl Report {
             }
         }
         if !self.amqp_returns.is_empty() {
-            let r: Vec<String> = self
-                .amqp_returns
-                .iter()
-                .map(|(k, v)| format!("{k}×{v}"))
-                .collect();
-            let _ = writeln!(s, "\nbroker returns (unroutable): {}", r.join(" "));
+            let r = pairs(&self.amqp_returns, "×");
+            let _ = writeln!(s, "\nbroker returns (unroutable): {r}");
         }
         if !self.notifications.is_empty() {
             let _ = writeln!(s, "\nnotifications:");
@@ -510,11 +497,7 @@ impl Report {
                 let _ = writeln!(s, "  {v:>5} × {k}");
             }
         }
-        let anomalies: Vec<String> = self
-            .anomalies
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
+        let anomalies = pairs(&self.anomalies, "=");
         let _ = writeln!(
             s,
             "\nprobe: tcp gaps {} bytes; anomalies: {}",
@@ -522,16 +505,11 @@ impl Report {
             if anomalies.is_empty() {
                 "none".into()
             } else {
-                anomalies.join(" ")
+                anomalies
             }
         );
         if !self.evictions.is_empty() {
-            let e: Vec<String> = self
-                .evictions
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            let _ = writeln!(s, "evictions: {}", e.join(" "));
+            let _ = writeln!(s, "evictions: {}", pairs(&self.evictions, "="));
         }
         s
     }
