@@ -20,8 +20,8 @@ pub struct Config {
     pub rest: RestConfig,
     pub trace: crate::trace::TraceConfig,
     pub requests: crate::sink::requests::RequestsConfig,
-    /// The live graph's sliding window (a replay covers the whole input).
-    pub graph_window_s: f64,
+    /// How much history the call graph keeps (its edge cap is `max_series_per_family`).
+    pub graph: crate::sink::graph::GraphConfig,
     pub store: crate::sink::store::StoreConfig,
     /// Distinct label sets per metric family before new ones fold into "other".
     pub max_series_per_family: usize,
@@ -39,7 +39,7 @@ impl Default for Config {
             rest: RestConfig::default(),
             trace: crate::trace::TraceConfig::default(),
             requests: crate::sink::requests::RequestsConfig::default(),
-            graph_window_s: 900.0,
+            graph: crate::sink::graph::GraphConfig::default(),
             store: crate::sink::store::StoreConfig::default(),
             max_series_per_family: 2000,
         }
@@ -120,6 +120,7 @@ struct RequestsSection {
     max_trees: Option<usize>,
     max_chains: Option<usize>,
     graph_window_s: Option<f64>,
+    graph_slot_s: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -216,7 +217,9 @@ impl Config {
             let q = &mut c.requests;
             q.max_trees = r.max_trees.unwrap_or(q.max_trees);
             q.max_chains = r.max_chains.unwrap_or(q.max_chains);
-            c.graph_window_s = r.graph_window_s.unwrap_or(c.graph_window_s);
+            let g = &mut c.graph;
+            g.window_s = r.graph_window_s.unwrap_or(g.window_s).max(1.0);
+            g.slot_s = r.graph_slot_s.unwrap_or(g.slot_s).clamp(0.1, g.window_s);
         }
         if let Some(s) = f.store {
             c.store.retention_s = s.retention_s.unwrap_or(c.store.retention_s);
@@ -225,6 +228,7 @@ impl Config {
         if let Some(m) = f.metrics {
             c.max_series_per_family = m.max_series_per_family.unwrap_or(c.max_series_per_family);
         }
+        c.graph.max_edges = c.max_series_per_family;
         Ok(c)
     }
 }

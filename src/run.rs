@@ -25,7 +25,8 @@ pub struct Outputs {
     pub metrics_out: Option<PathBuf>,
     /// Show a progress bar (stderr is a terminal and the input is large).
     pub progress: bool,
-    /// Live capture: the graph covers a sliding window, not the whole input.
+    /// Live capture: the graph's default view is the configured window, not the whole
+    /// input.
     pub live: bool,
     /// `--store`: chains and request trees persisted in SQLite.
     pub store: Option<PathBuf>,
@@ -57,16 +58,15 @@ impl Run {
             reqs.attach_store(crate::sink::store::Store::open(path, cfg.store.clone())?)?;
         }
         let requests = Arc::new(Mutex::new(reqs));
-        let graph = Graph::new(
-            out.live.then_some(cfg.graph_window_s),
-            cfg.max_series_per_family,
-        );
+        let graph = Arc::new(Mutex::new(Graph::new(&cfg.graph)));
         let shared = match &out.listen {
             Some(addr) => {
                 let shared = Shared {
                     registry: metrics.registry.clone(),
                     summary: Arc::new(Mutex::new("{}".into())),
-                    graph: Arc::new(Mutex::new("{}".into())),
+                    graph: graph.clone(),
+                    // live: the configured window; a replay: everything it held
+                    graph_window_s: out.live.then_some(cfg.graph.window_s),
                     requests: requests.clone(),
                 };
                 let bound = serve::spawn(addr, shared.clone())?;
@@ -117,10 +117,6 @@ impl Run {
             let json = serde_json::to_string(&self.sinks.report(&self.pipeline.health))
                 .unwrap_or_default();
             if let Ok(mut g) = shared.summary.lock() {
-                *g = json;
-            }
-            let json = serde_json::to_string(&self.sinks.graph.report()).unwrap_or_default();
-            if let Ok(mut g) = shared.graph.lock() {
                 *g = json;
             }
         }

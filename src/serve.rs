@@ -1,6 +1,7 @@
 //! The HTTP listener: `/metrics` for Prometheus, `/api/summary`, `/api/graph`,
 //! `/api/chains`, `/api/requests/{id}`, `/healthz`.
 
+use crate::sink::graph::Graph;
 use crate::sink::metrics::Metrics;
 use crate::sink::requests::Requests;
 use axum::extract::{Path, Query};
@@ -15,8 +16,9 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     /// The latest summary as JSON, refreshed by the pipeline thread.
     pub summary: Arc<Mutex<String>>,
-    /// The latest call graph as JSON, refreshed with the summary.
-    pub graph: Arc<Mutex<String>>,
+    pub graph: Arc<Mutex<Graph>>,
+    /// The window `/api/graph` covers when none is asked for (None: everything).
+    pub graph_window_s: Option<f64>,
     pub requests: Arc<Mutex<Requests>>,
 }
 
@@ -24,8 +26,31 @@ fn json(body: String) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], body)
 }
 
-async fn graph(State(s): State<Shared>) -> impl IntoResponse {
-    json(s.graph.lock().map(|g| g.clone()).unwrap_or_default())
+#[derive(serde::Deserialize)]
+struct Window {
+    /// Seconds before the newest packet, or `all`.
+    window: Option<String>,
+}
+
+/// The call graph over `?window=SECONDS` (or `all`), else the run's default window.
+async fn graph(State(s): State<Shared>, Query(q): Query<Window>) -> impl IntoResponse {
+    let window = match q.window.as_deref() {
+        None | Some("") => s.graph_window_s,
+        Some("all") => None,
+        Some(w) => match w.parse::<f64>() {
+            Ok(v) if v.is_finite() && v > 0.0 => Some(v),
+            _ => {
+                let msg = format!("window: seconds > 0 or `all`, not {w:?}\n");
+                return (StatusCode::BAD_REQUEST, msg).into_response();
+            }
+        },
+    };
+    let Ok(g) = s.graph.lock() else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let report = g.report(window);
+    drop(g);
+    json(serde_json::to_string(&report).unwrap_or_default()).into_response()
 }
 
 #[derive(serde::Deserialize)]

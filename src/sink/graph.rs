@@ -2,12 +2,13 @@
 //! external client as nodes; REST (per route) and RPC (per topic.method) as edges, each
 //! with rate, error ratio, latency quantiles and, for RPC calls, the reply-wait split.
 //!
-//! An RPC edge goes caller → queue → callee. Statistics cover a sliding window of packet
-//! time (live) or the whole input (replay), kept as slots so the window slides cheaply.
+//! An RPC edge goes caller → queue → callee. Statistics are kept per edge in time slots
+//! of packet time (`slot_s` wide, `window_s` of them kept) and as a running total, so a
+//! report can cover the last minute, the last quarter hour or everything since the start.
 
 use super::sketch::{Quantiles, Sketch};
 use crate::FastMap as HashMap;
-use crate::event::{Event, HttpEvent, Outcome, RpcEvent};
+use crate::event::{Event, HttpEvent, HttpOutcome, Outcome, RpcEvent};
 use crate::oslo::RpcType;
 use crate::time::Ts;
 use crate::trace::api_process_name;
@@ -16,8 +17,10 @@ use serde::Serialize;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-/// Slots a window is cut into (the oldest slides out whole).
-const SLOTS: u64 = 6;
+/// Failures kept per edge for the UI's side panel.
+const RECENT_ERRORS: usize = 5;
+/// An error message is cut to this many characters.
+const MESSAGE_CHARS: usize = 300;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -40,16 +43,94 @@ struct Slot {
     index: u64,
     requests: u64,
     errors: u64,
+    /// RPC calls with no reply in the caller's timeout; REST requests with no response.
+    timeouts: u64,
     latency: Sketch,
     /// Queue wait, server time, reply transit (RPC calls only).
     split: Option<Box<[Sketch; 3]>>,
+}
+
+impl Slot {
+    fn add(&mut self, other: &Slot) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.timeouts += other.timeouts;
+        self.latency.merge(&other.latency);
+        if let Some(p) = &other.split {
+            let acc = self.split.get_or_insert_with(Default::default);
+            for (x, y) in acc.iter_mut().zip(p.iter()) {
+                x.merge(y);
+            }
+        }
+    }
 }
 
 struct EdgeStats {
     protocol: &'static str,
     kind: &'static str,
     operation: String,
+    /// The newest slots, oldest first, none older than the window.
     slots: VecDeque<Slot>,
+    /// Everything since the first packet.
+    total: Slot,
+    recent_errors: VecDeque<RecentError>,
+}
+
+/// One failure on an edge, as the side panel lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecentError {
+    pub t: f64,
+    /// Exception class, fault type, `HTTP 503`, `timeout`, `unroutable`…
+    pub error: String,
+    pub message: Option<String>,
+    /// The request's root id, to open its tree.
+    pub request_id: Option<String>,
+}
+
+/// What one observation adds to an edge.
+struct Observed {
+    failed: bool,
+    timed_out: bool,
+    latency: Option<f64>,
+    split: Option<[Option<f64>; 3]>,
+}
+
+fn cut(m: &str) -> String {
+    match m.char_indices().nth(MESSAGE_CHARS) {
+        Some((i, _)) => format!("{}…", &m[..i]),
+        None => m.to_string(),
+    }
+}
+
+/// The failure an event shows, if it failed.
+fn recent_error(ev: &Event, t: f64) -> Option<RecentError> {
+    let (error, message, ids) = match ev {
+        Event::Http(e) if e.status.is_none_or(|s| s >= 500) => {
+            let fault = e.error.as_ref().and_then(|f| f.kind.clone());
+            let error = match (fault, e.status) {
+                (Some(kind), _) => kind,
+                (None, Some(s)) => format!("HTTP {s}"),
+                (None, None) => e.outcome.as_str().to_string(),
+            };
+            let message = e.error.as_ref().and_then(|f| f.message.as_deref());
+            (error, message, (&e.global_request_id, &e.request_id))
+        }
+        Event::Rpc(e) if rpc_failed(e) => {
+            let error = match &e.error {
+                Some(r) => r.class.clone(),
+                None => e.outcome.as_str().to_string(),
+            };
+            let message = e.error.as_ref().and_then(|r| r.message.as_deref());
+            (error, message, (&e.global_request_id, &e.request_id))
+        }
+        _ => return None,
+    };
+    Some(RecentError {
+        t,
+        error,
+        message: message.map(cut),
+        request_id: ids.0.clone().or_else(|| ids.1.clone()),
+    })
 }
 
 /// One endpoint-to-endpoint observation, as the Tempo-style metrics see it.
@@ -132,9 +213,33 @@ pub fn hop_of(ev: &Event) -> Option<Hop<'_>> {
     }
 }
 
+/// How much history the graph keeps.
+#[derive(Debug, Clone)]
+pub struct GraphConfig {
+    /// Slots older than this (packet time, before the newest) are dropped; also the
+    /// default window of a live capture's report.
+    pub window_s: f64,
+    /// The finest window step.
+    pub slot_s: f64,
+    /// Edges kept; observations on edges past the cap are counted in `folded`.
+    pub max_edges: usize,
+}
+
+impl Default for GraphConfig {
+    fn default() -> Self {
+        GraphConfig {
+            window_s: 900.0,
+            slot_s: 10.0,
+            max_edges: 2000,
+        }
+    }
+}
+
 pub struct Graph {
-    /// None: the whole input (replay).
-    window_ns: Option<u64>,
+    slot_ns: u64,
+    /// Slots kept per edge.
+    slots: u64,
+    window_s: f64,
     graph: DiGraph<Node, EdgeStats>,
     /// Per node kind, by name.
     nodes: [HashMap<Box<str>, NodeIndex>; 4],
@@ -156,11 +261,15 @@ pub struct EdgeReport {
     pub operation: String,
     pub requests: u64,
     pub errors: u64,
+    pub timeouts: u64,
     pub error_ratio: f64,
     pub rate_per_s: f64,
     pub latency_s: Quantiles,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reply_wait_split: Option<Split>,
+    /// The newest failures in the window, newest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub recent_errors: Vec<RecentError>,
 }
 
 #[derive(Debug, Serialize)]
@@ -172,22 +281,33 @@ pub struct Split {
 
 #[derive(Debug, Serialize)]
 pub struct GraphReport {
-    /// Seconds of packet time the statistics cover.
+    /// Seconds of packet time the statistics cover (rates are per second of it).
     pub window_s: f64,
+    /// The window asked for; null: everything since the first packet.
+    pub requested_window_s: Option<f64>,
+    /// The longest window a report can cover, and its step.
+    pub max_window_s: f64,
+    pub slot_s: f64,
+    /// The newest packet time seen (seconds since the epoch).
+    pub latest: Option<f64>,
     pub nodes: Vec<Node>,
     pub edges: Vec<EdgeReport>,
 }
 
 impl Graph {
-    pub fn new(window_s: Option<f64>, max_edges: usize) -> Graph {
+    pub fn new(cfg: &GraphConfig) -> Graph {
+        let slot_s = cfg.slot_s.max(0.001);
+        let window_s = cfg.window_s.max(slot_s);
         Graph {
-            window_ns: window_s.map(|w| (w.max(1.0) * 1e9) as u64),
+            slot_ns: (slot_s * 1e9) as u64,
+            slots: (window_s / slot_s).ceil() as u64,
+            window_s,
             graph: DiGraph::new(),
             nodes: Default::default(),
             edges: HashMap::default(),
             first: None,
             now: Ts::ZERO,
-            max_edges,
+            max_edges: cfg.max_edges,
             folded: 0,
         }
     }
@@ -213,25 +333,18 @@ impl Graph {
     }
 
     fn slot_index(&self, t: Ts) -> u64 {
-        match self.window_ns {
-            Some(w) => t.0 / (w / SLOTS).max(1),
-            None => 0,
-        }
+        t.0 / self.slot_ns.max(1)
     }
 
-    /// The current slot of an edge, created on first use (None past the edge cap).
-    #[allow(clippy::too_many_arguments)]
+    /// Adds an observation to an edge (created on first use; counted as folded past the
+    /// edge cap).
     fn record(
         &mut self,
-        from: NodeIndex,
-        to: NodeIndex,
-        protocol: &'static str,
-        kind: &'static str,
-        op: &Op,
+        (from, to): (NodeIndex, NodeIndex),
+        (protocol, kind, op): (&'static str, &'static str, &Op),
         t: Ts,
-        failed: bool,
-        latency: Option<f64>,
-        split: Option<[Option<f64>; 3]>,
+        seen: Observed,
+        error: Option<RecentError>,
     ) {
         let key = (from, to, kind, op.clone());
         let e = match self.edges.get(&key) {
@@ -249,6 +362,8 @@ impl Graph {
                         kind,
                         operation: op.text(),
                         slots: VecDeque::new(),
+                        total: Slot::default(),
+                        recent_errors: VecDeque::new(),
                     },
                 );
                 self.edges.insert(key, e);
@@ -256,27 +371,37 @@ impl Graph {
             }
         };
         let index = self.slot_index(t);
+        let kept = self.slots;
         let stats = &mut self.graph[e];
         if stats.slots.back().is_none_or(|s| s.index < index) {
             stats.slots.push_back(Slot {
                 index,
                 ..Slot::default()
             });
-            while stats.slots.len() as u64 > SLOTS {
-                stats.slots.pop_front();
+        }
+        while stats.slots.front().is_some_and(|s| s.index + kept <= index) {
+            stats.slots.pop_front();
+        }
+        if let Some(err) = error {
+            if stats.recent_errors.len() >= RECENT_ERRORS {
+                stats.recent_errors.pop_front();
             }
+            stats.recent_errors.push_back(err);
         }
-        let slot = stats.slots.back_mut().expect("pushed");
-        slot.requests += 1;
-        slot.errors += failed as u64;
-        if let Some(v) = latency {
-            slot.latency.observe(v);
-        }
-        if let Some(parts) = split {
-            let sk = slot.split.get_or_insert_with(Default::default);
-            for (s, v) in sk.iter_mut().zip(parts) {
-                if let Some(v) = v {
-                    s.observe(v);
+        // a packet stamped before the newest slot (clock regression) counts in the newest
+        for slot in [stats.slots.back_mut().expect("pushed"), &mut stats.total] {
+            slot.requests += 1;
+            slot.errors += seen.failed as u64;
+            slot.timeouts += seen.timed_out as u64;
+            if let Some(v) = seen.latency {
+                slot.latency.observe(v);
+            }
+            if let Some(parts) = seen.split {
+                let sk = slot.split.get_or_insert_with(Default::default);
+                for (s, v) in sk.iter_mut().zip(parts) {
+                    if let Some(v) = v {
+                        s.observe(v);
+                    }
                 }
             }
         }
@@ -300,6 +425,7 @@ impl Graph {
         let now = Ts::from_secs_f64(now);
         self.now = self.now.max(now);
         self.first.get_or_insert(now);
+        let error = recent_error(ev, now.as_secs_f64());
         match ev {
             Event::Http(e) => {
                 let client = http_client(e);
@@ -311,18 +437,13 @@ impl Graph {
                 let from = self.node(kind, client);
                 let to = self.node(NodeKind::Service, http_server(e));
                 let op = Op::Http(e.method, e.route.clone());
-                let failed = e.status.is_none_or(|s| s >= 500);
-                self.record(
-                    from,
-                    to,
-                    "http",
-                    "http",
-                    &op,
-                    now,
-                    failed,
-                    e.duration_s,
-                    None,
-                );
+                let seen = Observed {
+                    failed: e.status.is_none_or(|s| s >= 500),
+                    timed_out: e.outcome == HttpOutcome::NoResponse,
+                    latency: e.duration_s,
+                    split: None,
+                };
+                self.record((from, to), ("http", "http", &op), now, seen, error);
             }
             Event::Rpc(e) => {
                 let from = self.node(NodeKind::Service, name(&e.caller));
@@ -332,74 +453,91 @@ impl Graph {
                 };
                 let q = self.node(qkind, &e.topic);
                 let op = Op::Rpc(e.topic.clone(), e.method.clone());
-                let failed = rpc_failed(e);
                 let call = e.rpc_type == RpcType::Call;
-                let split = call.then(|| [e.queue_wait(), e.server_time(), e.reply_transit()]);
+                let seen = Observed {
+                    failed: rpc_failed(e),
+                    timed_out: e.outcome == Outcome::Timeout,
+                    latency: e.reply_wait(),
+                    split: call.then(|| [e.queue_wait(), e.server_time(), e.reply_transit()]),
+                };
                 let kind = e.rpc_type.as_str();
-                self.record(
-                    from,
-                    q,
-                    "rpc",
-                    kind,
-                    &op,
-                    now,
-                    failed,
-                    e.reply_wait(),
-                    split,
-                );
+                // the failure belongs to the caller's edge; the queue → server hop is
+                // where the message went
+                self.record((from, q), ("rpc", kind, &op), now, seen, error);
                 if let Some(callee) = e.callee.as_ref().and_then(|p| p.service.as_deref()) {
                     let to = self.node(NodeKind::Service, callee);
-                    let server = e.server_time();
-                    self.record(q, to, "rpc", "deliver", &op, now, false, server, None);
+                    let seen = Observed {
+                        failed: false,
+                        timed_out: false,
+                        latency: e.server_time(),
+                        split: None,
+                    };
+                    self.record((q, to), ("rpc", "deliver", &op), now, seen, None);
                 }
             }
             _ => {}
         }
     }
 
-    pub fn report(&self) -> GraphReport {
+    /// The graph over the last `window_s` seconds of packet time (rounded to whole slots,
+    /// at most the configured window), or over everything when None.
+    pub fn report(&self, window_s: Option<f64>) -> GraphReport {
         let newest = self.slot_index(self.now);
-        let live = |s: &&Slot| newest.saturating_sub(s.index) < SLOTS;
-        let window_s = match self.window_ns {
-            Some(w) => w as f64 / 1e9,
-            None => self.first.map_or(0.0, |f| self.now.secs_since(f)).max(1e-9),
+        let first = self.first.unwrap_or(self.now);
+        // the oldest slot inside the window, and the packet time the window starts at
+        let (oldest, from) = match window_s {
+            Some(w) => {
+                let n = ((w / self.window_s.max(1e-9)).min(1.0) * self.slots as f64)
+                    .ceil()
+                    .max(1.0) as u64;
+                let oldest = (newest + 1).saturating_sub(n);
+                let start = Ts(oldest.saturating_mul(self.slot_ns)).max(first);
+                (oldest, start)
+            }
+            None => (0, first),
         };
+        let covered = self.now.secs_since(from).max(1e-9);
         let mut edges: Vec<EdgeReport> = self
             .graph
             .edge_indices()
             .filter_map(|e| {
                 let (a, b) = self.graph.edge_endpoints(e)?;
                 let st = &self.graph[e];
-                let (mut requests, mut errors) = (0, 0);
-                let mut latency = Sketch::default();
-                let mut split: Option<[Sketch; 3]> = None;
-                for s in st.slots.iter().filter(live) {
-                    requests += s.requests;
-                    errors += s.errors;
-                    latency.merge(&s.latency);
-                    if let Some(p) = &s.split {
-                        let acc = split.get_or_insert_with(Default::default);
-                        for (x, y) in acc.iter_mut().zip(p.iter()) {
-                            x.merge(y);
+                let mut sum = Slot::default();
+                let slot = match window_s {
+                    None => &st.total,
+                    Some(_) => {
+                        for s in st.slots.iter().filter(|s| s.index >= oldest) {
+                            sum.add(s);
                         }
+                        &sum
                     }
-                }
-                (requests > 0).then(|| EdgeReport {
+                };
+                let since = from.as_secs_f64();
+                (slot.requests > 0).then(|| EdgeReport {
                     source: self.graph[a].id.clone(),
                     target: self.graph[b].id.clone(),
                     protocol: st.protocol,
                     kind: st.kind,
                     operation: st.operation.clone(),
-                    requests,
-                    errors,
-                    error_ratio: errors as f64 / requests as f64,
-                    rate_per_s: requests as f64 / window_s,
-                    latency_s: latency.summary(),
-                    reply_wait_split: split.map(|[q, s, t]| Split {
-                        queue_wait_s: q.summary(),
-                        server_s: s.summary(),
-                        reply_transit_s: t.summary(),
+                    requests: slot.requests,
+                    errors: slot.errors,
+                    timeouts: slot.timeouts,
+                    error_ratio: slot.errors as f64 / slot.requests as f64,
+                    rate_per_s: slot.requests as f64 / covered,
+                    latency_s: slot.latency.summary(),
+                    reply_wait_split: slot.split.as_ref().map(|p| Split {
+                        queue_wait_s: p[0].summary(),
+                        server_s: p[1].summary(),
+                        reply_transit_s: p[2].summary(),
                     }),
+                    recent_errors: st
+                        .recent_errors
+                        .iter()
+                        .rev()
+                        .filter(|r| r.t >= since)
+                        .cloned()
+                        .collect(),
                 })
             })
             .collect();
@@ -412,27 +550,41 @@ impl Graph {
             ))
         });
         // the nodes some edge of the window touches, in id order
-        let used: std::collections::BTreeMap<&str, &Node> = self
-            .graph
-            .edge_indices()
-            .filter(|&e| self.graph[e].slots.iter().any(|s| live(&s)))
-            .filter_map(|e| self.graph.edge_endpoints(e))
-            .flat_map(|(a, b)| [&self.graph[a], &self.graph[b]])
+        let used: std::collections::BTreeMap<&str, &Node> = edges
+            .iter()
+            .flat_map(|e| [e.source.as_str(), e.target.as_str()])
+            .filter_map(|id| self.node_by_id(id))
             .map(|n| (n.id.as_str(), n))
             .collect();
         let nodes = used.into_values().cloned().collect();
         GraphReport {
-            window_s,
+            window_s: covered,
+            requested_window_s: window_s,
+            max_window_s: self.window_s,
+            slot_s: self.slot_ns as f64 / 1e9,
+            latest: self.latest(),
             nodes,
             edges,
         }
+    }
+
+    fn node_by_id(&self, id: &str) -> Option<&Node> {
+        let (kind, name) = id.split_once(':')?;
+        let (k, name) = match kind {
+            "service" => (NodeKind::Service, name),
+            "queue" => (NodeKind::Queue, name),
+            "exchange" => (NodeKind::Exchange, name.strip_suffix("_fanout")?),
+            "client" => (NodeKind::Client, name),
+            _ => return None,
+        };
+        self.nodes[k as usize].get(name).map(|&i| &self.graph[i])
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{HttpOutcome, Process};
+    use crate::event::Process;
     use std::sync::Arc;
 
     fn http(client: &str, service: &str, status: u16, d: f64) -> Event {
@@ -464,7 +616,11 @@ mod tests {
 
     #[test]
     fn edges_count_and_window_slides() {
-        let mut g = Graph::new(Some(60.0), 100);
+        let mut g = Graph::new(&GraphConfig {
+            window_s: 60.0,
+            slot_s: 10.0,
+            max_edges: 100,
+        });
         for i in 0..10 {
             let mut e = http(
                 "nova-compute",
@@ -478,7 +634,7 @@ mod tests {
             }
             g.on_event(&e);
         }
-        let r = g.report();
+        let r = g.report(Some(60.0));
         assert_eq!(r.edges.len(), 1);
         let e = &r.edges[0];
         assert_eq!(
@@ -486,6 +642,12 @@ mod tests {
             ("service:nova-compute", "service:neutron-server")
         );
         assert_eq!((e.requests, e.errors), (10, 3));
+        // the newest failure first, with what the body said
+        assert_eq!(e.recent_errors.len(), 3);
+        assert!((e.recent_errors[0].t - 2.01).abs() < 1e-6);
+        assert_eq!(e.recent_errors[0].error, "HTTP 500");
+        // the last 10 s: the slot of t = 0..10 holds them all
+        assert_eq!(g.report(Some(10.0)).edges[0].requests, 10);
         // two windows later the old slots are gone
         let mut e = http("nova-compute", "neutron", 200, 0.01);
         if let Event::Http(h) = &mut e {
@@ -493,7 +655,14 @@ mod tests {
             h.t_response_end = Some(200.01);
         }
         g.on_event(&e);
-        let r = g.report();
+        let r = g.report(Some(60.0));
         assert_eq!(r.edges[0].requests, 1);
+        assert!(r.edges[0].recent_errors.is_empty(), "older than the window");
+        // more than the kept window: clamped to it
+        assert_eq!(g.report(Some(3600.0)).edges[0].requests, 1);
+        // everything since the start
+        let all = g.report(None);
+        assert_eq!((all.edges[0].requests, all.edges[0].errors), (11, 3));
+        assert!((all.edges[0].rate_per_s - 11.0 / 200.0).abs() < 1e-6);
     }
 }

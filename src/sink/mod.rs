@@ -42,7 +42,8 @@ impl EventWriter {
 pub struct Sinks {
     pub metrics: metrics::Metrics,
     pub summary: summary::Summary,
-    pub graph: graph::Graph,
+    /// Shared with the HTTP API, which reports it over the window asked for.
+    pub graph: std::sync::Arc<std::sync::Mutex<graph::Graph>>,
     /// Shared with the HTTP API (and read by `stacktap rca`).
     pub requests: std::sync::Arc<std::sync::Mutex<requests::Requests>>,
     pub events: Option<EventWriter>,
@@ -59,7 +60,11 @@ impl Sinks {
                     r.add_chain(std::sync::Arc::new((**c).clone()));
                 }
             }
-            Signal::Event(ev) => self.graph.on_event(ev),
+            Signal::Event(ev) => {
+                if let Ok(mut g) = self.graph.lock() {
+                    g.on_event(ev);
+                }
+            }
             Signal::Request(t) => {
                 if let Ok(mut r) = self.requests.lock() {
                     r.add_tree(t.clone());

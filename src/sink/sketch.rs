@@ -7,23 +7,16 @@ const MIN: f64 = 1e-6; // 1 µs
 const GROWTH: f64 = 1.05;
 const BUCKETS: usize = 480; // up to 1e-6 · 1.05^480 ≈ 1.5e4 s
 
-#[derive(Debug, Clone)]
+/// Buckets are kept only over the range observed so far (`base..base + counts.len()`):
+/// one edge's latencies in one time slot span a few dozen buckets, and the graph keeps
+/// many slots per edge.
+#[derive(Debug, Clone, Default)]
 pub struct Sketch {
+    base: usize,
     counts: Vec<u32>,
     pub count: u64,
     pub sum: f64,
     pub max: f64,
-}
-
-impl Default for Sketch {
-    fn default() -> Self {
-        Sketch {
-            counts: vec![0; BUCKETS],
-            count: 0,
-            sum: 0.0,
-            max: 0.0,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -44,7 +37,7 @@ impl Sketch {
         } else {
             ((v / MIN).ln() / GROWTH.ln()).ceil() as usize
         };
-        self.counts[i.min(BUCKETS - 1)] += 1;
+        self.add(i.min(BUCKETS - 1), 1);
         self.count += 1;
         self.sum += v;
         self.max = self.max.max(v);
@@ -52,12 +45,35 @@ impl Sketch {
 
     /// Adds another sketch's observations (for windows made of slots).
     pub fn merge(&mut self, other: &Sketch) {
-        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
-            *a += b;
+        if !other.counts.is_empty() {
+            // widen to the other's range, then add bucket by bucket
+            self.add(other.base, 0);
+            self.add(other.base + other.counts.len() - 1, 0);
+            let at = other.base - self.base;
+            for (a, b) in self.counts[at..].iter_mut().zip(&other.counts) {
+                *a += b;
+            }
         }
         self.count += other.count;
         self.sum += other.sum;
         self.max = self.max.max(other.max);
+    }
+
+    /// Adds `n` to bucket `i`, growing the kept range to include it.
+    fn add(&mut self, i: usize, n: u32) {
+        if self.counts.is_empty() {
+            self.base = i;
+            self.counts.push(n);
+            return;
+        }
+        if i < self.base {
+            let grow = self.base - i;
+            self.counts.splice(0..0, std::iter::repeat_n(0, grow));
+            self.base = i;
+        } else if i >= self.base + self.counts.len() {
+            self.counts.resize(i - self.base + 1, 0);
+        }
+        self.counts[i - self.base] += n;
     }
 
     pub fn quantile(&self, q: f64) -> f64 {
@@ -70,7 +86,7 @@ impl Sketch {
             seen += c as u64;
             if seen >= rank {
                 // upper edge of the bucket, never above the true maximum
-                return (MIN * GROWTH.powi(i as i32)).min(self.max);
+                return (MIN * GROWTH.powi((self.base + i) as i32)).min(self.max);
             }
         }
         self.max
@@ -108,5 +124,29 @@ mod tests {
         assert_eq!(q.max, 1.0);
         s.observe(f64::NAN);
         assert_eq!(s.count, 1000);
+    }
+
+    #[test]
+    fn merged_slots_equal_one_sketch() {
+        let (mut all, mut low, mut high) =
+            (Sketch::default(), Sketch::default(), Sketch::default());
+        for i in 1..=500 {
+            let (a, b) = (i as f64 * 1e-4, i as f64 * 0.1);
+            all.observe(a);
+            all.observe(b);
+            low.observe(a);
+            high.observe(b);
+        }
+        let mut merged = Sketch::default();
+        merged.merge(&high);
+        merged.merge(&Sketch::default());
+        merged.merge(&low);
+        let (m, a) = (merged.summary(), all.summary());
+        assert_eq!(
+            (m.count, m.p50, m.p95, m.p99, m.max),
+            (a.count, a.p50, a.p95, a.p99, a.max)
+        );
+        assert!((m.mean - a.mean).abs() < 1e-9);
+        assert_eq!((merged.base, &merged.counts), (all.base, &all.counts));
     }
 }
