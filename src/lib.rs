@@ -22,6 +22,7 @@ pub mod source;
 pub mod tcp;
 pub mod time;
 pub mod trace;
+pub mod ui;
 
 /// Hash map for tables keyed by wire data: ahash (fast) with random seeds (no hash
 /// flooding from crafted ids). Iteration order is never relied on; output is sorted.

@@ -49,13 +49,13 @@ struct Common {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Replay the bundled sample captures and serve the result
+    /// Serve the graph UI on the bundled failure sample, replayed in a loop
     Demo {
         #[arg(long, default_value = "127.0.0.1:9465")]
         listen: String,
-        /// Pace packets by their timestamps (1 = real time); default: as fast as possible
-        #[arg(long)]
-        speed: Option<f64>,
+        /// Pace of the looping replay (1 = real time)
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
     },
     /// Replay pcap/pcapng files (several are merged in time order)
     Replay {
@@ -103,27 +103,21 @@ enum Cmd {
     },
 }
 
-/// The bundled samples (recorded by sampledata/generator against real oslo.messaging).
-const SAMPLES: &[(&str, &[u8])] = &[
-    ("healthy.pcap", include_bytes!("../sampledata/healthy.pcap")),
-    (
-        "remote_error.pcap",
-        include_bytes!("../sampledata/remote_error.pcap"),
-    ),
-    (
-        "dead_consumer.pcap",
-        include_bytes!("../sampledata/dead_consumer.pcap"),
-    ),
-    (
-        "slow_server.pcap",
-        include_bytes!("../sampledata/slow_server.pcap"),
-    ),
-    ("rest.pcap", include_bytes!("../sampledata/rest.pcap")),
-    (
-        "failures.pcap",
-        include_bytes!("../sampledata/failures.pcap"),
-    ),
-];
+/// The demo's capture: the failure sample (recorded by sampledata/generator against real
+/// oslo.messaging and real WSGI services), with error chains to follow.
+const DEMO_SAMPLE: (&str, &[u8]) = (
+    "failures.pcap",
+    include_bytes!("../sampledata/failures.pcap"),
+);
+
+/// The demo graph's default window: a minute, so that its numbers move as it loops.
+const DEMO_WINDOW_S: f64 = 60.0;
+
+fn demo_files() -> anyhow::Result<MergedFiles> {
+    let (name, bytes) = DEMO_SAMPLE;
+    let file = PcapFile::from_reader(Path::new(name), Box::new(std::io::Cursor::new(bytes)))?;
+    Ok(MergedFiles::new(vec![file])?)
+}
 
 fn load_config(path: &Option<PathBuf>) -> anyhow::Result<Config> {
     match path {
@@ -147,7 +141,7 @@ fn outputs(c: &Common) -> Outputs {
         events_out: c.events_out.clone(),
         metrics_out: c.metrics_out.clone(),
         progress: std::io::stderr().is_terminal(),
-        live: false,
+        graph_window_s: None,
         store: c.store.clone(),
     }
 }
@@ -156,21 +150,22 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
     let stop = run::stop_flag();
     match cli.cmd {
         Cmd::Demo { listen, speed } => {
-            let files = SAMPLES
-                .iter()
-                .map(|(name, bytes)| {
-                    PcapFile::from_reader(Path::new(name), Box::new(std::io::Cursor::new(*bytes)))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
             let out = Outputs {
-                listen: Some(listen),
+                listen: Some(listen.clone()),
+                graph_window_s: Some(DEMO_WINDOW_S),
                 ..Default::default()
             };
             let mut run = Run::new(Config::default(), &out)?;
-            run::replay(&mut MergedFiles::new(files)?, &mut run, speed, &out, &stop)?;
-            print_report(&run.finish(&out)?, false)?;
-            eprintln!("stacktap: demo replayed; serving until Ctrl-C");
-            run::wait_for_stop(&stop);
+            // once at full speed, so that the first picture is complete
+            run::replay(&mut demo_files()?, &mut run, None, &out, &stop)?;
+            run.end_pass();
+            print_report(&run.sinks.report(run.health()), false)?;
+            eprintln!(
+                "stacktap: demo: open http://{listen}/ ({} again and again at {speed}× real \
+                 time; Ctrl-C stops)",
+                DEMO_SAMPLE.0
+            );
+            run::replay_loop(demo_files, &mut run, speed, &stop)?;
         }
         Cmd::Replay {
             files,
@@ -196,7 +191,7 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
         } => {
             let cfg = load_config(&common.config)?;
             let out = Outputs {
-                live: true,
+                graph_window_s: Some(cfg.graph.window_s),
                 ..outputs(&common)
             };
             let mut cap =

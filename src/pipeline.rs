@@ -80,6 +80,23 @@ impl Pipeline {
         self.correlate_and_emit(sink);
     }
 
+    /// Forgets every connection, call and open request, keeping the clock and the health
+    /// counters: the next packets are a new capture. The demo's loop replays one capture
+    /// again and again, and its ids (msg_id, `_unique_id`, request ids) would otherwise
+    /// look like duplicates of the last pass.
+    pub fn restart(&mut self) {
+        let health = std::mem::take(&mut self.health);
+        let clock = self.clock;
+        *self = Pipeline::new(self.cfg.clone());
+        self.health = health;
+        self.clock = clock;
+    }
+
+    /// The packet time reached (the newest packet's, or a live tick's).
+    pub fn clock(&self) -> Ts {
+        self.clock
+    }
+
     /// Live capture with no packet for a while: time still passes (timeouts fire).
     pub fn tick(&mut self, now: Ts, sink: &mut dyn FnMut(&Signal, &Health)) {
         if now > self.clock {

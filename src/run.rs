@@ -25,9 +25,9 @@ pub struct Outputs {
     pub metrics_out: Option<PathBuf>,
     /// Show a progress bar (stderr is a terminal and the input is large).
     pub progress: bool,
-    /// Live capture: the graph's default view is the configured window, not the whole
-    /// input.
-    pub live: bool,
+    /// The window `/api/graph` covers when none is asked for (a live capture: the
+    /// configured graph window); None: everything since the first packet (a replay).
+    pub graph_window_s: Option<f64>,
     /// `--store`: chains and request trees persisted in SQLite.
     pub store: Option<PathBuf>,
 }
@@ -65,8 +65,7 @@ impl Run {
                     registry: metrics.registry.clone(),
                     summary: Arc::new(Mutex::new("{}".into())),
                     graph: graph.clone(),
-                    // live: the configured window; a replay: everything it held
-                    graph_window_s: out.live.then_some(cfg.graph.window_s),
+                    graph_window_s: out.graph_window_s,
                     requests: requests.clone(),
                 };
                 let bound = serve::spawn(addr, shared.clone())?;
@@ -108,7 +107,7 @@ impl Run {
 
     /// Brings health metrics and the served summary up to date (the summary at most once a
     /// second of wall time, unless forced).
-    fn refresh(&mut self, force: bool) {
+    pub fn refresh(&mut self, force: bool) {
         self.sinks.sync(&self.pipeline.health);
         if let Some(shared) = &self.shared
             && (force || self.last_publish.elapsed() >= Duration::from_secs(1))
@@ -131,11 +130,17 @@ impl Run {
         }
     }
 
-    /// End of input: flush everything, write the files, return the summary.
-    pub fn finish(&mut self, out: &Outputs) -> anyhow::Result<Report> {
+    /// The end of one pass over a capture: every connection closed, every open call and
+    /// request reported, as at the end of input; the run goes on with later packets.
+    pub fn end_pass(&mut self) {
         let sinks = &mut self.sinks;
         self.pipeline.finish(&mut |s, _| sinks.on_signal(s));
         self.refresh(true);
+    }
+
+    /// End of input: flush everything, write the files, return the summary.
+    pub fn finish(&mut self, out: &Outputs) -> anyhow::Result<Report> {
+        self.end_pass();
         if let Some(w) = self.sinks.events.as_mut() {
             w.flush()?;
         }
@@ -223,6 +228,50 @@ pub fn replay(
                 "stacktap: warning: {}: file ends in the middle of a packet (truncated capture)",
                 f.path().display()
             );
+        }
+    }
+    Ok(())
+}
+
+/// Replays one capture over and over at `speed` (1 = real time) until stopped, each pass
+/// shifted in time to start a second after the previous one ended, as if the same traffic
+/// happened again: the demo's moving picture. Ids repeat from pass to pass, so each pass
+/// ends like an input does (`end_pass`) before the next begins.
+pub fn replay_loop(
+    open: impl Fn() -> anyhow::Result<MergedFiles>,
+    run: &mut Run,
+    speed: f64,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    let mut pkt = Packet::default();
+    while !stop.load(Ordering::Relaxed) {
+        let mut files = open()?;
+        run.pipeline.restart();
+        let started = Instant::now();
+        let start_at = run.pipeline.clock().0 + 1_000_000_000;
+        let mut first: Option<crate::time::Ts> = None;
+        while files.next_into(&mut pkt)? {
+            let t0 = *first.get_or_insert(pkt.ts);
+            let due = Duration::from_secs_f64(pkt.ts.secs_since(t0) / speed.max(1e-3));
+            // sleep in short steps, so that Ctrl-C is not kept waiting by a quiet stretch
+            loop {
+                let left = due.saturating_sub(started.elapsed());
+                if left.is_zero() {
+                    break;
+                }
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                std::thread::sleep(left.min(Duration::from_millis(200)));
+            }
+            pkt.ts = crate::time::Ts(start_at + pkt.ts.0.saturating_sub(t0.0));
+            run.packet(&pkt);
+            // paced packets are few: publish by the wall clock, not every 4096 packets
+            run.refresh(false);
+        }
+        run.end_pass();
+        if first.is_none() {
+            anyhow::bail!("the capture to loop has no packets");
         }
     }
     Ok(())

@@ -1,5 +1,5 @@
-//! The HTTP listener: `/metrics` for Prometheus, `/api/summary`, `/api/graph`,
-//! `/api/chains`, `/api/requests/{id}`, `/healthz`.
+//! The HTTP listener: the graph UI at `/`, `/metrics` for Prometheus, `/api/summary`,
+//! `/api/graph`, `/api/chains`, `/api/requests/{id}`, `/healthz`.
 
 use crate::sink::graph::Graph;
 use crate::sink::metrics::Metrics;
@@ -100,8 +100,23 @@ async fn summary(State(s): State<Shared>) -> impl IntoResponse {
 }
 
 pub fn router(shared: Shared) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
+    let mut r = Router::new();
+    for a in crate::ui::ASSETS {
+        r = r.route(
+            a.path,
+            get(|| async {
+                (
+                    [
+                        (header::CONTENT_TYPE, a.content_type),
+                        // the files change with the binary, not while it runs
+                        (header::CACHE_CONTROL, "no-cache"),
+                    ],
+                    a.body,
+                )
+            }),
+        );
+    }
+    r.route("/metrics", get(metrics))
         .route("/api/summary", get(summary))
         .route("/api/graph", get(graph))
         .route("/api/chains", get(chains))

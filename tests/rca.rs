@@ -136,6 +136,33 @@ fn a_running_stacktap_serves_chains_trees_and_the_graph() {
     let (status, body) = http_get(port, "/api/graph").unwrap();
     assert_eq!(status, 200);
     let graph: Value = serde_json::from_str(&body).unwrap();
+    // a window: the last 2 s of the capture hold fewer requests than all of it
+    let (status, body) = http_get(port, "/api/graph?window=2").unwrap();
+    assert_eq!(status, 200);
+    let recent: Value = serde_json::from_str(&body).unwrap();
+    let total = |g: &Value| -> u64 {
+        g["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["requests"].as_u64().unwrap())
+            .sum()
+    };
+    assert!(
+        total(&recent) > 0 && total(&recent) < total(&graph),
+        "{}",
+        recent["window_s"]
+    );
+    assert_eq!(recent["requested_window_s"], 2.0);
+    assert_eq!(http_get(port, "/api/graph?window=soon").unwrap().0, 400);
+    // the UI, with its scripts, from the same listener
+    let (status, page) = http_get(port, "/").unwrap();
+    assert!(
+        status == 200 && page.contains("<title>stacktap"),
+        "{status}"
+    );
+    let (status, js) = http_get(port, "/ui/vendor/cytoscape.min.js").unwrap();
+    assert!(status == 200 && js.len() > 100_000, "{status} {}", js.len());
     drop(server);
     let truth = read_truth(&repo().join("sampledata/failures.truth.jsonl"));
     let mut want: BTreeMap<String, u64> = BTreeMap::new();

@@ -23,6 +23,13 @@ const GENERIC_ARGV0: &[&str] = &[
 ];
 
 /// A label-safe, bounded product name: the part of a token before `/`.
+/// An OpenStack client library or the SDK: what a user's script or CLI calls through.
+pub fn is_client_library(product: &str) -> bool {
+    product == "openstacksdk"
+        || product == "keystoneauth1"
+        || (product.starts_with("python-") && product.ends_with("client"))
+}
+
 fn product(token: &str) -> Option<String> {
     let name = token.split('/').next().unwrap_or("");
     let ok = !name.is_empty()
@@ -59,10 +66,7 @@ pub fn classify(user_agent: &str) -> Agent {
     let Some(p) = product(first) else {
         return Agent::Other;
     };
-    let library = p == "openstacksdk"
-        || p == "keystoneauth1"
-        || (p.starts_with("python-") && p.ends_with("client"));
-    if library {
+    if is_client_library(&p) {
         Agent::ClientLibrary(p)
     } else {
         Agent::Other

@@ -429,7 +429,11 @@ impl Graph {
         match ev {
             Event::Http(e) => {
                 let client = http_client(e);
-                let kind = if client == "external" || e.client.service.is_none() {
+                // users: nothing named them, or they called through a client library
+                let kind = if client == "external"
+                    || e.client.service.is_none()
+                    || crate::openstack::agent::is_client_library(client)
+                {
                     NodeKind::Client
                 } else {
                     NodeKind::Service

@@ -1,0 +1,580 @@
+// stacktap's graph UI: the call graph from /api/graph, the ranked root causes from
+// /api/chains and one request's tree from /api/requests/{id}. Plain browser JS: the only
+// third-party code is cytoscape.js and its dagre layout, served by the binary.
+"use strict";
+
+const REFRESH_MS = 2000;
+const WINDOWS = [[60, "1 min"], [300, "5 min"], [900, "15 min"], [3600, "1 h"]];
+const RED = "#d62728", AMBER = "#ff9f1a", GREEN = "#2ca02c", GREY = "#9aa3b5";
+
+const state = {
+  window: null,        // seconds, "all", or null: the server's default
+  graph: null,         // the latest /api/graph report
+  chains: null,        // the latest /api/chains answer
+  group: false,        // collapse services into projects
+  focus: null,         // node id shown with its k-hop neighbourhood
+  hops: 2,
+  selected: null,      // {kind: "node"|"edge", id}
+  chain: null,         // {key, requestId, tree}
+  structure: "",       // ids of the drawn elements: a change means a new layout
+  lastOk: 0,
+};
+
+// ---------- formatting (every string from the wire goes through esc) ----------
+
+function esc(s) {
+  return String(s ?? "").replace(/[&<>"']/g, (c) => ({
+    "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;",
+  })[c]);
+}
+function secs(v) {
+  if (v == null || !isFinite(v) || v <= 0) return "–";
+  if (v < 1e-3) return (v * 1e6).toFixed(0) + " µs";
+  if (v < 1) return (v * 1e3).toFixed(v < 0.01 ? 1 : 0) + " ms";
+  return v.toFixed(v < 10 ? 2 : 1) + " s";
+}
+function rate(v) {
+  if (!v) return "0/s";
+  if (v >= 100) return v.toFixed(0) + "/s";
+  if (v >= 1) return v.toFixed(1) + "/s";
+  return v.toFixed(2) + "/s";
+}
+function pct(errors, requests) {
+  if (!requests) return "–";
+  const p = (100 * errors) / requests;
+  return (p === 0 ? "0" : p < 1 ? p.toFixed(1) : p.toFixed(0)) + " %";
+}
+function when(t) {
+  return new Date(t * 1000).toISOString().replace("T", " ").slice(0, 23) + "Z";
+}
+function health(s) {
+  if (!s || !s.requests) return GREY;
+  if (s.timeouts > 0 || s.errors / s.requests >= 0.05) return RED;
+  if (s.errors > 0) return AMBER;
+  return GREEN;
+}
+function cls(s) {
+  const h = health(s);
+  return h === RED ? "bad" : h === AMBER ? "warn" : "";
+}
+
+// ---------- the model: report edges folded into what is drawn ----------
+
+// A client library or "external" is a user; services and queues keep their kind.
+function project(node) {
+  if (node.kind === "client") return "client:users";
+  if (node.kind !== "service") return null; // queues follow their consumers, below
+  return "project:" + node.name.split("-")[0];
+}
+
+/// Maps every report node to the node drawn for it (itself, or its project when grouped).
+function drawnIds(report) {
+  const map = new Map();
+  for (const n of report.nodes) map.set(n.id, n.id);
+  if (!state.group) return map;
+  const byId = new Map(report.nodes.map((n) => [n.id, n]));
+  for (const n of report.nodes) {
+    const p = project(n);
+    if (p) map.set(n.id, p);
+  }
+  // a queue or exchange joins its consumers' project when they all share one
+  for (const n of report.nodes) {
+    if (n.kind !== "queue" && n.kind !== "exchange") continue;
+    const owners = new Set(report.edges
+      .filter((e) => e.source === n.id && e.type === "deliver")
+      .map((e) => project(byId.get(e.target))));
+    if (owners.size === 1) {
+      const [p] = owners;
+      if (p) map.set(n.id, p);
+    }
+  }
+  return map;
+}
+
+function sum(ops) {
+  const s = { requests: 0, errors: 0, timeouts: 0, rate: 0, p99: 0 };
+  for (const e of ops) {
+    s.requests += e.requests;
+    s.errors += e.errors;
+    s.timeouts += e.timeouts;
+    s.rate += e.rate_per_s;
+    if (e.latency_s && e.latency_s.count) s.p99 = Math.max(s.p99, e.latency_s.p99);
+  }
+  return s;
+}
+
+/// The drawn nodes and edges: report edges grouped by (drawn source, drawn target,
+/// protocol); each drawn edge keeps its operations for the side panel.
+function model(report) {
+  const drawn = drawnIds(report);
+  const nodes = new Map();
+  for (const n of report.nodes) {
+    const id = drawn.get(n.id);
+    if (!nodes.has(id)) {
+      const grouped = id !== n.id;
+      nodes.set(id, {
+        id,
+        kind: grouped ? (id.startsWith("client:") ? "client" : "service") : n.kind,
+        name: grouped ? (id.startsWith("client:") ? "users" : id.slice(8) + " (all)") : n.name,
+        members: [],
+      });
+    }
+    nodes.get(id).members.push(n);
+  }
+  const edges = new Map();
+  for (const e of report.edges) {
+    const s = drawn.get(e.source), t = drawn.get(e.target);
+    if (s === t) continue; // inside a group
+    const style = e.protocol === "http" ? "rest" : e.type === "call" ? "call"
+      : e.type === "deliver" ? "deliver" : "cast";
+    const id = `${s}->${t}|${style}`;
+    if (!edges.has(id)) edges.set(id, { id, source: s, target: t, style, ops: [] });
+    edges.get(id).ops.push(e);
+  }
+  // a node's health: what it was asked to do (a service fed by queues: the calls on them)
+  for (const n of nodes.values()) {
+    const inbound = [];
+    for (const e of edges.values()) {
+      if (e.target !== n.id) continue;
+      for (const op of e.ops) inbound.push(...(op.type === "deliver" ? callsFor(report, op) : [op]));
+    }
+    n.stats = sum(inbound);
+  }
+  return { nodes, edges, drawn };
+}
+
+/// The caller → queue edges that carry the calls a queue → server edge delivered.
+function callsFor(report, deliver) {
+  return report.edges.filter((e) => e.target === deliver.source && e.operation === deliver.operation && e.type !== "deliver");
+}
+
+// ---------- focus: a k-hop neighbourhood ----------
+
+function neighbourhood(m, center, k) {
+  const keep = new Set([center]);
+  let frontier = [center];
+  for (let i = 0; i < k; i++) {
+    const next = [];
+    for (const e of m.edges.values()) {
+      for (const [a, b] of [[e.source, e.target], [e.target, e.source]]) {
+        if (frontier.includes(a) && !keep.has(b)) { keep.add(b); next.push(b); }
+      }
+    }
+    frontier = next;
+  }
+  return keep;
+}
+
+// ---------- drawing ----------
+
+const cy = cytoscape({
+  container: document.getElementById("graph"),
+  wheelSensitivity: 0.3,
+  minZoom: 0.05,
+  maxZoom: 4,
+  style: [
+    { selector: "node", style: {
+      "label": "data(label)", "text-valign": "center", "text-halign": "center",
+      "font-size": 15, "min-zoomed-font-size": 5, "text-wrap": "wrap", "text-max-width": 170,
+      "background-color": "#fff", "border-width": 3, "border-color": "data(color)",
+      "width": "label", "height": "label", "padding": 7, "shape": "round-rectangle", "color": "#1d2330" } },
+    { selector: "node[kind = 'client']", style: { "shape": "ellipse", "background-color": "#f3f5fa", "padding": 14 } },
+    { selector: "node[kind = 'queue']", style: { "shape": "barrel", "background-color": "#eef1f6", "font-size": 13 } },
+    { selector: "node[kind = 'exchange']", style: { "shape": "diamond", "background-color": "#eef1f6", "font-size": 12, "padding": 20 } },
+    { selector: "edge", style: {
+      "curve-style": "bezier", "target-arrow-shape": "triangle", "arrow-scale": 1.1,
+      "width": "data(width)", "line-color": "data(color)", "target-arrow-color": "data(color)",
+      "label": "data(label)", "font-size": 13, "min-zoomed-font-size": 6, "color": "#333c50",
+      "text-background-color": "#fff", "text-background-opacity": 0.85, "text-background-padding": 2,
+      "text-rotation": "none", "edge-text-rotation": "none" } },
+    { selector: "edge[style = 'call']", style: { "line-style": "dashed", "line-dash-pattern": [7, 4] } },
+    { selector: "edge[style = 'cast']", style: { "line-style": "dotted" } },
+    { selector: "edge[style = 'deliver']", style: { "line-style": "dashed", "line-dash-pattern": [3, 3], "target-arrow-shape": "vee" } },
+    { selector: ":selected", style: { "overlay-color": "#2456b8", "overlay-opacity": 0.15, "overlay-padding": 6 } },
+    { selector: ".faded", style: { "opacity": 0.18 } },
+    { selector: "edge.path", style: { "width": 6, "line-color": RED, "target-arrow-color": RED, "opacity": 1, "z-index": 10 } },
+    { selector: "node.path", style: { "border-width": 5, "border-color": RED, "opacity": 1, "background-color": "#fff0ed" } },
+    { selector: "node.root-cause", style: { "background-color": RED, "color": "#fff", "border-color": "#7f0f0f", "border-width": 6 } },
+  ],
+  layout: { name: "preset" },
+});
+
+function nodeLabel(n) {
+  const s = n.stats;
+  if (n.kind === "client" || !s.requests) return n.name;
+  const parts = [rate(s.rate)];
+  if (s.errors) parts.push(pct(s.errors, s.requests) + " err");
+  return `${n.name}\n${parts.join(" · ")}`;
+}
+function edgeLabel(e, s) {
+  const parts = [rate(s.rate)];
+  if (e.style !== "deliver") parts.push(pct(s.errors, s.requests));
+  if (s.p99) parts.push("p99 " + secs(s.p99));
+  if (s.timeouts) parts.push(`${s.timeouts} timeout${s.timeouts > 1 ? "s" : ""}`);
+  return parts.join(" · ");
+}
+
+function draw() {
+  const report = state.graph;
+  if (!report) return;
+  const m = model(report);
+  state.model = m;
+  let visible = null;
+  if (state.focus && m.nodes.has(state.focus)) visible = neighbourhood(m, state.focus, state.hops);
+  const nodes = [...m.nodes.values()].filter((n) => !visible || visible.has(n.id));
+  const edges = [...m.edges.values()].filter((e) => !visible || (visible.has(e.source) && visible.has(e.target)));
+  const structure = nodes.map((n) => n.id).sort().join(",") + "|" + edges.map((e) => e.id).sort().join(",");
+  const maxRate = Math.max(1e-9, ...edges.map((e) => sum(e.ops).rate));
+  const data = (e) => {
+    const s = sum(e.ops);
+    return { color: health(s), label: edgeLabel(e, s), width: 1.5 + 4 * Math.sqrt(s.rate / maxRate) };
+  };
+  if (structure === state.structure) {
+    // numbers only: update in place, nothing moves
+    for (const n of nodes) cy.getElementById(n.id).data({ label: nodeLabel(n), color: health(n.stats) });
+    for (const e of edges) cy.getElementById(e.id).data(data(e));
+  } else {
+    state.structure = structure;
+    cy.batch(() => {
+      cy.elements().remove();
+      cy.add(nodes.map((n) => ({ group: "nodes", data: { id: n.id, kind: n.kind, label: nodeLabel(n), color: health(n.stats) } })));
+      cy.add(edges.map((e) => ({ group: "edges", data: { id: e.id, source: e.source, target: e.target, style: e.style, ...data(e) } })));
+    });
+    cy.layout({ name: "dagre", rankDir: "LR", nodeSep: 40, rankSep: 50, edgeSep: 10, animate: false, fit: true, padding: 20 }).run();
+    const names = document.getElementById("names");
+    names.replaceChildren(...nodes.map((n) => Object.assign(document.createElement("option"), { value: n.name })));
+  }
+  if (state.chain) highlight(state.chain.tree);
+  if (state.selected) {
+    const el = cy.getElementById(state.selected.id);
+    if (el.nonempty()) showElement(state.selected);
+  }
+}
+
+// ---------- the side panel ----------
+
+function panel(html) {
+  document.getElementById("panel-body").innerHTML = html;
+}
+
+function opsTable(ops, report, showCaller) {
+  const rows = ops.slice().sort((a, b) => b.requests - a.requests).slice(0, 15).map((op) => {
+    const calls = op.type === "deliver" ? callsFor(report, op) : [op];
+    const s = sum(calls);
+    const lat = op.latency_s && op.latency_s.count ? op.latency_s : null;
+    const split = calls.find((c) => c.reply_wait_split)?.reply_wait_split;
+    const caller = showCaller ? `<div class="meta">from ${esc(calls.map((c) => c.source.replace(/^\w+:/, "")).join(", "))}</div>` : "";
+    const splitRow = split ? `<tr><td colspan="6" class="meta">reply wait p99 split: queue ${secs(split.queue_wait_s.p99)} · server ${secs(split.server_s.p99)} · transit ${secs(split.reply_transit_s.p99)} <span class="meta">(p50: ${secs(split.queue_wait_s.p50)} · ${secs(split.server_s.p50)} · ${secs(split.reply_transit_s.p50)})</span></td></tr>` : "";
+    return `<tr><td class="op">${esc(op.operation)} <span class="meta">${esc(op.type)}</span>${caller}</td>
+      <td class="num">${rate(s.rate)}</td><td class="num ${cls(s)}">${pct(s.errors, s.requests)}</td>
+      <td class="num ${s.timeouts ? "bad" : ""}">${s.timeouts}</td>
+      <td class="num">${lat ? secs(lat.p50) : "–"}</td><td class="num">${lat ? secs(lat.p99) : "–"}</td></tr>${splitRow}`;
+  });
+  if (!rows.length) return `<p class="hint">none in this window</p>`;
+  return `<table><thead><tr><th>operation</th><th class="num">rate</th><th class="num">err</th><th class="num">t/o</th><th class="num">p50</th><th class="num">p99</th></tr></thead><tbody>${rows.join("")}</tbody></table>`;
+}
+
+function errorsList(ops) {
+  const errs = ops.flatMap((op) => (op.recent_errors || []).map((r) => ({ ...r, op: op.operation })));
+  errs.sort((a, b) => b.t - a.t);
+  if (!errs.length) return `<p class="hint">no failures in this window</p>`;
+  return `<ul class="errors">${errs.slice(0, 10).map((r) => `<li><span class="bad">${esc(r.error)}</span> on ${esc(r.op)}
+    ${r.message ? `<div>${esc(r.message)}</div>` : ""}
+    <div class="when">${when(r.t)}${r.request_id ? ` · <a class="req" data-req="${esc(r.request_id)}">${esc(r.request_id)}</a>` : ""}</div></li>`).join("")}</ul>`;
+}
+
+function showElement(sel) {
+  const m = state.model, report = state.graph;
+  if (sel.kind === "node") {
+    const n = m.nodes.get(sel.id);
+    if (!n) return;
+    const inbound = [...m.edges.values()].filter((e) => e.target === n.id).flatMap((e) => e.ops);
+    const outbound = [...m.edges.values()].filter((e) => e.source === n.id).flatMap((e) => e.ops);
+    const failing = inbound.flatMap((op) => op.type === "deliver" ? callsFor(report, op) : [op]);
+    const members = n.members.length > 1 ? `<p class="meta">${esc(n.members.map((x) => x.name).join(", "))}</p>` : "";
+    const kinds = { service: "service", queue: "RPC queue (topic)", exchange: "fanout exchange", client: "user / client" };
+    panel(`<h2>${esc(n.name)} <small>${kinds[n.kind] || esc(n.kind)}</small></h2>${members}
+      <dl class="kv"><dt>handled</dt><dd>${rate(n.stats.rate)} · ${n.stats.requests} requests</dd>
+      <dt>errors</dt><dd class="${cls(n.stats)}">${n.stats.errors} (${pct(n.stats.errors, n.stats.requests)})</dd>
+      <dt>timeouts</dt><dd class="${n.stats.timeouts ? "bad" : ""}">${n.stats.timeouts}</dd></dl>
+      <p><button id="focus-here">focus on its neighbourhood</button></p>
+      <h3>What it is asked to do (top routes and methods)</h3>${opsTable(inbound, report, true)}
+      <h3>What it calls</h3>${opsTable(outbound, report, false)}
+      <h3>Recent errors</h3>${errorsList(failing)}`);
+    document.getElementById("focus-here").onclick = () => setFocus(n.id);
+  } else {
+    const e = m.edges.get(sel.id);
+    if (!e) return;
+    const name = (id) => m.nodes.get(id)?.name ?? id;
+    const kinds = { rest: "REST", call: "RPC calls", cast: "RPC casts / fanouts", deliver: "RPC deliveries" };
+    const calls = e.ops.flatMap((op) => op.type === "deliver" ? callsFor(report, op) : [op]);
+    const s = sum(calls);
+    panel(`<h2>${esc(name(e.source))} → ${esc(name(e.target))} <small>${kinds[e.style]}</small></h2>
+      <dl class="kv"><dt>rate</dt><dd>${rate(sum(e.ops).rate)} · ${sum(e.ops).requests} requests</dd>
+      <dt>errors</dt><dd class="${cls(s)}">${s.errors} (${pct(s.errors, s.requests)})</dd>
+      <dt>timeouts</dt><dd class="${s.timeouts ? "bad" : ""}">${s.timeouts}</dd></dl>
+      <h3>Operations</h3>${opsTable(e.ops, report, false)}
+      <h3>Recent errors</h3>${errorsList(calls)}`);
+  }
+}
+
+cy.on("tap", "node, edge", (ev) => {
+  state.selected = { kind: ev.target.isNode() ? "node" : "edge", id: ev.target.id() };
+  showElement(state.selected);
+});
+cy.on("dbltap", "node", (ev) => setFocus(ev.target.id()));
+cy.on("tap", (ev) => {
+  if (ev.target === cy) clearChain();
+});
+document.getElementById("panel").addEventListener("click", (ev) => {
+  const a = ev.target.closest("a.req");
+  if (a) openRequest(a.dataset.req, null);
+});
+
+// ---------- chains: root causes ranked, one request's path ----------
+
+function rootKey(r) {
+  return `${r.service}|${r.operation}|${r.error}`;
+}
+
+function renderRoots() {
+  const ol = document.getElementById("roots");
+  const rca = state.chains?.rca;
+  const roots = rca?.roots || [];
+  document.getElementById("chains-count").textContent = rca
+    ? `${rca.failed_requests} failing request${rca.failed_requests === 1 ? "" : "s"}${rca.masked_failures ? `, ${rca.masked_failures} masked by retries` : ""}`
+    : "";
+  if (!roots.length) {
+    ol.innerHTML = `<li class="empty" style="border-left-color:${GREEN}">No failing user requests in this window.</li>`;
+    return;
+  }
+  ol.innerHTML = roots.map((r, i) => {
+    const seen = Object.entries(r.seen_as || {}).map(([k, v]) => `${v}× ${k}`).join("; ");
+    const key = rootKey(r);
+    return `<li data-i="${i}" class="${state.chain?.key === key ? "selected" : ""}">
+      <span class="count">${r.requests}×</span> <span class="what">${esc(r.service)}</span> ${esc(r.operation)}
+      <div class="bad">${esc(r.error)}</div>
+      ${r.message ? `<div class="msg">${esc(r.message)}</div>` : ""}
+      <div class="seen">seen as ${esc(seen)} · path ${esc((r.path || []).join(" → "))}</div></li>`;
+  }).join("");
+  for (const li of ol.querySelectorAll("li[data-i]")) {
+    li.onclick = () => {
+      const r = roots[Number(li.dataset.i)];
+      openRequest(r.example_request_id, rootKey(r));
+    };
+  }
+}
+
+async function openRequest(id, key) {
+  const res = await fetch(`/api/requests/${encodeURIComponent(id)}`);
+  if (!res.ok) {
+    panel(`<h2>Request ${esc(id)}</h2><p class="hint">Not kept any more (the request store is bounded).</p>`);
+    return;
+  }
+  const tree = await res.json();
+  state.chain = { key, requestId: id, tree };
+  state.selected = null;
+  renderRoots();
+  highlight(tree);
+  showTree(tree);
+}
+
+function clearChain() {
+  state.chain = null;
+  cy.elements().removeClass("faded path root-cause");
+  renderRoots();
+}
+
+/// The spans from the request's first one down to the one blamed.
+function pathOf(tree) {
+  const path = [];
+  let i = tree.root_cause ?? (tree.failed || [])[0];
+  while (i != null && path.length <= tree.spans.length) {
+    path.unshift(i);
+    i = tree.spans[i].parent;
+  }
+  return path;
+}
+
+/// The drawn node for a name in a span (a process, a client library, a queue).
+function nodeFor(name, drawn) {
+  if (!name) return drawn.get("client:external");
+  for (const id of [name, `service:${name}`, `client:${name}`, `queue:${name}`, `exchange:${name}`]) {
+    if (drawn.has(id)) return drawn.get(id);
+  }
+  return null;
+}
+
+/// The graph elements one span crossed: caller → server (REST), caller → queue → server (RPC).
+function elementsOf(span, report, drawn) {
+  const out = { nodes: [], edges: [] };
+  const from = nodeFor(span.caller || "external", drawn);
+  if (span.kind === "http") {
+    const to = nodeFor(span.handler, drawn);
+    for (const e of report.edges) {
+      if (e.protocol === "http" && e.operation === span.operation && drawn.get(e.target) === to && (!from || drawn.get(e.source) === from)) {
+        out.edges.push(e);
+      }
+    }
+    out.nodes.push(from, to);
+  } else {
+    // RPC: topic.method; the queue is named by the topic (the server's own queue folds in)
+    const calls = report.edges.filter((e) => e.protocol === "rpc" && e.type !== "deliver" && e.operation === span.operation && (!from || drawn.get(e.source) === from));
+    for (const c of calls) {
+      out.edges.push(c);
+      out.nodes.push(drawn.get(c.source), drawn.get(c.target));
+      const to = span.handler && !span.handler.startsWith("queue:") ? nodeFor(span.handler, drawn) : null;
+      for (const d of report.edges) {
+        if (d.type === "deliver" && d.source === c.target && d.operation === span.operation && (!to || drawn.get(d.target) === to)) {
+          out.edges.push(d);
+          out.nodes.push(drawn.get(d.target));
+        }
+      }
+    }
+    if (!calls.length) out.nodes.push(from);
+  }
+  out.nodes = out.nodes.filter(Boolean);
+  return out;
+}
+
+function highlight(tree) {
+  const report = state.graph, m = state.model;
+  if (!report || !m) return;
+  cy.elements().removeClass("faded path root-cause");
+  const pathNodes = new Set(), pathEdges = new Set();
+  let rootNodes = [];
+  for (const i of pathOf(tree)) {
+    const got = elementsOf(tree.spans[i], report, m.drawn);
+    for (const e of got.edges) {
+      const s = m.drawn.get(e.source), t = m.drawn.get(e.target);
+      for (const de of m.edges.values()) {
+        if (de.source === s && de.target === t && de.ops.includes(e)) pathEdges.add(de.id);
+      }
+      pathNodes.add(s);
+      pathNodes.add(t);
+    }
+    for (const n of got.nodes) pathNodes.add(n);
+    if (i === tree.root_cause) {
+      // the blamed hop's far end: the server, or the queue nobody answered on
+      rootNodes = got.edges.length ? [m.drawn.get(got.edges[got.edges.length - 1].target)] : got.nodes.slice(-1);
+    }
+  }
+  const found = cy.collection();
+  for (const id of [...pathNodes, ...pathEdges]) found.merge(cy.getElementById(id));
+  if (found.empty()) return;
+  // zoom to the path once, when it is picked (not on every refresh)
+  if (state.chain && !state.chain.zoomed) {
+    state.chain.zoomed = true;
+    cy.animate({ fit: { eles: found, padding: 40 }, duration: 250 });
+  }
+  cy.elements().not(found).addClass("faded");
+  found.addClass("path");
+  for (const id of rootNodes) cy.getElementById(id).addClass("root-cause");
+  state.highlighted = { nodes: [...pathNodes], edges: [...pathEdges], root: rootNodes };
+}
+
+function showTree(tree) {
+  const onPath = new Set(pathOf(tree));
+  const failed = new Set(tree.failed || []), masked = new Set(tree.masked || []);
+  const children = new Map();
+  tree.spans.forEach((s, i) => {
+    const p = s.parent ?? -1;
+    if (!children.has(p)) children.set(p, []);
+    children.get(p).push(i);
+  });
+  const item = (i) => {
+    const s = tree.spans[i];
+    const dur = s.t_end != null ? secs(s.t_end - s.t_start) : "no end seen";
+    const f = s.failure ? `<div class="fail">${esc(s.failure.error)}${s.failure.message ? ": " + esc(s.failure.message) : ""} <span class="meta">(${esc(s.failure.propagation)})</span></div>` : "";
+    const c = ["span", onPath.has(i) ? "onpath" : "", failed.has(i) ? "failed" : "", masked.has(i) ? "masked" : ""].join(" ");
+    const kids = children.get(i) || [];
+    return `<li><div class="${c}"><span class="op">${esc(s.operation)}</span>${i === tree.root_cause ? `<span class="root-cause">root cause</span>` : ""}${masked.has(i) ? ` <span class="meta">masked by a retry</span>` : ""}
+      <div class="meta">${esc(s.caller || "?")} → ${esc(s.handler || "?")} · ${esc(s.kind)}${s.status ? " · " + s.status : ""} · ${dur}${s.inferred ? " · parent by time" : ""}</div>${f}</div>
+      ${kids.length ? `<ul>${kids.map(item).join("")}</ul>` : ""}</li>`;
+  };
+  const tops = children.get(-1) || [];
+  const outside = state.highlighted && state.highlighted.nodes.length ? "" : `<p class="hint">Its path is not on the graph in this window; widen the window.</p>`;
+  panel(`<h2>Request <small>${esc(tree.request_id)}</small></h2>
+    <dl class="kv"><dt>symptom</dt><dd class="bad">${esc(tree.symptom || "none")}</dd>
+    <dt>started</dt><dd>${when(tree.t_first)}</dd><dt>spans</dt><dd>${tree.spans.length}</dd></dl>${outside}
+    <p class="hint">The failing path is marked; the root cause is the deepest failure nothing retried away.</p>
+    <ul class="tree">${tops.map(item).join("")}</ul>`);
+}
+
+// ---------- controls ----------
+
+function setFocus(id) {
+  state.focus = id;
+  const n = state.model?.nodes.get(id);
+  document.getElementById("focus-name").textContent = n ? n.name : id;
+  document.getElementById("focus-banner").hidden = false;
+  draw();
+}
+document.getElementById("unfocus").onclick = () => {
+  state.focus = null;
+  document.getElementById("focus-banner").hidden = true;
+  draw();
+};
+document.getElementById("hops").onchange = (ev) => {
+  state.hops = Number(ev.target.value);
+  draw();
+};
+document.getElementById("group").onchange = (ev) => {
+  state.group = ev.target.checked;
+  state.focus = null;
+  document.getElementById("focus-banner").hidden = true;
+  draw();
+};
+document.getElementById("search").onchange = (ev) => {
+  const q = ev.target.value.trim().toLowerCase();
+  const n = [...(state.model?.nodes.values() || [])].find((x) => x.name.toLowerCase() === q)
+    || [...(state.model?.nodes.values() || [])].find((x) => x.name.toLowerCase().includes(q));
+  if (n) setFocus(n.id);
+};
+const windowSelect = document.getElementById("window");
+windowSelect.onchange = () => {
+  state.window = windowSelect.value;
+  refresh();
+};
+
+function fillWindows(report) {
+  if (windowSelect.options.length) return;
+  const opts = WINDOWS.filter(([s]) => s <= report.max_window_s + 1e-9).map(([s, l]) => [String(s), "last " + l]);
+  opts.push(["all", "since start"]);
+  const current = report.requested_window_s == null ? "all" : String(Math.round(report.requested_window_s));
+  if (!opts.some(([v]) => v === current)) opts.unshift([current, `last ${current} s`]);
+  windowSelect.replaceChildren(...opts.map(([v, l]) => Object.assign(document.createElement("option"), { value: v, textContent: l })));
+  windowSelect.value = current;
+  state.window = current;
+}
+
+// ---------- refresh ----------
+
+async function refresh() {
+  const w = state.window;
+  const q = w == null ? "" : `?window=${encodeURIComponent(w)}`;
+  const since = w == null || w === "all" ? "" : `?since=${encodeURIComponent(w)}`;
+  const status = document.getElementById("status");
+  try {
+    const [g, c] = await Promise.all([fetch("/api/graph" + q), fetch("/api/chains" + since)]);
+    if (!g.ok || !c.ok) throw new Error(`HTTP ${g.status}/${c.status}`);
+    state.graph = await g.json();
+    state.chains = await c.json();
+    fillWindows(state.graph);
+    draw();
+    renderRoots();
+    state.lastOk = Date.now();
+    const r = state.graph;
+    status.className = "status";
+    status.textContent = `${r.nodes.length} nodes · ${r.edges.length} edges · ${r.window_s.toFixed(0)} s of traffic` +
+      (r.latest ? ` · newest packet ${when(r.latest)}` : "");
+    document.body.dataset.ready = "1";
+  } catch (e) {
+    status.className = "status stale";
+    status.textContent = `cannot reach stacktap (${e.message}); showing data from ${state.lastOk ? new Date(state.lastOk).toLocaleTimeString() : "never"}`;
+  }
+}
+
+refresh();
+setInterval(refresh, REFRESH_MS);
+window.stacktap = { cy, state };

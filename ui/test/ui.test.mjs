@@ -1,0 +1,156 @@
+// Drives stacktap's graph UI in real headless Chromium (Debian's, through playwright-core)
+// against a running stacktap. Called by tests/ui.rs, which starts `stacktap demo` and
+// passes what the sample's processes recorded:
+//
+//   node ui/test/ui.test.mjs BASE_URL EXPECTED_JSON ARTIFACT_DIR
+//
+// EXPECTED_JSON: {nodes: [ids], edges: [[source, target]], roots: [{service, error, node}]}.
+// Exits non-zero with the failed checks listed; screenshots go to ARTIFACT_DIR.
+import { chromium } from "playwright-core";
+import { readFileSync, mkdirSync } from "node:fs";
+import path from "node:path";
+
+const [base, expectedPath, artifacts] = process.argv.slice(2);
+const expected = JSON.parse(readFileSync(expectedPath, "utf8"));
+mkdirSync(artifacts, { recursive: true });
+const executablePath = process.env.CHROMIUM || "/usr/bin/chromium";
+
+const failures = [];
+function check(ok, what) {
+  console.log(`${ok ? "ok  " : "FAIL"} ${what}`);
+  if (!ok) failures.push(what);
+}
+
+const browser = await chromium.launch({
+  executablePath,
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync"],
+});
+try {
+  const page = await browser.newPage({ viewport: { width: 1920, height: 1080 } });
+  const consoleErrors = [];
+  page.on("pageerror", (e) => consoleErrors.push(String(e)));
+  page.on("console", (m) => { if (m.type() === "error") consoleErrors.push(m.text()); });
+  // the page must work offline: every request it makes goes to stacktap itself
+  const foreign = [];
+  page.on("request", (r) => { if (!r.url().startsWith(base)) foreign.push(r.url()); });
+
+  await page.goto(base + "/", { waitUntil: "load" });
+  await page.waitForSelector("body[data-ready='1']", { timeout: 20000 });
+  await page.waitForFunction(() => window.stacktap.cy.nodes().length > 0, null, { timeout: 20000 });
+  await page.waitForTimeout(500);
+
+  // 1. the graph: the nodes and edges the processes' own records imply
+  const drawn = await page.evaluate(() => ({
+    nodes: window.stacktap.cy.nodes().map((n) => n.id()),
+    edges: window.stacktap.cy.edges().map((e) => [e.source().id(), e.target().id(), e.data("style")]),
+    labels: window.stacktap.cy.edges().map((e) => e.data("label")),
+  }));
+  for (const id of expected.nodes) check(drawn.nodes.includes(id), `node ${id} is drawn`);
+  for (const [s, t] of expected.edges) {
+    check(drawn.edges.some(([a, b]) => (s === "*" || a === s) && b === t), `edge ${s} → ${t} is drawn`);
+  }
+  check(drawn.nodes.some((id) => id.startsWith("client:")), "a user/client node is drawn");
+  check(drawn.edges.some((e) => e[2] === "rest") && drawn.edges.some((e) => e[2] === "call"),
+    "REST and RPC-call edges are both drawn (as different styles)");
+  check(drawn.labels.every((l) => /\/s/.test(l)), "every edge is labelled with its rate");
+  check(drawn.labels.some((l) => /p99/.test(l)) && drawn.labels.some((l) => /%/.test(l)),
+    "edge labels carry error % and p99");
+  // health colours: the failing edges red or amber, some healthy ones green
+  const colours = await page.evaluate(() => window.stacktap.cy.edges().map((e) => e.data("color")));
+  check(colours.includes("#d62728") && colours.includes("#2ca02c"), "edges are coloured by health");
+
+  // 2. live refresh: numbers change (the demo loops), positions do not
+  const before = await page.evaluate(() => ({
+    pos: Object.fromEntries(window.stacktap.cy.nodes().map((n) => [n.id(), n.position()])),
+    labels: window.stacktap.cy.elements().map((e) => e.data("label")).join("|"),
+  }));
+  let changed = false;
+  for (let i = 0; i < 20 && !changed; i++) {
+    await page.waitForTimeout(1000);
+    changed = await page.evaluate((l) => window.stacktap.cy.elements().map((e) => e.data("label")).join("|") !== l, before.labels);
+  }
+  check(changed, "labels change as the demo replays");
+  const moved = await page.evaluate((pos) => window.stacktap.cy.nodes().filter((n) => {
+    const p = pos[n.id()];
+    return !p || Math.abs(p.x - n.position().x) > 0.5 || Math.abs(p.y - n.position().y) > 0.5;
+  }).map((n) => n.id()), before.pos);
+  check(moved.length === 0, `no node moved on refresh (moved: ${moved.join(", ")})`);
+  await page.screenshot({ path: path.join(artifacts, "graph.png") });
+
+  // 3. the root causes: each one's path highlighted, its root marked, its tree shown
+  const roots = await page.$$eval("#roots li[data-i]", (lis) => lis.map((li) => li.textContent.replace(/\s+/g, " ").trim()));
+  for (const want of expected.roots) {
+    check(roots.some((r) => r.includes(want.service) && r.includes(want.error)), `root cause ${want.service} ${want.error} is listed`);
+  }
+  for (const want of expected.roots) {
+    const i = roots.findIndex((r) => r.includes(want.service) && r.includes(want.error));
+    if (i < 0) continue;
+    await page.click(`#roots li[data-i='${i}']`);
+    await page.waitForSelector("#panel .tree", { timeout: 5000 });
+    await page.waitForTimeout(300);
+    const hl = await page.evaluate(() => ({
+      path: window.stacktap.cy.elements(".path").map((e) => e.id()),
+      root: window.stacktap.cy.nodes(".root-cause").map((n) => n.id()),
+      faded: window.stacktap.cy.elements(".faded").length,
+      panel: document.getElementById("panel").innerText,
+    }));
+    check(hl.root.includes(want.node), `${want.error}: the root-cause node is ${want.node} (got ${hl.root.join(", ")})`);
+    for (const n of want.path) check(hl.path.includes(n), `${want.error}: ${n} is on the highlighted path`);
+    check(hl.path.some((id) => id.includes("->")), `${want.error}: edges on the path are highlighted`);
+    check(hl.faded > 0, `${want.error}: the rest of the graph is dimmed`);
+    check(hl.panel.includes("root cause") && hl.panel.includes(want.error), `${want.error}: the request tree is shown with its root cause`);
+    if (want.screenshot) await page.screenshot({ path: path.join(artifacts, want.screenshot) });
+  }
+
+  // 4. a node's side panel: operations, reply-wait split, timeouts, recent errors
+  await page.evaluate(() => window.stacktap.cy.getElementById("queue:compute").emit("tap"));
+  await page.waitForTimeout(300);
+  const qpanel = await page.innerText("#panel");
+  check(/get_console_output/.test(qpanel), "queue panel lists its methods");
+  check(/Recent errors/.test(qpanel) && /MessagingTimeout|timeout/.test(qpanel), "queue panel shows the timeouts among recent errors");
+  await page.evaluate(() => window.stacktap.cy.getElementById("queue:scheduler").emit("tap"));
+  await page.waitForTimeout(300);
+  check(/reply wait p99 split: queue .* server .* transit/.test(await page.innerText("#panel")),
+    "an RPC call's reply wait is split into queue / server / transit");
+  await page.screenshot({ path: path.join(artifacts, "panel.png") });
+
+  // 5. focus on a k-hop neighbourhood, then the whole graph again
+  const all = await page.evaluate(() => window.stacktap.cy.nodes().length);
+  await page.fill("#search", "placement-api");
+  await page.dispatchEvent("#search", "change");
+  await page.selectOption("#hops", "1");
+  await page.waitForTimeout(300);
+  const focused = await page.evaluate(() => window.stacktap.cy.nodes().map((n) => n.id()));
+  check(focused.includes("service:placement-api") && focused.length < all, `1-hop focus shows fewer nodes (${focused.length} of ${all})`);
+  check(!focused.includes("queue:compute"), "1-hop focus on placement-api leaves queue:compute out");
+  await page.click("#unfocus");
+  await page.waitForTimeout(300);
+  check(await page.evaluate(() => window.stacktap.cy.nodes().length) === all, "show all restores the graph");
+
+  // 6. grouping by project and the time window
+  await page.check("#group");
+  await page.waitForTimeout(300);
+  const grouped = await page.evaluate(() => window.stacktap.cy.nodes().map((n) => n.id()));
+  check(grouped.includes("project:nova") && !grouped.includes("service:nova-api"), "grouping folds nova's processes into one node");
+  await page.uncheck("#group");
+  const options = await page.$$eval("#window option", (os) => os.map((o) => o.value));
+  check(options.includes("60") && options.includes("all"), `window choices offered (${options.join(", ")})`);
+  const resp = page.waitForResponse((r) => r.url().includes("/api/graph?window=all"));
+  await page.selectOption("#window", "all");
+  check((await resp).ok(), "choosing a window asks the API for it");
+
+  // 7. zoomed far out, labels are hidden (cytoscape skips text under min-zoomed-font-size)
+  const minFont = await page.evaluate(() => window.stacktap.cy.edges()[0].pstyle("min-zoomed-font-size").value);
+  check(minFont > 0, "edge labels hide when zoomed out (min-zoomed-font-size set)");
+
+  check(consoleErrors.length === 0, `no script errors (${consoleErrors.join("; ")})`);
+  check(foreign.length === 0, `no request leaves stacktap (${foreign.join(", ")})`);
+} finally {
+  await browser.close();
+}
+if (failures.length) {
+  console.error(`${failures.length} UI check(s) failed:\n  ${failures.join("\n  ")}`);
+  process.exit(1);
+}
+console.log("all UI checks passed");
