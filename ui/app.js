@@ -132,32 +132,43 @@ function model(report) {
     edges.get(id).ops.push(e);
   }
   // a node's health: what it was asked to do (a service fed by queues: the calls on them)
-  for (const n of nodes.values()) {
-    const inbound = [];
-    for (const e of edges.values()) {
-      if (e.target !== n.id) continue;
-      for (const op of e.ops) inbound.push(...(op.type === "deliver" ? callsFor(report, op) : [op]));
-    }
-    n.stats = sum(inbound);
+  const inbound = new Map();
+  for (const e of edges.values()) {
+    if (!inbound.has(e.target)) inbound.set(e.target, []);
+    for (const op of e.ops) inbound.get(e.target).push(...(op.type === "deliver" ? callsFor(report, op) : [op]));
   }
+  for (const n of nodes.values()) n.stats = sum(inbound.get(n.id) || []);
   return { nodes, edges, drawn };
 }
 
-/// The caller → queue edges that carry the calls a queue → server edge delivered.
+/// The caller → queue edges that carry the calls a queue → server edge delivered
+/// (indexed once per report: big graphs have thousands of edges).
+const callIndex = new WeakMap();
 function callsFor(report, deliver) {
-  return report.edges.filter((e) => e.target === deliver.source && e.operation === deliver.operation && e.type !== "deliver");
+  let index = callIndex.get(report);
+  if (!index) {
+    index = new Map();
+    for (const e of report.edges) {
+      if (e.type === "deliver") continue;
+      const k = `${e.target}|${e.operation}`;
+      if (!index.has(k)) index.set(k, []);
+      index.get(k).push(e);
+    }
+    callIndex.set(report, index);
+  }
+  return index.get(`${deliver.source}|${deliver.operation}`) || [];
 }
 
 // ---------- focus: a k-hop neighbourhood ----------
 
 function neighbourhood(m, center, k) {
   const keep = new Set([center]);
-  let frontier = [center];
-  for (let i = 0; i < k; i++) {
-    const next = [];
+  let frontier = new Set([center]);
+  for (let i = 0; i < k && frontier.size; i++) {
+    const next = new Set();
     for (const e of m.edges.values()) {
       for (const [a, b] of [[e.source, e.target], [e.target, e.source]]) {
-        if (frontier.includes(a) && !keep.has(b)) { keep.add(b); next.push(b); }
+        if (frontier.has(a) && !keep.has(b)) { keep.add(b); next.add(b); }
       }
     }
     frontier = next;
@@ -241,6 +252,11 @@ function draw() {
       cy.add(edges.map((e) => ({ group: "edges", data: { id: e.id, source: e.source, target: e.target, style: e.style, ...data(e) } })));
     });
     cy.layout({ name: "dagre", rankDir: "LR", nodeSep: 40, rankSep: 50, edgeSep: 10, animate: false, fit: true, padding: 20 }).run();
+    // a handful of nodes would be blown up to fill the screen
+    if (cy.zoom() > 1.2) {
+      cy.zoom(1.2);
+      cy.center();
+    }
     const names = document.getElementById("names");
     names.replaceChildren(...nodes.map((n) => Object.assign(document.createElement("option"), { value: n.name })));
   }

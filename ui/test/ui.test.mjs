@@ -16,6 +16,30 @@ mkdirSync(artifacts, { recursive: true });
 const executablePath = process.env.CHROMIUM || "/usr/bin/chromium";
 
 const failures = [];
+
+/// A /api/graph report for `projects` projects of `size` services each: a user calls each
+/// project's API over REST, the API calls the project's queue, its other services consume
+/// it, and every service calls the next project's API.
+function bigGraph(projects, size) {
+  const nodes = [{ id: "client:external", kind: "client", name: "external" }];
+  const edges = [];
+  const q = { count: 10, mean: 0.01, p50: 0.008, p95: 0.02, p99: 0.03, max: 0.05 };
+  const edge = (source, target, protocol, type, operation, errors) => edges.push({
+    source, target, protocol, type, operation, requests: 10, errors, timeouts: 0,
+    error_ratio: errors / 10, rate_per_s: 1, latency_s: q,
+  });
+  for (let p = 0; p < projects; p++) {
+    nodes.push({ id: `queue:p${p}`, kind: "queue", name: `p${p}` });
+    for (let s = 0; s < size; s++) nodes.push({ id: `service:p${p}-svc${s}`, kind: "service", name: `p${p}-svc${s}` });
+    edge("client:external", `service:p${p}-svc0`, "http", "http", "GET /v1/things", p % 5 === 0 ? 2 : 0);
+    edge(`service:p${p}-svc0`, `queue:p${p}`, "rpc", "call", `p${p}.work`, 0);
+    for (let s = 1; s < size; s++) {
+      edge(`queue:p${p}`, `service:p${p}-svc${s}`, "rpc", "deliver", `p${p}.work`, 0);
+      edge(`service:p${p}-svc${s}`, `service:p${(p + 1) % projects}-svc0`, "http", "http", "POST /v1/things", 0);
+    }
+  }
+  return { window_s: 60, requested_window_s: 60, max_window_s: 900, slot_s: 10, latest: 1.8e9, nodes, edges };
+}
 function check(ok, what) {
   console.log(`${ok ? "ok  " : "FAIL"} ${what}`);
   if (!ok) failures.push(what);
@@ -143,6 +167,33 @@ try {
   // 7. zoomed far out, labels are hidden (cytoscape skips text under min-zoomed-font-size)
   const minFont = await page.evaluate(() => window.stacktap.cy.edges()[0].pstyle("min-zoomed-font-size").value);
   check(minFont > 0, "edge labels hide when zoomed out (min-zoomed-font-size set)");
+
+  // 8. a big cloud: 240 services in 24 projects, each with a queue; the graph served to
+  // this page is generated here (the UI's input contract, /api/graph), to see that
+  // focus and grouping make it workable
+  const big = await browser.newPage({ viewport: { width: 1920, height: 1080 } });
+  big.on("pageerror", (e) => consoleErrors.push(String(e)));
+  const report = bigGraph(24, 10);
+  await big.route("**/api/graph*", (r) => r.fulfill({ contentType: "application/json", body: JSON.stringify(report) }));
+  await big.goto(base + "/", { waitUntil: "load" });
+  await big.waitForSelector("body[data-ready='1']", { timeout: 30000 });
+  const bigCount = await big.evaluate(() => ({ nodes: window.stacktap.cy.nodes().length, edges: window.stacktap.cy.edges().length, zoom: window.stacktap.cy.zoom() }));
+  check(bigCount.nodes === report.nodes.length, `big graph: all ${report.nodes.length} nodes drawn (${bigCount.nodes})`);
+  check(bigCount.zoom < 0.45, `big graph: fitted zoom ${bigCount.zoom.toFixed(2)} is below where labels show`);
+  await big.screenshot({ path: path.join(artifacts, "big.png") });
+  await big.fill("#search", "p7-svc3");
+  await big.dispatchEvent("#search", "change");
+  await big.selectOption("#hops", "1");
+  await big.waitForTimeout(300);
+  const near = await big.evaluate(() => window.stacktap.cy.nodes().map((n) => n.id()));
+  check(near.includes("service:p7-svc3") && near.length < 20, `big graph: 1-hop focus on p7-svc3 shows ${near.length} nodes`);
+  await big.screenshot({ path: path.join(artifacts, "big-focus.png") });
+  await big.click("#unfocus");
+  await big.check("#group");
+  await big.waitForTimeout(300);
+  const groups = await big.evaluate(() => window.stacktap.cy.nodes().length);
+  check(groups <= 24 + 1, `big graph: grouped into ${groups} project nodes`);
+  await big.close();
 
   check(consoleErrors.length === 0, `no script errors (${consoleErrors.join("; ")})`);
   check(foreign.length === 0, `no request leaves stacktap (${foreign.join(", ")})`);
