@@ -172,15 +172,11 @@ fn a_running_stacktap_serves_chains_trees_and_the_graph() {
                 "http service:{}",
                 process_of(t["service"].as_str().unwrap())
             ),
-            Some("call") | Some("cast") => {
-                let topic = t["topic"].as_str().unwrap();
-                let q = if t["fanout"] == true {
-                    format!("exchange:{topic}_fanout")
-                } else {
-                    format!("queue:{topic}")
-                };
-                format!("rpc {q} from service:{}", t["caller"].as_str().unwrap())
-            }
+            Some("call") | Some("cast") => format!(
+                "rpc {} from service:{}",
+                truth_queue_node(t),
+                t["caller"].as_str().unwrap()
+            ),
             _ => continue,
         };
         *want.entry(key).or_default() += 1;

@@ -40,12 +40,7 @@ fn expected(truth: &[Value]) -> Value {
     for t in truth {
         match t["kind"].as_str() {
             Some("call") | Some("cast") => {
-                let topic = t["topic"].as_str().unwrap();
-                let q = if t["fanout"] == true {
-                    format!("exchange:{topic}_fanout")
-                } else {
-                    format!("queue:{topic}")
-                };
+                let q = truth_queue_node(t);
                 let caller = format!("service:{}", t["caller"].as_str().unwrap());
                 nodes.insert(q.clone());
                 nodes.insert(caller.clone());

@@ -4,6 +4,8 @@
 "use strict";
 
 const REFRESH_MS = 2000;
+// more nodes than this on the first load: start grouped by project
+const GROUP_ABOVE = 80;
 const WINDOWS = [[60, "1 min"], [300, "5 min"], [900, "15 min"], [3600, "1 h"]];
 const RED = "#d62728", AMBER = "#ff9f1a", GREEN = "#2ca02c", GREY = "#9aa3b5";
 
@@ -12,6 +14,7 @@ const state = {
   graph: null,         // the latest /api/graph report
   chains: null,        // the latest /api/chains answer
   group: false,        // collapse services into projects
+  groupChosen: false,  // the user set grouping (then it is never changed for them)
   focus: null,         // node id shown with its k-hop neighbourhood
   hops: 2,
   selected: null,      // {kind: "node"|"edge", id}
@@ -478,10 +481,13 @@ function highlight(tree) {
   const found = cy.collection();
   for (const id of [...pathNodes, ...pathEdges]) found.merge(cy.getElementById(id));
   if (found.empty()) return;
-  // zoom to the path once, when it is picked (not on every refresh)
+  // once, when it is picked (not on every refresh): zoom to the path if part of it is off
+  // screen or too small to read
   if (state.chain && !state.chain.zoomed) {
     state.chain.zoomed = true;
-    cy.animate({ fit: { eles: found, padding: 40 }, duration: 250 });
+    const bb = found.renderedBoundingBox();
+    const off = bb.x1 < 0 || bb.y1 < 0 || bb.x2 > cy.width() || bb.y2 > cy.height();
+    if (off || cy.zoom() < 0.6) cy.animate({ fit: { eles: found, padding: 40 }, duration: 250 });
   }
   cy.elements().not(found).addClass("faded");
   found.addClass("path");
@@ -537,6 +543,7 @@ document.getElementById("hops").onchange = (ev) => {
 };
 document.getElementById("group").onchange = (ev) => {
   state.group = ev.target.checked;
+  state.groupChosen = true;
   state.focus = null;
   document.getElementById("focus-banner").hidden = true;
   draw();
@@ -577,6 +584,12 @@ async function refresh() {
     state.graph = await g.json();
     state.chains = await c.json();
     fillWindows(state.graph);
+    if (!state.groupChosen && !state.group && state.graph.nodes.length > GROUP_ABOVE) {
+      // a big cloud opens folded into projects; unticking the box shows every process
+      state.group = true;
+      state.groupChosen = true;
+      document.getElementById("group").checked = true;
+    }
     draw();
     renderRoots();
     state.lastOk = Date.now();

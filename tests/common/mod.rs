@@ -511,6 +511,17 @@ pub fn check_chains_against_truth(r: &Replayed, truth: &[Value]) -> Vec<String> 
     bad
 }
 
+/// The graph node a truth `call`/`cast` record went through: its topic's queue, or the
+/// fanout exchange.
+pub fn truth_queue_node(t: &Value) -> String {
+    let topic = t["topic"].as_str().unwrap();
+    if t["fanout"] == true {
+        format!("exchange:{topic}_fanout")
+    } else {
+        format!("queue:{topic}")
+    }
+}
+
 /// Runs the stacktap binary: (exit code, stdout, stderr).
 pub fn stacktap(args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_stacktap"))

@@ -19,7 +19,7 @@ const failures = [];
 
 /// A /api/graph report for `projects` projects of `size` services each: a user calls each
 /// project's API over REST, the API calls the project's queue, its other services consume
-/// it, and every service calls the next project's API.
+/// it, and service s of project p calls the API of project p + s.
 function bigGraph(projects, size) {
   const nodes = [{ id: "client:external", kind: "client", name: "external" }];
   const edges = [];
@@ -35,7 +35,7 @@ function bigGraph(projects, size) {
     edge(`service:p${p}-svc0`, `queue:p${p}`, "rpc", "call", `p${p}.work`, 0);
     for (let s = 1; s < size; s++) {
       edge(`queue:p${p}`, `service:p${p}-svc${s}`, "rpc", "deliver", `p${p}.work`, 0);
-      edge(`service:p${p}-svc${s}`, `service:p${(p + 1) % projects}-svc0`, "http", "http", "POST /v1/things", 0);
+      edge(`service:p${p}-svc${s}`, `service:p${(p + s) % projects}-svc0`, "http", "http", "POST /v1/things", 0);
     }
   }
   return { window_s: 60, requested_window_s: 60, max_window_s: 900, slot_s: 10, latest: 1.8e9, nodes, edges };
@@ -177,8 +177,13 @@ try {
   await big.route("**/api/graph*", (r) => r.fulfill({ contentType: "application/json", body: JSON.stringify(report) }));
   await big.goto(base + "/", { waitUntil: "load" });
   await big.waitForSelector("body[data-ready='1']", { timeout: 30000 });
-  const bigCount = await big.evaluate(() => ({ nodes: window.stacktap.cy.nodes().length, edges: window.stacktap.cy.edges().length, zoom: window.stacktap.cy.zoom() }));
-  check(bigCount.nodes === report.nodes.length, `big graph: all ${report.nodes.length} nodes drawn (${bigCount.nodes})`);
+  const opened = await big.evaluate(() => ({ nodes: window.stacktap.cy.nodes().length, grouped: document.getElementById("group").checked }));
+  check(opened.grouped && opened.nodes <= 24 + 1, `big graph: opens grouped by project (${opened.nodes} nodes)`);
+  await big.screenshot({ path: path.join(artifacts, "big-grouped.png") });
+  await big.uncheck("#group");
+  await big.waitForTimeout(300);
+  const bigCount = await big.evaluate(() => ({ nodes: window.stacktap.cy.nodes().length, zoom: window.stacktap.cy.zoom() }));
+  check(bigCount.nodes === report.nodes.length, `big graph: all ${report.nodes.length} nodes drawn ungrouped (${bigCount.nodes})`);
   check(bigCount.zoom < 0.45, `big graph: fitted zoom ${bigCount.zoom.toFixed(2)} is below where labels show`);
   await big.screenshot({ path: path.join(artifacts, "big.png") });
   await big.fill("#search", "p7-svc3");
@@ -189,10 +194,11 @@ try {
   check(near.includes("service:p7-svc3") && near.length < 20, `big graph: 1-hop focus on p7-svc3 shows ${near.length} nodes`);
   await big.screenshot({ path: path.join(artifacts, "big-focus.png") });
   await big.click("#unfocus");
-  await big.check("#group");
   await big.waitForTimeout(300);
-  const groups = await big.evaluate(() => window.stacktap.cy.nodes().length);
-  check(groups <= 24 + 1, `big graph: grouped into ${groups} project nodes`);
+  // a refresh keeps the user's choice (ungrouped)
+  await big.waitForTimeout(2500);
+  const still = await big.evaluate(() => window.stacktap.cy.nodes().length);
+  check(still === report.nodes.length, `big graph: stays ungrouped once the user chose (${still})`);
   await big.close();
 
   check(consoleErrors.length === 0, `no script errors (${consoleErrors.join("; ")})`);
