@@ -233,25 +233,38 @@ pub fn replay(
     Ok(())
 }
 
-/// Replays one capture over and over at `speed` (1 = real time) until stopped, each pass
-/// shifted in time to start a second after the previous one ended, as if the same traffic
-/// happened again: the demo's moving picture. Ids repeat from pass to pass, so each pass
-/// ends like an input does (`end_pass`) before the next begins.
+/// Replays one capture over and over at `speed` (1 = real time) until stopped: the demo's
+/// moving picture.
 pub fn replay_loop(
     open: impl Fn() -> anyhow::Result<MergedFiles>,
     run: &mut Run,
     speed: f64,
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
-    let mut pkt = Packet::default();
     while !stop.load(Ordering::Relaxed) {
-        let mut files = open()?;
-        run.pipeline.restart();
-        let started = Instant::now();
-        let start_at = run.pipeline.clock().0 + 1_000_000_000;
-        let mut first: Option<crate::time::Ts> = None;
-        while files.next_into(&mut pkt)? {
-            let t0 = *first.get_or_insert(pkt.ts);
+        replay_again(&mut open()?, run, Some(speed), stop)?;
+    }
+    Ok(())
+}
+
+/// Replays a capture as if its traffic happened again: shifted in time to start a second
+/// after the newest packet so far, on a restarted pipeline (its ids repeat the last
+/// pass's), ending like an input does (`end_pass`). `speed` paces it (1 = real time);
+/// None: as fast as possible. Returns early, Ok, when `stop` is set.
+pub fn replay_again(
+    files: &mut MergedFiles,
+    run: &mut Run,
+    speed: Option<f64>,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    let mut pkt = Packet::default();
+    run.pipeline.restart();
+    let started = Instant::now();
+    let start_at = run.pipeline.clock().0 + 1_000_000_000;
+    let mut first: Option<crate::time::Ts> = None;
+    while files.next_into(&mut pkt)? {
+        let t0 = *first.get_or_insert(pkt.ts);
+        if let Some(speed) = speed {
             let due = Duration::from_secs_f64(pkt.ts.secs_since(t0) / speed.max(1e-3));
             // sleep in short steps, so that Ctrl-C is not kept waiting by a quiet stretch
             loop {
@@ -264,15 +277,15 @@ pub fn replay_loop(
                 }
                 std::thread::sleep(left.min(Duration::from_millis(200)));
             }
-            pkt.ts = crate::time::Ts(start_at + pkt.ts.0.saturating_sub(t0.0));
-            run.packet(&pkt);
-            // paced packets are few: publish by the wall clock, not every 4096 packets
-            run.refresh(false);
         }
-        run.end_pass();
-        if first.is_none() {
-            anyhow::bail!("the capture to loop has no packets");
-        }
+        pkt.ts = crate::time::Ts(start_at + pkt.ts.0.saturating_sub(t0.0));
+        run.packet(&pkt);
+        // paced packets are few: publish by the wall clock, not every 4096 packets
+        run.refresh(false);
+    }
+    run.end_pass();
+    if first.is_none() {
+        anyhow::bail!("the capture to replay again has no packets");
     }
     Ok(())
 }
