@@ -17,14 +17,15 @@ DS = {"type": "prometheus", "uid": "${datasource}"}
 
 def var_datasource():
     return {"name": "datasource", "label": "Prometheus", "type": "datasource",
-            "query": "prometheus", "current": {}, "hide": 0, "refresh": 1,
+            "query": "prometheus", "hide": 0, "refresh": 1,
             "options": [], "regex": ""}
 
 
 def var_query(name, query, label=None):
     return {"name": name, "label": label or name, "type": "query", "datasource": DS,
-            "query": {"query": query, "refId": name}, "definition": query,
-            "includeAll": True, "multi": True, "allValue": ".*", "current": {},
+            "query": {"query": query, "refId": name},
+            "includeAll": True, "multi": True, "allValue": ".*",
+            "current": {"text": "All", "value": "$__all"},
             "refresh": 2, "sort": 1, "hide": 0, "options": [], "regex": ""}
 
 
@@ -82,7 +83,8 @@ class Board:
                 "templating": {"list": self.variables},
                 "annotations": {"list": []}, "links": [
                     {"title": "stacktap", "type": "dashboards", "tags": ["stacktap"],
-                     "asDropdown": True}],
+                     "asDropdown": True, "icon": "external link", "includeVars": True,
+                     "keepTime": True, "targetBlank": False, "tooltip": ""}],
                 "panels": self.panels}
 
 

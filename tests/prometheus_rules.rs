@@ -174,3 +174,27 @@ fn dashboards_are_current_parse_and_name_only_exported_metrics() {
     let out = promtool(&["check", "rules", "queries.yml"], tmp.path());
     assert!(out.contains(&format!("SUCCESS: {n} rules found")), "{out}");
 }
+
+/// Grafana's own dashboard schema (@grafana/schema's `Dashboard`, type-checked by tsc from
+/// ui/node_modules): no missing required field, no wrong type, no unknown key.
+#[test]
+fn dashboards_match_grafanas_schema() {
+    let ui = repo().join("ui");
+    assert!(
+        ui.join("node_modules/@grafana/schema").is_dir()
+            && ui.join("node_modules/typescript").is_dir(),
+        "ui/node_modules lacks @grafana/schema or typescript: run scripts/setup-deps (npm ci in ui/)"
+    );
+    let out = Command::new("node")
+        .arg(ui.join("test/grafana-schema.test.mjs"))
+        .arg(repo().join("dashboards"))
+        .output()
+        .expect("node is needed for the dashboard schema check (Node.js 20)");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("6 dashboards match Grafana's schema"),
+        "{text}"
+    );
+}

@@ -312,13 +312,17 @@ function showElement(sel) {
     const failing = inbound.flatMap((op) => op.type === "deliver" ? callsFor(report, op) : [op]);
     const members = n.members.length > 1 ? `<p class="meta">${esc(n.members.map((x) => x.name).join(", "))}</p>` : "";
     const kinds = { service: "service", queue: "RPC queue (topic)", exchange: "fanout exchange", client: "user / client" };
+    const waits = n.kind === "queue" || n.kind === "exchange";
+    const titles = waits
+      ? ["Calls and casts sent here (by method)", "Delivered to"]
+      : ["What it is asked to do (top routes and methods)", "What it calls"];
     panel(`<h2>${esc(n.name)} <small>${kinds[n.kind] || esc(n.kind)}</small></h2>${members}
       <dl class="kv"><dt>handled</dt><dd>${rate(n.stats.rate)} · ${n.stats.requests} requests</dd>
       <dt>errors</dt><dd class="${cls(n.stats)}">${n.stats.errors} (${pct(n.stats.errors, n.stats.requests)})</dd>
       <dt>timeouts</dt><dd class="${n.stats.timeouts ? "bad" : ""}">${n.stats.timeouts}</dd></dl>
       <p><button id="focus-here">focus on its neighbourhood</button></p>
-      <h3>What it is asked to do (top routes and methods)</h3>${opsTable(inbound, report, true)}
-      <h3>What it calls</h3>${opsTable(outbound, report, false)}
+      <h3>${titles[0]}</h3>${opsTable(inbound, report, true)}
+      <h3>${titles[1]}</h3>${opsTable(outbound, report, false)}
       <h3>Recent errors</h3>${errorsList(failing)}`);
     document.getElementById("focus-here").onclick = () => setFocus(n.id);
   } else {
@@ -344,6 +348,11 @@ cy.on("tap", "node, edge", (ev) => {
 cy.on("dbltap", "node", (ev) => setFocus(ev.target.id()));
 cy.on("tap", (ev) => {
   if (ev.target === cy) clearChain();
+});
+document.addEventListener("keydown", (ev) => {
+  if (ev.key !== "Escape") return;
+  clearChain();
+  if (state.focus) document.getElementById("unfocus").click();
 });
 document.getElementById("panel").addEventListener("click", (ev) => {
   const a = ev.target.closest("a.req");
