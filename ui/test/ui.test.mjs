@@ -127,6 +127,9 @@ try {
     if (want.screenshot) await page.screenshot({ path: path.join(artifacts, want.screenshot) });
   }
 
+  await page.keyboard.press("Escape");
+  check(await page.evaluate(() => window.stacktap.cy.elements(".path, .faded").length) === 0, "Escape clears the highlighted path");
+
   // 4. a node's side panel: operations, reply-wait split, timeouts, recent errors
   await page.evaluate(() => window.stacktap.cy.getElementById("queue:compute").emit("tap"));
   await page.waitForTimeout(300);
