@@ -202,10 +202,8 @@ pub fn replay(
     while files.next_into(&mut pkt)? {
         if let Some(speed) = speed.filter(|s| *s > 0.0) {
             let t0 = *first.get_or_insert(pkt.ts);
-            let due = Duration::from_secs_f64((pkt.ts.secs_since(t0) / speed).max(0.0));
-            let now = started.elapsed();
-            if due > now {
-                std::thread::sleep(due - now);
+            if !wait_until(started, pkt.ts.secs_since(t0) / speed, stop) {
+                break;
             }
         }
         run.packet(&pkt);
@@ -231,6 +229,23 @@ pub fn replay(
         }
     }
     Ok(())
+}
+
+/// Sleeps until `due_s` seconds after `started`, in short steps so that Ctrl-C is not kept
+/// waiting by a quiet stretch of the capture; false if stopped.
+fn wait_until(started: Instant, due_s: f64, stop: &AtomicBool) -> bool {
+    // beyond Duration's range (a tiny --speed): wait until stopped
+    let due = Duration::try_from_secs_f64(due_s.max(0.0)).unwrap_or(Duration::MAX);
+    loop {
+        let left = due.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return true;
+        }
+        if stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(200)));
+    }
 }
 
 /// Replays one capture over and over at `speed` (1 = real time) until stopped: the demo's
@@ -264,19 +279,10 @@ pub fn replay_again(
     let mut first: Option<crate::time::Ts> = None;
     while files.next_into(&mut pkt)? {
         let t0 = *first.get_or_insert(pkt.ts);
-        if let Some(speed) = speed {
-            let due = Duration::from_secs_f64(pkt.ts.secs_since(t0) / speed.max(1e-3));
-            // sleep in short steps, so that Ctrl-C is not kept waiting by a quiet stretch
-            loop {
-                let left = due.saturating_sub(started.elapsed());
-                if left.is_zero() {
-                    break;
-                }
-                if stop.load(Ordering::Relaxed) {
-                    return Ok(());
-                }
-                std::thread::sleep(left.min(Duration::from_millis(200)));
-            }
+        if let Some(speed) = speed
+            && !wait_until(started, pkt.ts.secs_since(t0) / speed.max(1e-3), stop)
+        {
+            return Ok(());
         }
         pkt.ts = crate::time::Ts(start_at + pkt.ts.0.saturating_sub(t0.0));
         run.packet(&pkt);

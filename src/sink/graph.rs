@@ -105,7 +105,7 @@ fn cut(m: &str) -> String {
 /// The failure an event shows, if it failed.
 fn recent_error(ev: &Event, t: f64) -> Option<RecentError> {
     let (error, message, ids) = match ev {
-        Event::Http(e) if e.status.is_none_or(|s| s >= 500) => {
+        Event::Http(e) if http_failed(e) => {
             let fault = e.error.as_ref().and_then(|f| f.kind.clone());
             let error = match (fault, e.status) {
                 (Some(kind), _) => kind,
@@ -177,6 +177,12 @@ impl Op {
     }
 }
 
+/// A REST request failed for the graph when the server erred or never answered (a 4xx is
+/// an answer).
+fn http_failed(e: &HttpEvent) -> bool {
+    e.status.is_none_or(|s| s >= 500)
+}
+
 fn rpc_failed(e: &RpcEvent) -> bool {
     !matches!(e.outcome, Outcome::Ok | Outcome::NoReply)
 }
@@ -194,7 +200,7 @@ pub fn hop_of(ev: &Event) -> Option<Hop<'_>> {
             client: http_client(e),
             server: http_server(e).into(),
             protocol: "http",
-            failed: e.status.is_none_or(|s| s >= 500),
+            failed: http_failed(e),
             client_s: e.duration_s,
             server_s: e.duration_s,
         }),
@@ -442,7 +448,7 @@ impl Graph {
                 let to = self.node(NodeKind::Service, http_server(e));
                 let op = Op::Http(e.method, e.route.clone());
                 let seen = Observed {
-                    failed: e.status.is_none_or(|s| s >= 500),
+                    failed: http_failed(e),
                     timed_out: e.outcome == HttpOutcome::NoResponse,
                     latency: e.duration_s,
                     split: None,
