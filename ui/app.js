@@ -238,9 +238,10 @@ function draw() {
   const nodes = [...m.nodes.values()].filter((n) => !visible || visible.has(n.id));
   const edges = [...m.edges.values()].filter((e) => !visible || (visible.has(e.source) && visible.has(e.target)));
   const structure = nodes.map((n) => n.id).sort().join(",") + "|" + edges.map((e) => e.id).sort().join(",");
-  const maxRate = Math.max(1e-9, ...edges.map((e) => sum(e.ops).rate));
+  const sums = new Map(edges.map((e) => [e.id, sum(e.ops)]));
+  const maxRate = Math.max(1e-9, ...[...sums.values()].map((s) => s.rate));
   const data = (e) => {
-    const s = sum(e.ops);
+    const s = sums.get(e.id);
     return { color: health(s), label: edgeLabel(e, s), width: 1.5 + 4 * Math.sqrt(s.rate / maxRate) };
   };
   if (structure === state.structure) {
@@ -331,9 +332,9 @@ function showElement(sel) {
     const name = (id) => m.nodes.get(id)?.name ?? id;
     const kinds = { rest: "REST", call: "RPC calls", cast: "RPC casts / fanouts", deliver: "RPC deliveries" };
     const calls = e.ops.flatMap((op) => op.type === "deliver" ? callsFor(report, op) : [op]);
-    const s = sum(calls);
+    const s = sum(calls), carried = sum(e.ops);
     panel(`<h2>${esc(name(e.source))} → ${esc(name(e.target))} <small>${kinds[e.style]}</small></h2>
-      <dl class="kv"><dt>rate</dt><dd>${rate(sum(e.ops).rate)} · ${sum(e.ops).requests} requests</dd>
+      <dl class="kv"><dt>rate</dt><dd>${rate(carried.rate)} · ${carried.requests} requests</dd>
       <dt>errors</dt><dd class="${cls(s)}">${s.errors} (${pct(s.errors, s.requests)})</dd>
       <dt>timeouts</dt><dd class="${s.timeouts ? "bad" : ""}">${s.timeouts}</dd></dl>
       <h3>Operations</h3>${opsTable(e.ops, report, false)}
