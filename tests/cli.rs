@@ -118,3 +118,72 @@ fn speed_paces_the_replay_by_packet_time() {
         t.elapsed()
     );
 }
+
+/// Every metric family DESIGN.md names is declared (HELP/TYPE) in any replay's
+/// `--metrics-out`, even one with no OpenStack traffic at all: a dashboard or an
+/// `absent()` alert can tell "none" from "not exported". promtool accepts the file.
+#[test]
+fn every_design_metric_family_is_declared_from_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m.prom");
+    let pcap = common::foreign_dir().join("arkime/http-simple-get.pcap");
+    let (code, _, err) = stacktap(&[
+        "replay",
+        pcap.to_str().unwrap(),
+        "--metrics-out",
+        m.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let text = std::fs::read_to_string(&m).unwrap();
+    for family in [
+        "stacktap_rpc_messages",
+        "stacktap_rpc_reply_wait_seconds",
+        "stacktap_rpc_queue_reply_wait_seconds",
+        "stacktap_rpc_queue_wait_seconds",
+        "stacktap_rpc_server_seconds",
+        "stacktap_rpc_reply_transit_seconds",
+        "stacktap_rpc_in_flight",
+        "stacktap_rpc_replies",
+        "stacktap_rpc_remote_errors",
+        "stacktap_rpc_timeouts",
+        "stacktap_rpc_late_replies",
+        "stacktap_amqp_returns",
+        "stacktap_amqp_channel_closes",
+        "stacktap_notifications",
+        "stacktap_http_requests",
+        "stacktap_http_request_duration_seconds",
+        "stacktap_graph_edge_requests",
+        "traces_service_graph_request",
+        "traces_service_graph_request_failed",
+        "traces_service_graph_request_server_seconds",
+        "stacktap_error_chains",
+        "stacktap_masked_failures",
+        "stacktap_packets",
+        "stacktap_bytes",
+        "stacktap_capture_drops",
+        "stacktap_tcp_gap_bytes",
+        "stacktap_parse_anomalies",
+        "stacktap_evictions",
+        "stacktap_series_folded",
+    ] {
+        assert!(
+            text.contains(&format!("\n# TYPE {family} ")),
+            "{family} is not declared"
+        );
+    }
+    // the exposition is OpenMetrics (`# EOF`, counters named without `_total`):
+    // prometheus_client's strict OpenMetrics parser must accept it
+    let out = std::process::Command::new(common::python())
+        .args([
+            "-c",
+            "import sys\nfrom prometheus_client.openmetrics.parser import text_string_to_metric_families as p\nprint(len(list(p(open(sys.argv[1]).read()))))",
+        ])
+        .arg(&m)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

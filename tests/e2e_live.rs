@@ -10,11 +10,6 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn python() -> String {
-    std::env::var("STACKTAP_PYTHON")
-        .expect("STACKTAP_PYTHON must name a Python with oslo.messaging (.ci/run sets it up)")
-}
-
 fn record(scenario: &str, out: &Path) {
     let status = Command::new(python())
         .arg(repo().join("sampledata/generator/minicloud.py"))

@@ -6,6 +6,8 @@ use crate::event::{Event, Outcome};
 use crate::health::Health;
 use crate::{FastMap as HashMap, FastSet as HashSet};
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -132,6 +134,24 @@ pub struct Metrics {
     exported_folded: BTreeMap<&'static str, u64>,
 }
 
+/// A metric whose HELP and TYPE are written even before its first series: dashboards and
+/// `absent()` alerts can then tell "none yet" from "not exported". (The encoder skips
+/// families that report themselves empty.)
+#[derive(Debug)]
+struct Declared<M>(M);
+
+impl<M: EncodeMetric> EncodeMetric for Declared<M> {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+    fn metric_type(&self) -> MetricType {
+        self.0.metric_type()
+    }
+    fn is_empty(&self) -> bool {
+        false
+    }
+}
+
 fn l<const N: usize>(pairs: [(&'static str, &str); N]) -> Labels {
     pairs.iter().map(|(k, v)| (*k, v.to_string())).collect()
 }
@@ -194,159 +214,163 @@ impl Metrics {
         r.register(
             "rpc_messages",
             "RPC request messages seen (calls, casts, fanouts), once per message",
-            m.rpc_messages.clone(),
+            Declared(m.rpc_messages.clone()),
         );
         r.register(
             "rpc_deliveries",
             "RPC request copies delivered to consumers (a fanout: one per queue)",
-            m.rpc_deliveries.clone(),
+            Declared(m.rpc_deliveries.clone()),
         );
         r.register(
             "rpc_undelivered",
             "Casts and fanouts no consumer received within the settle window",
-            m.rpc_undelivered.clone(),
+            Declared(m.rpc_undelivered.clone()),
         );
         r.register(
             "rpc_reply_wait_seconds",
             "Call publish to reply deliver, as the caller waits",
-            m.rpc_reply_wait.clone(),
+            Declared(m.rpc_reply_wait.clone()),
         );
         r.register(
             "rpc_queue_reply_wait_seconds",
             "Call publish to reply deliver, per target queue (routing key)",
-            m.rpc_queue_reply_wait.clone(),
+            Declared(m.rpc_queue_reply_wait.clone()),
         );
         r.register(
             "rpc_queue_wait_seconds",
             "Request publish to deliver: time in the broker queue",
-            m.rpc_queue_wait.clone(),
+            Declared(m.rpc_queue_wait.clone()),
         );
         r.register(
             "rpc_server_seconds",
             "Request deliver to reply publish: time in the server",
-            m.rpc_server.clone(),
+            Declared(m.rpc_server.clone()),
         );
         r.register(
             "rpc_reply_transit_seconds",
             "Reply publish to reply deliver",
-            m.rpc_reply_transit.clone(),
+            Declared(m.rpc_reply_transit.clone()),
         );
         r.register(
             "rpc_in_flight",
             "Calls waiting for a reply now (not yet answered, not timed out)",
-            m.rpc_in_flight.clone(),
+            Declared(m.rpc_in_flight.clone()),
         );
         r.register(
             "rpc_replies",
             "Calls finished, by outcome",
-            m.rpc_replies.clone(),
+            Declared(m.rpc_replies.clone()),
         );
         r.register(
             "rpc_remote_errors",
             "Calls answered with a remote exception, by exception class",
-            m.rpc_remote_errors.clone(),
+            Declared(m.rpc_remote_errors.clone()),
         );
         r.register(
             "rpc_timeouts",
             "Calls whose caller timeout (AMQP expiration) passed without a reply",
-            m.rpc_timeouts.clone(),
+            Declared(m.rpc_timeouts.clone()),
         );
         r.register(
             "rpc_late_replies",
             "Replies that arrived after the caller's timeout",
-            m.rpc_late_replies.clone(),
+            Declared(m.rpc_late_replies.clone()),
         );
         r.register(
             "rpc_heartbeats",
             "Call-monitor heartbeats (ending:false replies)",
-            m.rpc_heartbeats.clone(),
+            Declared(m.rpc_heartbeats.clone()),
         );
         r.register(
             "amqp_returns",
             "basic.return from the broker (312 NO_ROUTE: reply queue gone)",
-            m.amqp_returns.clone(),
+            Declared(m.amqp_returns.clone()),
         );
         r.register(
             "amqp_channel_closes",
             "channel.close, by reply code",
-            m.amqp_channel_closes.clone(),
+            Declared(m.amqp_channel_closes.clone()),
         );
         r.register(
             "amqp_connection_closes",
             "connection.close, by reply code",
-            m.amqp_connection_closes.clone(),
+            Declared(m.amqp_connection_closes.clone()),
         );
         r.register(
             "amqp_connection_blocked",
             "connection.blocked from the broker (resource alarm)",
-            m.amqp_blocked.clone(),
+            Declared(m.amqp_blocked.clone()),
         );
         r.register(
             "notifications",
             "oslo.messaging notifications, by publisher service",
-            m.notifications.clone(),
+            Declared(m.notifications.clone()),
         );
         r.register(
             "http_requests",
             "REST requests, by caller, service, route template and status (none: no response)",
-            m.http_requests.clone(),
+            Declared(m.http_requests.clone()),
         );
         r.register(
             "http_request_duration_seconds",
             "REST request start to response end",
-            m.http_duration.clone(),
+            Declared(m.http_duration.clone()),
         );
         r.register(
             "graph_edge_requests",
             "Requests between two services (RPC: caller to server), by protocol",
-            m.graph_edges.clone(),
+            Declared(m.graph_edges.clone()),
         );
         r.register(
             "error_chains",
             "User requests that failed, by where the failure showed and its root cause",
-            m.error_chains.clone(),
+            Declared(m.error_chains.clone()),
         );
         r.register(
             "masked_failures",
             "Failures a successful retry hid from the user",
-            m.masked_failures.clone(),
+            Declared(m.masked_failures.clone()),
         );
-        r.register("packets", "Packets read", m.packets.clone());
-        r.register("bytes", "Bytes read (wire length)", m.bytes.clone());
+        r.register("packets", "Packets read", Declared(m.packets.clone()));
+        r.register(
+            "bytes",
+            "Bytes read (wire length)",
+            Declared(m.bytes.clone()),
+        );
         r.register(
             "capture_drops",
             "Packets dropped before stacktap saw them (live capture)",
-            m.drops.clone(),
+            Declared(m.drops.clone()),
         );
         r.register(
             "tcp_gap_bytes",
             "Bytes lost in TCP holes the capture never filled",
-            m.tcp_gap_bytes.clone(),
+            Declared(m.tcp_gap_bytes.clone()),
         );
         r.register(
             "parse_anomalies",
             "Input that could not be used, by protocol and kind",
-            m.anomalies.clone(),
+            Declared(m.anomalies.clone()),
         );
         r.register(
             "evictions",
             "Entries evicted from a bounded table",
-            m.evictions.clone(),
+            Declared(m.evictions.clone()),
         );
         r.register(
             "series_folded",
             "Label sets folded into \"other\" by the cardinality cap",
-            m.series_folded.clone(),
+            Declared(m.series_folded.clone()),
         );
         r.register(
             "amqp_frames",
             "AMQP frames, by type (method, content-header, content-body, heartbeat)",
-            m.amqp_frames.clone(),
+            Declared(m.amqp_frames.clone()),
         );
         r.register(
             "amqp_methods",
             "AMQP methods, by name (declare churn, acks, rejects, ...)",
-            m.amqp_methods.clone(),
+            Declared(m.amqp_methods.clone()),
         );
         // the probe's health exists as zero from the start: "no drops" must not look like
         // "no probe"
@@ -370,22 +394,22 @@ impl Metrics {
         root.register(
             "traces_service_graph_request",
             "Requests between two services (Tempo service-graph compatible)",
-            m.tempo_requests.clone(),
+            Declared(m.tempo_requests.clone()),
         );
         root.register(
             "traces_service_graph_request_failed",
             "Failed requests between two services (Tempo service-graph compatible)",
-            m.tempo_failed.clone(),
+            Declared(m.tempo_failed.clone()),
         );
         root.register(
             "traces_service_graph_request_server_seconds",
             "Server-side duration (Tempo service-graph compatible)",
-            m.tempo_server.clone(),
+            Declared(m.tempo_server.clone()),
         );
         root.register(
             "traces_service_graph_request_client_seconds",
             "Client-side duration (Tempo service-graph compatible)",
-            m.tempo_client.clone(),
+            Declared(m.tempo_client.clone()),
         );
         Metrics {
             registry: Arc::new(root),

@@ -18,6 +18,14 @@ pub struct Replayed {
     pub health: stacktap::health::Health,
 }
 
+/// The Python with the generator's requirements (oslo.messaging, keystoneauth1,
+/// prometheus_client, …): `.ci/run` sets STACKTAP_PYTHON to its venv.
+pub fn python() -> PathBuf {
+    std::env::var_os("STACKTAP_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".venv/bin/python"))
+}
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
