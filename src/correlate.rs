@@ -358,8 +358,8 @@ impl Correlator {
     }
 
     /// The processes AMQP connections named, by address.
-    pub fn addresses(&self) -> &AddressBook {
-        &self.addresses
+    pub fn addresses(&mut self) -> &mut AddressBook {
+        &mut self.addresses
     }
 
     /// The process at the client end of `conn`: named when start-ok was seen, else just

@@ -61,6 +61,21 @@ impl AddressBook {
         true
     }
 
+    /// A REST exchange showed `service` at `ip` (its User-Agent named it, or it served an
+    /// API there): an address already home to another service names nobody any more.
+    /// REST alone never names an address: a User-Agent is the caller's say-so.
+    pub fn learn_rest_caller(&mut self, ip: IpAddr, service: &str) {
+        if let Some(t) = self.by_ip.get_mut(&ip) {
+            let other = match &*t {
+                Tenant::One(p) | Tenant::OneService(p) => p.service.as_deref() != Some(service),
+                Tenant::Shared => false,
+            };
+            if other {
+                *t = Tenant::Shared;
+            }
+        }
+    }
+
     /// The one service (and process, when there is one) at `ip`.
     pub fn lookup(&self, ip: &IpAddr) -> Option<&Arc<Process>> {
         match self.by_ip.get(ip)? {
@@ -93,6 +108,15 @@ mod tests {
         assert_eq!((q.service.as_deref(), q.pid), (Some("nova-compute"), None));
         b.learn(ip, &p("neutron-server", 9));
         assert!(b.lookup(&ip).is_none());
+        let other: IpAddr = "10.0.0.7".parse().unwrap();
+        b.learn(other, &p("nova-compute", 7));
+        b.learn_rest_caller(other, "nova-compute");
+        assert!(b.lookup(&other).is_some());
+        b.learn_rest_caller(other, "neutron-server");
+        assert!(
+            b.lookup(&other).is_none(),
+            "a REST caller of another service shares it"
+        );
         let mut small = AddressBook::new(1);
         assert!(small.learn(ip, &p("a", 1)));
         assert!(!small.learn("10.0.0.6".parse().unwrap(), &p("b", 2)));

@@ -19,6 +19,7 @@
 use crate::FastMap as HashMap;
 use crate::event::{Event, Outcome};
 use crate::health::Health;
+use crate::openstack::services::{api_process, is_user_side};
 use crate::oslo::RpcType;
 use crate::time::Ts;
 use serde::{Deserialize, Serialize};
@@ -77,6 +78,11 @@ pub struct Span {
     pub failure: Option<Failure>,
     pub request_id: Option<String>,
     pub global_request_id: Option<String>,
+    /// The RPC's `_msg_id` (calls) and `_unique_id`: what its services logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msg_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unique_id: Option<String>,
     /// The parent in the tree (an index into the request's spans).
     pub parent: Option<usize>,
     /// The parent was chosen by time alone (the caller could not be named).
@@ -84,6 +90,10 @@ pub struct Span {
     /// An ERROR (or CRITICAL) notification: the resource the request touched failed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub error_notification: bool,
+    /// An ERROR notification a later success of the same action outdid (a build that
+    /// failed on one host, was rescheduled and went ACTIVE on another): not the last word.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub superseded: bool,
     /// The caller named itself as a service process (not a library, not a user).
     #[serde(skip)]
     caller_is_service: bool,
@@ -120,16 +130,26 @@ impl Span {
             failure: None,
             request_id: request_id.clone(),
             global_request_id: global_request_id.clone(),
+            msg_id: None,
+            unique_id: None,
             parent: None,
             inferred: false,
             error_notification: false,
+            superseded: false,
             caller_is_service: false,
         }
     }
 }
 
+impl Span {
+    /// An ERROR notification nothing later outdid: the resource ended in error.
+    pub fn last_word_error(&self) -> bool {
+        self.error_notification && !self.superseded
+    }
+}
+
 /// One hop of a chain.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Hop {
     pub service: Option<String>,
     pub operation: String,
@@ -137,6 +157,14 @@ pub struct Hop {
     pub message: Option<String>,
     pub t: f64,
     pub propagation: Option<String>,
+    /// The ids to grep the service's log for: its request id (REST: the one it returned;
+    /// RPC: the caller's context), and an RPC's `_msg_id` and `_unique_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msg_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unique_id: Option<String>,
 }
 
 /// `kind: chain`: from the failure the user saw down to its root cause.
@@ -151,6 +179,11 @@ pub struct ChainEvent {
     pub origin: Hop,
     pub root: Hop,
     pub hops: Vec<Hop>,
+    /// When the failure that surfaced was a retry that ran out (a reschedule that found no
+    /// host left): the failures of the attempts before it, oldest first. The root is the
+    /// newest of them; `hops` runs down to the retry that ran out, then to the root.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<Hop>,
     /// The root was found by time alone somewhere on its path (an unnamed caller).
     pub inferred: bool,
 }
@@ -168,6 +201,12 @@ pub struct RequestTree {
     pub masked: Vec<usize>,
     /// The span the chain blames, when the request failed.
     pub root_cause: Option<usize>,
+    /// The failure that surfaced when it was a retry that ran out (`root_cause` is then
+    /// the failure of the attempt before it), and the failures of every earlier attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exhausted: Option<usize>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<usize>,
     pub symptom: Option<String>,
     pub t_first: f64,
     pub t_last: f64,
@@ -225,55 +264,12 @@ pub struct Tracer {
     last_sweep: Ts,
 }
 
-/// The process that runs a REST service's API, by the usual names (a service type
-/// otherwise stands for itself).
-pub fn api_process(service: &str) -> String {
-    api_process_name(service).to_string()
-}
-
-/// `api_process` without the copy.
-pub fn api_process_name(service: &str) -> &str {
-    match service {
-        "nova" => "nova-api",
-        "neutron" => "neutron-server",
-        "glance" => "glance-api",
-        "placement" => "placement-api",
-        "cinder" => "cinder-api",
-        "heat" => "heat-api",
-        "heat-cfn" => "heat-api-cfn",
-        "designate" => "designate-api",
-        "octavia" => "octavia-api",
-        "barbican" => "barbican-api",
-        "ironic" => "ironic-api",
-        "swift" => "swift-proxy-server",
-        "nova-metadata" => "nova-api-metadata",
-        other => other,
-    }
-}
-
-/// Names a REST caller: a service type (keystonemiddleware's project) is its API process.
-fn rest_caller(client: Option<&str>) -> Option<String> {
-    let c = client?;
-    Some(match c {
-        "nova" | "neutron" | "glance" | "placement" | "cinder" | "heat" | "designate"
-        | "octavia" | "barbican" | "ironic" => api_process(c),
-        _ => c.to_string(),
-    })
-}
-
-fn is_library_or_user(name: &str) -> bool {
-    name == "external"
-        || name == "openstacksdk"
-        || name == "keystoneauth1"
-        || (name.starts_with("python-") && name.ends_with("client"))
-}
-
 /// The span an event stands for, and the id of the request it belongs to.
 pub fn span_of(ev: &Event) -> Option<(String, Span)> {
     match ev {
         Event::Http(e) => {
             let root = e.global_request_id.clone().or(e.request_id.clone())?;
-            let caller = rest_caller(e.client.service.as_deref());
+            let caller = e.client.service.clone();
             let failure = match e.status {
                 Some(s) if s >= 500 => Some(Failure {
                     error: e
@@ -290,12 +286,12 @@ pub fn span_of(ev: &Event) -> Option<(String, Span)> {
             Some((
                 root,
                 Span {
-                    caller_is_service: caller.as_deref().is_some_and(|c| !is_library_or_user(c)),
+                    caller_is_service: caller.as_deref().is_some_and(|c| !is_user_side(c)),
                     status: e.status,
                     failure,
                     ..Span::new(
                         SpanKind::Http,
-                        (caller, Some(api_process(service))),
+                        (caller, Some(api_process(service).to_string())),
                         format!("{} {}", e.method, e.route),
                         (e.t_request, e.t_request, e.t_response_end),
                         (&e.request_id, &e.global_request_id),
@@ -352,6 +348,8 @@ pub fn span_of(ev: &Event) -> Option<(String, Span)> {
                 root,
                 Span {
                     failure,
+                    msg_id: e.msg_id.clone(),
+                    unique_id: e.unique_id.clone(),
                     caller_is_service: caller.is_some(),
                     ..Span::new(
                         kind,
@@ -489,6 +487,8 @@ fn finish(request_id: String, o: Open, out: &mut Vec<Traced>) {
             failed: Vec::new(),
             masked: Vec::new(),
             root_cause: None,
+            exhausted: None,
+            attempts: Vec::new(),
             symptom: None,
             t_first,
             t_last,
@@ -571,6 +571,7 @@ pub fn build(request_id: String, mut spans: Vec<Span>) -> RequestTree {
         }
     }
     break_cycles(&mut spans, root);
+    mark_superseded(&mut spans);
     let user = spans.get(root).is_some_and(|s| {
         s.kind == SpanKind::Http
             && s.caller
@@ -588,9 +589,15 @@ pub fn build(request_id: String, mut spans: Vec<Span>) -> RequestTree {
     } else {
         None
     };
-    let root_cause = symptom
+    let surfaced = symptom
         .as_ref()
         .map(|_| deepest(&spans, &failed).unwrap_or(root));
+    let attempts = surfaced.map_or(Vec::new(), |f| earlier_attempts(&spans, &failed, f));
+    // a retry that ran out is explained by what failed on the attempts before it
+    let (root_cause, exhausted) = match attempts.last() {
+        Some(&last) => (Some(last), surfaced),
+        None => (surfaced, None),
+    };
     let (t_first, t_last) = spans.iter().fold((f64::MAX, 0f64), |(a, b), s| {
         (a.min(s.t_start), b.max(s.t_end.unwrap_or(s.t_start)))
     });
@@ -608,6 +615,8 @@ pub fn build(request_id: String, mut spans: Vec<Span>) -> RequestTree {
         failed,
         masked,
         root_cause,
+        exhausted,
+        attempts,
         symptom,
         t_first,
         t_last,
@@ -655,7 +664,7 @@ fn symptom(spans: &[Span], root: usize, failed: &[usize]) -> Option<&'static str
     if r.status.is_some_and(|s| s >= 400) {
         return (!failed.is_empty()).then_some("http_4xx");
     }
-    if spans.iter().any(|s| s.error_notification) {
+    if spans.iter().any(Span::last_word_error) {
         return Some("resource_error");
     }
     if failed.iter().any(|&i| {
@@ -670,7 +679,7 @@ fn symptom(spans: &[Span], root: usize, failed: &[usize]) -> Option<&'static str
     let last_good = spans
         .iter()
         .filter(|s| {
-            s.failure.is_none() && !s.error_notification && s.status.is_none_or(|c| c < 400)
+            s.failure.is_none() && !s.last_word_error() && s.status.is_none_or(|c| c < 400)
         })
         .map(|s| s.t_start)
         .fold(f64::MIN, f64::max);
@@ -678,6 +687,81 @@ fn symptom(spans: &[Span], root: usize, failed: &[usize]) -> Option<&'static str
         .iter()
         .any(|&i| spans[i].t_start >= last_good)
         .then_some("async_failure")
+}
+
+/// The action a notification reports on, whatever its format and phase:
+/// `compute.instance.create.error` and `instance.create.end` are both `instance.create`.
+fn notified_action(event_type: &str) -> (&str, &str) {
+    let t = event_type.strip_prefix("compute.").unwrap_or(event_type);
+    t.rsplit_once('.').unwrap_or((t, ""))
+}
+
+/// Marks the ERROR notifications a later `.end` of the same action outdid: the resource
+/// failed once and then succeeded (nova notifies `create.error` before it reschedules).
+fn mark_superseded(spans: &mut [Span]) {
+    for i in 0..spans.len() {
+        if spans[i].kind != SpanKind::Notification || !spans[i].error_notification {
+            continue;
+        }
+        let (action, _) = notified_action(&spans[i].operation);
+        let t = spans[i].t_start;
+        spans[i].superseded = spans.iter().any(|o| {
+            o.kind == SpanKind::Notification
+                && !o.error_notification
+                && o.t_start > t
+                && notified_action(&o.operation) == (action, "end")
+        });
+    }
+}
+
+fn is_ancestor(spans: &[Span], a: usize, mut of: usize) -> bool {
+    let mut steps = 0;
+    while let Some(p) = spans[of].parent {
+        if p == a {
+            return true;
+        }
+        of = p;
+        steps += 1;
+        if steps > spans.len() {
+            break;
+        }
+    }
+    false
+}
+
+/// When the failure that surfaced (`f`) is a retry that ran out: the same operation had
+/// succeeded earlier in the request (`scheduler.select_destinations` picked a host), and
+/// what failed after that success and before `f`, elsewhere in the tree, is why it was
+/// retried (the build on that host failed). Those failures, oldest first, each the
+/// deepest on its branch; empty when `f` is no such retry.
+fn earlier_attempts(spans: &[Span], failed: &[usize], f: usize) -> Vec<usize> {
+    let ok = |s: &Span| s.failure.is_none() && s.status.is_none_or(|c| c < 400);
+    let first_success = spans
+        .iter()
+        .filter(|e| e.operation == spans[f].operation && e.t_start < spans[f].t_start && ok(e))
+        .map(|e| e.t_start)
+        .fold(f64::MAX, f64::min);
+    if first_success == f64::MAX {
+        return Vec::new();
+    }
+    let between: Vec<usize> = failed
+        .iter()
+        .copied()
+        .filter(|&g| {
+            g != f
+                && spans[g].t_start > first_success
+                && spans[g].t_start < spans[f].t_start
+                && !is_ancestor(spans, g, f)
+        })
+        .collect();
+    // each attempt's own root: a failure with no other failure below it
+    let mut leaves: Vec<usize> = between
+        .iter()
+        .copied()
+        .filter(|&g| !between.iter().any(|&h| h != g && is_ancestor(spans, g, h)))
+        .collect();
+    leaves.sort_by(|&a, &b| spans[a].t_start.total_cmp(&spans[b].t_start));
+    leaves
 }
 
 fn depth(spans: &[Span], mut i: usize) -> usize {
@@ -729,14 +813,19 @@ fn hop(s: &Span) -> Hop {
         message: s.failure.as_ref().and_then(|f| f.message.clone()),
         t: s.t_start,
         propagation: s.failure.as_ref().map(|f| f.propagation.clone()),
+        request_id: s.request_id.clone(),
+        msg_id: s.msg_id.clone(),
+        unique_id: s.unique_id.clone(),
     }
 }
 
 pub fn chain_of(tree: &RequestTree) -> Option<ChainEvent> {
     let symptom = tree.symptom.clone()?;
     let cause = tree.root_cause?;
-    let mut path = vec![cause];
-    let mut at = tree.spans[cause].parent;
+    // down to the failure that surfaced (a retry that ran out, if so), then the root
+    let surfaced = tree.exhausted.unwrap_or(cause);
+    let mut path = vec![surfaced];
+    let mut at = tree.spans[surfaced].parent;
     while let Some(p) = at {
         path.push(p);
         at = tree.spans[p].parent;
@@ -745,13 +834,18 @@ pub fn chain_of(tree: &RequestTree) -> Option<ChainEvent> {
         }
     }
     path.reverse();
+    if surfaced != cause {
+        path.push(cause);
+    }
     let mut origin = hop(&tree.spans[tree.root]);
     if origin.error.is_none() {
         // the request was accepted; the failure showed later, on the resource
+        // its last word: the latest error notification nothing outdid
         let shown = tree
             .spans
             .iter()
-            .find(|s| s.error_notification)
+            .filter(|s| s.last_word_error())
+            .max_by(|a, b| a.t_start.total_cmp(&b.t_start))
             .map(|s| s.operation.clone());
         origin.error = Some(shown.unwrap_or_else(|| symptom.clone()));
     }
@@ -763,6 +857,7 @@ pub fn chain_of(tree: &RequestTree) -> Option<ChainEvent> {
         root: hop(&tree.spans[cause]),
         inferred: path.iter().any(|&i| tree.spans[i].inferred),
         hops: path.iter().map(|&i| hop(&tree.spans[i])).collect(),
+        attempts: tree.attempts.iter().map(|&i| hop(&tree.spans[i])).collect(),
     })
 }
 
@@ -779,21 +874,15 @@ mod tests {
         end: Option<f64>,
     ) -> Span {
         Span {
-            kind,
-            caller: Some(caller.into()),
-            handler: Some(handler.into()),
-            operation: op.into(),
-            t_start: t,
             t_handle: t + 0.001,
-            t_end: end,
-            status: None,
-            failure: None,
-            request_id: None,
-            global_request_id: None,
-            parent: None,
-            inferred: false,
-            error_notification: false,
-            caller_is_service: !is_library_or_user(caller),
+            caller_is_service: !is_user_side(caller),
+            ..Span::new(
+                kind,
+                (Some(caller.into()), Some(handler.into())),
+                op.into(),
+                (t, t, end),
+                (&None, &None),
+            )
         }
     }
 
@@ -945,6 +1034,123 @@ mod tests {
             vec![rest("external>nova-api", "GET /z", 0.0, 404)],
         );
         assert!(chain_of(&t).is_none());
+    }
+
+    fn notification(who: &str, event: &str, t: f64, error: bool) -> Span {
+        let mut n = span(SpanKind::Notification, who, who, event, t, Some(t));
+        n.error_notification = error;
+        n
+    }
+
+    /// A boot whose first host cannot bind the port: nova-compute notifies create.error,
+    /// sends the build back to the conductor, the scheduler picks another host (or none).
+    fn reschedule(second_host: Option<&str>) -> Vec<Span> {
+        let mut spans = vec![
+            rest("python-novaclient>nova-api", "POST /v2.1/servers", 0.0, 202),
+            rpc(
+                SpanKind::Cast,
+                "nova-api>nova-conductor",
+                "conductor.schedule_and_build_instances",
+                0.05,
+                None,
+            ),
+            rpc(
+                SpanKind::Call,
+                "nova-conductor>nova-scheduler",
+                "scheduler.select_destinations",
+                0.1,
+                Some(0.15),
+            ),
+            rpc(
+                SpanKind::Cast,
+                "nova-conductor>nova-compute",
+                "compute.build_and_run_instance",
+                0.2,
+                None,
+            ),
+            rest(
+                "nova-compute>neutron-server",
+                "PUT /v2.0/ports/{id}",
+                0.25,
+                500,
+            ),
+            notification("nova-compute", "compute.instance.create.error", 0.4, true),
+            rpc(
+                SpanKind::Cast,
+                "nova-compute>nova-conductor",
+                "compute_task.build_instances",
+                0.45,
+                None,
+            ),
+        ];
+        let select = rpc(
+            SpanKind::Call,
+            "nova-conductor>nova-scheduler",
+            "scheduler.select_destinations",
+            0.5,
+            Some(0.55),
+        );
+        match second_host {
+            Some(_) => spans.extend([
+                select,
+                rpc(
+                    SpanKind::Cast,
+                    "nova-conductor>nova-compute",
+                    "compute.build_and_run_instance",
+                    0.6,
+                    None,
+                ),
+                rest(
+                    "nova-compute>neutron-server",
+                    "PUT /v2.0/ports/{id}",
+                    0.65,
+                    200,
+                ),
+                notification("nova-compute", "instance.create.end", 0.9, false),
+            ]),
+            None => spans.extend([
+                fail(select, "NoValidHost", "rpc_failure_reply"),
+                notification("nova-conductor", "compute_task.build_instances", 0.6, true),
+            ]),
+        }
+        spans
+    }
+
+    #[test]
+    fn a_reschedule_that_went_active_is_masked_despite_its_error_notification() {
+        let t = build("r".into(), reschedule(Some("host2")));
+        assert_eq!(t.symptom, None);
+        assert!(t.spans.iter().any(|s| s.superseded));
+        assert_eq!(t.masked.len(), 1, "the first host's port binding");
+        assert!(chain_of(&t).is_none());
+    }
+
+    #[test]
+    fn a_reschedule_that_ran_out_of_hosts_blames_what_failed_on_the_host_tried() {
+        let t = build("r".into(), reschedule(None));
+        assert_eq!(t.symptom.as_deref(), Some("resource_error"));
+        let c = chain_of(&t).unwrap();
+        assert_eq!(c.root.service.as_deref(), Some("neutron-server"));
+        assert_eq!(c.root.operation, "PUT /v2.0/ports/{id}");
+        let ops: Vec<&str> = c.hops.iter().map(|h| h.operation.as_str()).collect();
+        assert_eq!(
+            &ops[ops.len() - 2..],
+            ["scheduler.select_destinations", "PUT /v2.0/ports/{id}"],
+            "down to the retry that ran out, then its cause"
+        );
+        assert_eq!(c.attempts.len(), 1);
+        assert_eq!(c.hops.last(), Some(&c.root));
+    }
+
+    #[test]
+    fn a_repeated_operation_without_failures_between_is_no_exhausted_retry() {
+        // the second select_destinations fails on its own: it is the root
+        let mut spans = reschedule(None);
+        spans.retain(|s| s.operation != "PUT /v2.0/ports/{id}");
+        let t = build("r".into(), spans);
+        let c = chain_of(&t).unwrap();
+        assert_eq!(c.root.error.as_deref(), Some("NoValidHost"));
+        assert!(c.attempts.is_empty());
     }
 
     #[test]

@@ -253,13 +253,17 @@ class ComputeTaskEndpoint(Handled):
         self.record(ctxt, "schedule_and_build_instances", "cast")
         self._build(ctxt, instance_uuid, flavor, [], 1)
 
-    def build_instances(self, ctxt, instance_uuid, flavor=None, exclude=None, attempt=2):
-        """A compute gave up on a build: schedule it again, away from the hosts tried."""
+    def build_instances(self, ctxt, instance_uuid, flavor=None, exclude=None, attempt=2,
+                        exc_reason=None):
+        """A compute gave up on a build: schedule it again, away from the hosts tried
+        (nova's filter_properties['retry']: the hosts and why the last one failed)."""
         self.record(ctxt, "build_instances", "cast")
-        self._build(ctxt, instance_uuid, flavor, exclude or [], attempt)
+        self._build(ctxt, instance_uuid, flavor, exclude or [], attempt, exc_reason)
 
-    def _build(self, ctxt, instance_uuid, flavor, exclude, attempt):
+    def _build(self, ctxt, instance_uuid, flavor, exclude, attempt, exc_reason=None):
         extra = {"flavor": flavor, "exclude": exclude} if flavor or exclude else {}
+        if exc_reason:
+            extra["exc_reason"] = exc_reason
         outcome, host = timed_call(self.truth, "nova-conductor", self.sched.prepare(timeout=10),
                                    ctxt, "select_destinations",
                                    desc("scheduler", version="4.5"), 10,
@@ -300,7 +304,8 @@ class SchedulerEndpoint(Handled):
                          global_request_id=ctxt.global_request_id, t=time.time())
         raise NoValidHost(reason=reason)
 
-    def select_destinations(self, ctxt, instance_uuid, flavor=None, exclude=None):
+    def select_destinations(self, ctxt, instance_uuid, flavor=None, exclude=None,
+                            exc_reason=None):
         self.n += 1
         if self.rest:
             r = self.rest.call("placement", "GET", "/allocation_candidates?resources=VCPU:1",
@@ -316,8 +321,10 @@ class SchedulerEndpoint(Handled):
             fits = self.hosts[:1] if flavor == "big" else self.hosts
             left = [h for h in fits if h not in (exclude or [])]
             if not left:
+                # what exhausted the retries: the failure on the hosts tried
                 self.no_valid_host(ctxt, "Exhausted all hosts available for retrying build "
-                                         "failures for instance %s." % instance_uuid)
+                                         "failures for instance %s." % instance_uuid,
+                                   exc_reason)
             host = left[self.n % len(left)]
             if self.rest:
                 self.rest.call("placement", "PUT", "/allocations/" + instance_uuid,
@@ -344,14 +351,22 @@ class SchedulerEndpoint(Handled):
 class ComputeEndpoint(Handled):
     MAX_ATTEMPTS = 2
 
-    def __init__(self, truth, host, transport, notifier, faults, rest=None, reschedule=False):
+    def __init__(self, truth, host, transport, notifier, faults, rest=None, reschedule=False,
+                 versioned=False):
         super().__init__(truth, "nova-compute", host)
         self.target = endpoint_target(version="6.0")
         self.conductor = client(transport, "conductor", version="3.0")
         self.builds = client(transport, "conductor", namespace="compute_task", version="1.25")
         self.notifier, self.faults = notifier, faults
-        self.rest = rest  # neutron, through python-neutronclient
+        self.rest = rest  # neutron, through the SDK or python-neutronclient
         self.reschedule = reschedule
+        # nova's notification_format: unversioned ("compute.instance.create.end",
+        # publisher compute.<host>) or versioned ("instance.create.end", nova-compute:<host>)
+        self.versioned = versioned
+
+    def notify(self, ctxt, priority, action, payload):
+        event = action if self.versioned else "compute." + action
+        getattr(self.notifier, priority)(ctxt, event, payload)
 
     def build_and_run_instance(self, ctxt, instance_uuid, flavor=None, attempt=1):
         if self.rest:
@@ -363,17 +378,20 @@ class ComputeEndpoint(Handled):
             cause = {"service": "neutron-server", "operation": "PUT /v2.0/ports/{port_id}",
                      "error": "PortBindingFailed"}
             if r.status_code != 200 and self.reschedule and attempt < self.MAX_ATTEMPTS:
-                # as nova does on a failed build: RescheduledException, back to the conductor
+                # as nova does on a failed build: create.error, then RescheduledException
+                # back to the conductor
                 self.record(ctxt, "build_and_run_instance", "cast",
                             raised={"class": "RescheduledException",
                                     "module": "nova.exception"})
+                self.notify(ctxt, "error", "instance.create.error",
+                            {"instance_id": instance_uuid, "port_id": port})
                 self.truth.write(kind="rescheduled", service="nova-compute", host=self.host,
                                  pid=os.getpid(), cause=cause, request_id=ctxt.request_id,
                                  global_request_id=ctxt.global_request_id, t=time.time())
                 timed_cast(self.truth, "nova-compute", self.builds, ctxt, "build_instances",
                            desc("conductor", namespace="compute_task", version="1.25"),
                            instance_uuid=instance_uuid, flavor=flavor, exclude=[self.host],
-                           attempt=attempt + 1)
+                           attempt=attempt + 1, exc_reason=cause)
                 return
             if r.status_code != 200:
                 self.truth.write(kind="surfaced", service="nova-compute", pid=os.getpid(),
@@ -382,22 +400,22 @@ class ComputeEndpoint(Handled):
                                  global_request_id=ctxt.global_request_id, t=time.time())
                 self.record(ctxt, "build_and_run_instance", "cast",
                             raised={"class": "PortBindingFailed", "module": "nova.exception"})
-                self.notifier.error(ctxt, "compute.instance.create.error",
-                                    {"instance_id": instance_uuid, "port_id": port})
+                self.notify(ctxt, "error", "instance.create.error",
+                            {"instance_id": instance_uuid, "port_id": port})
                 raise PortBindingFailed(port_id=port)
         self.record(ctxt, "build_and_run_instance", "cast")
         timed_call(self.truth, "nova-compute", self.conductor.prepare(timeout=10), ctxt,
                    "object_action", desc("conductor", version="3.0"), 10,
                    objname="Instance", objmethod="save")
-        self.notifier.info(ctxt, "compute.instance.create.end",
-                           {"instance_id": instance_uuid, "state": "active"})
+        self.notify(ctxt, "info", "instance.create.end",
+                    {"instance_id": instance_uuid, "state": "active"})
 
     def attach_interface(self, ctxt, instance_uuid, port_id):
         if "port_binding" in self.faults:
             self.record(ctxt, "attach_interface", "call",
                         raised={"class": "PortBindingFailed", "module": "nova.exception"})
-            self.notifier.error(ctxt, "compute.instance.interface_attach.error",
-                                {"instance_id": instance_uuid, "port_id": port_id})
+            self.notify(ctxt, "error", "instance.interface_attach.error",
+                        {"instance_id": instance_uuid, "port_id": port_id})
             raise PortBindingFailed(port_id=port_id)
         self.record(ctxt, "attach_interface", "call")
         return {"port_id": port_id}
@@ -450,15 +468,22 @@ def run_service(args):
                                                      executor="threading",
                                                      serializer=ContextSerializer()))
     elif args.role == "nova-compute":
-        notifier = oslo_messaging.Notifier(ntransport, publisher_id="compute." + args.host,
-                                           driver="messagingv2", topics=["notifications"])
+        # host2 sends nova's versioned notifications in the failure scenario
+        versioned = args.reschedule and args.host == "host2"
+        notifier = oslo_messaging.Notifier(
+            ntransport, driver="messagingv2",
+            publisher_id=("nova-compute:" if versioned else "compute.") + args.host,
+            topics=["versioned_notifications" if versioned else "notifications"])
         rest = None
         if args.rest:
             import restapis
-            rest = restapis.service_client(truth, "nova-compute", FAKE_TOKEN_PREFIX,
-                                           user_agent="python-neutronclient")
+            # a newer nova talks to neutron through the SDK under its own app name, an
+            # older one through python-neutronclient: one of each
+            form = (dict(app_name="nova-compute", additional=[("openstacksdk", "4.22.0")])
+                    if args.host == "host1" else dict(exact="python-neutronclient"))
+            rest = restapis.service_client(truth, "nova-compute", FAKE_TOKEN_PREFIX, **form)
         ep = ComputeEndpoint(truth, args.host, transport, notifier, faults, rest,
-                             reschedule=args.reschedule)
+                             reschedule=args.reschedule, versioned=versioned)
         target = oslo_messaging.Target(topic="compute", server=args.host)
         servers.append(oslo_messaging.get_rpc_server(transport, target, [ep],
                                                      executor="threading",
@@ -514,7 +539,8 @@ def run_api(args, truth, transport, faults, stop):
         app = restapis.Neutron(truth,
                                restapis.middleware_client(truth, "neutron-server", "neutron", tp),
                                restapis.service_client(truth, "neutron-server", tp,
-                                                       user_agent="python-novaclient"),
+                                                       app_name="neutron-server",
+                                                       client_name="python-novaclient"),
                                faults, flaky_host=args.flaky_host)
         service = "neutron"
     else:
@@ -544,9 +570,11 @@ def run_api(args, truth, transport, faults, stop):
         legacy = {"9d6f0b8e-1c2a-4b7e-9f3d-5a4c3b2a1f00": "host3"} if args.quota else None
         app = restapis.Nova(truth, restapis.middleware_client(truth, "nova-api", "nova", tp),
                             restapis.service_client(truth, "nova-api", tp,
-                                                    user_agent="python-glanceclient"),
-                            restapis.service_client(truth, "nova-api", tp,
-                                                    user_agent="python-neutronclient"),
+                                                    exact="python-glanceclient"),
+                            restapis.service_client(truth, "nova-api", tp, app_name="nova-api",
+                                                    app_version="32.0.0",
+                                                    client_name="python-neutronclient",
+                                                    client_version="11.2.0"),
                             build,
                             placement=restapis.service_client(truth, "nova-api", tp)
                             if args.quota else None,
@@ -555,15 +583,33 @@ def run_api(args, truth, transport, faults, stop):
     restapis.serve(service, app, stop)
 
 
+# What users call the APIs with, by the User-Agent each sends: the CLI (its app name
+# before osc-lib's and the SDK's), a Go client, Terraform (which prepends itself to
+# gophercloud's), curl.
+USER_TOOLS = [
+    dict(app_name="python-openstackclient", app_version="7.1.2",
+         additional=[("osc-lib", "3.1.0"), ("openstacksdk", "4.0.1")]),
+    dict(exact="gophercloud/2.0.0"),
+    dict(exact="HashiCorp Terraform/1.9.8 (+https://www.terraform.io) Terraform Plugin "
+               "SDK/2.10.1 terraform-provider-openstack/3.0.0 gophercloud/2.0.0"),
+    dict(exact="curl/8.5.0"),
+]
+
+
 def run_user(args):
-    """The user: an SDK session for keystone and glance, novaclient for nova."""
+    """The user: an SDK session for keystone and glance, novaclient for nova, and now and
+    then another tool."""
     import restapis
     truth = Truth(args.truth)
     truth.write(kind="process", service="openstack", host=None, pid=os.getpid(), t=time.time())
     sdk = restapis.Client(truth, "openstack", FAKE_TOKEN_PREFIX, app_name="openstacksdk")
     token = sdk.login("demo")
-    nova = restapis.Client(truth, "openstack", FAKE_TOKEN_PREFIX, user_agent="python-novaclient")
+    nova = restapis.Client(truth, "openstack", FAKE_TOKEN_PREFIX, exact="python-novaclient")
     nova.token = token
+    tools = [restapis.Client(truth, "openstack", FAKE_TOKEN_PREFIX, **form)
+             for form in USER_TOOLS]
+    for t in tools:
+        t.token = token
     image = str(uuid.uuid4())
     if args.failures:
         user_failures(nova, image, args.calls)
@@ -587,9 +633,11 @@ def run_user(args):
         if i % 3 == 0:
             nova.call("nova", "GET", "/v2.1/flavors/detail", route="/v2.1/flavors/detail")
             sdk.call("glance", "GET", "/v2/images?limit=20", route="/v2/images")
+            tools[(i // 3) % len(tools)].call("nova", "GET", "/v2.1/flavors/detail",
+                                              route="/v2.1/flavors/detail")
         time.sleep(0.05)
     # a token keystone never issued: nova answers 401
-    stale = restapis.Client(truth, "openstack", FAKE_TOKEN_PREFIX, user_agent="python-novaclient")
+    stale = restapis.Client(truth, "openstack", FAKE_TOKEN_PREFIX, exact="python-novaclient")
     stale.token = FAKE_TOKEN_PREFIX + "revoked" + uuid.uuid4().hex
     stale.call("nova", "GET", "/v2.1/flavors/detail", route="/v2.1/flavors/detail")
     time.sleep(2.0)  # let the builds the casts started finish

@@ -34,12 +34,27 @@ def url(service, path):
 
 
 class Client:
-    """Outbound REST with keystoneauth1, recording what the caller saw."""
+    """Outbound REST with keystoneauth1, recording what the caller saw.
 
-    def __init__(self, truth, caller, token_prefix, user_agent=None, app_name=None):
-        from keystoneauth1 import session
+    The User-Agent is built by keystoneauth1 itself from what real code hands it
+    (oslo-wire.md §7.4): nothing (`<argv0> keystoneauth1/...`), an app name and version
+    (`app_name`), a client library on an Adapter (`client_name`, as python-novaclient's
+    SessionClient passes), extras such as the SDK's (`additional`), or a fixed string sent
+    verbatim per request (`exact`, as the older service clients and non-Python tools do).
+    """
+
+    def __init__(self, truth, caller, token_prefix, user_agent=None, app_name=None,
+                 app_version=None, client_name=None, client_version=None, additional=None,
+                 exact=None):
+        from keystoneauth1 import adapter, session
+        if app_name and app_version is None and app_name == "openstacksdk":
+            app_version = "4.22.0"
         self.session = session.Session(user_agent=user_agent, app_name=app_name,
-                                       app_version="4.22.0" if app_name else None)
+                                       app_version=app_version,
+                                       additional_user_agent=additional or [])
+        self.adapter = adapter.Adapter(self.session, client_name=client_name,
+                                       client_version=client_version)
+        self.exact = exact
         self.truth, self.caller, self.token_prefix = truth, caller, token_prefix
         self.token = None
 
@@ -58,14 +73,16 @@ class Client:
         if authenticated and self.token:
             hdrs["X-Auth-Token"] = self.token
         t_start = time.time()
-        r = self.session.request(url(service, path), method, json=json, headers=hdrs,
-                                 raise_exc=False, global_request_id=global_request_id)
+        extra = {"user_agent": self.exact} if self.exact else {}
+        r = self.adapter.request(url(service, path), method, json=json, headers=hdrs,
+                                 raise_exc=False, global_request_id=global_request_id, **extra)
         t_end = time.time()
         self.truth.write(kind="rest_call", caller=self.caller, pid=os.getpid(),
                          service=service, method=method, path=path.split("?")[0],
                          route=route, status=r.status_code, t_start=t_start, t_end=t_end,
                          global_request_id=global_request_id,
-                         request_id=r.headers.get("x-openstack-request-id"))
+                         request_id=r.headers.get("x-openstack-request-id"),
+                         user_agent=r.request.headers.get("User-Agent"))
         return r
 
 
@@ -360,9 +377,10 @@ def serve(service, app, stop):
     return server
 
 
-def service_client(truth, caller, token_prefix, user_agent=None):
-    """A service's own keystoneauth session, logged in with the service user's password."""
-    c = Client(truth, caller, token_prefix, user_agent=user_agent)
+def service_client(truth, caller, token_prefix, **ua_form):
+    """A service's own keystoneauth session, logged in with the service user's password;
+    `ua_form` as `Client` takes it."""
+    c = Client(truth, caller, token_prefix, **ua_form)
     c.login(caller)
     return c
 
@@ -370,8 +388,6 @@ def service_client(truth, caller, token_prefix, user_agent=None):
 def middleware_client(truth, caller, project, token_prefix):
     """keystonemiddleware's session: its own User-Agent, the service user's token."""
     ua = KSM_UA % (project, PROJECT_VERSIONS.get(project, "1.0.0"))
-    from keystoneauth1 import session
-    c = Client(truth, caller, token_prefix)
-    c.session = session.Session(user_agent=ua)
+    c = Client(truth, caller, token_prefix, user_agent=ua)
     c.login(caller)
     return c

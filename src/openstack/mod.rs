@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod fault;
 pub mod route;
+pub mod services;
 
 use crate::FastMap as HashMap;
 use crate::event::{HttpEvent, HttpOutcome, Process};
@@ -13,42 +14,8 @@ use crate::health::Health;
 use crate::http::{End, Exchange};
 use crate::identity::AddressBook;
 use agent::Agent;
+use services::{DEFAULT_PORTS, DEFAULT_PREFIXES, EXTERNAL};
 use std::sync::Arc;
-
-/// Service type names by default API port (oslo-wire.md §8.1; 8780 is kolla's placement).
-pub const DEFAULT_PORTS: &[(u16, &str)] = &[
-    (5000, "keystone"),
-    (35357, "keystone"),
-    (8774, "nova"),
-    (8778, "placement"),
-    (8780, "placement"),
-    (9696, "neutron"),
-    (9292, "glance"),
-    (8776, "cinder"),
-    (8004, "heat"),
-    (8000, "heat-cfn"),
-    (9001, "designate"),
-    (9876, "octavia"),
-    (8080, "swift"),
-    (9311, "barbican"),
-    (6385, "ironic"),
-    (8775, "nova-metadata"),
-];
-
-/// devstack-style path prefixes on a shared web server.
-pub const DEFAULT_PREFIXES: &[(&str, &str)] = &[
-    ("/identity", "keystone"),
-    ("/compute", "nova"),
-    ("/placement", "placement"),
-    ("/networking", "neutron"),
-    ("/image", "glance"),
-    ("/volume", "cinder"),
-    ("/heat-api", "heat"),
-    ("/dns", "designate"),
-    ("/load-balancer", "octavia"),
-    ("/key-manager", "barbican"),
-    ("/baremetal", "ironic"),
-];
 
 #[derive(Debug, Clone)]
 pub struct RestConfig {
@@ -148,10 +115,13 @@ impl Rest {
         t
     }
 
-    pub fn event(&mut self, ex: Exchange, book: &AddressBook, h: &mut Health) -> HttpEvent {
+    pub fn event(&mut self, ex: Exchange, book: &mut AddressBook, h: &mut Health) -> HttpEvent {
         let req = ex.request;
         let (service, path) = self.service(ex.server.port, &req.path);
         let route = self.route(service.as_ref(), path, h);
+        if let Some(svc) = &service {
+            book.learn_rest_caller(ex.server.ip, services::api_process(svc));
+        }
         let client = caller(req.user_agent.as_deref(), &ex.client.ip, book);
         let method = METHODS
             .iter()
@@ -211,35 +181,42 @@ pub fn valid_request_id(id: &str) -> bool {
         })
 }
 
-/// The caller: a service process named by its User-Agent, else the service a token
-/// validation is done for, else the one service its address is home to, else the client
-/// library, else the external client.
-fn caller(ua: Option<&str>, ip: &std::net::IpAddr, book: &AddressBook) -> Process {
+/// The caller, always a process name, a client library or `external`:
+/// 1. the process its User-Agent names (keystoneauth's app name or argv[0]);
+/// 2. the API process of the project keystonemiddleware validates tokens for;
+/// 3. the one service its address is home to (AMQP connections named it), unless the
+///    User-Agent is a user's tool (the CLI, Terraform, curl…), which no service sends;
+/// 4. the client library or tool;
+/// 5. `external`.
+fn caller(ua: Option<&str>, ip: &std::net::IpAddr, book: &mut AddressBook) -> Process {
     let host = ip.to_string();
-    let named = |service: String| Process {
-        service: Some(service),
+    let named = |service: &str| Process {
+        service: Some(service.to_string()),
         pid: None,
         host: host.clone(),
     };
-    let agent = ua.map_or(Agent::Other, agent::classify);
-    if let Agent::Process(name) = agent {
-        // the address may also give the pid, when it is that very service
-        return match book.lookup(ip) {
-            Some(p) if p.service.as_deref() == Some(&name) => (**p).clone(),
-            _ => named(name),
-        };
-    }
-    if let Agent::TokenMiddleware(project) = agent {
+    match ua.map_or(Agent::Other, agent::classify) {
+        Agent::Process(name) => {
+            book.learn_rest_caller(*ip, &name);
+            // the address may also give the pid, when it is that very service
+            match book.lookup(ip) {
+                Some(p) if p.service.as_deref() == Some(&name) => (**p).clone(),
+                _ => named(&name),
+            }
+        }
         // the middleware runs inside the project's API: surer than an address, which may
         // be shared with services whose AMQP connections were not seen yet
-        return named(project);
-    }
-    if let Some(p) = book.lookup(ip) {
-        return (**p).clone();
-    }
-    match agent {
-        Agent::ClientLibrary(lib) => named(lib),
-        _ => named("external".into()),
+        Agent::TokenMiddleware(project) => {
+            let process = services::api_process(&project);
+            book.learn_rest_caller(*ip, process);
+            named(process)
+        }
+        Agent::ClientLibrary(lib) if services::is_user_tool(&lib) => named(&lib),
+        agent => match (book.lookup(ip), agent) {
+            (Some(p), _) => (**p).clone(),
+            (None, Agent::ClientLibrary(lib)) => named(&lib),
+            (None, _) => named(EXTERNAL),
+        },
     }
 }
 

@@ -9,9 +9,9 @@
 use super::sketch::{Quantiles, Sketch};
 use crate::FastMap as HashMap;
 use crate::event::{Event, HttpEvent, HttpOutcome, Outcome, RpcEvent};
+use crate::openstack::services::{EXTERNAL, api_process, is_user_side};
 use crate::oslo::RpcType;
 use crate::time::Ts;
-use crate::trace::api_process_name;
 use petgraph::graph::{DiGraph, EdgeIndex, NodeIndex};
 use serde::Serialize;
 use std::collections::VecDeque;
@@ -146,19 +146,13 @@ pub struct Hop<'a> {
     pub server_s: Option<f64>,
 }
 
-/// The REST caller as a graph node name: a service type named by keystonemiddleware is
-/// its API process; nothing known is the external client.
+/// The REST caller as a graph node name (nothing known: the external client).
 fn http_client(e: &HttpEvent) -> &str {
-    let c = e.client.service.as_deref().unwrap_or("external");
-    match c {
-        "nova" | "neutron" | "glance" | "placement" | "cinder" | "heat" | "designate"
-        | "octavia" | "barbican" | "ironic" => api_process_name(c),
-        other => other,
-    }
+    e.client.service.as_deref().unwrap_or(EXTERNAL)
 }
 
 fn http_server(e: &HttpEvent) -> &str {
-    api_process_name(e.service.as_deref().unwrap_or("unknown"))
+    api_process(e.service.as_deref().unwrap_or("unknown"))
 }
 
 /// An edge's operation, keyed without building its text (built once, for the report).
@@ -436,10 +430,7 @@ impl Graph {
             Event::Http(e) => {
                 let client = http_client(e);
                 // users: nothing named them, or they called through a client library
-                let kind = if client == "external"
-                    || e.client.service.is_none()
-                    || crate::openstack::agent::is_client_library(client)
-                {
+                let kind = if is_user_side(client) {
                     NodeKind::Client
                 } else {
                     NodeKind::Service

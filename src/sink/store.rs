@@ -146,6 +146,7 @@ mod tests {
             message: None,
             t,
             propagation: Some("rest_error_response".into()),
+            ..Default::default()
         };
         Arc::new(ChainEvent {
             kind: "chain".into(),
@@ -154,6 +155,7 @@ mod tests {
             origin: hop.clone(),
             root: hop.clone(),
             hops: vec![hop],
+            attempts: Vec::new(),
             inferred: false,
         })
     }
