@@ -98,6 +98,15 @@ pub enum Signal {
         topic: Name,
         method: Name,
     },
+    /// A copy redelivered to another consumer, or read again by the same one.
+    Redelivered {
+        topic: Name,
+        method: Name,
+    },
+    /// The broker cancelled a consumer (its queue was deleted, or failed over).
+    ConsumerCancelled {
+        queue: String,
+    },
     Returned {
         reply_code: u16,
     },
@@ -129,10 +138,29 @@ enum Timer {
 
 struct Call {
     ev: RpcEvent,
+    /// Who got a copy so far (see `consumer_key`): a second copy to the same consumer is
+    /// a re-read (a stream consumer re-attaching), not another delivery.
+    consumers: Vec<u64>,
     first_seen: Ts,
     expired: bool,
     /// Failure from a legacy (≤ 2.x) payload reply, completed by the empty ending reply.
     legacy_failure: Option<RemoteError>,
+}
+
+/// Consumers remembered per message; a fanout to more queues than this counts every
+/// further copy as a new delivery.
+const MAX_CONSUMERS_KEPT: usize = 256;
+
+/// A consumer's identity across reconnects: its process (connection_name survives a
+/// reconnect) when named, else its connection.
+fn consumer_key(p: &Process, conn: u64) -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut h = ahash::RandomState::with_seeds(1, 2, 3, 4).build_hasher();
+    match (&p.service, p.pid) {
+        (Some(s), Some(pid)) => (s, pid, &p.host).hash(&mut h),
+        _ => conn.hash(&mut h),
+    }
+    h.finish()
 }
 
 /// Ids already reported, so that retries and duplicates are recognised. Bounded FIFO.
@@ -350,9 +378,11 @@ impl Correlator {
                 // comes back (flow ids only grow), so its entry can go
                 self.conns.remove(&conn);
             }
+            AmqpEvent::BrokerCancel { queue, .. } => out.push(Signal::ConsumerCancelled {
+                queue: queue.unwrap_or_default(),
+            }),
             AmqpEvent::VhostOpened { .. }
             | AmqpEvent::ConsumerStarted { .. }
-            | AmqpEvent::BrokerCancel { .. }
             | AmqpEvent::Nack { .. } => {}
         }
     }
@@ -419,7 +449,8 @@ impl Correlator {
                             call.ev.t_reply_publish = Some(m.ts.as_secs_f64());
                             call.ev.error = r.failure.clone().or(call.legacy_failure.take());
                         }
-                        if call.ev.callee.is_none() {
+                        // the server that answered (a redelivered call may have gone to two)
+                        if call.ev.callee.is_none() || publisher.service.is_some() {
                             call.ev.callee = Some(publisher);
                         }
                     }
@@ -568,7 +599,7 @@ impl Correlator {
                     health.anomaly("oslo", "duplicate_publish");
                 }
             } else {
-                Self::delivered(c, t, proc_, redelivered, out);
+                Self::delivered(c, t, (proc_, m.conn), redelivered, out);
             }
             return;
         }
@@ -621,9 +652,11 @@ impl Correlator {
                 outcome: Outcome::NoReply,
                 error: None,
                 deliveries: 0,
+                redeliveries: 0,
                 heartbeats: 0,
                 returns: 0,
             },
+            consumers: Vec::new(),
             first_seen: m.ts,
             expired: false,
             legacy_failure: None,
@@ -638,7 +671,7 @@ impl Correlator {
             call.ev.t_publish = Some(t);
             call.ev.caller = Some(proc_);
         } else {
-            Self::delivered(&mut call, t, proc_, redelivered, out);
+            Self::delivered(&mut call, t, (proc_, m.conn), redelivered, out);
         }
         if is_call {
             if self.calls.len() >= self.cfg.max_calls {
@@ -671,13 +704,36 @@ impl Correlator {
         }
     }
 
+    /// One copy reached a consumer. Each consumer that got the message counts once: a
+    /// redelivery (the broker gave a copy nobody acked to another consumer, e.g. a quorum
+    /// queue after its consumer died) moves it there, and a second copy to the same
+    /// consumer (a stream consumer re-reading after it re-attached) is only counted as
+    /// redelivered. A call's delivery is the one to the server that got it last.
     fn delivered(
         c: &mut Call,
         t: f64,
-        consumer: Arc<Process>,
+        (consumer, conn): (Arc<Process>, u64),
         redelivered: bool,
         out: &mut Vec<Signal>,
     ) {
+        let who = consumer_key(&consumer, conn);
+        let again = c.consumers.contains(&who);
+        let moved = redelivered && !again && !c.consumers.is_empty();
+        if !again && c.consumers.len() < MAX_CONSUMERS_KEPT {
+            c.consumers.push(who);
+        }
+        if again || moved {
+            c.ev.redeliveries += 1;
+            if moved && c.ev.rpc_type == RpcType::Call {
+                c.ev.t_deliver = Some(t);
+                c.ev.callee = Some(consumer);
+            }
+            out.push(Signal::Redelivered {
+                topic: c.ev.topic.clone(),
+                method: c.ev.method.clone(),
+            });
+            return;
+        }
         c.ev.deliveries += 1;
         if c.ev.t_deliver.is_none() {
             c.ev.t_deliver = Some(t);
@@ -779,5 +835,153 @@ impl Correlator {
         self.timers.clear();
         self.call_order.clear();
         self.cast_order.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::amqp::Props;
+    use crate::amqp::conn::ClientIdentity;
+    use crate::decode::Endpoint;
+
+    fn body(inner: serde_json::Value) -> Vec<u8> {
+        serde_json::to_vec(
+            &serde_json::json!({"oslo.version": "2.0", "oslo.message": inner.to_string()}),
+        )
+        .unwrap()
+    }
+
+    struct Wire {
+        c: Correlator,
+        h: Health,
+        out: Vec<Signal>,
+    }
+
+    impl Wire {
+        fn new() -> Wire {
+            Wire {
+                c: Correlator::new(CorrelatorConfig::default()),
+                h: Health::default(),
+                out: Vec::new(),
+            }
+        }
+
+        /// Connection `conn` belongs to process `name:pid`.
+        fn conn(&mut self, conn: u64, name: &str) {
+            let identity = ClientIdentity {
+                connection_name: Some(format!("{name}:00000000-0000")),
+                product: None,
+            };
+            let client = Endpoint {
+                ip: "10.0.0.1".parse().unwrap(),
+                port: conn as u16,
+            };
+            self.c.on_amqp(
+                AmqpEvent::Identified {
+                    conn,
+                    client,
+                    identity: Arc::new(identity),
+                },
+                &mut self.h,
+                &mut self.out,
+            );
+        }
+
+        fn msg(&mut self, t: f64, conn: u64, kind: MessageKind, exchange: &str, b: &[u8]) {
+            let m = Message {
+                ts: Ts::from_secs_f64(t),
+                conn,
+                client: Endpoint {
+                    ip: "10.0.0.1".parse().unwrap(),
+                    port: conn as u16,
+                },
+                kind,
+                channel: 1,
+                exchange: exchange.into(),
+                routing_key: String::new(),
+                queue: None,
+                props: Props::default(),
+                body: b.to_vec(),
+            };
+            self.c
+                .on_amqp(AmqpEvent::Message(Box::new(m)), &mut self.h, &mut self.out);
+        }
+
+        fn rpc_events(&mut self) -> Vec<RpcEvent> {
+            self.c.finish_all(&mut self.out);
+            self.out
+                .drain(..)
+                .filter_map(|s| match s {
+                    Signal::Event(Event::Rpc(e)) => Some(*e),
+                    _ => None,
+                })
+                .collect()
+        }
+    }
+
+    fn deliver(redelivered: bool) -> MessageKind {
+        MessageKind::Deliver {
+            consumer_tag: "1".into(),
+            redelivered,
+        }
+    }
+
+    #[test]
+    fn a_stream_re_read_and_a_redelivery_count_once_per_consumer() {
+        let mut w = Wire::new();
+        w.conn(1, "nova-compute:11");
+        w.conn(2, "nova-scheduler:21");
+        w.conn(3, "nova-scheduler:22");
+        w.conn(4, "nova-scheduler:21"); // sched 21 again, reconnected after a broker cancel
+        let fanout =
+            body(serde_json::json!({"method": "update_instance_info", "_unique_id": "u1"}));
+        let publish = MessageKind::Publish { mandatory: false };
+        w.msg(0.0, 1, publish, "scheduler_fanout", &fanout);
+        w.msg(0.1, 2, deliver(false), "scheduler_fanout", &fanout);
+        w.msg(0.1, 3, deliver(false), "scheduler_fanout", &fanout);
+        // the reconnected consumer re-reads the stream's last chunk
+        w.msg(0.9, 4, deliver(false), "scheduler_fanout", &fanout);
+        let ev = w.rpc_events();
+        assert_eq!((ev[0].deliveries, ev[0].redeliveries), (2, 1));
+    }
+
+    #[test]
+    fn a_call_redelivered_to_another_server_is_one_call_served_by_the_second() {
+        let mut w = Wire::new();
+        w.conn(1, "nova-api:1");
+        w.conn(2, "nova-compute:11");
+        w.conn(3, "nova-compute:12");
+        let call = body(
+            serde_json::json!({"method": "slow_op", "_msg_id": "m1", "_reply_q": "reply_api:nova-api:1", "_unique_id": "u1"}),
+        );
+        let reply = body(
+            serde_json::json!({"result": 1, "failure": null, "ending": true, "_msg_id": "m1", "_unique_id": "u2"}),
+        );
+        w.msg(
+            0.0,
+            1,
+            MessageKind::Publish { mandatory: false },
+            "nova",
+            &call,
+        );
+        w.msg(0.01, 2, deliver(false), "nova", &call);
+        // compute 11 died holding it unacked: the broker hands it to compute 12
+        w.msg(1.0, 3, deliver(true), "nova", &call);
+        w.msg(1.2, 3, MessageKind::Publish { mandatory: true }, "", &reply);
+        w.msg(1.21, 1, deliver(false), "", &reply);
+        let ev = w.rpc_events();
+        assert_eq!(ev.len(), 1);
+        let e = &ev[0];
+        assert_eq!(
+            (e.deliveries, e.redeliveries, e.outcome),
+            (1, 1, Outcome::Ok)
+        );
+        assert_eq!(e.callee.as_ref().unwrap().pid, Some(12));
+        assert_eq!(
+            e.t_deliver,
+            Some(1.0),
+            "the delivery to the server that answered"
+        );
     }
 }

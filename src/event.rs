@@ -69,8 +69,10 @@ pub struct RpcEvent {
     pub t_reply_deliver: Option<f64>,
     pub outcome: Outcome,
     pub error: Option<RemoteError>,
-    /// Copies delivered (a fanout: one per consumer queue).
+    /// Copies delivered (a fanout: one per consumer queue, or stream consumer).
     pub deliveries: u32,
+    /// Copies the broker redelivered to another consumer, or a consumer read again.
+    pub redeliveries: u32,
     /// Call-monitor heartbeats (`ending: false` replies) seen.
     pub heartbeats: u32,
     /// Reply publishes the broker returned (312 NO_ROUTE retries).

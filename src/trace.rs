@@ -678,9 +678,7 @@ fn symptom(spans: &[Span], root: usize, failed: &[usize]) -> Option<&'static str
     // an accepted request whose last word was a failure: nothing succeeded after it
     let last_good = spans
         .iter()
-        .filter(|s| {
-            s.failure.is_none() && !s.last_word_error() && s.status.is_none_or(|c| c < 400)
-        })
+        .filter(|s| s.failure.is_none() && !s.last_word_error() && s.status.is_none_or(|c| c < 400))
         .map(|s| s.t_start)
         .fold(f64::MIN, f64::max);
     failed

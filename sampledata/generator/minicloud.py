@@ -26,6 +26,7 @@ the scheduler then calls placement and the computes bind ports in neutron.
 """
 
 import argparse
+import glob
 import json
 import logging
 import os
@@ -101,6 +102,24 @@ def setup_logging():
 # --------------------------------------------------------------------------------------
 # oslo plumbing shared by every role
 # --------------------------------------------------------------------------------------
+# oslo.messaging's modern RabbitMQ options (oslo-wire.md, "Clusters and modern driver
+# options"), by the name the scenarios use; the values are [oslo_messaging_rabbit] overrides
+OSLO_OPTIONS = {
+    "quorum": {"rabbit_quorum_queue": True, "rabbit_quorum_delivery_limit": 5},
+    "transient_quorum": {"rabbit_transient_quorum_queue": True},
+    "queue_manager": {"use_queue_manager": True},
+    # streams need a prefetch (basic.qos)
+    "stream_fanout": {"rabbit_stream_fanout": True, "rabbit_qos_prefetch_count": 10},
+    "cancel_on_failover": {"enable_cancel_on_failover": True},
+}
+# what the modern and failover scenarios turn on (RabbitMQ refuses x-cancel-on-ha-failover
+# on quorum queues: it is for classic mirrored ones)
+SCENARIO_OPTIONS = {
+    "modern": "quorum,transient_quorum,queue_manager,stream_fanout",
+    "failover": "cancel_on_failover",
+}
+
+
 def make_conf(args):
     from oslo_config import cfg
     import oslo_messaging
@@ -109,12 +128,27 @@ def make_conf(args):
     conf = cfg.CONF  # services use the global CONF; oslo registers its tracing opts there
     conf([], project="minicloud")
     url = "rabbit://guest:guest@%s/%s" % (BROKER, args.vhost)
+    rabbit = {}
     if getattr(args, "reply_retry", None):
-        # the rabbit driver reads this when it is created: register and set it first
+        rabbit["kombu_missing_consumer_retry_timeout"] = args.reply_retry
+    for option in filter(None, (getattr(args, "oslo_options", None) or "").split(",")):
+        rabbit.update(OSLO_OPTIONS[option])
+    if rabbit.get("use_queue_manager"):
+        # the queue manager names queues after the host (one per simulated host) and
+        # counts them in /dev/shm under an oslo.concurrency file lock
+        rabbit["hostname"] = getattr(args, "host", None) or "api"
+        from oslo_concurrency import lockutils
+        lockutils.set_defaults(os.environ.get("MINICLOUD_LOCKS", "/tmp"))
+    if rabbit:
+        # the rabbit driver reads these when it is created: register and set them first
         from oslo_messaging._drivers import impl_rabbit
         conf.register_opts(impl_rabbit.rabbit_opts, group="oslo_messaging_rabbit")
-        conf.set_override("kombu_missing_consumer_retry_timeout", args.reply_retry,
-                          group="oslo_messaging_rabbit")
+        for k, v in rabbit.items():
+            conf.set_override(k, v, group="oslo_messaging_rabbit")
+    if getattr(args, "executor_threads", None):
+        from oslo_messaging import server
+        conf.register_opts(server._pool_opts)
+        conf.set_override("executor_thread_pool_size", args.executor_threads)
     transport = oslo_messaging.get_rpc_transport(conf, url=url)
     return conf, transport, url
 
@@ -488,6 +522,10 @@ def run_service(args):
         servers.append(oslo_messaging.get_rpc_server(transport, target, [ep],
                                                      executor="threading",
                                                      serializer=ContextSerializer()))
+        if args.longtask:
+            servers.append(longtask_server(transport, ep))
+    elif args.role == "ceilometer-agent-notification":
+        servers.append(notification_listener(truth, ntransport))
     else:
         raise SystemExit("unknown role " + args.role)
 
@@ -497,13 +535,21 @@ def run_service(args):
         s.start()
     truth.write(kind="process", service=args.role, host=args.host, pid=os.getpid(),
                 t=time.time())
-    open(args.ready, "w").close()
+    with open(args.ready, "w") as f:
+        f.write(str(os.getpid()))
 
     # computes report to every scheduler by fanout, like nova's update_instance_info
     sched_fanout = client(transport, "scheduler", version="4.5", fanout=True)
     ctxt = user_context()
     next_report = time.time() + 1.0
     while not stop.wait(0.05):
+        if args.longtask_file and os.path.exists(args.longtask_file):
+            # a second consumer of the long-task queue joins on the driver's word
+            args.longtask_file = None
+            extra = longtask_server(transport, ep)
+            extra.start()
+            servers.append(extra)
+            open(args.longtask_ready, "w").close()
         if args.role == "nova-compute" and args.fanout_every and time.time() >= next_report:
             next_report = time.time() + args.fanout_every
             timed_cast(truth, "nova-compute", sched_fanout, ctxt, "update_instance_info",
@@ -514,6 +560,45 @@ def run_service(args):
         s.wait()
     transport.cleanup()
     ntransport.cleanup()
+
+
+def longtask_server(transport, compute_endpoint):
+    """Consumes the shared "longtask" topic queue (and its own longtask.<host>): the broker
+    hands each call to the topic to one of its consumers, and gives what a dead one left
+    unacked to another."""
+    import oslo_messaging
+    target = oslo_messaging.Target(topic="longtask", server=compute_endpoint.host)
+    return oslo_messaging.get_rpc_server(transport, target, [compute_endpoint],
+                                         executor="threading", serializer=ContextSerializer())
+
+
+class NotificationEndpoint:
+    """ceilometer-like: consumes notifications, sending each back once (REQUEUE) before it
+    takes it, so that the broker redelivers every notification."""
+
+    def __init__(self, truth):
+        import oslo_messaging
+        self.truth, self.seen = truth, set()
+        self.requeue = oslo_messaging.NotificationResult.REQUEUE
+
+    def _any(self, ctxt, publisher_id, event_type, payload, metadata):
+        mid = metadata.get("message_id")
+        first = mid not in self.seen
+        self.seen.add(mid)
+        self.truth.write(kind="notified", service="ceilometer-agent-notification",
+                         pid=os.getpid(), event_type=event_type, message_id=mid,
+                         requeued=first, t=time.time())
+        return self.requeue if first else None
+
+    info = warn = error = critical = audit = _any
+
+
+def notification_listener(truth, ntransport):
+    import oslo_messaging
+    targets = [oslo_messaging.Target(topic="notifications")]
+    return oslo_messaging.get_notification_listener(
+        ntransport, targets, [NotificationEndpoint(truth)], executor="threading",
+        allow_requeue=True)
 
 
 REST_ROLES = ("keystone", "glance-api", "placement-api", "neutron-server", "nova-api")
@@ -694,6 +779,60 @@ def api_direct_calls(truth, transport, n, hosts, method="get_console_output", ti
         time.sleep(pause)
 
 
+def ask(work, what, timeout=60):
+    """Asks the orchestrator for `what` (a file it watches) and waits until it is done."""
+    open(os.path.join(work, what), "w").close()
+    wait_for(os.path.join(work, what + "-done"), what, timeout)
+
+
+def modern_driver(truth, transport, n, args):
+    """The healthy mix on quorum queues, queue-manager names and stream fanouts, then:
+    a scheduler that attaches late to the fanout stream (reads its last chunk), a broker
+    cancel (a consumer's queue deleted), and a call redelivered by the quorum queue to a
+    second consumer after the first died holding it unacked."""
+    work = args.work
+    api_builds(truth, transport, n)
+    api_direct_calls(truth, transport, n, ["host1", "host2"])
+    api_direct_calls(truth, transport, max(1, n // 4), ["host1", "host2"], "attach_interface")
+    ask(work, "start-sched3")
+    time.sleep(2.5)  # fanouts reach all three schedulers
+    # the broker cancels sched1's consumer of its own queue; oslo reconnects and declares
+    # it again (same connection_name)
+    import kombu
+    with kombu.Connection("amqp://guest:guest@%s/%s" % (BROKER, args.vhost)) as conn:
+        conn.default_channel.queue_delete("scheduler.sched1")
+    truth.write(kind="queue_deleted", queue="scheduler.sched1", t=time.time())
+    time.sleep(3.0)
+    for _ in range(3):
+        ctxt = user_context()
+        cctx = client(transport, "scheduler", server="sched1", version="4.5").prepare(timeout=10)
+        timed_call(truth, "nova-api", cctx, ctxt, "select_destinations",
+                   desc("scheduler", server="sched1", version="4.5"), 10,
+                   instance_uuid=str(uuid.uuid4()))
+    # a long task on host1, then host1 freezes (SIGSTOP: it reads nothing more, so what the
+    # broker sends it stays unacked), a second task goes to it all the same, host2 starts
+    # consuming the queue and host1 dies: the broker redelivers the second task to host2;
+    # the first never gets an answer
+    lt = client(transport, "longtask", version="6.0")
+    first = threading.Thread(target=timed_call, args=(
+        truth, "nova-api", lt.prepare(timeout=4), user_context(), "slow_op",
+        desc("longtask", version="6.0"), 4), kwargs={"secs": 6})
+    first.start()
+    time.sleep(0.3)
+    ask(work, "stop-host1")
+    second = threading.Thread(target=timed_call, args=(
+        truth, "nova-api", lt.prepare(timeout=10), user_context(), "slow_op",
+        desc("longtask", version="6.0"), 10), kwargs={"secs": 0.1})
+    second.start()
+    time.sleep(0.5)
+    ask(work, "longtask-host2")
+    ask(work, "kill-host1")
+    first.join()
+    second.join()
+    api_direct_calls(truth, transport, 3, ["host2"])
+    api_builds(truth, transport, 2)
+
+
 def run_driver(args):
     setup_logging()
     truth = Truth(args.truth)
@@ -724,6 +863,8 @@ def run_driver(args):
         # a method the endpoint does not have: oslo answers NoSuchMethod
         api_direct_calls(truth, transport, 2, ["host1"], "no_such_method",
                          instance_uuid="x")
+    elif sc in ("modern", "failover"):
+        modern_driver(truth, transport, n, args)
     elif sc == "dead_consumer":
         api_direct_calls(truth, transport, 3, ["host1"])
         # host3's queue exists (its compute went away), host9 never had one
@@ -787,6 +928,14 @@ SCENARIOS = {
     "midstream": "the capture starts after every connection is up and while a call is in "
                  "flight",
     "load": "the healthy mix, many times over (benchmark captures)",
+    "modern": "the healthy mix with oslo.messaging's modern RabbitMQ options all on (quorum "
+              "and transient quorum queues, queue-manager names, stream fanout, "
+              "cancel-on-failover); a scheduler attaching late to the fanout stream, a "
+              "broker consumer cancel, a call redelivered to a second consumer after the "
+              "first died holding it, notifications requeued by their consumer",
+    "failover": "the modern scenario's story on classic queues with "
+                "enable_cancel_on_failover (consumers declared with "
+                "x-cancel-on-ha-failover)",
     "failures": "the REST cloud failing: quota counted in placement fails (nova-api 500), a "
                 "host that cannot bind ports (builds rescheduled: masked), instances whose "
                 "ports bind nowhere (rescheduled, then ERROR), a flavor only that host fits "
@@ -819,6 +968,27 @@ def wait_for(path, what, timeout=30, procs=()):
         time.sleep(0.05)
 
 
+def serve_requests(work, service, hosts_procs, procs):
+    """What the driver asks of the orchestrator (modern scenario), by request file."""
+    def done(what):
+        os.unlink(os.path.join(work, what))
+        open(os.path.join(work, what + "-done"), "w").close()
+
+    if os.path.exists(os.path.join(work, "start-sched3")):
+        p, ready = service("nova-scheduler", "sched3", "--hosts", "host1,host2")
+        wait_for(ready, "sched3", procs=[p])
+        done("start-sched3")
+    if os.path.exists(os.path.join(work, "stop-host1")):
+        hosts_procs["host1"].send_signal(signal.SIGSTOP)
+        done("stop-host1")
+    if os.path.exists(os.path.join(work, "kill-host1")):
+        victim = hosts_procs["host1"]
+        victim.kill()  # SIGKILL: what it held unacked goes back to the queue
+        victim.wait(timeout=20)
+        procs.remove(victim)
+        done("kill-host1")
+
+
 def record(args):
     scenario = args.scenario
     if scenario not in SCENARIOS:
@@ -836,6 +1006,10 @@ def record(args):
     log = open(os.path.join(args.out, scenario + ".log"), "w")
     procs, tcpdump = [], None
     common = ["--vhost", vhost]
+    os.environ["MINICLOUD_LOCKS"] = work  # the queue manager's file locks
+    if scenario in SCENARIO_OPTIONS:
+        common += ["--oslo-options", SCENARIO_OPTIONS[scenario]]
+    modern = scenario in ("modern", "failover")
 
     def start_capture():
         nonlocal tcpdump
@@ -891,15 +1065,25 @@ def record(args):
             if rest:
                 extra += ["--rest"]
             readies.append(service("nova-scheduler", s, *extra)[1])
+        hosts_procs = {}
         for h in ("host1", "host2"):
             extra = ["--fanout-every", "2"] + (["--rest"] if rest else [])
+            if modern and h == "host1":
+                extra += ["--longtask"]
+            if modern and h == "host2":
+                extra += ["--longtask-file", os.path.join(work, "longtask-host2"),
+                          "--longtask-ready", os.path.join(work, "longtask-host2-done")]
             if failures:
                 extra += ["--reschedule"]
             if h in faults:
                 extra += ["--faults", faults[h]]
             if scenario == "slow_server":
                 extra += ["--reply-retry", "3"]
-            readies.append(service("nova-compute", h, *extra)[1])
+            p, r = service("nova-compute", h, *extra)
+            hosts_procs[h] = p
+            readies.append(r)
+        if modern:
+            readies.append(service("ceilometer-agent-notification", "ctl1")[1])
         if scenario in ("dead_consumer", "failures"):
             p, r = service("nova-compute", "host3")
             wait_for(r, "host3", procs=[p])
@@ -919,6 +1103,8 @@ def record(args):
             dargs = ["user", "--calls", str(args.calls), "--truth", driver_truth]
             if failures:
                 dargs += ["--failures"]
+        if modern:
+            dargs += ["--work", work]
         driver = spawn("openstack" if rest else "nova-api", dargs, log)
         if midstream:
             wait_for(phase1, "phase 1", procs=[driver])
@@ -928,7 +1114,14 @@ def record(args):
             orphan = spawn("nova-api", ["orphan", "--truth",
                                         os.path.join(work, "truth-orphan.jsonl")] + common, log)
             orphan.wait(timeout=60)
-        if driver.wait(timeout=600) != 0:
+        deadline = time.time() + 600
+        while driver.poll() is None:
+            if time.time() > deadline:
+                driver.kill()
+                raise SystemExit("driver timed out; see %s.log" % scenario)
+            serve_requests(work, service, hosts_procs, procs)
+            time.sleep(0.05)
+        if driver.returncode != 0:
             raise SystemExit("driver failed; see %s.log" % scenario)
         if scenario == "slow_server":
             time.sleep(4)  # the 312 retry storm lasts kombu_missing_consumer_retry_timeout
@@ -945,6 +1138,11 @@ def record(args):
             tcpdump.send_signal(signal.SIGINT)
             tcpdump.wait(timeout=20)
         sh("rabbitmqctl", "-q", "delete_vhost", vhost, check=False)
+        # the queue manager's counters (named <host>_<process>_qmanager)
+        for f in glob.glob("/dev/shm/*_qmanager"):
+            if os.path.basename(f).split("_")[0] in ("api", "cond1", "sched1", "sched2",
+                                                      "sched3", "host1", "host2", "ctl1"):
+                os.unlink(f)
     records = []
     for name in sorted(os.listdir(work)):
         if name.startswith("truth-"):
@@ -988,6 +1186,10 @@ def main():
     s.add_argument("--flaky-host", help="neutron: port binding on this host always fails")
     s.add_argument("--quota", action="store_true",
                    help="nova-api counts quota in placement and knows a server on host3")
+    s.add_argument("--executor-threads", type=int, help="executor_thread_pool_size")
+    s.add_argument("--longtask", action="store_true", help="consume the longtask topic")
+    s.add_argument("--longtask-file", help="consume the longtask topic once this exists")
+    s.add_argument("--longtask-ready", help="written once consuming the longtask topic")
     u = sub.add_parser("user")
     for a in ("--truth",):
         u.add_argument(a, required=True)
@@ -999,11 +1201,14 @@ def main():
     d.add_argument("--calls", type=int, default=12)
     d.add_argument("--go-file")
     d.add_argument("--phase1-file")
+    d.add_argument("--work", help="the orchestrator's directory, for requests")
     o = sub.add_parser("orphan")
     for a in ("--truth", "--vhost"):
         o.add_argument(a, required=True)
     for p in (s, d, o, u):
         p.add_argument("--as", dest="process_name", required=True)
+    for p in (s, d, o):
+        p.add_argument("--oslo-options", help="comma list of " + ", ".join(OSLO_OPTIONS))
     args = ap.parse_args()
     if getattr(args, "process_name", None):
         # oslo.messaging's connection_name is basename(argv[0]): make it the service name,

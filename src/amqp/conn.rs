@@ -29,6 +29,11 @@ pub struct Props {
     pub delivery_mode: Option<u8>,
     /// The `compression` application header kombu sets when it compressed the body.
     pub compression: Option<String>,
+    /// A stream queue's delivery: the message's offset in the stream (`x-stream-offset`,
+    /// oslo.messaging's `rabbit_stream_fanout`).
+    pub stream_offset: Option<i64>,
+    /// A quorum queue's redelivery count (`x-delivery-count`).
+    pub delivery_count: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -545,6 +550,7 @@ fn acted_on(class: u16, method: u16) -> bool {
 }
 
 fn props_of(p: &basic::AMQPProperties) -> Props {
+    let header = |key| p.headers().as_ref().and_then(|h| table_value(h, key));
     Props {
         expiration: p.expiration().as_ref().map(|s| s.as_str().to_owned()),
         delivery_mode: *p.delivery_mode(),
@@ -552,16 +558,36 @@ fn props_of(p: &basic::AMQPProperties) -> Props {
             .headers()
             .as_ref()
             .and_then(|h| table_str(h, "compression")),
+        stream_offset: header("x-stream-offset").and_then(int_of),
+        delivery_count: header("x-delivery-count").and_then(int_of),
     }
 }
 
-fn table_str(t: &FieldTable, key: &str) -> Option<String> {
+fn table_value<'a>(t: &'a FieldTable, key: &str) -> Option<&'a AMQPValue> {
     t.inner()
         .iter()
         .find(|(k, _)| k.as_str() == key)
-        .and_then(|(_, v)| match v {
-            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-            AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-            _ => None,
-        })
+        .map(|(_, v)| v)
+}
+
+/// Any AMQP integer type, as brokers and clients pick different widths.
+fn int_of(v: &AMQPValue) -> Option<i64> {
+    Some(match *v {
+        AMQPValue::ShortShortInt(i) => i.into(),
+        AMQPValue::ShortShortUInt(i) => i.into(),
+        AMQPValue::ShortInt(i) => i.into(),
+        AMQPValue::ShortUInt(i) => i.into(),
+        AMQPValue::LongInt(i) => i.into(),
+        AMQPValue::LongUInt(i) => i.into(),
+        AMQPValue::LongLongInt(i) => i,
+        _ => return None,
+    })
+}
+
+fn table_str(t: &FieldTable, key: &str) -> Option<String> {
+    table_value(t, key).and_then(|v| match v {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    })
 }

@@ -373,6 +373,27 @@ pub fn split_routing_key(rk: &str) -> (&str, Option<&str>) {
     }
 }
 
+/// What an oslo.messaging queue is for, by its name: `reply` (`reply_<uuid>`, or the
+/// queue manager's `reply_<host>:<process>:<n>`), `fanout` (`<topic>_fanout_<id>`, or the
+/// shared `<topic>_fanout` stream), `notification` (`<topic>.<priority>`), else `rpc`.
+pub fn queue_kind(queue: &str) -> &'static str {
+    const PRIORITIES: &[&str] = &[
+        "audit", "debug", "info", "warn", "error", "critical", "sample",
+    ];
+    if queue.starts_with("reply_") {
+        "reply"
+    } else if queue.contains("_fanout") {
+        "fanout"
+    } else if queue
+        .rsplit_once('.')
+        .is_some_and(|(_, p)| PRIORITIES.contains(&p))
+    {
+        "notification"
+    } else {
+        "rpc"
+    }
+}
+
 /// `argv0:pid:uuid` → (service, pid).
 pub fn parse_connection_name(name: &str) -> (Option<String>, Option<u32>) {
     let mut parts = name.rsplitn(3, ':');
@@ -537,5 +558,17 @@ mod tests {
             (Some("nova-compute".into()), Some(12449))
         );
         assert_eq!(parse_connection_name("weird"), (Some("weird".into()), None));
+        for (q, kind) in [
+            ("reply_290096a378764630a92d2701b519157d", "reply"),
+            ("reply_host1:nova-api:3", "reply"),
+            ("scheduler_fanout_5b4c", "fanout"),
+            ("scheduler_fanout", "fanout"),
+            ("compute_fanout_host2:nova-compute:1", "fanout"),
+            ("notifications.info", "notification"),
+            ("compute.host1", "rpc"),
+            ("conductor", "rpc"),
+        ] {
+            assert_eq!(queue_kind(q), kind, "{q}");
+        }
     }
 }

@@ -106,6 +106,8 @@ pub struct Metrics {
     rpc_timeouts: Counters,
     rpc_late_replies: Counters,
     rpc_heartbeats: Counters,
+    rpc_redeliveries: Counters,
+    amqp_consumer_cancels: Counters,
     amqp_returns: Counters,
     amqp_channel_closes: Counters,
     amqp_connection_closes: Counters,
@@ -185,6 +187,8 @@ impl Metrics {
             rpc_timeouts: Family::default(),
             rpc_late_replies: Family::default(),
             rpc_heartbeats: Family::default(),
+            rpc_redeliveries: Family::default(),
+            amqp_consumer_cancels: Family::default(),
             amqp_returns: Family::default(),
             amqp_channel_closes: Family::default(),
             amqp_connection_closes: Family::default(),
@@ -280,6 +284,16 @@ impl Metrics {
             "rpc_heartbeats",
             "Call-monitor heartbeats (ending:false replies)",
             Declared(m.rpc_heartbeats.clone()),
+        );
+        r.register(
+            "rpc_redeliveries",
+            "Copies redelivered to another consumer (a quorum queue after its consumer died) or read again (a stream consumer re-attaching); not new deliveries",
+            Declared(m.rpc_redeliveries.clone()),
+        );
+        r.register(
+            "amqp_consumer_cancels",
+            "basic.cancel from the broker (queue deleted, or failed over with x-cancel-on-ha-failover), by the kind of queue",
+            Declared(m.amqp_consumer_cancels.clone()),
         );
         r.register(
             "amqp_returns",
@@ -488,6 +502,19 @@ impl Metrics {
                     &[],
                 );
                 self.rpc_heartbeats.get_or_create(&ls).inc();
+            }
+            Signal::Redelivered { topic, method } => {
+                let ls = self.cap(
+                    "rpc_redeliveries",
+                    l([("topic", topic), ("method", method)]),
+                    &[],
+                );
+                self.rpc_redeliveries.get_or_create(&ls).inc();
+            }
+            Signal::ConsumerCancelled { queue } => {
+                self.amqp_consumer_cancels
+                    .get_or_create(&l([("queue_kind", crate::oslo::queue_kind(queue))]))
+                    .inc();
             }
             Signal::Returned { reply_code } => {
                 self.amqp_returns

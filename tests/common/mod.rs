@@ -169,6 +169,17 @@ pub fn check_against_truth(r: &Replayed, truth: &[Value]) -> Vec<String> {
             }
         }
     }
+    // nothing reported twice: a redelivered or re-read copy is not a new call or cast
+    let mut ids = std::collections::HashSet::new();
+    for e in &rpc {
+        let id = e["msg_id"]
+            .as_str()
+            .or(e["unique_id"].as_str())
+            .unwrap_or("");
+        if !id.is_empty() && !ids.insert(id) {
+            bad.push(format!("{} {id} reported twice", e["type"]));
+        }
+    }
     // no invented calls: every reported call whose publish was seen is in the truth
     let truth_ids: std::collections::HashSet<&str> = truth
         .iter()
