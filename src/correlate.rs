@@ -6,7 +6,7 @@
 //! reported. Output is a list of `Signal`s for the sinks, in a deterministic order.
 
 use crate::amqp::{AmqpEvent, Message, MessageKind};
-use crate::event::{Event, NotificationEvent, Outcome, Process, RpcEvent};
+use crate::contract::{Event, NotificationEvent, Outcome, Process, RpcEvent};
 use crate::health::Health;
 use crate::identity::AddressBook;
 use crate::oslo::{self, Oslo, RemoteError, ReplyPart, Request, RpcType};
@@ -538,7 +538,6 @@ impl Correlator {
                     matches!(m.kind, MessageKind::Publish { .. }).then(|| self.process(m));
                 out.push(Signal::Event(Event::Notification(Box::new(
                     NotificationEvent {
-                        kind: "notification",
                         publisher_id: n.publisher_id.clone(),
                         event_type: n.event_type.clone(),
                         priority: n.priority.clone(),
@@ -628,7 +627,6 @@ impl Correlator {
         };
         let mut call = Call {
             ev: RpcEvent {
-                kind: "rpc",
                 rpc_type: r.rpc_type,
                 exchange: self.names.get(&m.exchange),
                 routing_key: m.routing_key.clone(),

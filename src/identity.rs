@@ -3,7 +3,7 @@
 //! their source address, when that address is home to one service only.
 
 use crate::FastMap as HashMap;
-use crate::event::Process;
+use crate::contract::Process;
 use std::net::IpAddr;
 use std::sync::Arc;
 

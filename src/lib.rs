@@ -3,10 +3,11 @@
 //! The pipeline reads top to bottom in `pipeline.rs`; one module per stage and protocol.
 
 pub mod amqp;
+pub mod api;
 pub mod config;
+pub mod contract;
 pub mod correlate;
 pub mod decode;
-pub mod event;
 pub mod health;
 pub mod http;
 pub mod identity;

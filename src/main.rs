@@ -232,7 +232,7 @@ fn rca(
     if let Some(base) = from {
         if let Some(id) = request_id {
             let body = fetch(&base, &format!("/api/requests/{id}"))?;
-            let tree: stacktap::trace::RequestTree = serde_json::from_str(&body)
+            let tree: stacktap::api::Tree = serde_json::from_str(&body)
                 .map_err(|e| anyhow::anyhow!("--from {base}: bad answer: {e}"))?;
             print_rca(json, &tree, || render_tree(&tree))?;
         } else {
@@ -240,9 +240,8 @@ fn rca(
             let body: serde_json::Value =
                 serde_json::from_str(&fetch(&base, &format!("/api/chains{q}"))?)
                     .map_err(|e| anyhow::anyhow!("--from {base}: bad answer: {e}"))?;
-            let report: stacktap::sink::requests::RcaReport =
-                serde_json::from_value(body["rca"].clone())
-                    .map_err(|e| anyhow::anyhow!("--from {base}: bad answer: {e}"))?;
+            let report: stacktap::api::RcaReport = serde_json::from_value(body["rca"].clone())
+                .map_err(|e| anyhow::anyhow!("--from {base}: bad answer: {e}"))?;
             print_rca(json, &report, || render_report(&report))?;
         }
         return Ok(());
@@ -263,7 +262,7 @@ fn rca(
             let tree = requests.tree(&id).ok_or_else(|| {
                 anyhow::anyhow!("--request-id {id}: no such request in the capture")
             })?;
-            print_rca(json, &*tree, || render_tree(&tree))?;
+            print_rca(json, &tree, || render_tree(&tree))?;
         }
         None => {
             let from = match (since, requests.latest()) {

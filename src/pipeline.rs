@@ -5,9 +5,9 @@
 //! Deterministic and on packet time only: the same capture gives the same signals.
 
 use crate::config::Config;
+use crate::contract::Event;
 use crate::correlate::{Correlator, Signal};
 use crate::decode::{self, Decoded};
-use crate::event::Event;
 use crate::health::Health;
 use crate::openstack::Rest;
 use crate::protocols::{self, Choice, Conn, Found};

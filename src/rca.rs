@@ -1,8 +1,7 @@
 //! `stacktap rca`: what broke, where, since when, for how many users, in one screen; and
 //! one request's tree with the failing path and its root cause marked.
 
-use crate::sink::requests::RcaReport;
-use crate::trace::{RequestTree, Span, SpanKind};
+use crate::api::{RcaReport, Span, SpanKind, Tree as RequestTree};
 use std::fmt::Write;
 
 /// `30s`, `15m`, `1h`, `2d` → seconds.

@@ -78,7 +78,7 @@ async fn chains(State(s): State<Shared>, Query(q): Query<Since>) -> impl IntoRes
 async fn request(State(s): State<Shared>, Path(id): Path<String>) -> impl IntoResponse {
     let tree = s.requests.lock().ok().and_then(|r| r.tree(&id));
     match tree {
-        Some(t) => json(serde_json::to_string(&*t).unwrap_or_default()).into_response(),
+        Some(t) => json(serde_json::to_string(&t).unwrap_or_default()).into_response(),
         None => (StatusCode::NOT_FOUND, format!("no request {id}\n")).into_response(),
     }
 }

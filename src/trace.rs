@@ -17,12 +17,12 @@
 //! is reported as masked, not as a chain.
 
 use crate::FastMap as HashMap;
-use crate::event::{Event, Outcome};
+pub use crate::contract::{ChainEvent, Hop};
+use crate::contract::{Event, Outcome};
 use crate::health::Health;
 use crate::openstack::services::{api_process, is_user_side};
 use crate::oslo::RpcType;
 use crate::time::Ts;
-use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -46,8 +46,7 @@ impl Default for TraceConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SpanKind {
     Http,
     Call,
@@ -57,7 +56,7 @@ pub enum SpanKind {
 }
 
 /// One REST exchange, RPC or notification inside a request.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct Span {
     pub kind: SpanKind,
     /// Who made it: a process or service name, a client library, `external`.
@@ -68,7 +67,6 @@ pub struct Span {
     pub operation: String,
     pub t_start: f64,
     /// When the handler started on it (RPC delivery, request start).
-    #[serde(skip)]
     pub t_handle: f64,
     /// When the handler was done, if the wire shows it (reply, response end).
     pub t_end: Option<f64>,
@@ -79,27 +77,22 @@ pub struct Span {
     pub request_id: Option<String>,
     pub global_request_id: Option<String>,
     /// The RPC's `_msg_id` (calls) and `_unique_id`: what its services logged.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub msg_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unique_id: Option<String>,
     /// The parent in the tree (an index into the request's spans).
     pub parent: Option<usize>,
     /// The parent was chosen by time alone (the caller could not be named).
     pub inferred: bool,
     /// An ERROR (or CRITICAL) notification: the resource the request touched failed.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub error_notification: bool,
     /// An ERROR notification a later success of the same action outdid (a build that
     /// failed on one host, was rescheduled and went ACTIVE on another): not the last word.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub superseded: bool,
     /// The caller named itself as a service process (not a library, not a user).
-    #[serde(skip)]
     caller_is_service: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
     /// Exception class, fault type or `HTTP 500`.
     pub error: String,
@@ -148,48 +141,8 @@ impl Span {
     }
 }
 
-/// One hop of a chain.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct Hop {
-    pub service: Option<String>,
-    pub operation: String,
-    pub error: Option<String>,
-    pub message: Option<String>,
-    pub t: f64,
-    pub propagation: Option<String>,
-    /// The ids to grep the service's log for: its request id (REST: the one it returned;
-    /// RPC: the caller's context), and an RPC's `_msg_id` and `_unique_id`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub msg_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub unique_id: Option<String>,
-}
-
-/// `kind: chain`: from the failure the user saw down to its root cause.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ChainEvent {
-    pub kind: String,
-    /// The request's root id (what every span of it shares).
-    pub request_id: String,
-    /// What the user saw: http_5xx, http_4xx, resource_error, never_completed,
-    /// async_failure.
-    pub symptom: String,
-    pub origin: Hop,
-    pub root: Hop,
-    pub hops: Vec<Hop>,
-    /// When the failure that surfaced was a retry that ran out (a reschedule that found no
-    /// host left): the failures of the attempts before it, oldest first. The root is the
-    /// newest of them; `hops` runs down to the retry that ran out, then to the root.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub attempts: Vec<Hop>,
-    /// The root was found by time alone somewhere on its path (an unnamed caller).
-    pub inferred: bool,
-}
-
 /// A finished request: its spans (parents set) and what became of it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct RequestTree {
     pub request_id: String,
     pub spans: Vec<Span>,
@@ -203,32 +156,14 @@ pub struct RequestTree {
     pub root_cause: Option<usize>,
     /// The failure that surfaced when it was a retry that ran out (`root_cause` is then
     /// the failure of the attempt before it), and the failures of every earlier attempt.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exhausted: Option<usize>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attempts: Vec<usize>,
     pub symptom: Option<String>,
     pub t_first: f64,
     pub t_last: f64,
     /// False for a request with nothing wrong in it: its spans are kept as they came and
-    /// linked only when someone looks (`linked()`), which most never are.
-    #[serde(skip, default = "yes")]
+    /// linked only when someone looks (`api::Tree::from`), which most never are.
     pub linked: bool,
-}
-
-fn yes() -> bool {
-    true
-}
-
-impl RequestTree {
-    /// The tree with parents set (built now if it was kept unlinked).
-    pub fn linked(self: &Arc<Self>) -> Arc<RequestTree> {
-        if self.linked {
-            self.clone()
-        } else {
-            Arc::new(build(self.request_id.clone(), self.spans.clone()))
-        }
-    }
 }
 
 /// What the tracer tells the sinks.
@@ -848,7 +783,6 @@ pub fn chain_of(tree: &RequestTree) -> Option<ChainEvent> {
         origin.error = Some(shown.unwrap_or_else(|| symptom.clone()));
     }
     Some(ChainEvent {
-        kind: "chain".into(),
         request_id: tree.request_id.clone(),
         symptom,
         origin,

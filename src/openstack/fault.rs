@@ -4,19 +4,12 @@
 //! `{"NeutronError": {"type": …, "message": …}}`, keystone `{"error": {"code", "title",
 //! "message"}}`, placement (and the API-SIG format) `{"errors": [{"title", "detail", …}]}`.
 
-use serde::Serialize;
 use serde_json::Value;
 
 /// Longest fault message kept.
 const MAX_MESSAGE: usize = 512;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Fault {
-    /// The fault's name: nova's key (`badRequest`), neutron's `type`, keystone's title.
-    #[serde(rename = "type")]
-    pub kind: Option<String>,
-    pub message: Option<String>,
-}
+pub use crate::contract::Fault;
 
 fn text(v: Option<&Value>) -> Option<String> {
     let s = v?.as_str()?.trim();

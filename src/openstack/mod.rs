@@ -9,7 +9,7 @@ pub mod route;
 pub mod services;
 
 use crate::FastMap as HashMap;
-use crate::event::{HttpEvent, HttpOutcome, Process};
+use crate::contract::{HttpEvent, HttpOutcome, Process};
 use crate::health::Health;
 use crate::http::{End, Exchange};
 use crate::identity::AddressBook;
@@ -144,7 +144,6 @@ impl Rest {
         let global_request_id = req.request_id.filter(|id| valid_request_id(id));
         let secs = |t: crate::time::Ts| t.as_secs_f64();
         HttpEvent {
-            kind: "http",
             client,
             user_agent: req.user_agent,
             service,

@@ -8,7 +8,7 @@
 
 use super::sketch::{Quantiles, Sketch};
 use crate::FastMap as HashMap;
-use crate::event::{Event, HttpEvent, HttpOutcome, Outcome, RpcEvent};
+use crate::contract::{Event, HttpEvent, HttpOutcome, Outcome, RpcEvent};
 use crate::openstack::services::{EXTERNAL, api_process, is_user_side};
 use crate::oslo::RpcType;
 use crate::time::Ts;
@@ -181,7 +181,7 @@ fn rpc_failed(e: &RpcEvent) -> bool {
     !matches!(e.outcome, Outcome::Ok | Outcome::NoReply)
 }
 
-fn name(p: &Option<std::sync::Arc<crate::event::Process>>) -> &str {
+fn name(p: &Option<std::sync::Arc<crate::contract::Process>>) -> &str {
     p.as_ref()
         .and_then(|p| p.service.as_deref())
         .unwrap_or("unknown")
@@ -585,12 +585,11 @@ impl Graph {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::Process;
+    use crate::contract::Process;
     use std::sync::Arc;
 
     fn http(client: &str, service: &str, status: u16, d: f64) -> Event {
         Event::Http(Box::new(HttpEvent {
-            kind: "http",
             client: Process {
                 service: Some(client.into()),
                 pid: None,

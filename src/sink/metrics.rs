@@ -1,8 +1,8 @@
 //! The Prometheus registry: DESIGN.md's metric families, with per-family caps on distinct
 //! label sets (excess folds into "other", counted) so cardinality stays bounded.
 
+use crate::contract::{Event, Outcome};
 use crate::correlate::Signal;
-use crate::event::{Event, Outcome};
 use crate::health::Health;
 use crate::{FastMap as HashMap, FastSet as HashSet};
 use prometheus_client::encoding::text::encode;
@@ -675,7 +675,7 @@ impl Metrics {
         }
     }
 
-    fn on_http(&mut self, e: &crate::event::HttpEvent) {
+    fn on_http(&mut self, e: &crate::contract::HttpEvent) {
         let client = e.client.service.as_deref().unwrap_or("external");
         let service = e.service.as_deref().unwrap_or("unknown");
         let code = e.status.map(|s| s.to_string());
@@ -720,7 +720,7 @@ impl Metrics {
         }
     }
 
-    fn on_rpc(&mut self, e: &crate::event::RpcEvent) {
+    fn on_rpc(&mut self, e: &crate::contract::RpcEvent) {
         let (topic, method) = (&*e.topic, &*e.method);
         if let Some(v) = e.queue_wait() {
             self.topic_method_histogram("queue_wait", topic, method)

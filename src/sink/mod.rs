@@ -7,8 +7,8 @@ pub mod sketch;
 pub mod store;
 pub mod summary;
 
+use crate::contract::Event;
 use crate::correlate::Signal;
-use crate::event::Event;
 use crate::health::Health;
 use std::io::Write;
 

@@ -4,7 +4,6 @@
 
 use crate::FastMap as HashMap;
 use crate::trace::{ChainEvent, RequestTree};
-use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
@@ -25,33 +24,7 @@ impl Default for RequestsConfig {
     }
 }
 
-/// One root cause: every chain that ended at the same service, operation and error.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct RootCause {
-    pub service: Option<String>,
-    pub operation: String,
-    pub error: Option<String>,
-    /// The last message seen for it.
-    pub message: Option<String>,
-    /// User requests it broke.
-    pub requests: u64,
-    pub first_seen: f64,
-    pub last_seen: f64,
-    pub example_request_id: String,
-    /// How users saw it: "resource_error via compute.instance.create.error" → count.
-    pub seen_as: BTreeMap<String, u64>,
-    /// The services the failure crossed on its way up (from the example chain).
-    pub path: Vec<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RcaReport {
-    pub failed_requests: u64,
-    pub masked_failures: u64,
-    pub first: Option<f64>,
-    pub last: Option<f64>,
-    pub roots: Vec<RootCause>,
-}
+pub use crate::api::{RcaReport, RootCause};
 
 pub struct Requests {
     cfg: RequestsConfig,
@@ -148,11 +121,12 @@ impl Requests {
         }
     }
 
-    pub fn tree(&self, id: &str) -> Option<Arc<RequestTree>> {
-        self.trees
-            .get(id)
-            .map(|t| t.linked())
-            .or_else(|| Some(Arc::new(self.store.as_ref()?.tree(id)?)))
+    /// The request's tree as the API serves it (linked now if it was kept unlinked).
+    pub fn tree(&self, id: &str) -> Option<crate::api::Tree> {
+        match self.trees.get(id) {
+            Some(t) => Some(crate::api::Tree::from(&**t)),
+            None => self.store.as_ref()?.tree(id),
+        }
     }
 
     /// Chains that showed at or after `since` (packet time), oldest first.

@@ -4,7 +4,9 @@
 //! Rows are written in batches (one transaction per flush) and pruned by age (packet
 //! time, `store.retention_s` before the newest row) and by count (`store.max_trees`).
 
-use crate::trace::{ChainEvent, RequestTree};
+use crate::api;
+use crate::contract::ChainEvent;
+use crate::trace::RequestTree;
 use rusqlite::{Connection, params};
 use std::path::Path;
 use std::sync::Arc;
@@ -43,7 +45,15 @@ impl Store {
              CREATE INDEX IF NOT EXISTS chains_t ON chains (t);
              CREATE TABLE IF NOT EXISTS requests (
                  request_id TEXT PRIMARY KEY, t REAL NOT NULL, json TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
              CREATE INDEX IF NOT EXISTS requests_t ON requests (t);",
+        )
+        .map_err(err)?;
+        // rows are `api` forms (trees) and contract events (chains), additive only: a
+        // database written by another version reads back as far as the fields agree
+        db.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?1)",
+            params![api::SCHEMA.to_string()],
         )
         .map_err(err)?;
         Ok(Store {
@@ -79,7 +89,7 @@ impl Store {
                 "INSERT OR REPLACE INTO requests (request_id, t, json) VALUES (?1, ?2, ?3)",
             )?;
             for t in self.trees.drain(..) {
-                let json = serde_json::to_string(&*t.linked()).unwrap_or_default();
+                let json = serde_json::to_string(&api::Tree::from(&*t)).unwrap_or_default();
                 ins.execute(params![t.request_id, t.t_first, json])?;
             }
         }
@@ -120,7 +130,7 @@ impl Store {
             .collect())
     }
 
-    pub fn tree(&self, request_id: &str) -> Option<RequestTree> {
+    pub fn tree(&self, request_id: &str) -> Option<api::Tree> {
         let json: String = self
             .db
             .query_row(
@@ -149,7 +159,6 @@ mod tests {
             ..Default::default()
         };
         Arc::new(ChainEvent {
-            kind: "chain".into(),
             request_id: id.into(),
             symptom: "resource_error".into(),
             origin: hop.clone(),

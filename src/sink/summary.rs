@@ -2,8 +2,8 @@
 //! and latency per service, anomalies. Also served live as `/api/summary`.
 
 use super::sketch::{Quantiles, Sketch};
+use crate::contract::{Event, HttpEvent, Outcome, RpcEvent};
 use crate::correlate::{Name, Signal};
-use crate::event::{Event, HttpEvent, Outcome, RpcEvent};
 use crate::health::Health;
 use crate::oslo::RpcType;
 use crate::sink::requests::RcaReport;

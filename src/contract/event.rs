@@ -1,8 +1,8 @@
 //! The events stacktap emits (`--events-out`, one JSON object a line). Field names are the
 //! public contract of DESIGN.md; unknown values are null, never invented.
 
-use crate::oslo::{RemoteError, RpcType};
-use serde::Serialize;
+use super::{RemoteError, RpcType};
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 /// A process on the other end of an AMQP connection.
@@ -44,7 +44,6 @@ impl Outcome {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RpcEvent {
-    pub kind: &'static str,
     #[serde(rename = "type")]
     pub rpc_type: RpcType,
     pub exchange: Arc<str>,
@@ -96,7 +95,6 @@ impl RpcEvent {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct NotificationEvent {
-    pub kind: &'static str,
     pub publisher_id: String,
     pub event_type: String,
     pub priority: String,
@@ -133,11 +131,19 @@ impl HttpOutcome {
     }
 }
 
+/// The fault a REST error body names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fault {
+    /// The fault's name: nova's key (`badRequest`), neutron's `type`, keystone's title.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub message: Option<String>,
+}
+
 /// One REST exchange. Credentials (tokens, cookies, Authorization, request bodies) are
 /// never read into it.
 #[derive(Debug, Clone, Serialize)]
 pub struct HttpEvent {
-    pub kind: &'static str,
     /// The caller; `service` is `external` when nothing names it.
     pub client: Process,
     pub user_agent: Option<String>,
@@ -164,14 +170,54 @@ pub struct HttpEvent {
     /// The response body was cut by a capture gap or a closed connection.
     pub truncated: bool,
     /// The fault an error body names.
-    pub error: Option<crate::openstack::fault::Fault>,
+    pub error: Option<Fault>,
 }
 
+/// One line of `--events-out`, tagged by `kind`.
 #[derive(Debug, Clone, Serialize)]
-#[serde(untagged)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Event {
     Rpc(Box<RpcEvent>),
     Notification(Box<NotificationEvent>),
     Http(Box<HttpEvent>),
-    Chain(Box<crate::trace::ChainEvent>),
+    Chain(Box<ChainEvent>),
+}
+
+/// One hop of a chain.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Hop {
+    pub service: Option<String>,
+    pub operation: String,
+    pub error: Option<String>,
+    pub message: Option<String>,
+    pub t: f64,
+    pub propagation: Option<String>,
+    /// The ids to grep the service's log for: its request id (REST: the one it returned;
+    /// RPC: the caller's context), and an RPC's `_msg_id` and `_unique_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msg_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unique_id: Option<String>,
+}
+
+/// `kind: chain`: from the failure the user saw down to its root cause.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChainEvent {
+    /// The request's root id (what every span of it shares).
+    pub request_id: String,
+    /// What the user saw: http_5xx, http_4xx, resource_error, never_completed,
+    /// async_failure.
+    pub symptom: String,
+    pub origin: Hop,
+    pub root: Hop,
+    pub hops: Vec<Hop>,
+    /// When the failure that surfaced was a retry that ran out (a reschedule that found no
+    /// host left): the failures of the attempts before it, oldest first. The root is the
+    /// newest of them; `hops` runs down to the retry that ran out, then to the root.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<Hop>,
+    /// The root was found by time alone somewhere on its path (an unnamed caller).
+    pub inferred: bool,
 }

@@ -1,0 +1,11 @@
+//! The contract: what stacktap's stages hand each other and the world. Events
+//! (`--events-out`, DESIGN.md's field names), the observations a probe makes for the
+//! analyser, and the plain data both carry. A leaf: it imports no stage.
+
+mod endpoint;
+mod event;
+mod oslo;
+
+pub use endpoint::Endpoint;
+pub use event::*;
+pub use oslo::*;
