@@ -44,9 +44,9 @@ fn pipeline(c: &mut Criterion) {
             let mut pl = Pipeline::new(Config::default());
             let mut n = 0u64;
             for p in &packets {
-                pl.packet(p, &mut |_, _| n += 1);
+                pl.packet(p, &mut |_| n += 1);
             }
-            pl.finish(&mut |_, _| n += 1);
+            pl.finish(&mut |_| n += 1);
             black_box(n)
         })
     });

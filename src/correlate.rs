@@ -5,11 +5,13 @@
 //! caller's own timeout). Every table is bounded; what falls out is counted and still
 //! reported. Output is a list of `Signal`s for the sinks, in a deterministic order.
 
-use crate::amqp::{AmqpEvent, Message, MessageKind};
-use crate::contract::{Event, NotificationEvent, Outcome, Process, RpcEvent};
+use crate::contract::{
+    AmqpKind, AmqpMessage, ConnId, Event, NotificationEvent, Obs, Oslo, Outcome, Process,
+    RemoteError, ReplyPart, Request, RpcEvent, RpcType,
+};
 use crate::health::Health;
 use crate::identity::AddressBook;
-use crate::oslo::{self, Oslo, RemoteError, ReplyPart, Request, RpcType};
+use crate::oslo;
 use crate::time::Ts;
 use crate::{FastMap as HashMap, FastSet as HashSet};
 use std::cmp::Reverse;
@@ -153,7 +155,7 @@ const MAX_CONSUMERS_KEPT: usize = 256;
 
 /// A consumer's identity across reconnects: its process (connection_name survives a
 /// reconnect) when named, else its connection.
-fn consumer_key(p: &Process, conn: u64) -> u64 {
+fn consumer_key(p: &Process, conn: &ConnId) -> u64 {
     use std::hash::{BuildHasher, Hash, Hasher};
     let mut h = ahash::RandomState::with_seeds(1, 2, 3, 4).build_hasher();
     match (&p.service, p.pid) {
@@ -193,49 +195,11 @@ impl Recent {
     }
 }
 
-/// Recently decoded bodies. A deliver carries the exact bytes of its publish, so each
-/// message's JSON is parsed once, not once per copy. Keyed by a 64-bit hash of exchange,
-/// compression and body (a collision among the last few thousand bodies is ~1e-12).
-struct DecodeCache {
-    seed: u64,
-    map: HashMap<u64, Arc<Result<Oslo, oslo::NotOslo>>>,
-    order: VecDeque<u64>,
-}
-
-const DECODE_CACHE: usize = 8192;
-
-impl DecodeCache {
-    fn decode(&mut self, m: &Message) -> Arc<Result<Oslo, oslo::NotOslo>> {
-        // xxh3 over the body (GB/s on any x86-64), salted per process so that crafted
-        // bodies cannot be made to collide on purpose
-        use xxhash_rust::xxh3::xxh3_64_with_seed;
-        let meta = xxh3_64_with_seed(m.exchange.as_bytes(), self.seed)
-            ^ xxh3_64_with_seed(
-                m.props.compression.as_deref().unwrap_or("").as_bytes(),
-                self.seed.rotate_left(17),
-            );
-        let key = xxh3_64_with_seed(&m.body, self.seed ^ meta);
-        if let Some(hit) = self.map.get(&key) {
-            return hit.clone();
-        }
-        let decoded = Arc::new(oslo::decode(&m.exchange, &m.props, &m.body));
-        if self.order.len() >= DECODE_CACHE
-            && let Some(old) = self.order.pop_front()
-        {
-            self.map.remove(&old);
-        }
-        self.order.push_back(key);
-        self.map.insert(key, decoded.clone());
-        decoded
-    }
-}
-
 pub struct Correlator {
     cfg: CorrelatorConfig,
-    cache: DecodeCache,
     names: Names,
     /// The process at the client end of each open connection.
-    conns: HashMap<u64, Arc<Process>>,
+    conns: HashMap<ConnId, Arc<Process>>,
     /// Named processes by address, for REST callers.
     addresses: AddressBook,
     calls: HashMap<String, Call>,
@@ -256,11 +220,6 @@ impl Correlator {
         Correlator {
             cfg,
             names: Names::default(),
-            cache: DecodeCache {
-                seed: ahash::RandomState::new().hash_one(0x5eed_u64),
-                map: HashMap::default(),
-                order: VecDeque::new(),
-            },
             conns: HashMap::default(),
             addresses: AddressBook::new(65_536),
             calls: HashMap::default(),
@@ -333,57 +292,56 @@ impl Correlator {
         }
     }
 
-    pub fn on_amqp(&mut self, ev: AmqpEvent, health: &mut Health, out: &mut Vec<Signal>) {
-        match ev {
-            AmqpEvent::Identified {
+    /// One AMQP observation at packet time `t` (others are not the correlator's).
+    pub fn on_obs(&mut self, t: Ts, obs: &Obs, health: &mut Health, out: &mut Vec<Signal>) {
+        match obs {
+            Obs::AmqpIdentified {
                 conn,
-                client,
-                identity,
+                connection_name,
+                product,
             } => {
-                let (service, pid) = match identity.connection_name.as_deref() {
+                let (service, pid) = match connection_name.as_deref() {
                     Some(name) => oslo::parse_connection_name(name),
-                    None => (identity.product.clone(), None),
+                    None => (product.clone(), None),
                 };
                 let p = Process {
                     service,
                     pid,
-                    host: client.ip.to_string(),
+                    host: conn.client.ip.to_string(),
                 };
                 let p = Arc::new(p);
-                if !self.addresses.learn(client.ip, &p) {
+                if !self.addresses.learn(conn.client.ip, &p) {
                     health.evict("address_book", 1);
                 }
-                self.conns.insert(conn, p);
+                self.conns.insert(*conn, p);
             }
-            AmqpEvent::Message(m) => self.on_message(&m, health, out),
-            AmqpEvent::ChannelClosed {
+            Obs::AmqpMessage(m) => self.on_message(t, m, health, out),
+            Obs::AmqpClosed {
+                channel,
                 reply_code,
                 by_broker,
                 ..
-            } => out.push(Signal::ChannelClosed {
-                reply_code,
-                by_broker,
+            } => out.push(if *channel {
+                Signal::ChannelClosed {
+                    reply_code: *reply_code,
+                    by_broker: *by_broker,
+                }
+            } else {
+                Signal::ConnectionClosed {
+                    reply_code: *reply_code,
+                    by_broker: *by_broker,
+                }
             }),
-            AmqpEvent::ConnectionClosed {
-                reply_code,
-                by_broker,
-                ..
-            } => out.push(Signal::ConnectionClosed {
-                reply_code,
-                by_broker,
-            }),
-            AmqpEvent::Blocked { .. } => out.push(Signal::Blocked),
-            AmqpEvent::Gone { conn, .. } => {
-                // open calls keep their own Arc<Process>; a closed connection's id never
-                // comes back (flow ids only grow), so its entry can go
-                self.conns.remove(&conn);
+            Obs::AmqpBlocked { .. } => out.push(Signal::Blocked),
+            Obs::AmqpGone { conn } => {
+                // open calls keep their own Arc<Process>; a connection gone is forgotten
+                // (its 4-tuple may come back as a new connection, named anew)
+                self.conns.remove(conn);
             }
-            AmqpEvent::BrokerCancel { queue, .. } => out.push(Signal::ConsumerCancelled {
-                queue: queue.unwrap_or_default(),
+            Obs::AmqpConsumerCancelled { queue, .. } => out.push(Signal::ConsumerCancelled {
+                queue: queue.clone().unwrap_or_default(),
             }),
-            AmqpEvent::VhostOpened { .. }
-            | AmqpEvent::ConsumerStarted { .. }
-            | AmqpEvent::Nack { .. } => {}
+            Obs::Http(_) | Obs::Tick => {}
         }
     }
 
@@ -394,10 +352,10 @@ impl Correlator {
 
     /// The process at the client end of `conn`: named when start-ok was seen, else just
     /// the peer address.
-    fn process(&mut self, m: &Message) -> Arc<Process> {
-        let host = m.client.ip;
+    fn process(&mut self, conn: &ConnId) -> Arc<Process> {
+        let host = conn.client.ip;
         self.conns
-            .entry(m.conn)
+            .entry(*conn)
             .or_insert_with(|| {
                 Arc::new(Process {
                     service: None,
@@ -408,27 +366,26 @@ impl Correlator {
             .clone()
     }
 
-    fn on_message(&mut self, m: &Message, health: &mut Health, out: &mut Vec<Signal>) {
-        let decoded = self.cache.decode(m);
-        let oslo = match decoded.as_ref() {
+    fn on_message(&mut self, t: Ts, m: &AmqpMessage, health: &mut Health, out: &mut Vec<Signal>) {
+        let oslo = match m.oslo.as_ref() {
             Ok(o) => o,
             Err(e) => {
                 health.anomaly("oslo", e.kind());
-                if let MessageKind::Return { reply_code, .. } = m.kind {
+                if let AmqpKind::Return { reply_code } = m.kind {
                     out.push(Signal::Returned { reply_code });
                 }
                 return;
             }
         };
         match (&m.kind, oslo) {
-            (MessageKind::Publish { .. }, Oslo::Request(r)) => {
-                self.request_seen(m, r, true, health, out)
+            (AmqpKind::Publish { .. }, Oslo::Request(r)) => {
+                self.request_seen(t, m, r, true, health, out)
             }
-            (MessageKind::Deliver { .. } | MessageKind::GetOk { .. }, Oslo::Request(r)) => {
-                self.request_seen(m, r, false, health, out)
+            (AmqpKind::Deliver { .. } | AmqpKind::GetOk { .. }, Oslo::Request(r)) => {
+                self.request_seen(t, m, r, false, health, out)
             }
-            (MessageKind::Publish { .. }, Oslo::Reply(r)) => {
-                let publisher = self.process(m);
+            (AmqpKind::Publish { .. }, Oslo::Reply(r)) => {
+                let publisher = self.process(&m.conn);
                 let Some(call) = self.calls.get_mut(&r.msg_id) else {
                     if !self.done_calls.contains(&r.msg_id) {
                         health.anomaly("oslo", "reply_without_call");
@@ -446,7 +403,7 @@ impl Correlator {
                     ReplyPart::LegacyPayload => call.legacy_failure = r.failure.clone(),
                     ReplyPart::Final => {
                         if call.ev.t_reply_publish.is_none() {
-                            call.ev.t_reply_publish = Some(m.ts.as_secs_f64());
+                            call.ev.t_reply_publish = Some(t.as_secs_f64());
                             call.ev.error = r.failure.clone().or(call.legacy_failure.take());
                         }
                         // the server that answered (a redelivered call may have gone to two)
@@ -456,7 +413,7 @@ impl Correlator {
                     }
                 }
             }
-            (MessageKind::Deliver { .. } | MessageKind::GetOk { .. }, Oslo::Reply(r)) => {
+            (AmqpKind::Deliver { .. } | AmqpKind::GetOk { .. }, Oslo::Reply(r)) => {
                 let Some(call) = self.calls.get_mut(&r.msg_id) else {
                     if !self.done_calls.contains(&r.msg_id) {
                         health.anomaly("oslo", "reply_without_call");
@@ -471,7 +428,7 @@ impl Correlator {
                         }
                     }
                     ReplyPart::Final => {
-                        call.ev.t_reply_deliver = Some(m.ts.as_secs_f64());
+                        call.ev.t_reply_deliver = Some(t.as_secs_f64());
                         if call.ev.error.is_none() {
                             call.ev.error = r.failure.clone().or(call.legacy_failure.take());
                         }
@@ -487,7 +444,7 @@ impl Correlator {
                     }
                 }
             }
-            (MessageKind::Return { reply_code, .. }, oslo) => {
+            (AmqpKind::Return { reply_code }, oslo) => {
                 out.push(Signal::Returned {
                     reply_code: *reply_code,
                 });
@@ -497,7 +454,7 @@ impl Correlator {
                             call.ev.returns += 1;
                             if r.part == ReplyPart::Final {
                                 if call.ev.t_reply_publish.is_none() {
-                                    call.ev.t_reply_publish = Some(m.ts.as_secs_f64());
+                                    call.ev.t_reply_publish = Some(t.as_secs_f64());
                                 }
                                 if call.ev.error.is_none() {
                                     call.ev.error = r.failure.clone();
@@ -521,9 +478,7 @@ impl Correlator {
                 }
             }
             (
-                MessageKind::Publish { .. }
-                | MessageKind::Deliver { .. }
-                | MessageKind::GetOk { .. },
+                AmqpKind::Publish { .. } | AmqpKind::Deliver { .. } | AmqpKind::GetOk { .. },
                 Oslo::Notification(n),
             ) => {
                 // one publish, delivered to every listener queue: report it once
@@ -535,14 +490,14 @@ impl Correlator {
                     self.done_messages.insert(k.clone());
                 }
                 let publisher =
-                    matches!(m.kind, MessageKind::Publish { .. }).then(|| self.process(m));
+                    matches!(m.kind, AmqpKind::Publish { .. }).then(|| self.process(&m.conn));
                 out.push(Signal::Event(Event::Notification(Box::new(
                     NotificationEvent {
                         publisher_id: n.publisher_id.clone(),
                         event_type: n.event_type.clone(),
                         priority: n.priority.clone(),
                         exchange: m.exchange.clone(),
-                        t: m.ts.as_secs_f64(),
+                        t: t.as_secs_f64(),
                         request_id: n.request_id.clone(),
                         global_request_id: n.global_request_id.clone(),
                         publisher,
@@ -554,20 +509,18 @@ impl Correlator {
 
     fn request_seen(
         &mut self,
-        m: &Message,
+        ts: Ts,
+        m: &AmqpMessage,
         r: &Request,
         published: bool,
         health: &mut Health,
         out: &mut Vec<Signal>,
     ) {
-        let t = m.ts.as_secs_f64();
-        let proc_ = self.process(m);
+        let t = ts.as_secs_f64();
+        let proc_ = self.process(&m.conn);
         let redelivered = matches!(
             m.kind,
-            MessageKind::Deliver {
-                redelivered: true,
-                ..
-            } | MessageKind::GetOk { redelivered: true }
+            AmqpKind::Deliver { redelivered: true } | AmqpKind::GetOk { redelivered: true }
         );
         let is_call = r.rpc_type == RpcType::Call;
         let key = if is_call {
@@ -598,7 +551,7 @@ impl Correlator {
                     health.anomaly("oslo", "duplicate_publish");
                 }
             } else {
-                Self::delivered(c, t, (proc_, m.conn), redelivered, out);
+                Self::delivered(c, t, (proc_, &m.conn), redelivered, out);
             }
             return;
         }
@@ -617,8 +570,7 @@ impl Correlator {
             }
         };
         let timeout_s = if is_call {
-            m.props
-                .expiration
+            m.expiration
                 .as_deref()
                 .and_then(|e| e.trim().parse::<u64>().ok())
                 .map(|ms| ms as f64 / 1000.0)
@@ -655,7 +607,7 @@ impl Correlator {
                 returns: 0,
             },
             consumers: Vec::new(),
-            first_seen: m.ts,
+            first_seen: ts,
             expired: false,
             legacy_failure: None,
         };
@@ -669,7 +621,7 @@ impl Correlator {
             call.ev.t_publish = Some(t);
             call.ev.caller = Some(proc_);
         } else {
-            Self::delivered(&mut call, t, (proc_, m.conn), redelivered, out);
+            Self::delivered(&mut call, t, (proc_, &m.conn), redelivered, out);
         }
         if is_call {
             if self.calls.len() >= self.cfg.max_calls {
@@ -677,8 +629,8 @@ impl Correlator {
             }
             // a timeout counts from the publish; seen only delivered, from the deliver
             let deadline = match timeout_s {
-                Some(s) => m.ts.plus_secs(s),
-                None => m.ts.plus_secs(self.cfg.call_max_age_s),
+                Some(s) => ts.plus_secs(s),
+                None => ts.plus_secs(self.cfg.call_max_age_s),
             };
             self.timers
                 .push(Reverse((deadline, Timer::Deadline, key.clone())));
@@ -693,7 +645,7 @@ impl Correlator {
                 self.evict_cast(health, out);
             }
             self.timers.push(Reverse((
-                m.ts.plus_secs(self.cfg.cast_settle_s),
+                ts.plus_secs(self.cfg.cast_settle_s),
                 Timer::Settle,
                 key.clone(),
             )));
@@ -710,7 +662,7 @@ impl Correlator {
     fn delivered(
         c: &mut Call,
         t: f64,
-        (consumer, conn): (Arc<Process>, u64),
+        (consumer, conn): (Arc<Process>, &ConnId),
         redelivered: bool,
         out: &mut Vec<Signal>,
     ) {
@@ -839,15 +791,27 @@ impl Correlator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::amqp::Props;
-    use crate::amqp::conn::ClientIdentity;
-    use crate::decode::Endpoint;
+    use crate::contract::{Endpoint, Observation};
 
-    fn body(inner: serde_json::Value) -> Vec<u8> {
-        serde_json::to_vec(
+    fn body(inner: serde_json::Value) -> Arc<Result<Oslo, crate::contract::NotOslo>> {
+        let b = serde_json::to_vec(
             &serde_json::json!({"oslo.version": "2.0", "oslo.message": inner.to_string()}),
         )
-        .unwrap()
+        .unwrap();
+        Arc::new(oslo::decode("", &Default::default(), &b))
+    }
+
+    fn conn(n: u16) -> ConnId {
+        ConnId {
+            client: Endpoint {
+                ip: "10.0.0.1".parse().unwrap(),
+                port: n,
+            },
+            server: Endpoint {
+                ip: "10.0.0.9".parse().unwrap(),
+                port: 5672,
+            },
+        }
     }
 
     struct Wire {
@@ -865,45 +829,45 @@ mod tests {
             }
         }
 
-        /// Connection `conn` belongs to process `name:pid`.
-        fn conn(&mut self, conn: u64, name: &str) {
-            let identity = ClientIdentity {
-                connection_name: Some(format!("{name}:00000000-0000")),
-                product: None,
-            };
-            let client = Endpoint {
-                ip: "10.0.0.1".parse().unwrap(),
-                port: conn as u16,
-            };
-            self.c.on_amqp(
-                AmqpEvent::Identified {
-                    conn,
-                    client,
-                    identity: Arc::new(identity),
-                },
-                &mut self.h,
-                &mut self.out,
-            );
+        fn see(&mut self, o: Observation) {
+            self.c.on_obs(o.t, &o.what, &mut self.h, &mut self.out);
         }
 
-        fn msg(&mut self, t: f64, conn: u64, kind: MessageKind, exchange: &str, b: &[u8]) {
-            let m = Message {
-                ts: Ts::from_secs_f64(t),
-                conn,
-                client: Endpoint {
-                    ip: "10.0.0.1".parse().unwrap(),
-                    port: conn as u16,
+        /// Connection `n` belongs to process `name:pid`.
+        fn conn(&mut self, n: u16, name: &str) {
+            self.see(Observation {
+                t: Ts::ZERO,
+                what: Obs::AmqpIdentified {
+                    conn: conn(n),
+                    connection_name: Some(format!("{name}:00000000-0000")),
+                    product: None,
                 },
+            });
+        }
+
+        fn msg(
+            &mut self,
+            t: f64,
+            n: u16,
+            kind: AmqpKind,
+            exchange: &str,
+            b: &Arc<Result<Oslo, crate::contract::NotOslo>>,
+        ) {
+            let m = AmqpMessage {
+                conn: conn(n),
                 kind,
-                channel: 1,
                 exchange: exchange.into(),
                 routing_key: String::new(),
                 queue: None,
-                props: Props::default(),
-                body: b.to_vec(),
+                expiration: None,
+                stream_offset: None,
+                delivery_count: None,
+                oslo: b.clone(),
             };
-            self.c
-                .on_amqp(AmqpEvent::Message(Box::new(m)), &mut self.h, &mut self.out);
+            self.see(Observation {
+                t: Ts::from_secs_f64(t),
+                what: Obs::AmqpMessage(Box::new(m)),
+            });
         }
 
         fn rpc_events(&mut self) -> Vec<RpcEvent> {
@@ -918,11 +882,8 @@ mod tests {
         }
     }
 
-    fn deliver(redelivered: bool) -> MessageKind {
-        MessageKind::Deliver {
-            consumer_tag: "1".into(),
-            redelivered,
-        }
+    fn deliver(redelivered: bool) -> AmqpKind {
+        AmqpKind::Deliver { redelivered }
     }
 
     #[test]
@@ -934,7 +895,15 @@ mod tests {
         w.conn(4, "nova-scheduler:21"); // sched 21 again, reconnected after a broker cancel
         let fanout =
             body(serde_json::json!({"method": "update_instance_info", "_unique_id": "u1"}));
-        let publish = MessageKind::Publish { mandatory: false };
+        // a fanout's exchange decides its type: decode it as the fanout it is
+        let fanout = match fanout.as_ref() {
+            Ok(Oslo::Request(r)) => Arc::new(Ok(Oslo::Request(Request {
+                rpc_type: RpcType::Fanout,
+                ..r.clone()
+            }))),
+            other => panic!("{other:?}"),
+        };
+        let publish = AmqpKind::Publish { mandatory: false };
         w.msg(0.0, 1, publish, "scheduler_fanout", &fanout);
         w.msg(0.1, 2, deliver(false), "scheduler_fanout", &fanout);
         w.msg(0.1, 3, deliver(false), "scheduler_fanout", &fanout);
@@ -959,14 +928,14 @@ mod tests {
         w.msg(
             0.0,
             1,
-            MessageKind::Publish { mandatory: false },
+            AmqpKind::Publish { mandatory: false },
             "nova",
             &call,
         );
         w.msg(0.01, 2, deliver(false), "nova", &call);
         // compute 11 died holding it unacked: the broker hands it to compute 12
         w.msg(1.0, 3, deliver(true), "nova", &call);
-        w.msg(1.2, 3, MessageKind::Publish { mandatory: true }, "", &reply);
+        w.msg(1.2, 3, AmqpKind::Publish { mandatory: true }, "", &reply);
         w.msg(1.21, 1, deliver(false), "", &reply);
         let ev = w.rpc_events();
         assert_eq!(ev.len(), 1);

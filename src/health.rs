@@ -93,6 +93,33 @@ impl Health {
         out
     }
 
+    /// Adds another stage's counters (a probe's and its analyser's, reported as one).
+    pub fn add(&mut self, o: &Health) {
+        self.packets += o.packets;
+        self.bytes += o.bytes;
+        self.kernel_drops += o.kernel_drops;
+        self.if_drops += o.if_drops;
+        self.tcp_gap_bytes += o.tcp_gap_bytes;
+        for (k, n) in &o.anomalies {
+            *self.anomalies.entry(*k).or_default() += n;
+        }
+        for (k, n) in &o.evictions {
+            *self.evictions.entry(k).or_default() += n;
+        }
+        for (k, n) in &o.series_folded {
+            *self.series_folded.entry(k).or_default() += n;
+        }
+        for (a, b) in self.amqp_frames.iter_mut().zip(o.amqp_frames) {
+            *a += b;
+        }
+        if !o.amqp_methods.is_empty() {
+            self.amqp_methods.resize(METHOD_SLOTS, 0);
+            for (a, b) in self.amqp_methods.iter_mut().zip(&o.amqp_methods) {
+                *a += b;
+            }
+        }
+    }
+
     pub fn total_anomalies(&self) -> u64 {
         self.anomalies.values().sum()
     }

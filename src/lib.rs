@@ -3,6 +3,7 @@
 //! The pipeline reads top to bottom in `pipeline.rs`; one module per stage and protocol.
 
 pub mod amqp;
+pub mod analyser;
 pub mod api;
 pub mod config;
 pub mod contract;
@@ -14,6 +15,7 @@ pub mod identity;
 pub mod openstack;
 pub mod oslo;
 pub mod pipeline;
+pub mod probe;
 pub mod protocols;
 pub mod rca;
 pub mod run;

@@ -159,7 +159,7 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
             // once at full speed, so that the first picture is complete
             run::replay(&mut demo_files()?, &mut run, None, &out, &stop)?;
             run.end_pass();
-            print_report(&run.sinks.report(run.health()), false)?;
+            print_report(&run.sinks.report(&run.health()), false)?;
             eprintln!(
                 "stacktap: demo: open http://{listen}/ ({} again and again at {speed}× real \
                  time; Ctrl-C stops)",

@@ -58,7 +58,12 @@ pub fn choose(f: NewFlow<'_>, c: &Choice<'_>) -> Option<(Conn, Endpoint, Endpoin
         }
     };
     if let Some((client, server)) = by_port(&|p| c.amqp_ports.contains(&p)) {
-        let a = AmqpConnection::new(f.id, client, f.saw_syn, c.amqp_max_frame, c.amqp_max_body);
+        let a = AmqpConnection::new(
+            (client, server),
+            f.saw_syn,
+            c.amqp_max_frame,
+            c.amqp_max_body,
+        );
         return Some((Conn::Amqp(a), client, server));
     }
     let http = |client, server| {

@@ -93,27 +93,27 @@ impl Run {
 
     pub fn packet(&mut self, pkt: &Packet) {
         let sinks = &mut self.sinks;
-        self.pipeline.packet(pkt, &mut |s, _| sinks.on_signal(s));
-        if self.pipeline.health.packets.is_multiple_of(4096) {
+        self.pipeline.packet(pkt, &mut |s| sinks.on_signal(s));
+        if self.pipeline.probe.health.packets.is_multiple_of(4096) {
             self.refresh(false);
         }
     }
 
     pub fn tick(&mut self, now: crate::time::Ts) {
         let sinks = &mut self.sinks;
-        self.pipeline.tick(now, &mut |s, _| sinks.on_signal(s));
+        self.pipeline.tick(now, &mut |s| sinks.on_signal(s));
         self.refresh(false);
     }
 
     /// Brings health metrics and the served summary up to date (the summary at most once a
     /// second of wall time, unless forced).
     pub fn refresh(&mut self, force: bool) {
-        self.sinks.sync(&self.pipeline.health);
+        self.sinks.sync(&self.pipeline.health());
         if let Some(shared) = &self.shared
             && (force || self.last_publish.elapsed() >= Duration::from_secs(1))
         {
             self.last_publish = Instant::now();
-            let json = serde_json::to_string(&self.sinks.report(&self.pipeline.health))
+            let json = serde_json::to_string(&self.sinks.report(&self.pipeline.health()))
                 .unwrap_or_default();
             if let Ok(mut g) = shared.summary.lock() {
                 *g = json;
@@ -134,7 +134,7 @@ impl Run {
     /// request reported, as at the end of input; the run goes on with later packets.
     pub fn end_pass(&mut self) {
         let sinks = &mut self.sinks;
-        self.pipeline.finish(&mut |s, _| sinks.on_signal(s));
+        self.pipeline.finish(&mut |s| sinks.on_signal(s));
         self.refresh(true);
     }
 
@@ -154,11 +154,12 @@ impl Run {
             std::fs::write(p, Metrics::render(&self.sinks.metrics.registry))
                 .map_err(|e| anyhow::anyhow!("--metrics-out {}: {e}", p.display()))?;
         }
-        Ok(self.sinks.report(&self.pipeline.health))
+        Ok(self.sinks.report(&self.pipeline.health()))
     }
 
-    pub fn health(&self) -> &Health {
-        &self.pipeline.health
+    /// The probe's and the analyser's counters together.
+    pub fn health(&self) -> Health {
+        self.pipeline.health()
     }
 }
 
@@ -314,14 +315,14 @@ pub fn capture(
         if last_stats.elapsed() >= Duration::from_secs(1) {
             last_stats = Instant::now();
             let st = cap.stats();
-            run.pipeline.health.kernel_drops = st.kernel_drops;
-            run.pipeline.health.if_drops = st.if_drops;
+            run.pipeline.probe.health.kernel_drops = st.kernel_drops;
+            run.pipeline.probe.health.if_drops = st.if_drops;
             run.tick(crate::source::live::wall_clock());
         }
     }
     let st = cap.stats();
-    run.pipeline.health.kernel_drops = st.kernel_drops;
-    run.pipeline.health.if_drops = st.if_drops;
+    run.pipeline.probe.health.kernel_drops = st.kernel_drops;
+    run.pipeline.probe.health.if_drops = st.if_drops;
     Ok(())
 }
 

@@ -30,14 +30,14 @@ fn run(pkts: &[Packet]) -> (u64, u64) {
     let mut pl = Pipeline::new(Config::default());
     let mut events = 0u64;
     for p in pkts {
-        pl.packet(p, &mut |s, _| {
+        pl.packet(p, &mut |s| {
             events += matches!(s, stacktap::correlate::Signal::Event(_)) as u64
         });
     }
-    pl.finish(&mut |s, _| events += matches!(s, stacktap::correlate::Signal::Event(_)) as u64);
+    pl.finish(&mut |s| events += matches!(s, stacktap::correlate::Signal::Event(_)) as u64);
     // retransmits are the network's doing, seen in real loopback captures too
-    let retransmits = pl.health.anomaly_count("tcp", "retransmit");
-    (events, pl.health.total_anomalies() - retransmits)
+    let retransmits = pl.health().anomaly_count("tcp", "retransmit");
+    (events, pl.health().total_anomalies() - retransmits)
 }
 
 proptest! {

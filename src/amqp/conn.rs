@@ -5,7 +5,7 @@ use super::frame::{
     FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD, FrameEvent, FrameReader, RawFrame,
 };
 use crate::FastMap as HashMap;
-use crate::decode::Endpoint;
+use crate::contract::{ConnId, Endpoint};
 use crate::health::Health;
 use crate::tcp::{Chunk, Dir, flows::App};
 use crate::time::Ts;
@@ -60,8 +60,7 @@ pub enum MessageKind {
 pub struct Message {
     /// Time of the packet that completed it.
     pub ts: Ts,
-    pub conn: u64,
-    pub client: Endpoint,
+    pub conn: ConnId,
     pub kind: MessageKind,
     pub channel: u16,
     pub exchange: String,
@@ -75,53 +74,52 @@ pub struct Message {
 #[derive(Debug, Clone)]
 pub enum AmqpEvent {
     Identified {
-        conn: u64,
-        client: Endpoint,
+        conn: ConnId,
         identity: Arc<ClientIdentity>,
     },
     VhostOpened {
-        conn: u64,
+        conn: ConnId,
         vhost: String,
     },
     Message(Box<Message>),
     ConsumerStarted {
-        conn: u64,
+        conn: ConnId,
         queue: String,
         consumer_tag: String,
     },
     /// The broker cancelled a consumer (queue deleted, HA failover).
     BrokerCancel {
-        conn: u64,
+        conn: ConnId,
         consumer_tag: String,
         queue: Option<String>,
     },
     ChannelClosed {
-        conn: u64,
+        conn: ConnId,
         ts: Ts,
         by_broker: bool,
         reply_code: u16,
         reply_text: String,
     },
     ConnectionClosed {
-        conn: u64,
+        conn: ConnId,
         ts: Ts,
         by_broker: bool,
         reply_code: u16,
         reply_text: String,
     },
     Blocked {
-        conn: u64,
+        conn: ConnId,
         ts: Ts,
         reason: String,
     },
     /// A publisher confirm said no.
     Nack {
-        conn: u64,
+        conn: ConnId,
         ts: Ts,
     },
     /// The TCP connection is gone.
     Gone {
-        conn: u64,
+        conn: ConnId,
         ts: Ts,
     },
 }
@@ -160,8 +158,7 @@ enum Pending {
 }
 
 pub struct AmqpConnection {
-    conn: u64,
-    client: Endpoint,
+    conn: ConnId,
     readers: [FrameReader; 2],
     assembling: [HashMap<u16, Assembly>; 2],
     /// queue.declare / basic.consume requests waiting for their -ok, per channel.
@@ -172,15 +169,13 @@ pub struct AmqpConnection {
 
 impl AmqpConnection {
     pub fn new(
-        conn: u64,
-        client: Endpoint,
+        (client, server): (Endpoint, Endpoint),
         saw_handshake: bool,
         max_frame: usize,
         max_body: usize,
     ) -> Self {
         AmqpConnection {
-            conn,
-            client,
+            conn: ConnId { client, server },
             readers: [
                 FrameReader::new(saw_handshake, max_frame),
                 FrameReader::new(saw_handshake, max_frame),
@@ -376,7 +371,6 @@ impl AmqpConnection {
                     };
                     out.push(AmqpEvent::Identified {
                         conn,
-                        client: self.client,
                         identity: Arc::new(identity),
                     });
                 }
@@ -484,7 +478,6 @@ impl AmqpConnection {
         out.push(AmqpEvent::Message(Box::new(Message {
             ts,
             conn: self.conn,
-            client: self.client,
             kind,
             channel,
             exchange,

@@ -4,8 +4,10 @@
 
 mod endpoint;
 mod event;
+mod observation;
 mod oslo;
 
 pub use endpoint::Endpoint;
 pub use event::*;
+pub use observation::*;
 pub use oslo::*;

@@ -9,7 +9,7 @@ pub mod route;
 pub mod services;
 
 use crate::FastMap as HashMap;
-use crate::contract::{HttpEvent, HttpOutcome, Process};
+use crate::contract::{HttpEnd, HttpEvent, HttpObs, HttpOutcome, Process, method_label};
 use crate::health::Health;
 use crate::http::{End, Exchange};
 use crate::identity::AddressBook;
@@ -50,22 +50,12 @@ impl RestConfig {
     }
 }
 
-/// Label values for the methods of RFC 9110 and WebDAV's common ones; others fold.
-const METHODS: &[&str] = &[
-    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE", "COPY", "MOVE",
-    "PROPFIND", "MKCOL", "LOCK", "UNLOCK",
-];
-
-/// Turns exchanges into `kind: http` events.
+/// The probe's half: a REST exchange → an observation, with what the exchange tells
+/// alone (service, route template, fault, the request ids).
 pub struct Rest {
     cfg: RestConfig,
     ports: HashMap<u16, Arc<str>>,
-    /// Distinct templates seen per service (bounded by `max_routes_per_service`).
-    routes: HashMap<Arc<str>, crate::FastSet<Arc<str>>>,
-    other: Arc<str>,
 }
-
-const UNKNOWN: &str = "unknown";
 
 impl Rest {
     pub fn new(cfg: RestConfig) -> Rest {
@@ -74,12 +64,7 @@ impl Rest {
             .iter()
             .map(|(p, s)| (*p, Arc::from(s.as_str())))
             .collect();
-        Rest {
-            cfg,
-            ports,
-            routes: HashMap::default(),
-            other: Arc::from("{other}"),
-        }
+        Rest { cfg, ports }
     }
 
     /// The service and the path with the deployment prefix removed.
@@ -94,75 +79,115 @@ impl Rest {
         (self.ports.get(&port).cloned(), path)
     }
 
+    pub fn observe(&self, ex: Exchange) -> HttpObs {
+        let req = ex.request;
+        let (service, path) = self.service(ex.server.port, &req.path);
+        let route = route::template(service.as_deref(), path);
+        let resp = ex.response.as_ref();
+        let fault = resp
+            .filter(|r| !r.error_body.is_empty())
+            .and_then(|r| fault::parse(&r.error_body));
+        HttpObs {
+            client: ex.client,
+            server: ex.server,
+            method: method_label(&req.method),
+            service,
+            route,
+            path: req.path,
+            user_agent: req.user_agent,
+            status: resp.map(|r| r.head.status),
+            t_request: ex.t_request,
+            t_response: resp.map(|r| r.t_first),
+            t_response_end: resp.map(|r| r.t_end),
+            end: match ex.end {
+                End::Complete => HttpEnd::Complete,
+                End::Truncated => HttpEnd::Truncated,
+                End::ResponseLost => HttpEnd::ResponseLost,
+                End::NoResponse => HttpEnd::NoResponse,
+            },
+            request_id: resp.and_then(|r| r.head.request_id.clone()),
+            // oslo.middleware ignores a global id not of its format; so do we
+            global_request_id: req.request_id.filter(|id| valid_request_id(id)),
+            fault,
+        }
+    }
+}
+
+/// The analyser's half: an observed exchange → a `kind: http` event, with its caller
+/// (which may need what another probe's AMQP traffic named) and the route cap (one
+/// bound over every probe).
+pub struct RestEvents {
+    max_routes_per_service: usize,
+    /// Distinct templates seen per service (bounded by `max_routes_per_service`).
+    routes: HashMap<Arc<str>, crate::FastSet<Arc<str>>>,
+    other: Arc<str>,
+}
+
+const UNKNOWN: &str = "unknown";
+
+impl RestEvents {
+    pub fn new(cfg: &RestConfig) -> RestEvents {
+        RestEvents {
+            max_routes_per_service: cfg.max_routes_per_service,
+            routes: HashMap::default(),
+            other: Arc::from("{other}"),
+        }
+    }
+
     /// The bounded template: new templates past the per-service cap become `{other}`.
-    fn route(&mut self, service: Option<&Arc<str>>, path: &str, h: &mut Health) -> Arc<str> {
-        let t = route::template(service.map(|s| &**s), path);
+    fn route(&mut self, service: Option<&Arc<str>>, template: &str, h: &mut Health) -> Arc<str> {
         let key = service.map_or(UNKNOWN, |s| &**s);
         let seen = match self.routes.get_mut(key) {
             Some(seen) => seen,
             None => self.routes.entry(Arc::from(key)).or_default(),
         };
-        // a known template costs no allocation beyond building it
-        if let Some(known) = seen.get(t.as_str()) {
+        if let Some(known) = seen.get(template) {
             return known.clone();
         }
-        if seen.len() >= self.cfg.max_routes_per_service {
+        if seen.len() >= self.max_routes_per_service {
             *h.series_folded.entry("http_route").or_default() += 1;
             return self.other.clone();
         }
-        let t: Arc<str> = Arc::from(t);
+        let t: Arc<str> = Arc::from(template);
         seen.insert(t.clone());
         t
     }
 
-    pub fn event(&mut self, ex: Exchange, book: &mut AddressBook, h: &mut Health) -> HttpEvent {
-        let req = ex.request;
-        let (service, path) = self.service(ex.server.port, &req.path);
-        let route = self.route(service.as_ref(), path, h);
-        if let Some(svc) = &service {
-            book.learn_rest_caller(ex.server.ip, services::api_process(svc));
+    pub fn event(&mut self, o: HttpObs, book: &mut AddressBook, h: &mut Health) -> HttpEvent {
+        let route = self.route(o.service.as_ref(), &o.route, h);
+        if let Some(svc) = &o.service {
+            book.learn_rest_caller(o.server.ip, services::api_process(svc));
         }
-        let client = caller(req.user_agent.as_deref(), &ex.client.ip, book);
-        let method = METHODS
-            .iter()
-            .find(|m| **m == &*req.method)
-            .copied()
-            .unwrap_or("OTHER");
-        let resp = ex.response.as_ref();
-        let status = resp.map(|r| r.head.status);
-        let outcome = match (ex.end, status) {
-            (End::NoResponse, _) => HttpOutcome::NoResponse,
-            (End::ResponseLost, _) | (_, None) => HttpOutcome::ResponseLost,
+        let client = caller(o.user_agent.as_deref(), &o.client.ip, book);
+        let outcome = match (o.end, o.status) {
+            (HttpEnd::NoResponse, _) => HttpOutcome::NoResponse,
+            (HttpEnd::ResponseLost, _) | (_, None) => HttpOutcome::ResponseLost,
             (_, Some(s)) if s >= 500 => HttpOutcome::ServerError,
             (_, Some(s)) if s >= 400 => HttpOutcome::ClientError,
             _ => HttpOutcome::Ok,
         };
-        let error = resp
-            .filter(|r| !r.error_body.is_empty())
-            .and_then(|r| fault::parse(&r.error_body));
-        // oslo.middleware ignores a global id not of its format; so do we
-        let global_request_id = req.request_id.filter(|id| valid_request_id(id));
         let secs = |t: crate::time::Ts| t.as_secs_f64();
         HttpEvent {
             client,
-            user_agent: req.user_agent,
-            service,
-            server: ex.server.to_string(),
-            method,
+            user_agent: o.user_agent,
+            service: o.service,
+            server: o.server.to_string(),
+            method: o.method,
             route,
-            path: req.path,
-            status,
-            t_request: secs(ex.t_request),
-            t_response: resp.map(|r| secs(r.t_first)),
-            t_response_end: resp.map(|r| secs(r.t_end)),
-            duration_s: resp
-                .filter(|_| ex.end == End::Complete)
-                .map(|r| r.t_end.secs_since(ex.t_request)),
-            request_id: resp.and_then(|r| r.head.request_id.clone()),
-            global_request_id,
+            path: o.path,
+            status: o.status,
+            t_request: secs(o.t_request),
+            t_response: o.t_response.map(secs),
+            t_response_end: o.t_response_end.map(secs),
+            duration_s: o
+                .t_response_end
+                .filter(|_| o.end == HttpEnd::Complete)
+                .map(|e| e.secs_since(o.t_request)),
+            request_id: o.request_id,
+            global_request_id: o.global_request_id,
             outcome,
-            truncated: ex.end == End::Truncated,
-            error,
+            truncated: o.end == HttpEnd::Truncated,
+            error: o.fault,
         }
     }
 }
@@ -245,7 +270,7 @@ mod tests {
 
     #[test]
     fn route_cap_folds_and_counts() {
-        let mut r = Rest::new(RestConfig {
+        let mut r = RestEvents::new(&RestConfig {
             max_routes_per_service: 2,
             ..RestConfig::default()
         });

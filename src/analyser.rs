@@ -1,0 +1,119 @@
+//! The analyser: observations (from one probe, or many joined by a collector) → RPC and
+//! REST events → request trees, chains and masked failures, as signals for the sinks.
+//! It judges: outcomes and timeouts on its packet clock, callers from everything the
+//! probes' AMQP connections named, failures and their root causes.
+//!
+//! Deterministic and on packet time only. Time passes by `advance` (every packet of a
+//! probe in the same process, a collector's watermark), observations arrive by `observe`,
+//! and `flush` hands what they produced to the sinks in order.
+
+use crate::config::Config;
+use crate::contract::{Event, Obs, Observation};
+use crate::correlate::{Correlator, Signal};
+use crate::health::Health;
+use crate::openstack::RestEvents;
+use crate::time::Ts;
+use crate::trace::{Traced, Tracer};
+
+pub struct Analyser {
+    cfg: Config,
+    pub health: Health,
+    correlator: Correlator,
+    rest: RestEvents,
+    tracer: Tracer,
+    traced: Vec<Traced>,
+    clock: Ts,
+    signals: Vec<Signal>,
+}
+
+impl Analyser {
+    pub fn new(cfg: Config) -> Analyser {
+        Analyser {
+            correlator: Correlator::new(cfg.correlator.clone()),
+            rest: RestEvents::new(&cfg.rest),
+            tracer: Tracer::new(cfg.trace.clone()),
+            traced: Vec::new(),
+            health: Health::default(),
+            clock: Ts::ZERO,
+            signals: Vec::new(),
+            cfg,
+        }
+    }
+
+    /// Forgets every connection, call and open request, keeping the clock and the health
+    /// counters: what comes next is a new capture (see `Pipeline::restart`).
+    pub fn restart(&mut self) {
+        let health = std::mem::take(&mut self.health);
+        let clock = self.clock;
+        *self = Analyser::new(self.cfg.clone());
+        self.health = health;
+        self.clock = clock;
+    }
+
+    /// The packet time reached.
+    pub fn clock(&self) -> Ts {
+        self.clock
+    }
+
+    /// Packet time reached `now`: the calls and casts whose time is up are judged.
+    pub fn advance(&mut self, now: Ts) {
+        if now > self.clock {
+            self.clock = now;
+        }
+        self.correlator.advance(self.clock, &mut self.signals);
+    }
+
+    /// One observation (at its own time, which may lag the clock).
+    pub fn observe(&mut self, o: Observation) {
+        if o.t > self.clock {
+            self.advance(o.t);
+        }
+        match o.what {
+            Obs::Http(h) => {
+                let ev = self
+                    .rest
+                    .event(*h, self.correlator.addresses(), &mut self.health);
+                self.signals.push(Signal::Event(Event::Http(Box::new(ev))));
+            }
+            Obs::Tick => {}
+            other => self
+                .correlator
+                .on_obs(o.t, &other, &mut self.health, &mut self.signals),
+        }
+    }
+
+    /// Hands what the observations and the passing time produced to `sink`: events (each
+    /// also taken in by the tracer), then the requests the tracer judged.
+    pub fn flush(&mut self, sink: &mut dyn FnMut(&Signal)) {
+        for s in self.signals.drain(..) {
+            if let Signal::Event(ev) = &s {
+                self.tracer
+                    .observe(ev, self.clock, &mut self.health, &mut self.traced);
+            }
+            sink(&s);
+        }
+        self.tracer.advance(self.clock, &mut self.traced);
+        self.emit_traced(sink);
+    }
+
+    /// End of input: every open call, cast and request is judged.
+    pub fn finish(&mut self, sink: &mut dyn FnMut(&Signal)) {
+        self.flush(sink);
+        self.correlator.finish_all(&mut self.signals);
+        self.flush(sink);
+        self.tracer.finish_all(&mut self.traced);
+        self.emit_traced(sink);
+    }
+
+    /// Request trees, chains and masked failures, as signals.
+    fn emit_traced(&mut self, sink: &mut dyn FnMut(&Signal)) {
+        for t in self.traced.drain(..) {
+            let s = match t {
+                Traced::Tree(tree) => Signal::Request(tree),
+                Traced::Chain(c) => Signal::Event(Event::Chain(c)),
+                Traced::Masked(m) => Signal::Masked(m),
+            };
+            sink(&s);
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! The probe: packets → observations. Everything one vantage point can do alone, on the
+//! node that sees the packets: L2–L4 decoding, TCP reassembly, the AMQP and HTTP parsers,
+//! reading oslo.messaging bodies, templating REST routes. It judges nothing (no timeout,
+//! no caller, no failure): that is the analyser's, which may join several probes.
+//!
+//! Deterministic and on packet time only.
+
+use crate::FastMap as HashMap;
+use crate::amqp::{AmqpEvent, Message, MessageKind};
+use crate::config::Config;
+use crate::contract::{AmqpKind, AmqpMessage, NotOslo, Obs, Observation, Oslo};
+use crate::decode::{self, Decoded};
+use crate::health::Health;
+use crate::openstack::Rest;
+use crate::oslo;
+use crate::protocols::{self, Choice, Conn, Found};
+use crate::source::Packet;
+use crate::tcp::FlowTable;
+use crate::time::Ts;
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+pub struct Probe {
+    cfg: Config,
+    pub health: Health,
+    flows: FlowTable<Conn>,
+    found: Found,
+    bodies: DecodeCache,
+    rest: Rest,
+    clock: Ts,
+}
+
+impl Probe {
+    pub fn new(cfg: Config) -> Probe {
+        Probe {
+            flows: FlowTable::new(cfg.flows.clone()),
+            rest: Rest::new(cfg.rest.clone()),
+            bodies: DecodeCache::new(),
+            found: Found::default(),
+            health: Health::default(),
+            clock: Ts::ZERO,
+            cfg,
+        }
+    }
+
+    /// Forgets every connection, keeping the clock and the health counters (see
+    /// `Pipeline::restart`).
+    pub fn restart(&mut self) {
+        let health = std::mem::take(&mut self.health);
+        let clock = self.clock;
+        *self = Probe::new(self.cfg.clone());
+        self.health = health;
+        self.clock = clock;
+    }
+
+    /// The packet time reached (the newest packet's, or a live tick's).
+    pub fn clock(&self) -> Ts {
+        self.clock
+    }
+
+    /// One captured packet; what it completed goes to `out`.
+    pub fn packet(&mut self, pkt: &Packet, out: &mut Vec<Observation>) {
+        self.health.packets += 1;
+        self.health.bytes += pkt.orig_len.max(pkt.data.len() as u32) as u64;
+        // the clock never goes back; a packet stamped earlier is processed at its own time
+        if pkt.ts < self.clock {
+            self.health.anomaly("capture", "clock_regression");
+        } else {
+            self.clock = pkt.ts;
+        }
+        match decode::decode(pkt.linktype, &pkt.data) {
+            Decoded::Tcp(seg) => {
+                let cfg = &self.cfg;
+                let choice = Choice {
+                    amqp_ports: &cfg.amqp_ports,
+                    amqp_max_frame: cfg.amqp_max_frame,
+                    amqp_max_body: cfg.amqp_max_body,
+                    http_ports: &|p| cfg.rest.is_api_port(p),
+                    sniff_other_ports: cfg.rest.sniff_other_ports,
+                    http: &cfg.http,
+                };
+                self.flows
+                    .segment(&seg, pkt.ts, &mut self.health, &mut self.found, |f| {
+                        protocols::choose(f, &choice)
+                    });
+            }
+            Decoded::NotTcp => {}
+            Decoded::Fragment => self.health.anomaly("ip", "fragment"),
+            Decoded::UnsupportedLinktype => self.health.anomaly("link", "unsupported_linktype"),
+            Decoded::Malformed(kind) => self.health.anomaly("decode", kind),
+        }
+        self.drain(out);
+    }
+
+    /// Live capture with no packet for a while: idle connections close.
+    pub fn tick(&mut self, now: Ts, out: &mut Vec<Observation>) {
+        if now > self.clock {
+            self.clock = now;
+        }
+        self.flows
+            .tick(self.clock, &mut self.health, &mut self.found);
+        self.drain(out);
+    }
+
+    /// End of input: every connection is flushed.
+    pub fn finish(&mut self, out: &mut Vec<Observation>) {
+        self.flows
+            .close_all(self.clock, &mut self.health, &mut self.found);
+        self.drain(out);
+    }
+
+    /// What the parsers found, as observations: AMQP first, then REST (their order within
+    /// one packet or tick does not matter: one packet is one connection).
+    fn drain(&mut self, out: &mut Vec<Observation>) {
+        for ev in self.found.amqp.drain(..) {
+            if let Some(o) = amqp_observation(ev, self.clock, &mut self.bodies) {
+                out.push(o);
+            }
+        }
+        for ex in self.found.http.drain(..) {
+            let what = Obs::Http(Box::new(self.rest.observe(ex)));
+            out.push(Observation {
+                t: self.clock,
+                what,
+            });
+        }
+    }
+}
+
+/// An AMQP parser's event as an observation (None: nothing the analyser uses).
+fn amqp_observation(ev: AmqpEvent, now: Ts, bodies: &mut DecodeCache) -> Option<Observation> {
+    let (t, what) = match ev {
+        AmqpEvent::Identified { conn, identity } => (
+            now,
+            Obs::AmqpIdentified {
+                conn,
+                connection_name: identity.connection_name.clone(),
+                product: identity.product.clone(),
+            },
+        ),
+        AmqpEvent::Message(m) => {
+            let oslo = bodies.decode(&m);
+            let m = *m;
+            let kind = match m.kind {
+                MessageKind::Publish { mandatory } => AmqpKind::Publish { mandatory },
+                MessageKind::Deliver { redelivered, .. } => AmqpKind::Deliver { redelivered },
+                MessageKind::GetOk { redelivered } => AmqpKind::GetOk { redelivered },
+                MessageKind::Return { reply_code, .. } => AmqpKind::Return { reply_code },
+            };
+            let msg = AmqpMessage {
+                conn: m.conn,
+                kind,
+                exchange: m.exchange,
+                routing_key: m.routing_key,
+                queue: m.queue,
+                expiration: m.props.expiration,
+                stream_offset: m.props.stream_offset,
+                delivery_count: m.props.delivery_count,
+                oslo,
+            };
+            (m.ts, Obs::AmqpMessage(Box::new(msg)))
+        }
+        AmqpEvent::ChannelClosed {
+            conn,
+            ts,
+            by_broker,
+            reply_code,
+            ..
+        } => (
+            ts,
+            Obs::AmqpClosed {
+                conn,
+                channel: true,
+                reply_code,
+                by_broker,
+            },
+        ),
+        AmqpEvent::ConnectionClosed {
+            conn,
+            ts,
+            by_broker,
+            reply_code,
+            ..
+        } => (
+            ts,
+            Obs::AmqpClosed {
+                conn,
+                channel: false,
+                reply_code,
+                by_broker,
+            },
+        ),
+        AmqpEvent::Blocked { conn, ts, .. } => (ts, Obs::AmqpBlocked { conn }),
+        AmqpEvent::BrokerCancel { conn, queue, .. } => {
+            (now, Obs::AmqpConsumerCancelled { conn, queue })
+        }
+        AmqpEvent::Gone { conn, ts } => (ts, Obs::AmqpGone { conn }),
+        AmqpEvent::VhostOpened { .. }
+        | AmqpEvent::ConsumerStarted { .. }
+        | AmqpEvent::Nack { .. } => return None,
+    };
+    Some(Observation { t, what })
+}
+
+/// Recently decoded bodies. A deliver carries the exact bytes of its publish, so each
+/// message's JSON is parsed once, not once per copy. Keyed by a 64-bit hash of exchange,
+/// compression and body (a collision among the last few thousand bodies is ~1e-12).
+struct DecodeCache {
+    seed: u64,
+    map: HashMap<u64, Arc<Result<Oslo, NotOslo>>>,
+    order: VecDeque<u64>,
+}
+
+const DECODE_CACHE: usize = 8192;
+
+impl DecodeCache {
+    fn new() -> DecodeCache {
+        DecodeCache {
+            seed: ahash::RandomState::new().hash_one(0x5eed_u64),
+            map: HashMap::default(),
+            order: VecDeque::new(),
+        }
+    }
+
+    fn decode(&mut self, m: &Message) -> Arc<Result<Oslo, NotOslo>> {
+        // xxh3 over the body (GB/s on any x86-64), salted per process so that crafted
+        // bodies cannot be made to collide on purpose
+        use xxhash_rust::xxh3::xxh3_64_with_seed;
+        let meta = xxh3_64_with_seed(m.exchange.as_bytes(), self.seed)
+            ^ xxh3_64_with_seed(
+                m.props.compression.as_deref().unwrap_or("").as_bytes(),
+                self.seed.rotate_left(17),
+            );
+        let key = xxh3_64_with_seed(&m.body, self.seed ^ meta);
+        if let Some(hit) = self.map.get(&key) {
+            return hit.clone();
+        }
+        let decoded = Arc::new(oslo::decode(&m.exchange, &m.props, &m.body));
+        if self.order.len() >= DECODE_CACHE
+            && let Some(old) = self.order.pop_front()
+        {
+            self.map.remove(&old);
+        }
+        self.order.push_back(key);
+        self.map.insert(key, decoded.clone());
+        decoded
+    }
+}
