@@ -60,7 +60,8 @@ impl Analyser {
         if now > self.clock {
             self.clock = now;
         }
-        self.correlator.advance(self.clock, &mut self.signals);
+        self.correlator
+            .advance(self.clock, &mut self.health, &mut self.signals);
     }
 
     /// One observation (at its own time, which may lag the clock).
@@ -94,12 +95,16 @@ impl Analyser {
         }
         self.tracer.advance(self.clock, &mut self.traced);
         self.emit_traced(sink);
+        let view = self.correlator.view();
+        self.health.partial_view = view.partial(self.clock);
+        self.health.unseen.clone_from(&view.evidence);
     }
 
     /// End of input: every open call, cast and request is judged.
     pub fn finish(&mut self, sink: &mut dyn FnMut(&Signal)) {
         self.flush(sink);
-        self.correlator.finish_all(&mut self.signals);
+        self.correlator
+            .finish_all(&mut self.health, &mut self.signals);
         self.flush(sink);
         self.tracer.finish_all(&mut self.traced);
         self.emit_traced(sink);

@@ -13,6 +13,7 @@ use crate::health::Health;
 use crate::identity::AddressBook;
 use crate::oslo;
 use crate::time::Ts;
+use crate::view::{Seen, View};
 use crate::{FastMap as HashMap, FastSet as HashSet};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -30,6 +31,7 @@ pub struct CorrelatorConfig {
     pub cast_settle_s: f64,
     /// A call with no `expiration` (not oslo.messaging) is given up after this long.
     pub call_max_age_s: f64,
+    pub view: crate::view::ViewConfig,
 }
 
 impl Default for CorrelatorConfig {
@@ -40,6 +42,7 @@ impl Default for CorrelatorConfig {
             late_reply_window_s: 300.0,
             cast_settle_s: 30.0,
             call_max_age_s: 3600.0,
+            view: crate::view::ViewConfig::default(),
         }
     }
 }
@@ -145,6 +148,9 @@ struct Call {
     consumers: Vec<u64>,
     first_seen: Ts,
     expired: bool,
+    /// Its deadline passed while the view was partial: no timeout verdict (the reply may
+    /// have gone through a node this probe does not see).
+    unjudged: bool,
     /// Failure from a legacy (≤ 2.x) payload reply, completed by the empty ending reply.
     legacy_failure: Option<RemoteError>,
 }
@@ -211,12 +217,18 @@ pub struct Correlator {
     timers: BinaryHeap<Reverse<(Ts, Timer, String)>>,
     done_calls: Recent,
     done_messages: Recent,
+    view: View,
+    /// Calls past their deadline while the view was undecided, and replies without a
+    /// call seen meanwhile: judged once the view is (see `decide`).
+    pending_calls: Vec<String>,
+    pending_orphans: u64,
     pub now: Ts,
 }
 
 impl Correlator {
     pub fn new(cfg: CorrelatorConfig) -> Self {
         let recent = cfg.max_messages.max(1024);
+        let view = cfg.view.clone();
         Correlator {
             cfg,
             names: Names::default(),
@@ -229,12 +241,15 @@ impl Correlator {
             timers: BinaryHeap::new(),
             done_calls: Recent::new(recent),
             done_messages: Recent::new(recent),
+            view: View::new(view),
+            pending_calls: Vec::new(),
+            pending_orphans: 0,
             now: Ts::ZERO,
         }
     }
 
     /// Advances packet time: fires the timers that are due.
-    pub fn advance(&mut self, now: Ts, out: &mut Vec<Signal>) {
+    pub fn advance(&mut self, now: Ts, health: &mut Health, out: &mut Vec<Signal>) {
         if now > self.now {
             self.now = now;
         }
@@ -244,6 +259,51 @@ impl Correlator {
             }
             let Reverse((at, timer, id)) = self.timers.pop().expect("peeked");
             self.fire(at, timer, id, out);
+        }
+        self.decide(false, health, out);
+    }
+
+    /// Once the view is decided, the verdicts that waited for it: the expired calls are
+    /// timeouts (complete view) or unknown (partial; answered, if a reply was published
+    /// in time), the replies without a call anomalies or not.
+    fn decide(&mut self, at_end: bool, health: &mut Health, out: &mut Vec<Signal>) {
+        if self.pending_calls.is_empty() && self.pending_orphans == 0 {
+            return;
+        }
+        let seen = self.view.seen(self.now, at_end);
+        if seen == Seen::Undecided {
+            return;
+        }
+        for id in std::mem::take(&mut self.pending_calls) {
+            let Some(call) = self.calls.get_mut(&id).filter(|c| c.unjudged) else {
+                continue;
+            };
+            if seen == Seen::Complete {
+                call.unjudged = false;
+                out.push(Signal::TimedOut {
+                    topic: call.ev.topic.clone(),
+                    method: call.ev.method.clone(),
+                });
+            } else if call.ev.t_reply_publish.is_some() {
+                let outcome = answered(&call.ev);
+                self.finish_call(&id, outcome, out);
+            }
+        }
+        if seen == Seen::Complete {
+            for _ in 0..self.pending_orphans {
+                health.anomaly("oslo", "reply_without_call");
+            }
+        }
+        self.pending_orphans = 0;
+    }
+
+    /// A reply to a call never seen: an anomaly in a complete view, what a partial one
+    /// shows all the time.
+    fn orphan_reply(&mut self, t: Ts, health: &mut Health) {
+        match self.view.seen(t, false) {
+            Seen::Complete => health.anomaly("oslo", "reply_without_call"),
+            Seen::Undecided => self.pending_orphans += 1,
+            Seen::Partial => {}
         }
     }
 
@@ -262,11 +322,32 @@ impl Correlator {
                     self.finish_call(&id, Outcome::NoReply, out);
                     return;
                 }
+                let split = call.ev.t_publish.is_some()
+                    && call.ev.t_deliver.is_none()
+                    && call.ev.t_reply_publish.is_some();
+                if split {
+                    self.view.evidence("split_call", at);
+                }
+                let call = self.calls.get_mut(&id).expect("present");
+                match self.view.seen(at, false) {
+                    Seen::Partial if call.ev.t_reply_publish.is_some() => {
+                        // answered in time; its delivery went by elsewhere
+                        let outcome = answered(&call.ev);
+                        self.finish_call(&id, outcome, out);
+                        return;
+                    }
+                    // nothing seen of an answer here: no verdict
+                    Seen::Partial => call.unjudged = true,
+                    Seen::Undecided => {
+                        call.unjudged = true;
+                        self.pending_calls.push(id.clone());
+                    }
+                    Seen::Complete => out.push(Signal::TimedOut {
+                        topic: call.ev.topic.clone(),
+                        method: call.ev.method.clone(),
+                    }),
+                }
                 call.expired = true;
-                out.push(Signal::TimedOut {
-                    topic: call.ev.topic.clone(),
-                    method: call.ev.method.clone(),
-                });
                 out.push(Signal::InFlight {
                     topic: call.ev.topic.clone(),
                     delta: -1,
@@ -275,17 +356,14 @@ impl Correlator {
                     .push(Reverse((at.plus_secs(late_window), Timer::LateWindow, id)));
             }
             Timer::LateWindow => {
-                if self.calls.get(&id).is_some_and(|c| c.expired) {
-                    self.finish_call(&id, Outcome::Timeout, out);
+                if let Some(c) = self.calls.get(&id).filter(|c| c.expired) {
+                    let outcome = expired_outcome(c);
+                    self.finish_call(&id, outcome, out);
                 }
             }
             Timer::Settle => {
                 if let Some(c) = self.casts.get(&id) {
-                    let outcome = if c.ev.deliveries > 0 {
-                        Outcome::Ok
-                    } else {
-                        Outcome::Undelivered
-                    };
+                    let outcome = self.cast_outcome(c, at);
                     self.finish_cast(&id, outcome, out);
                 }
             }
@@ -367,6 +445,7 @@ impl Correlator {
     }
 
     fn on_message(&mut self, t: Ts, m: &AmqpMessage, health: &mut Health, out: &mut Vec<Signal>) {
+        self.view.saw(t);
         let oslo = match m.oslo.as_ref() {
             Ok(o) => o,
             Err(e) => {
@@ -388,7 +467,7 @@ impl Correlator {
                 let publisher = self.process(&m.conn);
                 let Some(call) = self.calls.get_mut(&r.msg_id) else {
                     if !self.done_calls.contains(&r.msg_id) {
-                        health.anomaly("oslo", "reply_without_call");
+                        self.orphan_reply(t, health);
                     }
                     return;
                 };
@@ -406,6 +485,10 @@ impl Correlator {
                             call.ev.t_reply_publish = Some(t.as_secs_f64());
                             call.ev.error = r.failure.clone().or(call.legacy_failure.take());
                         }
+                        // answered, and published, but its delivery went by elsewhere
+                        if call.ev.t_publish.is_some() && call.ev.t_deliver.is_none() {
+                            self.view.evidence("split_call", t);
+                        }
                         // the server that answered (a redelivered call may have gone to two)
                         if call.ev.callee.is_none() || publisher.service.is_some() {
                             call.ev.callee = Some(publisher);
@@ -416,7 +499,12 @@ impl Correlator {
             (AmqpKind::Deliver { .. } | AmqpKind::GetOk { .. }, Oslo::Reply(r)) => {
                 let Some(call) = self.calls.get_mut(&r.msg_id) else {
                     if !self.done_calls.contains(&r.msg_id) {
-                        health.anomaly("oslo", "reply_without_call");
+                        // a reply queue consumed since the capture began: every call
+                        // answered there was published since, and should have been seen
+                        if m.queue.is_some() {
+                            self.view.evidence("reply_without_call", t);
+                        }
+                        self.orphan_reply(t, health);
                     }
                     return;
                 };
@@ -433,12 +521,22 @@ impl Correlator {
                             call.ev.error = r.failure.clone().or(call.legacy_failure.take());
                         }
                         let outcome = if call.expired {
+                            if call.unjudged {
+                                // the caller did time out: counted now that it is known
+                                out.push(Signal::TimedOut {
+                                    topic: call.ev.topic.clone(),
+                                    method: call.ev.method.clone(),
+                                });
+                            }
                             Outcome::LateReply
-                        } else if call.ev.error.is_some() {
-                            Outcome::RemoteError
                         } else {
-                            Outcome::Ok
+                            answered(&call.ev)
                         };
+                        let split = (call.ev.t_publish.is_some() && call.ev.t_deliver.is_none())
+                            || (call.ev.t_deliver.is_some() && call.ev.t_reply_publish.is_none());
+                        if split {
+                            self.view.evidence("split_call", t);
+                        }
                         let id = r.msg_id.clone();
                         self.finish_call(&id, outcome, out);
                     }
@@ -577,6 +675,14 @@ impl Correlator {
         } else {
             None
         };
+        // delivered, never seen published, though the broker would have dropped it had it
+        // waited longer than its timeout: it was published in the capture, elsewhere
+        if !published
+            && let (Some(first), Some(e)) = (self.view.first(), timeout_s)
+            && ts.secs_since(first) > e + 1.0
+        {
+            self.view.evidence("delivery_without_publish", ts);
+        }
         let mut call = Call {
             ev: RpcEvent {
                 rpc_type: r.rpc_type,
@@ -609,6 +715,7 @@ impl Correlator {
             consumers: Vec::new(),
             first_seen: ts,
             expired: false,
+            unjudged: false,
             legacy_failure: None,
         };
         out.push(Signal::Seen {
@@ -726,8 +833,9 @@ impl Correlator {
         while let Some(id) = self.call_order.pop_front() {
             if self.calls.contains_key(&id) {
                 health.evict("rpc_calls", 1);
-                let outcome = if self.calls[&id].expired {
-                    Outcome::Timeout
+                let c = &self.calls[&id];
+                let outcome = if c.expired {
+                    expired_outcome(c)
                 } else {
                     Outcome::NoReply
                 };
@@ -741,11 +849,7 @@ impl Correlator {
         while let Some(id) = self.cast_order.pop_front() {
             if let Some(c) = self.casts.get(&id) {
                 health.evict("rpc_messages", 1);
-                let outcome = if c.ev.deliveries > 0 {
-                    Outcome::Ok
-                } else {
-                    Outcome::Undelivered
-                };
+                let outcome = self.cast_outcome(c, self.now);
                 self.finish_cast(&id, outcome, out);
                 return;
             }
@@ -753,7 +857,8 @@ impl Correlator {
     }
 
     /// End of input: everything still open is reported, oldest first.
-    pub fn finish_all(&mut self, out: &mut Vec<Signal>) {
+    pub fn finish_all(&mut self, health: &mut Health, out: &mut Vec<Signal>) {
+        self.decide(true, health, out);
         let mut calls: Vec<(Ts, String)> = self
             .calls
             .iter()
@@ -761,8 +866,9 @@ impl Correlator {
             .collect();
         calls.sort();
         for (_, id) in calls {
-            let outcome = if self.calls[&id].expired {
-                Outcome::Timeout
+            let c = &self.calls[&id];
+            let outcome = if c.expired {
+                expired_outcome(c)
             } else {
                 Outcome::NoReply
             };
@@ -775,16 +881,48 @@ impl Correlator {
             .collect();
         casts.sort();
         for (_, id) in casts {
-            let outcome = if self.casts[&id].ev.deliveries > 0 {
-                Outcome::Ok
-            } else {
-                Outcome::Undelivered
-            };
+            let outcome = self.cast_outcome(&self.casts[&id], self.now);
             self.finish_cast(&id, outcome, out);
         }
         self.timers.clear();
         self.call_order.clear();
         self.cast_order.clear();
+    }
+
+    /// A cast or fanout whose time to be delivered is up: delivered, or (no copy seen)
+    /// undelivered, unless the view is partial and its consumers may be elsewhere.
+    fn cast_outcome(&self, c: &Call, now: Ts) -> Outcome {
+        if c.ev.deliveries > 0 {
+            Outcome::Ok
+        } else if self.view.seen(now, true) == Seen::Partial {
+            Outcome::Unknown
+        } else {
+            Outcome::Undelivered
+        }
+    }
+
+    /// How much of the broker the correlator sees (the evidence of a partial view).
+    pub fn view(&self) -> &View {
+        &self.view
+    }
+}
+
+/// A call whose final reply was seen: its answer.
+fn answered(ev: &RpcEvent) -> Outcome {
+    if ev.error.is_some() {
+        Outcome::RemoteError
+    } else {
+        Outcome::Ok
+    }
+}
+
+/// A call past its deadline with no answer seen: timed out, or unknown where the view
+/// could not tell.
+fn expired_outcome(c: &Call) -> Outcome {
+    if c.unjudged {
+        Outcome::Unknown
+    } else {
+        Outcome::Timeout
     }
 }
 
@@ -871,7 +1009,7 @@ mod tests {
         }
 
         fn rpc_events(&mut self) -> Vec<RpcEvent> {
-            self.c.finish_all(&mut self.out);
+            self.c.finish_all(&mut self.h, &mut self.out);
             self.out
                 .drain(..)
                 .filter_map(|s| match s {

@@ -26,6 +26,9 @@ pub struct Health {
     pub amqp_methods: Vec<u64>,
     /// Label values folded into "other" by the cardinality caps, by metric family.
     pub series_folded: BTreeMap<&'static str, u64>,
+    /// The analyser's view is partial now (see `src/view.rs`), and the evidence so far.
+    pub partial_view: bool,
+    pub unseen: BTreeMap<&'static str, u64>,
 }
 
 impl Health {
@@ -108,6 +111,10 @@ impl Health {
         }
         for (k, n) in &o.series_folded {
             *self.series_folded.entry(k).or_default() += n;
+        }
+        self.partial_view |= o.partial_view;
+        for (k, n) in &o.unseen {
+            *self.unseen.entry(k).or_default() += n;
         }
         for (a, b) in self.amqp_frames.iter_mut().zip(o.amqp_frames) {
             *a += b;

@@ -26,6 +26,7 @@ pub mod tcp;
 pub mod time;
 pub mod trace;
 pub mod ui;
+pub mod view;
 
 /// Hash map for tables keyed by wire data: ahash (fast) with random seeds (no hash
 /// flooding from crafted ids). Iteration order is never relied on; output is sorted.

@@ -264,7 +264,7 @@ pub fn span_of(ev: &Event) -> Option<(String, Span)> {
                     message: Some(format!("no consumer on {}", e.routing_key)),
                     propagation: "cast_undelivered".into(),
                 }),
-                Outcome::Ok | Outcome::NoReply => None,
+                Outcome::Ok | Outcome::NoReply | Outcome::Unknown => None,
             };
             let t_start = e.t_publish.or(e.t_deliver)?;
             let caller = e.caller.as_ref().and_then(|p| p.service.clone());

@@ -496,3 +496,60 @@ fn a_capture_replayed_again_counts_twice() {
     assert_eq!(twice.0, doubled, "graph edges after two passes");
     assert_eq!((twice.1, twice.2), (2 * once.1, 2 * once.2));
 }
+
+/// The cluster scenario's captures: one per RabbitMQ node (a, b, c) and one of the API
+/// ports, as four sidecars see a region whose processes each list all three nodes.
+fn cluster_capture(node: &str) -> std::path::PathBuf {
+    repo().join(format!("sampledata/cluster-{node}.pcap"))
+}
+
+/// stacktap's config for the cluster's nodes (their AMQP ports).
+pub fn cluster_config() -> stacktap::config::Config {
+    stacktap::config::Config::from_toml("[amqp]\nports = [5672, 5682, 5683, 5684]\n").unwrap()
+}
+
+/// Each node alone sees part of every call: it must say so, and judge nothing its
+/// evidence cannot support (no timeout, no undelivered cast, no orphan-reply anomaly,
+/// no chain).
+#[test]
+fn a_cluster_node_alone_reports_its_partial_view_and_no_false_failure() {
+    for node in ["a", "b", "c"] {
+        let r = replay_with(&[cluster_capture(node)], cluster_config());
+        assert!(r.summary.partial_view, "{node}: partial view not reported");
+        assert!(r.metrics.contains("stacktap_partial_view"), "{node}");
+        for e in &r.events {
+            assert!(
+                !matches!(
+                    e["outcome"].as_str(),
+                    Some("timeout" | "undelivered" | "late_reply")
+                ),
+                "{node}: false failure {e}"
+            );
+            assert_ne!(e["kind"], "chain", "{node}: false chain {e}");
+        }
+        assert!(
+            !r.summary.anomalies.contains_key("oslo/reply_without_call"),
+            "{node}: {:?}",
+            r.summary.anomalies
+        );
+    }
+}
+
+/// The four captures merged in one replay (one vantage point that sees everything)
+/// agree with the processes' truth: calls, casts, fanouts, REST, failures and chains.
+#[test]
+fn a_cluster_seen_whole_matches_the_truth() {
+    let files: Vec<_> = ["a", "b", "c", "api"].map(cluster_capture).into();
+    let r = replay_with(&files, cluster_config());
+    let truth = read_truth(&repo().join("sampledata/cluster.truth.jsonl"));
+    let mut bad = check_against_truth(&r, &truth);
+    bad.extend(check_rest_against_truth(&r, &truth));
+    bad.extend(check_chains_against_truth(&r, &truth));
+    assert!(
+        bad.is_empty(),
+        "{} mismatches:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+    assert!(!r.summary.partial_view);
+}

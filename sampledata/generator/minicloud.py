@@ -39,6 +39,13 @@ import time
 import uuid
 
 BROKER = os.environ.get("MINICLOUD_BROKER", "127.0.0.1:5672")
+# the cluster scenario's three RabbitMQ nodes (scripts/rabbitmq-cluster) and their names
+CLUSTER = {"a": "127.0.0.1:5682", "b": "127.0.0.1:5683", "c": "127.0.0.1:5684"}
+
+
+def brokers(args):
+    """The broker addresses a process talks to: every node of the cluster, or the one."""
+    return (getattr(args, "brokers", None) or BROKER).split(",")
 HERE = os.path.dirname(os.path.abspath(__file__))
 # A fake Keystone token: it travels in clear in _context_auth_token, exactly like a real
 # one. stacktap's tests grep every output for it to prove it never leaks.
@@ -116,6 +123,7 @@ OSLO_OPTIONS = {
 # on quorum queues: it is for classic mirrored ones)
 SCENARIO_OPTIONS = {
     "modern": "quorum,transient_quorum,queue_manager,stream_fanout",
+    "cluster": "quorum,transient_quorum",
     "failover": "cancel_on_failover",
 }
 
@@ -127,7 +135,9 @@ def make_conf(args):
     oslo_messaging.set_transport_defaults("nova")  # control exchange, as nova does
     conf = cfg.CONF  # services use the global CONF; oslo registers its tracing opts there
     conf([], project="minicloud")
-    url = "rabbit://guest:guest@%s/%s" % (BROKER, args.vhost)
+    # several hosts: oslo.messaging shuffles them for every connection it opens, so one
+    # process's connections land on different nodes
+    url = "rabbit://%s/%s" % (",".join("guest:guest@" + b for b in brokers(args)), args.vhost)
     rabbit = {}
     if getattr(args, "reply_retry", None):
         rabbit["kombu_missing_consumer_retry_timeout"] = args.reply_retry
@@ -799,7 +809,7 @@ def modern_driver(truth, transport, n, args):
     # the broker cancels sched1's consumer of its own queue; oslo reconnects and declares
     # it again (same connection_name)
     import kombu
-    with kombu.Connection("amqp://guest:guest@%s/%s" % (BROKER, args.vhost)) as conn:
+    with kombu.Connection("amqp://guest:guest@%s/%s" % (brokers(args)[0], args.vhost)) as conn:
         conn.default_channel.queue_delete("scheduler.sched1")
     truth.write(kind="queue_deleted", queue="scheduler.sched1", t=time.time())
     time.sleep(3.0)
@@ -906,7 +916,7 @@ def run_orphan_caller(args):
     timed_call(truth, "nova-api", cctx, ctxt, "slow_op",
                desc("compute", server="host1", version="6.0"), 1, secs=2.5)
     import kombu
-    with kombu.Connection("amqp://guest:guest@%s/%s" % (BROKER, args.vhost)) as conn:
+    with kombu.Connection("amqp://guest:guest@%s/%s" % (brokers(args)[0], args.vhost)) as conn:
         reply_q = json.loads(open(args.truth).readlines()[-1])["reply_q"]
         conn.default_channel.queue_delete(reply_q)
     truth.write(kind="reply_queue_deleted", queue=reply_q, t=time.time())
@@ -933,6 +943,10 @@ SCENARIOS = {
               "cancel-on-failover); a scheduler attaching late to the fanout stream, a "
               "broker consumer cancel, a call redelivered to a second consumer after the "
               "first died holding it, notifications requeued by their consumer",
+    "cluster": "the failures scenario on a real 3-node RabbitMQ cluster (scripts/"
+               "rabbitmq-cluster: 5682-5684, quorum queues); every process lists all three "
+               "nodes, one capture per node (SCENARIO-a/b/c.pcap) and one of the API ports "
+               "(SCENARIO-api.pcap), as a sidecar on each node sees them",
     "failover": "the modern scenario's story on classic queues with "
                 "enable_cancel_on_failover (consumers declared with "
                 "x-cancel-on-ha-failover)",
@@ -1001,28 +1015,41 @@ def record(args):
     pcap = os.path.join(args.out, scenario + ".pcap")
     truth_path = os.path.join(args.out, scenario + ".truth.jsonl")
     vhost = "minicloud-%s-%d" % (scenario, os.getpid())
-    sh("rabbitmqctl", "-q", "add_vhost", vhost)
-    sh("rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    cluster = scenario == "cluster"
+    ctl = ["rabbitmqctl", "-q"] + (["-n", "stacktap-a@localhost"] if cluster else [])
+    sh(*ctl, "add_vhost", vhost)
+    sh(*ctl, "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
     log = open(os.path.join(args.out, scenario + ".log"), "w")
-    procs, tcpdump = [], None
+    procs, tcpdumps = [], []
     common = ["--vhost", vhost]
+    if cluster:
+        common += ["--brokers", ",".join(CLUSTER.values())]
     os.environ["MINICLOUD_LOCKS"] = work  # the queue manager's file locks
     if scenario in SCENARIO_OPTIONS:
         common += ["--oslo-options", SCENARIO_OPTIONS[scenario]]
     modern = scenario in ("modern", "failover")
 
     def start_capture():
-        nonlocal tcpdump
-        ports = [BROKER.split(":")[1]]
-        if scenario in ("rest", "failures"):
+        """One tcpdump on lo per vantage point: the broker (or each cluster node) and, in
+        the cluster scenario, the API ports apart, as one sidecar per node would see them."""
+        api_ports = []
+        if scenario in ("rest", "failures", "cluster"):
             import restapis
-            ports += [str(p) for p in restapis.PORTS.values()]
-        tcpdump = subprocess.Popen(["tcpdump", "-i", "lo", "-U", "-s", "0", "-w", pcap,
-                                    " or ".join("tcp port " + p for p in ports)],
-                                   stderr=subprocess.PIPE, text=True)
-        line = tcpdump.stderr.readline()  # "listening on lo ..." once the filter is live
-        if "listening" not in line:
-            raise SystemExit("tcpdump did not start: " + line)
+            api_ports = [str(p) for p in restapis.PORTS.values()]
+        if cluster:
+            points = [(os.path.join(args.out, "%s-%s.pcap" % (scenario, n)), [b.split(":")[1]])
+                      for n, b in CLUSTER.items()]
+            points.append((os.path.join(args.out, scenario + "-api.pcap"), api_ports))
+        else:
+            points = [(pcap, [BROKER.split(":")[1]] + api_ports)]
+        for path, ports in points:
+            t = subprocess.Popen(["tcpdump", "-i", "lo", "-U", "-s", "0", "-w", path,
+                                  " or ".join("tcp port " + p for p in ports)],
+                                 stderr=subprocess.PIPE, text=True)
+            line = t.stderr.readline()  # "listening on lo ..." once the filter is live
+            if "listening" not in line:
+                raise SystemExit("tcpdump did not start: " + line)
+            tcpdumps.append(t)
         time.sleep(0.2)
 
     def service(role, host, *extra):
@@ -1040,7 +1067,7 @@ def record(args):
         hosts = "host1,host2"
         faults = {"remote_error": {"host2": "port_binding,value_error"}}.get(scenario, {})
         readies = []
-        failures = scenario == "failures"
+        failures = scenario in ("failures", "cluster")
         rest = scenario == "rest" or failures
         if rest:
             # keystone first: every other service logs in to it when it starts
@@ -1134,10 +1161,10 @@ def record(args):
             except subprocess.TimeoutExpired:
                 p.kill()
         time.sleep(0.5)
-        if tcpdump:
-            tcpdump.send_signal(signal.SIGINT)
-            tcpdump.wait(timeout=20)
-        sh("rabbitmqctl", "-q", "delete_vhost", vhost, check=False)
+        for t in tcpdumps:
+            t.send_signal(signal.SIGINT)
+            t.wait(timeout=20)
+        sh(*ctl, "delete_vhost", vhost, check=False)
         # the queue manager's counters (named <host>_<process>_qmanager)
         for f in glob.glob("/dev/shm/*_qmanager"):
             if os.path.basename(f).split("_")[0] in ("api", "cond1", "sched1", "sched2",
@@ -1159,8 +1186,10 @@ def record(args):
     for f in os.listdir(work):
         os.unlink(os.path.join(work, f))
     os.rmdir(work)
-    print("%s: %s (%d bytes), %s (%d records)" % (scenario, pcap, os.path.getsize(pcap),
-                                                  truth_path, len(records)))
+    captures = [t.args[t.args.index("-w") + 1] for t in tcpdumps]
+    print("%s: %s, %s (%d records)" % (
+        scenario, ", ".join("%s (%d bytes)" % (c, os.path.getsize(c)) for c in captures),
+        truth_path, len(records)))
 
 
 def main():
@@ -1209,6 +1238,7 @@ def main():
         p.add_argument("--as", dest="process_name", required=True)
     for p in (s, d, o):
         p.add_argument("--oslo-options", help="comma list of " + ", ".join(OSLO_OPTIONS))
+        p.add_argument("--brokers", help="host:port,... of every RabbitMQ node (a cluster)")
     args = ap.parse_args()
     if getattr(args, "process_name", None):
         # oslo.messaging's connection_name is basename(argv[0]): make it the service name,

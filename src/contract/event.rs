@@ -26,6 +26,9 @@ pub enum Outcome {
     Unroutable,
     /// A cast or fanout no consumer ever received (within the settle window).
     Undelivered,
+    /// This vantage point cannot tell: the view is partial (a probe on one node of a
+    /// cluster) and the answer or the delivery may have gone through another node.
+    Unknown,
 }
 
 impl Outcome {
@@ -38,6 +41,7 @@ impl Outcome {
             Outcome::NoReply => "no_reply",
             Outcome::Unroutable => "unroutable",
             Outcome::Undelivered => "undelivered",
+            Outcome::Unknown => "unknown",
         }
     }
 }

@@ -178,7 +178,7 @@ fn http_failed(e: &HttpEvent) -> bool {
 }
 
 fn rpc_failed(e: &RpcEvent) -> bool {
-    !matches!(e.outcome, Outcome::Ok | Outcome::NoReply)
+    !matches!(e.outcome, Outcome::Ok | Outcome::NoReply | Outcome::Unknown)
 }
 
 fn name(p: &Option<std::sync::Arc<crate::contract::Process>>) -> &str {

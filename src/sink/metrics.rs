@@ -132,6 +132,8 @@ pub struct Metrics {
     series_folded: Counters,
     amqp_frames: Counters,
     amqp_methods: Counters,
+    partial_view: Gauge,
+    unseen: Counters,
     exported: Health,
     exported_folded: BTreeMap<&'static str, u64>,
 }
@@ -212,6 +214,8 @@ impl Metrics {
             series_folded: Family::default(),
             amqp_frames: Family::default(),
             amqp_methods: Family::default(),
+            partial_view: Gauge::default(),
+            unseen: Family::default(),
             exported: Health::default(),
             exported_folded: BTreeMap::new(),
         };
@@ -386,6 +390,16 @@ impl Metrics {
             "AMQP methods, by name (declare churn, acks, rejects, ...)",
             Declared(m.amqp_methods.clone()),
         );
+        r.register(
+            "partial_view",
+            "1 while the analyser sees only part of the broker's traffic (one node of a cluster): timeouts and undelivered casts are then not judged",
+            Declared(m.partial_view.clone()),
+        );
+        r.register(
+            "unseen",
+            "Evidence of a partial view, by kind: calls split by a hole, deliveries and replies of calls published elsewhere",
+            Declared(m.unseen.clone()),
+        );
         // the probe's health exists as zero from the start: "no drops" must not look like
         // "no probe"
         for table in [
@@ -402,6 +416,13 @@ impl Metrics {
         let _ = m
             .series_folded
             .get_or_create_owned(&l([("family", "http_route")]));
+        for evidence in [
+            "split_call",
+            "delivery_without_publish",
+            "reply_without_call",
+        ] {
+            let _ = m.unseen.get_or_create_owned(&l([("evidence", evidence)]));
+        }
         for place in ["kernel", "interface"] {
             let _ = m.drops.get_or_create_owned(&l([("where", place)]));
         }
@@ -911,6 +932,15 @@ impl Metrics {
             if n > before {
                 self.amqp_methods
                     .get_or_create(&l([("method", name)]))
+                    .inc_by(n - before);
+            }
+        }
+        self.partial_view.set(h.partial_view as i64);
+        for (kind, n) in &h.unseen {
+            let before = old.unseen.get(kind).copied().unwrap_or(0);
+            if *n > before {
+                self.unseen
+                    .get_or_create(&l([("evidence", kind)]))
                     .inc_by(n - before);
             }
         }

@@ -102,6 +102,10 @@ pub struct Report {
     pub anomalies: BTreeMap<String, u64>,
     pub evictions: BTreeMap<String, u64>,
     pub tcp_gap_bytes: u64,
+    /// The view was partial (part of the broker's traffic goes by elsewhere), and the
+    /// evidence of it by kind.
+    pub partial_view: bool,
+    pub unseen: BTreeMap<String, u64>,
 }
 
 impl Summary {
@@ -338,6 +342,12 @@ impl Summary {
                 .map(|(t, n)| (t.to_string(), *n))
                 .collect(),
             tcp_gap_bytes: health.tcp_gap_bytes,
+            partial_view: !health.unseen.is_empty(),
+            unseen: health
+                .unseen
+                .iter()
+                .map(|(k, n)| (k.to_string(), *n))
+                .collect(),
         }
     }
 }
@@ -510,6 +520,15 @@ impl Report {
         );
         if !self.evictions.is_empty() {
             let _ = writeln!(s, "evictions: {}", pairs(&self.evictions, "="));
+        }
+        if self.partial_view {
+            let _ = writeln!(
+                s,
+                "partial view: this probe sees part of the broker's traffic ({}); timeouts, \
+                 undelivered casts and orphan replies are not judged while it does (outcome \
+                 `unknown`): a collector joining every node's probe judges them",
+                pairs(&self.unseen, "=")
+            );
         }
         s
     }
