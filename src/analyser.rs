@@ -76,7 +76,7 @@ impl Analyser {
                     .event(*h, self.correlator.addresses(), &mut self.health);
                 self.signals.push(Signal::Event(Event::Http(Box::new(ev))));
             }
-            Obs::Tick => {}
+            Obs::Tick | Obs::ProbeStats(_) | Obs::End => {}
             other => self
                 .correlator
                 .on_obs(o.t, &other, &mut self.health, &mut self.signals),

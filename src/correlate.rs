@@ -419,7 +419,7 @@ impl Correlator {
             Obs::AmqpConsumerCancelled { queue, .. } => out.push(Signal::ConsumerCancelled {
                 queue: queue.clone().unwrap_or_default(),
             }),
-            Obs::Http(_) | Obs::Tick => {}
+            Obs::Http(_) | Obs::Tick | Obs::ProbeStats(_) | Obs::End => {}
         }
     }
 

@@ -9,6 +9,7 @@ pub mod config;
 pub mod contract;
 pub mod correlate;
 pub mod decode;
+pub mod fleet;
 pub mod health;
 pub mod http;
 pub mod identity;

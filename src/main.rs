@@ -159,7 +159,7 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
             // once at full speed, so that the first picture is complete
             run::replay(&mut demo_files()?, &mut run, None, &out, &stop)?;
             run.end_pass();
-            print_report(&run.sinks.report(&run.health()), false)?;
+            print_report(&run.sinks().report(&run.health()), false)?;
             eprintln!(
                 "stacktap: demo: open http://{listen}/ ({} again and again at {speed}× real \
                  time; Ctrl-C stops)",
@@ -251,12 +251,12 @@ fn rca(
     let mut merged = MergedFiles::open(&files)?;
     let mut run = Run::new(cfg, &out)?;
     if let Some(id) = &request_id {
-        run.sinks.requests.lock().expect("requests").pin(id);
+        run.sinks().requests.lock().expect("requests").pin(id);
     }
     let stop = run::stop_flag();
     run::replay(&mut merged, &mut run, None, &out, &stop)?;
     run.finish(&out)?;
-    let requests = run.sinks.requests.lock().expect("requests");
+    let requests = run.sinks().requests.lock().expect("requests");
     match request_id {
         Some(id) => {
             let tree = requests.tree(&id).ok_or_else(|| {

@@ -32,9 +32,8 @@ pub struct Outputs {
     pub store: Option<PathBuf>,
 }
 
-/// A run in progress: the pipeline, its sinks and (optionally) the HTTP listener.
-pub struct Run {
-    pub pipeline: Pipeline,
+/// Where an analysis goes: the sinks, the HTTP listener, the files and the store.
+pub struct Outlet {
     pub sinks: Sinks,
     shared: Option<Shared>,
     last_publish: Instant,
@@ -42,8 +41,8 @@ pub struct Run {
     store_error: Option<anyhow::Error>,
 }
 
-impl Run {
-    pub fn new(cfg: Config, out: &Outputs) -> anyhow::Result<Run> {
+impl Outlet {
+    pub fn new(cfg: &Config, out: &Outputs) -> anyhow::Result<Outlet> {
         let events = match &out.events_out {
             Some(p) if p.as_os_str() == "-" => Some(EventWriter::new(Box::new(std::io::stdout()))),
             Some(p) => Some(EventWriter::new(Box::new(
@@ -74,8 +73,7 @@ impl Run {
             }
             None => None,
         };
-        Ok(Run {
-            pipeline: Pipeline::new(cfg),
+        Ok(Outlet {
             sinks: Sinks {
                 metrics,
                 summary: Summary::default(),
@@ -91,30 +89,15 @@ impl Run {
         })
     }
 
-    pub fn packet(&mut self, pkt: &Packet) {
-        let sinks = &mut self.sinks;
-        self.pipeline.packet(pkt, &mut |s| sinks.on_signal(s));
-        if self.pipeline.probe.health.packets.is_multiple_of(4096) {
-            self.refresh(false);
-        }
-    }
-
-    pub fn tick(&mut self, now: crate::time::Ts) {
-        let sinks = &mut self.sinks;
-        self.pipeline.tick(now, &mut |s| sinks.on_signal(s));
-        self.refresh(false);
-    }
-
     /// Brings health metrics and the served summary up to date (the summary at most once a
     /// second of wall time, unless forced).
-    pub fn refresh(&mut self, force: bool) {
-        self.sinks.sync(&self.pipeline.health());
+    pub fn refresh(&mut self, health: &Health, force: bool) {
+        self.sinks.sync(health);
         if let Some(shared) = &self.shared
             && (force || self.last_publish.elapsed() >= Duration::from_secs(1))
         {
             self.last_publish = Instant::now();
-            let json = serde_json::to_string(&self.sinks.report(&self.pipeline.health()))
-                .unwrap_or_default();
+            let json = serde_json::to_string(&self.sinks.report(health)).unwrap_or_default();
             if let Ok(mut g) = shared.summary.lock() {
                 *g = json;
             }
@@ -130,17 +113,9 @@ impl Run {
         }
     }
 
-    /// The end of one pass over a capture: every connection closed, every open call and
-    /// request reported, as at the end of input; the run goes on with later packets.
-    pub fn end_pass(&mut self) {
-        let sinks = &mut self.sinks;
-        self.pipeline.finish(&mut |s| sinks.on_signal(s));
-        self.refresh(true);
-    }
-
-    /// End of input: flush everything, write the files, return the summary.
-    pub fn finish(&mut self, out: &Outputs) -> anyhow::Result<Report> {
-        self.end_pass();
+    /// The end: the files written, the summary returned.
+    pub fn finish(&mut self, out: &Outputs, health: &Health) -> anyhow::Result<Report> {
+        self.refresh(health, true);
         if let Some(w) = self.sinks.events.as_mut() {
             w.flush()?;
         }
@@ -154,12 +129,65 @@ impl Run {
             std::fs::write(p, Metrics::render(&self.sinks.metrics.registry))
                 .map_err(|e| anyhow::anyhow!("--metrics-out {}: {e}", p.display()))?;
         }
-        Ok(self.sinks.report(&self.pipeline.health()))
+        Ok(self.sinks.report(health))
+    }
+}
+
+/// A run in one process: the pipeline (probe and analyser) and its outlet.
+pub struct Run {
+    pub pipeline: Pipeline,
+    pub outlet: Outlet,
+}
+
+impl Run {
+    pub fn new(cfg: Config, out: &Outputs) -> anyhow::Result<Run> {
+        Ok(Run {
+            outlet: Outlet::new(&cfg, out)?,
+            pipeline: Pipeline::new(cfg),
+        })
+    }
+
+    pub fn packet(&mut self, pkt: &Packet) {
+        let sinks = &mut self.outlet.sinks;
+        self.pipeline.packet(pkt, &mut |s| sinks.on_signal(s));
+        if self.pipeline.probe.health.packets.is_multiple_of(4096) {
+            self.refresh(false);
+        }
+    }
+
+    pub fn tick(&mut self, now: crate::time::Ts) {
+        let sinks = &mut self.outlet.sinks;
+        self.pipeline.tick(now, &mut |s| sinks.on_signal(s));
+        self.refresh(false);
+    }
+
+    pub fn refresh(&mut self, force: bool) {
+        let health = self.pipeline.health();
+        self.outlet.refresh(&health, force);
+    }
+
+    /// The end of one pass over a capture: every connection closed, every open call and
+    /// request reported, as at the end of input; the run goes on with later packets.
+    pub fn end_pass(&mut self) {
+        let sinks = &mut self.outlet.sinks;
+        self.pipeline.finish(&mut |s| sinks.on_signal(s));
+        self.refresh(true);
+    }
+
+    /// End of input: flush everything, write the files, return the summary.
+    pub fn finish(&mut self, out: &Outputs) -> anyhow::Result<Report> {
+        self.end_pass();
+        self.outlet.finish(out, &self.pipeline.health())
     }
 
     /// The probe's and the analyser's counters together.
     pub fn health(&self) -> Health {
         self.pipeline.health()
+    }
+
+    /// The sinks (metrics, summary, graph, requests).
+    pub fn sinks(&self) -> &Sinks {
+        &self.outlet.sinks
     }
 }
 

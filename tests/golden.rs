@@ -463,7 +463,7 @@ fn a_capture_replayed_again_counts_twice() {
     let mut run = Run::new(Config::default(), &Outputs::default()).unwrap();
     let stop = std::sync::atomic::AtomicBool::new(false);
     let snapshot = |run: &Run| {
-        let graph = run.sinks.graph.lock().unwrap().report(None);
+        let graph = run.sinks().graph.lock().unwrap().report(None);
         let edges: BTreeMap<String, (u64, u64, u64)> = graph
             .edges
             .iter()
@@ -472,7 +472,7 @@ fn a_capture_replayed_again_counts_twice() {
                 (key, (e.requests, e.errors, e.timeouts))
             })
             .collect();
-        let rca = run.sinks.requests.lock().unwrap().rca(f64::MIN);
+        let rca = run.sinks().requests.lock().unwrap().rca(f64::MIN);
         (edges, rca.failed_requests, rca.masked_failures)
     };
     let mut first = MergedFiles::open(&files).unwrap();

@@ -62,6 +62,25 @@ pub enum Obs {
     /// Nothing else to say: the probe's packet clock reached `t` (a live capture's idle
     /// tick, or a batch's end). Lets time pass where a probe is quiet.
     Tick,
+    /// The probe's own health so far (cumulative), now and then.
+    ProbeStats(ProbeStats),
+    /// The probe's input ended (a replay's last packet, a capture stopped): it will send
+    /// nothing more, and is no longer waited for.
+    End,
+}
+
+/// What a probe counted of its own work, since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProbeStats {
+    pub packets: u64,
+    pub bytes: u64,
+    /// Packets the kernel or the interface dropped (live capture).
+    pub drops: u64,
+    pub tcp_gap_bytes: u64,
+    pub anomalies: u64,
+    pub evictions: u64,
+    /// Observations the probe could not send (its send buffer was full).
+    pub unsent: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -90,6 +90,14 @@ pub enum NotOslo {
 }
 
 impl NotOslo {
+    pub const ALL: [NotOslo; 5] = [
+        NotOslo::NotJson,
+        NotOslo::UnsupportedEnvelope,
+        NotOslo::UnknownShape,
+        NotOslo::CompressedUnsupported,
+        NotOslo::BadCompression,
+    ];
+
     pub fn kind(self) -> &'static str {
         match self {
             NotOslo::NotJson => "not_json",

@@ -1,0 +1,457 @@
+//! One packet clock over many probes. Each probe's observations arrive in its own packet
+//! order; the collector holds them per probe and releases them in time order up to the
+//! watermark: the oldest packet time every live probe has passed (minus `hold_s`, so
+//! the clock offsets are known before the observations they correct go out). A probe
+//! silent for `silent_after_s` of wall time leaves the watermark (and is reported, never
+//! waited for); one whose input ended (`probe.end`) leaves it too.
+//!
+//! On the way out each observation's times are corrected by its probe's offset (see
+//! `skew`) and duplicates are dropped: the same thing seen by two probes (two sidecars on
+//! one host, a mirrored port) counts once.
+
+use super::skew::Skew;
+use crate::FastMap as HashMap;
+use crate::contract::{AmqpKind, ConnId, Obs, Observation, Oslo, ProbeStats, ReplyPart};
+use crate::openstack::services::api_process;
+use crate::time::Ts;
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct MergeConfig {
+    /// Packet time held back behind the watermark, so that clock offsets are estimated
+    /// from what is around an observation before it is released.
+    pub hold_s: f64,
+    /// Wall time after which a probe that sent nothing leaves the watermark.
+    pub silent_after_s: f64,
+    /// Two probes' identical observations this close in packet time are one.
+    pub dedupe_window_s: f64,
+    /// Ids remembered for clock estimation and duplicates, at most.
+    pub max_tracked: usize,
+}
+
+impl Default for MergeConfig {
+    fn default() -> Self {
+        MergeConfig {
+            hold_s: 1.0,
+            silent_after_s: 15.0,
+            dedupe_window_s: 2.0,
+            max_tracked: 200_000,
+        }
+    }
+}
+
+/// What the collector knows of one probe.
+#[derive(Debug)]
+pub struct ProbeInfo {
+    pub name: String,
+    pub host: Option<String>,
+    /// The newest packet time it reported (its own clock).
+    pub last_t: Ts,
+    /// When it last sent anything (wall time).
+    pub last_seen: Instant,
+    pub last_seen_unix: f64,
+    /// Its input ended (a replay done, a capture stopped).
+    pub ended: bool,
+    /// Silent for longer than `silent_after_s`: out of the watermark.
+    pub silent: bool,
+    pub stats: ProbeStats,
+    pub observations: u64,
+    pub duplicates: u64,
+    /// Its clock minus the reference probe's (ns), as estimated.
+    pub offset_ns: i64,
+    queue: VecDeque<Observation>,
+}
+
+pub struct Merge {
+    cfg: MergeConfig,
+    probes: Vec<ProbeInfo>,
+    index: HashMap<String, usize>,
+    skew: Skew,
+    causes: Causes,
+    dedupe: Dedupe,
+}
+
+impl Merge {
+    pub fn new(cfg: MergeConfig) -> Merge {
+        Merge {
+            causes: Causes::new(cfg.max_tracked),
+            dedupe: Dedupe::new(cfg.max_tracked),
+            cfg,
+            probes: Vec::new(),
+            index: HashMap::default(),
+            skew: Skew::default(),
+        }
+    }
+
+    pub fn probes(&self) -> &[ProbeInfo] {
+        &self.probes
+    }
+
+    fn probe(&mut self, name: &str, host: Option<&str>, now: Instant) -> usize {
+        if let Some(&i) = self.index.get(name) {
+            return i;
+        }
+        self.probes.push(ProbeInfo {
+            name: name.to_string(),
+            host: host.map(str::to_string),
+            last_t: Ts::ZERO,
+            last_seen: now,
+            last_seen_unix: unix_now(),
+            ended: false,
+            silent: false,
+            stats: ProbeStats::default(),
+            observations: 0,
+            duplicates: 0,
+            offset_ns: 0,
+            queue: VecDeque::new(),
+        });
+        self.index.insert(name.to_string(), self.probes.len() - 1);
+        self.probes.len() - 1
+    }
+
+    /// A batch from probe `name`, in its packet order.
+    pub fn ingest(&mut self, name: &str, host: Option<&str>, obs: Vec<Observation>, now: Instant) {
+        let p = self.probe(name, host, now);
+        {
+            let info = &mut self.probes[p];
+            info.last_seen = now;
+            info.last_seen_unix = unix_now();
+            info.silent = false;
+        }
+        for o in obs {
+            let info = &mut self.probes[p];
+            info.last_t = info.last_t.max(o.t);
+            match o.what {
+                Obs::Tick => continue,
+                Obs::End => {
+                    info.ended = true;
+                    continue;
+                }
+                Obs::ProbeStats(s) => {
+                    info.stats = s;
+                    continue;
+                }
+                _ => {}
+            }
+            info.observations += 1;
+            self.causes.learn(p, &o, &mut self.skew);
+            self.probes[p].queue.push_back(o);
+        }
+    }
+
+    /// Releases, in corrected time order, what every live probe has passed; returns the
+    /// packet time the analyser may advance to (None: no probe has said anything yet).
+    pub fn release(&mut self, now: Instant, out: &mut Vec<Observation>) -> Option<Ts> {
+        let silent_after = Duration::from_secs_f64(self.cfg.silent_after_s.max(0.0));
+        for info in &mut self.probes {
+            if !info.ended && !info.silent && now.duration_since(info.last_seen) > silent_after {
+                info.silent = true;
+                tracing::warn!(
+                    "probe {} silent for {:.0}s: no longer waited for",
+                    info.name,
+                    self.cfg.silent_after_s
+                );
+            }
+        }
+        self.update_offsets();
+        let live = self.probes.iter().filter(|i| !i.ended && !i.silent);
+        let watermark = match live.map(|i| corrected(i.last_t, i.offset_ns)).min() {
+            Some(w) => w.0.saturating_sub((self.cfg.hold_s.max(0.0) * 1e9) as u64),
+            // nobody left to wait for: everything can go
+            None => u64::MAX,
+        };
+        self.release_until(Ts(watermark), out);
+        let reached = self
+            .probes
+            .iter()
+            .map(|i| corrected(i.last_t, i.offset_ns))
+            .max()?;
+        Some(Ts(watermark).min(reached))
+    }
+
+    /// Releases everything held (the collector is stopping).
+    pub fn drain(&mut self, out: &mut Vec<Observation>) -> Option<Ts> {
+        self.update_offsets();
+        self.release_until(Ts(u64::MAX), out);
+        self.probes
+            .iter()
+            .map(|i| corrected(i.last_t, i.offset_ns))
+            .max()
+    }
+
+    fn update_offsets(&mut self) {
+        let offsets = self.skew.offsets(self.probes.len());
+        for (info, o) in self.probes.iter_mut().zip(offsets) {
+            info.offset_ns = o;
+        }
+    }
+
+    fn release_until(&mut self, until: Ts, out: &mut Vec<Observation>) {
+        loop {
+            let next = self
+                .probes
+                .iter()
+                .enumerate()
+                .filter_map(|(i, p)| Some((corrected(p.queue.front()?.t, p.offset_ns), i)))
+                .min();
+            let Some((t, p)) = next.filter(|(t, _)| *t <= until) else {
+                break;
+            };
+            let mut o = self.probes[p].queue.pop_front().expect("peeked");
+            shift(&mut o, self.probes[p].offset_ns);
+            o.t = t;
+            if self.dedupe.duplicate(p, &o, self.cfg.dedupe_window_s) {
+                self.probes[p].duplicates += 1;
+                continue;
+            }
+            out.push(o);
+        }
+    }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn corrected(t: Ts, offset_ns: i64) -> Ts {
+    Ts((t.0 as i64).saturating_sub(offset_ns).max(0) as u64)
+}
+
+/// Corrects the times inside an observation (a REST exchange's own).
+fn shift(o: &mut Observation, offset_ns: i64) {
+    if let Obs::Http(h) = &mut o.what {
+        h.t_request = corrected(h.t_request, offset_ns);
+        h.t_response = h.t_response.map(|t| corrected(t, offset_ns));
+        h.t_response_end = h.t_response_end.map(|t| corrected(t, offset_ns));
+    }
+}
+
+/// A bounded map that forgets its oldest keys first.
+struct Recent<K, V> {
+    map: HashMap<K, V>,
+    order: VecDeque<K>,
+    cap: usize,
+}
+
+impl<K: Hash + Eq + Clone, V> Recent<K, V> {
+    fn new(cap: usize) -> Self {
+        Recent {
+            map: HashMap::default(),
+            order: VecDeque::new(),
+            cap: cap.max(1),
+        }
+    }
+    /// Inserts or replaces (a replaced key keeps its place in line).
+    fn insert(&mut self, k: K, v: V) {
+        if self.map.insert(k.clone(), v).is_none() {
+            self.order.push_back(k);
+            while self.order.len() > self.cap {
+                if let Some(old) = self.order.pop_front() {
+                    self.map.remove(&old);
+                }
+            }
+        }
+    }
+    fn get(&self, k: &K) -> Option<&V> {
+        self.map.get(k)
+    }
+}
+
+/// Events whose order the wire fixes, remembered by id until their successor shows up
+/// on another probe: each such pair is a sample for `Skew`.
+struct Causes {
+    /// A request's publish, by `_unique_id`.
+    published: Recent<String, (usize, Ts)>,
+    /// A call's delivery, by `_msg_id` (its reply's publish follows).
+    delivered: Recent<String, (usize, Ts)>,
+    /// A final reply's publish, by `_msg_id` (its delivery follows).
+    replied: Recent<String, (usize, Ts)>,
+    /// The process at the client end of an AMQP connection (from its connection_name).
+    processes: Recent<ConnId, String>,
+    /// A REST exchange served by an API process: its interval, by the id it returned.
+    rest: Recent<String, (usize, Ts, Ts, String)>,
+    /// An RPC published by a process while handling a request, by the request id.
+    rpc_by_request: Recent<String, Vec<(usize, Ts, String)>>,
+}
+
+impl Causes {
+    fn new(cap: usize) -> Causes {
+        Causes {
+            published: Recent::new(cap),
+            delivered: Recent::new(cap),
+            replied: Recent::new(cap),
+            processes: Recent::new(cap / 10),
+            rest: Recent::new(cap / 4),
+            rpc_by_request: Recent::new(cap / 4),
+        }
+    }
+
+    fn learn(&mut self, p: usize, o: &Observation, skew: &mut Skew) {
+        let t = o.t;
+        match &o.what {
+            Obs::AmqpIdentified {
+                conn,
+                connection_name: Some(name),
+                ..
+            } => {
+                let service = crate::oslo::parse_connection_name(name).0;
+                if let Some(s) = service {
+                    self.processes.insert(*conn, s);
+                }
+            }
+            Obs::AmqpMessage(m) => {
+                let publish = matches!(m.kind, AmqpKind::Publish { .. });
+                match m.oslo.as_ref() {
+                    Ok(Oslo::Request(r)) => {
+                        if let Some(u) = &r.unique_id {
+                            if publish {
+                                self.published.insert(u.clone(), (p, t));
+                            } else if let Some(&from) = self.published.get(u) {
+                                skew.before(from, (p, t));
+                            }
+                        }
+                        if let (false, Some(id)) = (publish, &r.msg_id) {
+                            self.delivered.insert(id.clone(), (p, t));
+                        }
+                        if let (true, Some(rid)) = (publish, &r.request_id)
+                            && let Some(process) = self.processes.get(&m.conn).cloned()
+                        {
+                            self.rpc_during_request(rid, (p, t, process), skew);
+                        }
+                    }
+                    Ok(Oslo::Reply(r)) if r.part == ReplyPart::Final => {
+                        if publish {
+                            if let Some(&from) = self.delivered.get(&r.msg_id) {
+                                skew.before(from, (p, t));
+                            }
+                            self.replied.insert(r.msg_id.clone(), (p, t));
+                        } else if let Some(&from) = self.replied.get(&r.msg_id) {
+                            skew.before(from, (p, t));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Obs::Http(h) => {
+                if let (Some(rid), Some(service), Some(end)) =
+                    (&h.request_id, &h.service, h.t_response_end)
+                {
+                    let process = api_process(service).to_string();
+                    if let Some(rpcs) = self.rpc_by_request.get(rid) {
+                        for (q, tq, by) in rpcs {
+                            if *by == process {
+                                skew.before((p, h.t_request), (*q, *tq));
+                                skew.before((*q, *tq), (p, end));
+                            }
+                        }
+                    }
+                    self.rest
+                        .insert(rid.clone(), (p, h.t_request, end, process));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// An RPC the API process published while it answered a REST request (its context's
+    /// request id is the one the API returned): the request began before it and its
+    /// response ended after.
+    fn rpc_during_request(&mut self, rid: &str, (q, tq, by): (usize, Ts, String), skew: &mut Skew) {
+        if let Some((p, start, end, process)) = self.rest.get(&rid.to_string())
+            && *process == by
+        {
+            skew.before((*p, *start), (q, tq));
+            skew.before((q, tq), (*p, *end));
+        }
+        let key = rid.to_string();
+        let mut list = self.rpc_by_request.map.remove(&key).unwrap_or_default();
+        if list.len() < 16 {
+            list.push((q, tq, by));
+        }
+        self.rpc_by_request.insert(key, list);
+    }
+}
+
+/// Observations released recently, by fingerprint: the same one from another probe
+/// within the window is a duplicate.
+struct Dedupe {
+    seen: Recent<u64, (usize, Ts)>,
+    seed: ahash::RandomState,
+}
+
+impl Dedupe {
+    fn new(cap: usize) -> Dedupe {
+        Dedupe {
+            seen: Recent::new(cap),
+            seed: ahash::RandomState::with_seeds(7, 11, 13, 17),
+        }
+    }
+
+    fn duplicate(&mut self, p: usize, o: &Observation, window_s: f64) -> bool {
+        let Some(fp) = self.fingerprint(&o.what) else {
+            return false;
+        };
+        if let Some(&(q, tq)) = self.seen.get(&fp)
+            && q != p
+            && o.t.secs_since(tq).abs() <= window_s
+        {
+            return true;
+        }
+        self.seen.insert(fp, (p, o.t));
+        false
+    }
+
+    /// What the observation says, without its time.
+    fn fingerprint(&self, what: &Obs) -> Option<u64> {
+        let mut h = self.seed.build_hasher();
+        match what {
+            Obs::AmqpIdentified {
+                conn,
+                connection_name,
+                ..
+            } => (1u8, conn, connection_name).hash(&mut h),
+            Obs::AmqpMessage(m) => {
+                let ids = match m.oslo.as_ref() {
+                    Ok(Oslo::Request(r)) => (r.msg_id.as_deref(), r.unique_id.as_deref()),
+                    Ok(Oslo::Reply(r)) => (Some(r.msg_id.as_str()), r.unique_id.as_deref()),
+                    Ok(Oslo::Notification(n)) => (n.message_id.as_deref(), n.unique_id.as_deref()),
+                    Err(_) => (None, None),
+                };
+                let kind = match m.kind {
+                    AmqpKind::Publish { .. } => 0u8,
+                    AmqpKind::Deliver { redelivered } => 1 + redelivered as u8,
+                    AmqpKind::GetOk { redelivered } => 3 + redelivered as u8,
+                    AmqpKind::Return { .. } => 5,
+                };
+                (2u8, m.conn, kind, &m.exchange, &m.routing_key, ids, m.stream_offset)
+                    .hash(&mut h)
+            }
+            Obs::AmqpClosed {
+                conn,
+                channel,
+                reply_code,
+                by_broker,
+            } => (3u8, conn, channel, reply_code, by_broker).hash(&mut h),
+            Obs::AmqpBlocked { conn } => (4u8, conn).hash(&mut h),
+            Obs::AmqpConsumerCancelled { conn, queue } => (5u8, conn, queue).hash(&mut h),
+            Obs::AmqpGone { conn } => (6u8, conn).hash(&mut h),
+            Obs::Http(x) => (
+                7u8,
+                x.client,
+                x.server,
+                x.method,
+                &x.path,
+                x.status,
+                &x.request_id,
+                &x.global_request_id,
+            )
+                .hash(&mut h),
+            Obs::Tick | Obs::ProbeStats(_) | Obs::End => return None,
+        }
+        Some(h.finish())
+    }
+}
