@@ -23,6 +23,8 @@ pub struct Config {
     /// How much history the call graph keeps (its edge cap is `max_series_per_family`).
     pub graph: crate::sink::graph::GraphConfig,
     pub store: crate::sink::store::StoreConfig,
+    /// How a collector joins its probes.
+    pub fleet: crate::fleet::merge::MergeConfig,
     /// Distinct label sets per metric family before new ones fold into "other".
     pub max_series_per_family: usize,
 }
@@ -41,6 +43,7 @@ impl Default for Config {
             requests: crate::sink::requests::RequestsConfig::default(),
             graph: crate::sink::graph::GraphConfig::default(),
             store: crate::sink::store::StoreConfig::default(),
+            fleet: crate::fleet::merge::MergeConfig::default(),
             max_series_per_family: 2000,
         }
     }
@@ -57,6 +60,34 @@ struct File {
     requests: Option<RequestsSection>,
     store: Option<StoreSection>,
     metrics: Option<MetricsSection>,
+    fleet: Option<FleetSection>,
+    view: Option<ViewSection>,
+}
+
+/// How a collector joins its probes (`stacktap collect`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FleetSection {
+    /// Packet time held back behind the watermark while clock offsets settle.
+    hold_s: Option<f64>,
+    /// Wall time after which a silent probe is no longer waited for (and is reported).
+    silent_after_s: Option<f64>,
+    /// Two probes' identical observations this close are one.
+    dedupe_window_s: Option<f64>,
+    /// How long to wait for every probe before analysing anything.
+    startup_s: Option<f64>,
+    /// The probes expected, by name: the startup wait ends when all are heard.
+    expect: Option<Vec<String>>,
+    /// The probe whose clock is the collector's (default: the one linked to most others).
+    reference: Option<String>,
+}
+
+/// How much of the broker the analyser sees.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ViewSection {
+    partial_for_s: Option<f64>,
+    settle_s: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -227,6 +258,20 @@ impl Config {
         }
         if let Some(m) = f.metrics {
             c.max_series_per_family = m.max_series_per_family.unwrap_or(c.max_series_per_family);
+        }
+        if let Some(f) = f.fleet {
+            let m = &mut c.fleet;
+            m.hold_s = f.hold_s.unwrap_or(m.hold_s);
+            m.silent_after_s = f.silent_after_s.unwrap_or(m.silent_after_s);
+            m.dedupe_window_s = f.dedupe_window_s.unwrap_or(m.dedupe_window_s);
+            m.startup_s = f.startup_s.unwrap_or(m.startup_s);
+            m.expect = f.expect.unwrap_or_default();
+            m.reference = f.reference;
+        }
+        if let Some(v) = f.view {
+            let w = &mut c.correlator.view;
+            w.partial_for_s = v.partial_for_s.unwrap_or(w.partial_for_s);
+            w.settle_s = v.settle_s.unwrap_or(w.settle_s);
         }
         c.graph.max_edges = c.max_series_per_family;
         Ok(c)

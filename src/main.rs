@@ -47,6 +47,30 @@ struct Common {
     store: Option<PathBuf>,
 }
 
+/// Shipping observations to a collector instead of analysing here.
+#[derive(clap::Args, Clone)]
+struct ToCollector {
+    /// Ship observations to this collector (http://HOST:4317 or https://HOST:4317) instead
+    /// of analysing here
+    #[arg(long)]
+    collector: Option<String>,
+    /// This probe's name at the collector (default: the host name for capture, the first
+    /// file's name for replay)
+    #[arg(long, requires = "collector")]
+    probe_name: Option<String>,
+    /// A bearer token the collector requires (or STACKTAP_COLLECTOR_TOKEN)
+    #[arg(
+        long,
+        requires = "collector",
+        env = "STACKTAP_COLLECTOR_TOKEN",
+        hide_env_values = true
+    )]
+    collector_token: Option<String>,
+    /// A PEM CA certificate to trust for an https:// collector
+    #[arg(long, requires = "collector")]
+    collector_ca: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Serve the graph UI on the bundled failure sample, replayed in a loop
@@ -66,6 +90,8 @@ enum Cmd {
         speed: Option<f64>,
         #[command(flatten)]
         common: Common,
+        #[command(flatten)]
+        fleet: ToCollector,
     },
     /// Root causes of failing user requests: on captures, or a running stacktap (--from)
     Rca {
@@ -98,6 +124,29 @@ enum Cmd {
         /// Stop after this many seconds (default: until SIGINT/SIGTERM)
         #[arg(long)]
         duration: Option<f64>,
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        fleet: ToCollector,
+    },
+    /// Collect from a fleet of probes: join their observations and analyse them
+    Collect {
+        /// Where probes send their observations (OTLP/gRPC)
+        #[arg(long, default_value = "127.0.0.1:4317")]
+        ingest: String,
+        /// TLS certificate chain for the ingest port (PEM)
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// TLS private key for the ingest port (PEM)
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Probes must present this bearer token (or STACKTAP_COLLECTOR_TOKEN)
+        #[arg(long, env = "STACKTAP_COLLECTOR_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Accept plaintext observations from other hosts (without TLS the ingest port
+        /// is loopback-only otherwise)
+        #[arg(long)]
+        ingest_plaintext: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -133,6 +182,34 @@ fn print_report(report: &stacktap::sink::summary::Report, json: bool) -> anyhow:
         print!("{}", report.to_text(15));
     }
     Ok(())
+}
+
+/// The sender's settings when `--collector` is given (None: analyse here).
+fn shipping(
+    fleet: &ToCollector,
+    common: &Common,
+    default_name: impl FnOnce() -> String,
+) -> anyhow::Result<Option<stacktap::fleet::sender::SenderConfig>> {
+    let Some(url) = &fleet.collector else {
+        return Ok(None);
+    };
+    if common.events_out.is_some() || common.store.is_some() {
+        anyhow::bail!(
+            "--collector: the analysis (--events-out, --store) happens at the collector; a \
+             probe keeps only its own health (--listen, --metrics-out)"
+        );
+    }
+    let name = fleet.probe_name.clone().unwrap_or_else(default_name);
+    let mut to = stacktap::fleet::sender::SenderConfig::new(url, &name);
+    to.token = fleet.collector_token.clone();
+    to.ca_file = fleet.collector_ca.clone();
+    Ok(Some(to))
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "replay".into())
 }
 
 fn outputs(c: &Common) -> Outputs {
@@ -171,10 +248,17 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
             files,
             speed,
             common,
+            fleet,
         } => {
             let cfg = load_config(&common.config)?;
             let out = outputs(&common);
             let mut merged = MergedFiles::open(&files)?;
+            if let Some(to) = shipping(&fleet, &common, || file_name(&files[0]))? {
+                let mut ship = run::Ship::new(cfg, &out, to)?;
+                run::replay(&mut merged, &mut ship, speed, &out, &stop)?;
+                ship.finish(&out)?;
+                return Ok(());
+            }
             let mut run = Run::new(cfg, &out)?;
             run::replay(&mut merged, &mut run, speed, &out, &stop)?;
             print_report(&run.finish(&out)?, common.json)?;
@@ -188,6 +272,7 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
             filter,
             duration,
             common,
+            fleet,
         } => {
             let cfg = load_config(&common.config)?;
             let out = Outputs {
@@ -196,15 +281,45 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
             };
             let mut cap =
                 LiveCapture::open(&interface, filter.as_deref().unwrap_or(DEFAULT_FILTER))?;
+            let duration = duration.map(std::time::Duration::from_secs_f64);
+            let host = || stacktap::fleet::sender::hostname().unwrap_or_else(|| interface.clone());
+            if let Some(to) = shipping(&fleet, &common, host)? {
+                let mut ship = run::Ship::new(cfg, &out, to)?;
+                eprintln!(
+                    "stacktap: capturing on {interface}, shipping to {}",
+                    fleet.collector.as_deref().unwrap_or("")
+                );
+                run::capture(&mut cap, &mut ship, duration, &stop)?;
+                ship.finish(&out)?;
+                return Ok(());
+            }
             let mut run = Run::new(cfg, &out)?;
             eprintln!("stacktap: capturing on {interface}");
-            run::capture(
-                &mut cap,
-                &mut run,
-                duration.map(std::time::Duration::from_secs_f64),
-                &stop,
-            )?;
+            run::capture(&mut cap, &mut run, duration, &stop)?;
             print_report(&run.finish(&out)?, common.json)?;
+        }
+        Cmd::Collect {
+            ingest,
+            tls_cert,
+            tls_key,
+            token,
+            ingest_plaintext,
+            common,
+        } => {
+            let cfg = load_config(&common.config)?;
+            let out = Outputs {
+                graph_window_s: Some(cfg.graph.window_s),
+                ..outputs(&common)
+            };
+            let cc = stacktap::fleet::collector::CollectConfig {
+                ingest,
+                tls: tls_cert.zip(tls_key),
+                token,
+                plaintext_remote: ingest_plaintext,
+                merge: cfg.fleet.clone(),
+            };
+            let report = stacktap::fleet::collector::run(cfg, &out, cc, &stop)?;
+            print_report(&report, common.json)?;
         }
         Cmd::Rca {
             files,

@@ -133,6 +133,125 @@ impl Outlet {
     }
 }
 
+/// What reading packets feeds: a local run (probe and analyser) or a probe shipping to a
+/// collector.
+pub trait Tap {
+    fn packet(&mut self, pkt: &Packet);
+    /// No packet for a while (live capture): time passes all the same.
+    fn tick(&mut self, now: crate::time::Ts);
+    /// The kernel's and the interface's drop counters (live capture).
+    fn drops(&mut self, kernel: u64, interface: u64);
+}
+
+impl Tap for Run {
+    fn packet(&mut self, pkt: &Packet) {
+        Run::packet(self, pkt)
+    }
+    fn tick(&mut self, now: crate::time::Ts) {
+        Run::tick(self, now)
+    }
+    fn drops(&mut self, kernel: u64, interface: u64) {
+        let h = &mut self.pipeline.probe.health;
+        (h.kernel_drops, h.if_drops) = (kernel, interface);
+    }
+}
+
+/// A probe that ships its observations to a collector (`--collector`): no analysis here,
+/// only the probe's own health (served and written when asked).
+pub struct Ship {
+    pub probe: crate::probe::Probe,
+    sender: Option<crate::fleet::sender::Sender>,
+    outlet: Outlet,
+    observed: Vec<crate::contract::Observation>,
+    last_stats: Instant,
+}
+
+impl Ship {
+    pub fn new(
+        cfg: Config,
+        out: &Outputs,
+        to: crate::fleet::sender::SenderConfig,
+    ) -> anyhow::Result<Ship> {
+        let sender = crate::fleet::sender::Sender::start(to)?;
+        Ok(Ship {
+            outlet: Outlet::new(&cfg, out)?,
+            probe: crate::probe::Probe::new(cfg),
+            sender: Some(sender),
+            observed: Vec::new(),
+            last_stats: Instant::now(),
+        })
+    }
+
+    fn ship(&mut self) {
+        if self.last_stats.elapsed() >= Duration::from_secs(1) {
+            self.last_stats = Instant::now();
+            self.observed.push(crate::contract::Observation {
+                t: self.probe.clock(),
+                what: crate::contract::Obs::ProbeStats(self.stats()),
+            });
+            self.outlet.refresh(&self.probe.health, false);
+        }
+        let sender = self.sender.as_mut().expect("open until finish");
+        for o in self.observed.drain(..) {
+            sender.push(o);
+        }
+        sender.maybe_flush(self.probe.clock());
+    }
+
+    /// The probe's counters, as the collector gets them.
+    fn stats(&self) -> crate::contract::ProbeStats {
+        let h = &self.probe.health;
+        let unsent = self.sender.as_ref().map_or(0, |s| {
+            s.stats.unsent.load(std::sync::atomic::Ordering::Relaxed)
+        });
+        crate::contract::ProbeStats {
+            packets: h.packets,
+            bytes: h.bytes,
+            drops: h.kernel_drops + h.if_drops,
+            tcp_gap_bytes: h.tcp_gap_bytes,
+            anomalies: h.total_anomalies(),
+            evictions: h.evictions.values().sum(),
+            unsent,
+        }
+    }
+
+    /// End of input: every connection flushed and shipped, `probe.end` sent; waits for
+    /// the sender to drain (bounded), writes `--metrics-out`.
+    pub fn finish(&mut self, out: &Outputs) -> anyhow::Result<Report> {
+        self.probe.finish(&mut self.observed);
+        self.observed.push(crate::contract::Observation {
+            t: self.probe.clock(),
+            what: crate::contract::Obs::ProbeStats(self.stats()),
+        });
+        if let Some(mut sender) = self.sender.take() {
+            for o in self.observed.drain(..) {
+                sender.push(o);
+            }
+            let stats = sender.stats.clone();
+            sender.close(self.probe.clock());
+            let unsent = stats.unsent.load(std::sync::atomic::Ordering::Relaxed);
+            let sent = stats.sent.load(std::sync::atomic::Ordering::Relaxed);
+            eprintln!("stacktap: probe: {sent} observations sent, {unsent} not sent");
+        }
+        self.outlet.finish(out, &self.probe.health)
+    }
+}
+
+impl Tap for Ship {
+    fn packet(&mut self, pkt: &Packet) {
+        self.probe.packet(pkt, &mut self.observed);
+        self.ship();
+    }
+    fn tick(&mut self, now: crate::time::Ts) {
+        self.probe.tick(now, &mut self.observed);
+        self.ship();
+    }
+    fn drops(&mut self, kernel: u64, interface: u64) {
+        let h = &mut self.probe.health;
+        (h.kernel_drops, h.if_drops) = (kernel, interface);
+    }
+}
+
 /// A run in one process: the pipeline (probe and analyser) and its outlet.
 pub struct Run {
     pub pipeline: Pipeline,
@@ -203,7 +322,7 @@ pub fn stop_flag() -> Arc<AtomicBool> {
 /// Replays capture files; `speed` > 0 paces packets by their timestamps.
 pub fn replay(
     files: &mut MergedFiles,
-    run: &mut Run,
+    run: &mut impl Tap,
     speed: Option<f64>,
     out: &Outputs,
     stop: &AtomicBool,
@@ -328,7 +447,7 @@ pub fn replay_again(
 /// Captures live until stopped (or for `duration`).
 pub fn capture(
     cap: &mut LiveCapture,
-    run: &mut Run,
+    run: &mut impl Tap,
     duration: Option<Duration>,
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
@@ -343,14 +462,12 @@ pub fn capture(
         if last_stats.elapsed() >= Duration::from_secs(1) {
             last_stats = Instant::now();
             let st = cap.stats();
-            run.pipeline.probe.health.kernel_drops = st.kernel_drops;
-            run.pipeline.probe.health.if_drops = st.if_drops;
+            run.drops(st.kernel_drops, st.if_drops);
             run.tick(crate::source::live::wall_clock());
         }
     }
     let st = cap.stats();
-    run.pipeline.probe.health.kernel_drops = st.kernel_drops;
-    run.pipeline.probe.health.if_drops = st.if_drops;
+    run.drops(st.kernel_drops, st.if_drops);
     Ok(())
 }
 

@@ -22,13 +22,13 @@ pub struct ConnId {
 }
 
 /// Something a probe saw at packet time `t`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Observation {
     pub t: Ts,
     pub what: Obs,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Obs {
     /// An AMQP client named itself (connection.start-ok; the credentials are not read).
     AmqpIdentified {
@@ -101,7 +101,7 @@ pub enum AmqpKind {
 }
 
 /// One whole AMQP message (method, header, body) and what oslo.messaging put in it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AmqpMessage {
     pub conn: ConnId,
     pub kind: AmqpKind,
@@ -135,7 +135,7 @@ pub enum HttpEnd {
 /// One REST exchange with what the probe can tell alone: the service (by port or path
 /// prefix), the route template, the fault of an error body. Who called is the analyser's
 /// to say: it may take AMQP connections another probe saw.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HttpObs {
     pub client: Endpoint,
     pub server: Endpoint,

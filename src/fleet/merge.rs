@@ -9,7 +9,7 @@
 //! `skew`) and duplicates are dropped: the same thing seen by two probes (two sidecars on
 //! one host, a mirrored port) counts once.
 
-use super::skew::Skew;
+use super::skew::{Order, Skew};
 use crate::FastMap as HashMap;
 use crate::contract::{AmqpKind, ConnId, Obs, Observation, Oslo, ProbeStats, ReplyPart};
 use crate::openstack::services::api_process;
@@ -29,6 +29,13 @@ pub struct MergeConfig {
     pub dedupe_window_s: f64,
     /// Ids remembered for clock estimation and duplicates, at most.
     pub max_tracked: usize,
+    /// After the first probe is heard, how long (wall time) to wait for the others before
+    /// releasing anything: a probe that joins later than what was released is late.
+    pub startup_s: f64,
+    /// The probes expected (by name): once all are heard, the wait ends early.
+    pub expect: Vec<String>,
+    /// The probe whose clock the others are set to (default: the one linked to most).
+    pub reference: Option<String>,
 }
 
 impl Default for MergeConfig {
@@ -38,6 +45,9 @@ impl Default for MergeConfig {
             silent_after_s: 15.0,
             dedupe_window_s: 2.0,
             max_tracked: 200_000,
+            startup_s: 3.0,
+            expect: Vec::new(),
+            reference: None,
         }
     }
 }
@@ -59,6 +69,9 @@ pub struct ProbeInfo {
     pub stats: ProbeStats,
     pub observations: u64,
     pub duplicates: u64,
+    /// Observations older than what the collector had already released when they came
+    /// (the probe joined late or lagged): analysed all the same, out of order.
+    pub late: u64,
     /// Its clock minus the reference probe's (ns), as estimated.
     pub offset_ns: i64,
     queue: VecDeque<Observation>,
@@ -66,6 +79,10 @@ pub struct ProbeInfo {
 
 pub struct Merge {
     cfg: MergeConfig,
+    /// When the first probe was heard (the startup wait runs from there).
+    started: Option<Instant>,
+    /// The packet time released so far.
+    released: Ts,
     probes: Vec<ProbeInfo>,
     index: HashMap<String, usize>,
     skew: Skew,
@@ -79,6 +96,8 @@ impl Merge {
             causes: Causes::new(cfg.max_tracked),
             dedupe: Dedupe::new(cfg.max_tracked),
             cfg,
+            started: None,
+            released: Ts::ZERO,
             probes: Vec::new(),
             index: HashMap::default(),
             skew: Skew::default(),
@@ -104,6 +123,7 @@ impl Merge {
             stats: ProbeStats::default(),
             observations: 0,
             duplicates: 0,
+            late: 0,
             offset_ns: 0,
             queue: VecDeque::new(),
         });
@@ -113,6 +133,7 @@ impl Merge {
 
     /// A batch from probe `name`, in its packet order.
     pub fn ingest(&mut self, name: &str, host: Option<&str>, obs: Vec<Observation>, now: Instant) {
+        self.started.get_or_insert(now);
         let p = self.probe(name, host, now);
         {
             let info = &mut self.probes[p];
@@ -136,6 +157,9 @@ impl Merge {
                 _ => {}
             }
             info.observations += 1;
+            if o.t < self.released {
+                info.late += 1;
+            }
             self.causes.learn(p, &o, &mut self.skew);
             self.probes[p].queue.push_back(o);
         }
@@ -144,6 +168,9 @@ impl Merge {
     /// Releases, in corrected time order, what every live probe has passed; returns the
     /// packet time the analyser may advance to (None: no probe has said anything yet).
     pub fn release(&mut self, now: Instant, out: &mut Vec<Observation>) -> Option<Ts> {
+        if !self.started_up(now) {
+            return None;
+        }
         let silent_after = Duration::from_secs_f64(self.cfg.silent_after_s.max(0.0));
         for info in &mut self.probes {
             if !info.ended && !info.silent && now.duration_since(info.last_seen) > silent_after {
@@ -171,6 +198,16 @@ impl Merge {
         Some(Ts(watermark).min(reached))
     }
 
+    /// Every expected probe was heard, or the startup wait is over.
+    fn started_up(&self, now: Instant) -> bool {
+        let Some(started) = self.started else {
+            return false;
+        };
+        let all_expected = !self.cfg.expect.is_empty()
+            && self.cfg.expect.iter().all(|n| self.index.contains_key(n));
+        all_expected || now.duration_since(started).as_secs_f64() >= self.cfg.startup_s
+    }
+
     /// Releases everything held (the collector is stopping).
     pub fn drain(&mut self, out: &mut Vec<Observation>) -> Option<Ts> {
         self.update_offsets();
@@ -182,7 +219,13 @@ impl Merge {
     }
 
     fn update_offsets(&mut self) {
-        let offsets = self.skew.offsets(self.probes.len());
+        let reference = self
+            .cfg
+            .reference
+            .as_ref()
+            .and_then(|r| self.index.get(r))
+            .copied();
+        let offsets = self.skew.offsets(self.probes.len(), reference);
         for (info, o) in self.probes.iter_mut().zip(offsets) {
             info.offset_ns = o;
         }
@@ -202,6 +245,7 @@ impl Merge {
             let mut o = self.probes[p].queue.pop_front().expect("peeked");
             shift(&mut o, self.probes[p].offset_ns);
             o.t = t;
+            self.released = self.released.max(t);
             if self.dedupe.duplicate(p, &o, self.cfg.dedupe_window_s) {
                 self.probes[p].duplicates += 1;
                 continue;
@@ -261,45 +305,88 @@ impl<K: Hash + Eq + Clone, V> Recent<K, V> {
     }
 }
 
-/// Events whose order the wire fixes, remembered by id until their successor shows up
-/// on another probe: each such pair is a sample for `Skew`.
+/// Events whose order the wire fixes, remembered by id until the other side of the order
+/// shows up on another probe (probes' batches arrive in any order, so either side may
+/// come first): each such pair is a sample for `Skew`.
 struct Causes {
-    /// A request's publish, by `_unique_id`.
-    published: Recent<String, (usize, Ts)>,
-    /// A call's delivery, by `_msg_id` (its reply's publish follows).
-    delivered: Recent<String, (usize, Ts)>,
-    /// A final reply's publish, by `_msg_id` (its delivery follows).
-    replied: Recent<String, (usize, Ts)>,
+    /// Orders by (what, id): the earlier event's sightings, and the later one's.
+    sides: Recent<(Pair, String), Sides>,
     /// The process at the client end of an AMQP connection (from its connection_name).
     processes: Recent<ConnId, String>,
-    /// A REST exchange served by an API process: its interval, by the id it returned.
-    rest: Recent<String, (usize, Ts, Ts, String)>,
-    /// An RPC published by a process while handling a request, by the request id.
-    rpc_by_request: Recent<String, Vec<(usize, Ts, String)>>,
 }
+
+/// The orders the wire fixes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Pair {
+    /// A request's publish, then its deliveries (by `_unique_id`).
+    Request,
+    /// A call's delivery, then its reply's publish (by `_msg_id`).
+    Served,
+    /// A final reply's publish, then its delivery (by `_msg_id`).
+    Reply,
+    /// A REST request to an API, then the RPCs its process published while answering
+    /// (by the request id it returned) — and those RPCs, then the response's end.
+    Rest,
+}
+
+impl Pair {
+    fn order(self) -> Order {
+        match self {
+            Pair::Request | Pair::Reply => Order::Transit,
+            Pair::Served | Pair::Rest => Order::Bound,
+        }
+    }
+}
+
+/// The two sides of one order, as far as seen: (probe, time) of the earlier events and of
+/// the later ones (a few of each: a fanout has many deliveries).
+#[derive(Default)]
+struct Sides {
+    before: Vec<(usize, Ts)>,
+    after: Vec<(usize, Ts)>,
+}
+
+const SIDES_KEPT: usize = 8;
 
 impl Causes {
     fn new(cap: usize) -> Causes {
         Causes {
-            published: Recent::new(cap),
-            delivered: Recent::new(cap),
-            replied: Recent::new(cap),
+            sides: Recent::new(cap),
             processes: Recent::new(cap / 10),
-            rest: Recent::new(cap / 4),
-            rpc_by_request: Recent::new(cap / 4),
         }
     }
 
+    /// One side of an order; every sighting of the other side so far makes a sample.
+    fn side(&mut self, pair: Pair, id: &str, earlier: bool, at: (usize, Ts), skew: &mut Skew) {
+        let key = (pair, id.to_string());
+        let mut sides = self.sides.map.remove(&key).unwrap_or_default();
+        let (mine, theirs) = if earlier {
+            (&mut sides.before, &sides.after)
+        } else {
+            (&mut sides.after, &sides.before)
+        };
+        for &other in theirs {
+            if earlier {
+                skew.before(pair.order(), at, other);
+            } else {
+                skew.before(pair.order(), other, at);
+            }
+        }
+        if mine.len() < SIDES_KEPT {
+            mine.push(at);
+        }
+        self.sides.insert(key, sides);
+    }
+
     fn learn(&mut self, p: usize, o: &Observation, skew: &mut Skew) {
-        let t = o.t;
+        let at = (p, o.t);
         match &o.what {
             Obs::AmqpIdentified {
                 conn,
                 connection_name: Some(name),
                 ..
             } => {
-                let service = crate::oslo::parse_connection_name(name).0;
-                if let Some(s) = service {
+                if let Some(s) = crate::oslo::parse_connection_name(name).0 {
                     self.processes.insert(*conn, s);
                 }
             }
@@ -308,30 +395,24 @@ impl Causes {
                 match m.oslo.as_ref() {
                     Ok(Oslo::Request(r)) => {
                         if let Some(u) = &r.unique_id {
-                            if publish {
-                                self.published.insert(u.clone(), (p, t));
-                            } else if let Some(&from) = self.published.get(u) {
-                                skew.before(from, (p, t));
-                            }
+                            self.side(Pair::Request, u, publish, at, skew);
                         }
                         if let (false, Some(id)) = (publish, &r.msg_id) {
-                            self.delivered.insert(id.clone(), (p, t));
+                            self.side(Pair::Served, id, true, at, skew);
                         }
+                        // an RPC an API's process published while answering a request
                         if let (true, Some(rid)) = (publish, &r.request_id)
-                            && let Some(process) = self.processes.get(&m.conn).cloned()
+                            && let Some(process) = self.processes.get(&m.conn)
                         {
-                            self.rpc_during_request(rid, (p, t, process), skew);
+                            let id = format!("{rid} {process}");
+                            self.side(Pair::Rest, &id, false, at, skew);
                         }
                     }
                     Ok(Oslo::Reply(r)) if r.part == ReplyPart::Final => {
                         if publish {
-                            if let Some(&from) = self.delivered.get(&r.msg_id) {
-                                skew.before(from, (p, t));
-                            }
-                            self.replied.insert(r.msg_id.clone(), (p, t));
-                        } else if let Some(&from) = self.replied.get(&r.msg_id) {
-                            skew.before(from, (p, t));
+                            self.side(Pair::Served, &r.msg_id, false, at, skew);
                         }
+                        self.side(Pair::Reply, &r.msg_id, publish, at, skew);
                     }
                     _ => {}
                 }
@@ -340,39 +421,25 @@ impl Causes {
                 if let (Some(rid), Some(service), Some(end)) =
                     (&h.request_id, &h.service, h.t_response_end)
                 {
-                    let process = api_process(service).to_string();
-                    if let Some(rpcs) = self.rpc_by_request.get(rid) {
-                        for (q, tq, by) in rpcs {
-                            if *by == process {
-                                skew.before((p, h.t_request), (*q, *tq));
-                                skew.before((*q, *tq), (p, end));
-                            }
-                        }
-                    }
-                    self.rest
-                        .insert(rid.clone(), (p, h.t_request, end, process));
+                    let id = format!("{rid} {}", api_process(service));
+                    // began before the RPCs; ended after them (a second, mirrored order)
+                    self.side(Pair::Rest, &id, true, (p, h.t_request), skew);
+                    let back = format!("{id} end");
+                    self.side(Pair::Rest, &back, false, (p, end), skew);
                 }
+                return;
             }
-            _ => {}
+            _ => return,
         }
-    }
-
-    /// An RPC the API process published while it answered a REST request (its context's
-    /// request id is the one the API returned): the request began before it and its
-    /// response ended after.
-    fn rpc_during_request(&mut self, rid: &str, (q, tq, by): (usize, Ts, String), skew: &mut Skew) {
-        if let Some((p, start, end, process)) = self.rest.get(&rid.to_string())
-            && *process == by
+        // the RPC side of a REST request's end: the RPCs came first
+        if let Obs::AmqpMessage(m) = &o.what
+            && let (AmqpKind::Publish { .. }, Ok(Oslo::Request(r))) = (m.kind, m.oslo.as_ref())
+            && let Some(rid) = &r.request_id
+            && let Some(process) = self.processes.get(&m.conn)
         {
-            skew.before((*p, *start), (q, tq));
-            skew.before((q, tq), (*p, *end));
+            let back = format!("{rid} {process} end");
+            self.side(Pair::Rest, &back, true, at, skew);
         }
-        let key = rid.to_string();
-        let mut list = self.rpc_by_request.map.remove(&key).unwrap_or_default();
-        if list.len() < 16 {
-            list.push((q, tq, by));
-        }
-        self.rpc_by_request.insert(key, list);
     }
 }
 
@@ -427,7 +494,15 @@ impl Dedupe {
                     AmqpKind::GetOk { redelivered } => 3 + redelivered as u8,
                     AmqpKind::Return { .. } => 5,
                 };
-                (2u8, m.conn, kind, &m.exchange, &m.routing_key, ids, m.stream_offset)
+                (
+                    2u8,
+                    m.conn,
+                    kind,
+                    &m.exchange,
+                    &m.routing_key,
+                    ids,
+                    m.stream_offset,
+                )
                     .hash(&mut h)
             }
             Obs::AmqpClosed {

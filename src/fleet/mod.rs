@@ -9,6 +9,7 @@
 //!   duplicates dropped, offsets applied;
 //! * `collector`: the OTLP/gRPC receiver and the loop that feeds the analyser.
 
+pub mod collector;
 pub mod merge;
 pub mod sender;
 pub mod skew;

@@ -193,7 +193,10 @@ fn send_loop(
     stats: Arc<SendStats>,
     close_timeout: Duration,
 ) {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!("collector sender: no runtime: {e}");

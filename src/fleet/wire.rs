@@ -18,9 +18,8 @@
 //! resource attribute is 1; additions keep it, a change of meaning bumps it.
 
 use crate::contract::{
-    AmqpKind, AmqpMessage, ConnId, Endpoint, Fault, HttpEnd, HttpObs, NotOslo, Notification,
-    Obs, Observation, Oslo, ProbeStats, RemoteError, Reply, ReplyPart, Request, RpcType,
-    method_label,
+    AmqpKind, AmqpMessage, ConnId, Endpoint, Fault, HttpEnd, HttpObs, NotOslo, Notification, Obs,
+    Observation, Oslo, ProbeStats, RemoteError, Reply, ReplyPart, Request, RpcType, method_label,
 };
 use crate::time::Ts;
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;

@@ -136,13 +136,14 @@ pub struct Metrics {
     unseen: Counters,
     exported: Health,
     exported_folded: BTreeMap<&'static str, u64>,
+    fleet: super::fleet_metrics::FleetMetrics,
 }
 
 /// A metric whose HELP and TYPE are written even before its first series: dashboards and
 /// `absent()` alerts can then tell "none yet" from "not exported". (The encoder skips
 /// families that report themselves empty.)
 #[derive(Debug)]
-struct Declared<M>(M);
+pub(crate) struct Declared<M>(pub(crate) M);
 
 impl<M: EncodeMetric> EncodeMetric for Declared<M> {
     fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
@@ -218,6 +219,7 @@ impl Metrics {
             unseen: Family::default(),
             exported: Health::default(),
             exported_folded: BTreeMap::new(),
+            fleet: Default::default(),
         };
         r.register(
             "rpc_messages",
@@ -446,10 +448,18 @@ impl Metrics {
             "Client-side duration (Tempo service-graph compatible)",
             Declared(m.tempo_client.clone()),
         );
+        let fleet =
+            super::fleet_metrics::FleetMetrics::register(root.sub_registry_with_prefix("stacktap"));
         Metrics {
             registry: Arc::new(root),
+            fleet,
             ..m
         }
+    }
+
+    /// The collector's probes (live, last seen, offsets, their health).
+    pub fn sync_probes(&mut self, probes: &[crate::fleet::merge::ProbeInfo]) {
+        self.fleet.sync(probes);
     }
 
     /// Admits a label set under the family's cap, or folds it.

@@ -1,5 +1,6 @@
 //! Sinks: where signals end up. Metrics (Prometheus registry), events (JSONL), summary.
 
+pub mod fleet_metrics;
 pub mod graph;
 pub mod metrics;
 pub mod requests;
