@@ -80,6 +80,8 @@ struct FleetSection {
     expect: Option<Vec<String>>,
     /// The probe whose clock is the collector's (default: the one linked to most others).
     reference: Option<String>,
+    /// Packet time gathered before anything is analysed, so clock offsets settle first.
+    warmup_s: Option<f64>,
 }
 
 /// How much of the broker the analyser sees.
@@ -267,6 +269,7 @@ impl Config {
             m.startup_s = f.startup_s.unwrap_or(m.startup_s);
             m.expect = f.expect.unwrap_or_default();
             m.reference = f.reference;
+            m.warmup_s = f.warmup_s.unwrap_or(m.warmup_s);
         }
         if let Some(v) = f.view {
             let w = &mut c.correlator.view;

@@ -9,7 +9,7 @@
 //! `skew`) and duplicates are dropped: the same thing seen by two probes (two sidecars on
 //! one host, a mirrored port) counts once.
 
-use super::skew::{Order, Skew};
+use super::skew::Skew;
 use crate::FastMap as HashMap;
 use crate::contract::{AmqpKind, ConnId, Obs, Observation, Oslo, ProbeStats, ReplyPart};
 use crate::openstack::services::api_process;
@@ -36,6 +36,9 @@ pub struct MergeConfig {
     pub expect: Vec<String>,
     /// The probe whose clock the others are set to (default: the one linked to most).
     pub reference: Option<String>,
+    /// Packet time gathered before the first release, so that the first observations
+    /// out are corrected by offsets from enough samples.
+    pub warmup_s: f64,
 }
 
 impl Default for MergeConfig {
@@ -48,6 +51,7 @@ impl Default for MergeConfig {
             startup_s: 3.0,
             expect: Vec::new(),
             reference: None,
+            warmup_s: 10.0,
         }
     }
 }
@@ -81,6 +85,8 @@ pub struct Merge {
     cfg: MergeConfig,
     /// When the first probe was heard (the startup wait runs from there).
     started: Option<Instant>,
+    /// The first packet time any probe reported (the warm-up runs from there).
+    first_t: Option<Ts>,
     /// The packet time released so far.
     released: Ts,
     probes: Vec<ProbeInfo>,
@@ -97,6 +103,7 @@ impl Merge {
             dedupe: Dedupe::new(cfg.max_tracked),
             cfg,
             started: None,
+            first_t: None,
             released: Ts::ZERO,
             probes: Vec::new(),
             index: HashMap::default(),
@@ -142,6 +149,9 @@ impl Merge {
             info.silent = false;
         }
         for o in obs {
+            if o.t > Ts::ZERO {
+                self.first_t = Some(self.first_t.map_or(o.t, |f| f.min(o.t)));
+            }
             let info = &mut self.probes[p];
             info.last_t = info.last_t.max(o.t);
             match o.what {
@@ -185,6 +195,15 @@ impl Merge {
         self.update_offsets();
         let live = self.probes.iter().filter(|i| !i.ended && !i.silent);
         let watermark = match live.map(|i| corrected(i.last_t, i.offset_ns)).min() {
+            // still warming up: nothing goes before the offsets rest on enough samples
+            Some(w)
+                if self.released == Ts::ZERO
+                    && self
+                        .first_t
+                        .is_some_and(|f| w.secs_since(f) < self.cfg.warmup_s) =>
+            {
+                return None;
+            }
             Some(w) => w.0.saturating_sub((self.cfg.hold_s.max(0.0) * 1e9) as u64),
             // nobody left to wait for: everything can go
             None => u64::MAX,
@@ -210,6 +229,10 @@ impl Merge {
 
     /// Releases everything held (the collector is stopping).
     pub fn drain(&mut self, out: &mut Vec<Observation>) -> Option<Ts> {
+        if std::env::var_os("STACKTAP_DEBUG_SKEW").is_some() {
+            let names: Vec<&str> = self.probes.iter().map(|p| p.name.as_str()).collect();
+            eprintln!("skew {names:?}: {:?}", self.skew);
+        }
         self.update_offsets();
         self.release_until(Ts(u64::MAX), out);
         self.probes
@@ -329,15 +352,6 @@ enum Pair {
     Rest,
 }
 
-impl Pair {
-    fn order(self) -> Order {
-        match self {
-            Pair::Request | Pair::Reply => Order::Transit,
-            Pair::Served | Pair::Rest => Order::Bound,
-        }
-    }
-}
-
 /// The two sides of one order, as far as seen: (probe, time) of the earlier events and of
 /// the later ones (a few of each: a fanout has many deliveries).
 #[derive(Default)]
@@ -367,9 +381,9 @@ impl Causes {
         };
         for &other in theirs {
             if earlier {
-                skew.before(pair.order(), at, other);
+                skew.before(at, other);
             } else {
-                skew.before(pair.order(), other, at);
+                skew.before(other, at);
             }
         }
         if mine.len() < SIDES_KEPT {

@@ -9,86 +9,64 @@
 //! true times are `t - offset`, and `q - oQ >= p - oP` gives `oQ - oP <= q - p`. The
 //! smallest such difference per ordered pair is kept.
 //!
-//! A message's transit through the broker (publish → delivery) takes about as long one
-//! way as the other, as a network path does for NTP: with transits both ways, the offset
-//! difference is the middle of their fastest ones. Their mean is the cluster's fastest
-//! transit, which a pair with transits one way only is then taken to have (the nodes of
-//! one cluster sit on one network). The other orders (a server's work, a REST request's
-//! span) only bound it. Offsets are then set relative to one reference
-//! probe (the one with the most pairs), each probe through the pair that links it. A pair
-//! bounded one way only is corrected just enough that causality holds.
+//! The bounds chain: what A → B and B → C allow bounds A → C too (a shortest-path closure
+//! over the pairs), so a pair with only slow messages between them (say, through a queue
+//! whose leader sits on a third node) is still bounded tightly through the third. Each
+//! probe's offset against a reference probe (the one linked to most, or the configured
+//! one) is then the middle of its two bounds: the fastest paths are taken to be as fast
+//! one way as the other, as NTP takes a network path. A probe bounded one way only (one
+//! that only ever receives, say) is taken to be one fastest transit away from its bound:
+//! the fastest one-way time any pair bounded both ways shows (half its round trip), or,
+//! with no such pair, none at all: then it moves only as far as causality needs.
 //!
 //! Pure: times in, offsets out.
 
 use crate::FastMap as HashMap;
 use crate::time::Ts;
 
-/// How an order was seen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Order {
-    /// A message's publish and its delivery: about as long one way as the other.
-    Transit,
-    /// Any other order: a bound only.
-    Bound,
-}
-
-/// Upper bounds on `o[q] - o[p]`, as nanoseconds, per ordered pair (p, q): from every
-/// order, and from transits alone.
+/// Upper bounds on `o[q] - o[p]`, as nanoseconds, per ordered pair (p, q).
 #[derive(Debug, Default, Clone)]
 pub struct Skew {
     upper: HashMap<(usize, usize), i64>,
-    transit: HashMap<(usize, usize), i64>,
     probes: usize,
-}
-
-fn keep_min(m: &mut HashMap<(usize, usize), i64>, k: (usize, usize), d: i64) {
-    let e = m.entry(k).or_insert(d);
-    *e = (*e).min(d);
 }
 
 impl Skew {
     /// An event on probe `p` at raw time `tp` happened before one on `q` at `tq`.
-    pub fn before(&mut self, how: Order, (p, tp): (usize, Ts), (q, tq): (usize, Ts)) {
+    pub fn before(&mut self, (p, tp): (usize, Ts), (q, tq): (usize, Ts)) {
         if p == q {
             return;
         }
         self.probes = self.probes.max(p + 1).max(q + 1);
         let d = tq.0 as i64 - tp.0 as i64;
-        keep_min(&mut self.upper, (p, q), d);
-        if how == Order::Transit {
-            keep_min(&mut self.transit, (p, q), d);
+        let e = self.upper.entry((p, q)).or_insert(d);
+        *e = (*e).min(d);
+    }
+
+    /// The tightest bound on `o[q] - o[p]` for every pair, through any chain of pairs.
+    fn closure(&self, n: usize) -> Vec<Vec<Option<i64>>> {
+        let mut d = vec![vec![None; n]; n];
+        for (i, row) in d.iter_mut().enumerate() {
+            row[i] = Some(0);
         }
-    }
-
-    /// The fastest transit between two nodes, from the pairs with transits both ways.
-    fn typical_transit(&self) -> Option<i64> {
-        self.transit
-            .iter()
-            .filter_map(|(&(p, q), &u)| Some((u + self.transit.get(&(q, p))?) / 2))
-            .min()
-    }
-
-    /// The best estimate of `o[q] - o[p]` from this pair alone, if it has samples: the
-    /// middle of the fastest transits both ways (or the one way less the cluster's
-    /// typical transit), kept within every bound.
-    fn pair(&self, p: usize, q: usize, typical: Option<i64>) -> Option<i64> {
-        let hi = self.upper.get(&(p, q)).copied();
-        let lo = self.upper.get(&(q, p)).map(|v| -v);
-        let transits = (self.transit.get(&(p, q)), self.transit.get(&(q, p)));
-        let estimate = match (transits, lo, hi, typical) {
-            ((Some(&u), Some(&v)), _, _, _) => (u - v) / 2,
-            ((Some(&u), None), _, _, Some(tau)) => u - tau,
-            ((None, Some(&v)), _, _, Some(tau)) => tau - v,
-            (_, Some(lo), Some(hi), _) => (lo + hi) / 2,
-            // bounded one way: move only as far as causality needs
-            (_, None, Some(hi), _) => hi.min(0),
-            (_, Some(lo), None, _) => lo.max(0),
-            (_, None, None, _) => return None,
-        };
-        Some(match (lo, hi) {
-            (Some(lo), Some(hi)) if lo <= hi => estimate.clamp(lo, hi),
-            _ => estimate,
-        })
+        for (&(p, q), &u) in &self.upper {
+            if p < n && q < n {
+                d[p][q] = Some(u);
+            }
+        }
+        for k in 0..n {
+            for i in 0..n {
+                let Some(ik) = d[i][k] else { continue };
+                for j in 0..n {
+                    if let Some(kj) = d[k][j]
+                        && d[i][j].is_none_or(|ij| ik + kj < ij)
+                    {
+                        d[i][j] = Some(ik + kj);
+                    }
+                }
+            }
+        }
+        d
     }
 
     /// Offsets (ns) to subtract from each probe's raw times, `n` probes, relative to
@@ -96,38 +74,66 @@ impl Skew {
     /// sample keeps 0.
     pub fn offsets(&self, n: usize, reference: Option<usize>) -> Vec<i64> {
         let n = n.max(self.probes);
-        let mut off = vec![0i64; n];
         if n == 0 {
-            return off;
+            return Vec::new();
         }
-        let typical = self.typical_transit();
-        // the reference: the probe paired with the most others
+        let d = self.closure(n);
         let links = |p: usize| {
             (0..n)
-                .filter(|&q| self.pair(p, q, typical).is_some())
+                .filter(|&q| q != p && d[p][q].is_some() && d[q][p].is_some())
                 .count()
         };
-        let reference = reference.filter(|&r| r < n).unwrap_or_else(|| {
-            (0..n)
-                .max_by_key(|&p| (links(p), std::cmp::Reverse(p)))
-                .unwrap_or(0)
-        });
-        let mut known = vec![false; n];
-        known[reference] = true;
-        let mut frontier = vec![reference];
-        // breadth first from the reference through linked pairs
-        while let Some(p) = frontier.pop() {
-            for q in 0..n {
-                if !known[q]
-                    && let Some(d) = self.pair(p, q, typical)
-                {
-                    off[q] = off[p] + d;
-                    known[q] = true;
-                    frontier.insert(0, q);
-                }
+        // estimated from the best linked probe (the hub), then told against the reference
+        let r = (0..n)
+            .max_by_key(|&p| (links(p), std::cmp::Reverse(p)))
+            .unwrap_or(0);
+        // the fastest one-way time: half the shortest round trip of a pair bounded both ways
+        let transit = (0..n)
+            .flat_map(|p| (0..n).map(move |q| (p, q)))
+            .filter(|(p, q)| p < q)
+            .filter_map(|(p, q)| Some((d[p][q]? + d[q][p]?) / 2))
+            .filter(|t| *t >= 0)
+            .min()
+            .unwrap_or(0);
+        // bounded both ways against the hub: the middle of the two bounds
+        let mut from_hub: Vec<Option<i64>> = (0..n)
+            .map(|q| match (d[q][r], d[r][q]) {
+                _ if q == r => Some(0),
+                (Some(back), Some(hi)) => Some((hi - back) / 2),
+                _ => None,
+            })
+            .collect();
+        // bounded one way only: a fastest transit inside the tightest bound any placed
+        // probe gives (with no transit known, only as far as causality needs)
+        let placed: Vec<(usize, i64)> = from_hub
+            .iter()
+            .enumerate()
+            .filter_map(|(k, o)| Some((k, (*o)?)))
+            .collect();
+        for (q, slot) in from_hub.iter_mut().enumerate() {
+            if slot.is_some() {
+                continue;
             }
+            let hi = placed
+                .iter()
+                .filter_map(|&(k, ok)| Some(ok + d[k][q]?))
+                .min();
+            let lo = placed
+                .iter()
+                .filter_map(|&(k, ok)| Some(ok - d[q][k]?))
+                .max();
+            *slot = Some(match (lo, hi) {
+                (Some(lo), Some(hi)) => (lo + hi) / 2,
+                (None, Some(hi)) if transit > 0 => hi - transit,
+                (Some(lo), None) if transit > 0 => lo + transit,
+                (None, Some(hi)) => hi.min(0),
+                (Some(lo), None) => lo.max(0),
+                (None, None) => 0,
+            });
         }
-        off
+        let from_hub: Vec<i64> = from_hub.into_iter().map(|o| o.unwrap_or(0)).collect();
+        let base = reference.filter(|&x| x < n).map_or(0, |x| from_hub[x]);
+        from_hub.into_iter().map(|o| o - base).collect()
     }
 }
 
@@ -145,10 +151,10 @@ mod tests {
         let mut s = Skew::default();
         for (i, lat) in [0.3, 1.0, 2.0, 0.5].into_iter().enumerate() {
             let t = i as f64 * 10.0;
-            s.before(Order::Transit, (0, ms(t)), (1, ms(t + lat + 5.0)));
-            s.before(Order::Transit, (1, ms(t + 5.0)), (0, ms(t + lat)));
+            s.before((0, ms(t)), (1, ms(t + lat + 5.0)));
+            s.before((1, ms(t + 5.0)), (0, ms(t + lat)));
         }
-        let off = s.offsets(2, None);
+        let off = s.offsets(2, Some(0));
         assert!((off[1] - off[0] - 5_000_000).abs() < 10, "{off:?}");
     }
 
@@ -156,48 +162,68 @@ mod tests {
     fn a_probe_linked_only_through_another_is_placed_through_it() {
         let mut s = Skew::default();
         // 0 ↔ 1: offset 2 ms; 1 ↔ 2: 2 is 3 ms behind 1
-        s.before(Order::Transit, (0, ms(0.0)), (1, ms(2.5)));
-        s.before(Order::Transit, (1, ms(10.0)), (0, ms(8.5)));
-        s.before(Order::Transit, (1, ms(20.0)), (2, ms(17.5)));
-        s.before(Order::Transit, (2, ms(30.0)), (1, ms(33.5)));
-        let off = s.offsets(3, None);
+        s.before((0, ms(0.0)), (1, ms(2.5)));
+        s.before((1, ms(10.0)), (0, ms(8.5)));
+        s.before((1, ms(20.0)), (2, ms(17.5)));
+        s.before((2, ms(30.0)), (1, ms(33.5)));
+        let off = s.offsets(3, Some(0));
         assert!((off[1] - off[0] - 2_000_000).abs() < 10, "{off:?}");
         assert!((off[2] - off[1] + 3_000_000).abs() < 10, "{off:?}");
     }
 
     #[test]
-    fn transits_set_the_offset_and_slower_orders_only_bound_it() {
-        // transits of 0.3 ms both ways around a 2 ms offset; a server's 5 ms work one way
+    fn a_pair_with_only_slow_messages_is_bounded_through_a_third_probe() {
+        // same clocks; 0 ↔ 2 and 1 ↔ 2 fast (1 ms); 0 → 1 only slow (6 ms), 1 → 0 fast
         let mut s = Skew::default();
-        s.before(Order::Transit, (0, ms(0.0)), (1, ms(2.3)));
-        s.before(Order::Transit, (1, ms(10.0)), (0, ms(8.3)));
-        s.before(Order::Bound, (1, ms(20.0)), (0, ms(23.0)));
-        let off = s.offsets(2, None);
-        assert!((off[1] - off[0] - 2_000_000).abs() < 10, "{off:?}");
+        for (p, q) in [(0, 2), (2, 0), (1, 2), (2, 1), (1, 0)] {
+            s.before((p, ms(0.0)), (q, ms(1.0)));
+        }
+        s.before((0, ms(0.0)), (1, ms(6.0)));
+        let off = s.offsets(3, Some(0));
+        assert!(off[1].abs() <= 500_000, "{off:?}");
     }
 
     #[test]
-    fn a_pair_with_transits_one_way_takes_the_clusters_typical_transit() {
-        // 0 ↔ 1 both ways (1 ms transits, no offset); 2 only receives from 0, 1 ms later
-        // than it was published by 2's clock 3 ms ahead
+    fn a_probe_that_only_receives_is_a_fastest_transit_from_its_bound() {
+        // 0 ↔ 1 same clock, 1 ms transits both ways; 2 (3 ms behind) only receives from 0
         let mut s = Skew::default();
-        s.before(Order::Transit, (0, ms(0.0)), (1, ms(1.0)));
-        s.before(Order::Transit, (1, ms(5.0)), (0, ms(6.0)));
-        s.before(Order::Transit, (0, ms(10.0)), (2, ms(14.0)));
-        s.before(Order::Bound, (2, ms(20.0)), (0, ms(30.0)));
-        let off = s.offsets(3, None);
-        assert!((off[2] - off[0] - 3_000_000).abs() < 10, "{off:?}");
+        s.before((0, ms(0.0)), (1, ms(1.0)));
+        s.before((1, ms(5.0)), (0, ms(6.0)));
+        s.before((0, ms(10.0)), (2, ms(8.0)));
+        let off = s.offsets(3, Some(0));
+        assert!((off[2] + 3_000_000).abs() < 10, "{off:?}");
+    }
+
+    #[test]
+    fn a_receiving_probe_is_placed_from_the_probe_it_is_linked_to_whatever_the_reference() {
+        // 0 and 1 linked both ways (1 is 7 ms behind 0, asymmetric paths), 2 receives
+        // from 1 only (2 is 4 ms ahead of 1): the same offsets whoever is the reference
+        let mut s = Skew::default();
+        s.before((0, ms(10.0)), (1, ms(10.0 - 5.861)));
+        s.before((1, ms(10.0)), (0, ms(18.133)));
+        s.before((1, ms(10.0)), (2, ms(15.143)));
+        for reference in [None, Some(0), Some(1), Some(2)] {
+            let off = s.offsets(3, reference);
+            assert!(
+                (off[2] - off[1] - 4_007_000).abs() < 200_000,
+                "{reference:?}: {off:?}"
+            );
+            assert!(
+                (off[1] - off[0] + 6_997_000).abs() < 10,
+                "{reference:?}: {off:?}"
+            );
+        }
     }
 
     #[test]
     fn one_way_bounds_correct_only_what_causality_needs() {
         let mut s = Skew::default();
         // deliveries on 1 appear 1 ms before their publishes on 0: 1 is at least 1 ms behind
-        s.before(Order::Bound, (0, ms(10.0)), (1, ms(9.0)));
-        assert_eq!(s.offsets(2, None)[1] - s.offsets(2, None)[0], -1_000_000);
+        s.before((0, ms(10.0)), (1, ms(9.0)));
+        assert_eq!(s.offsets(2, Some(0))[1], -1_000_000);
         let mut s = Skew::default();
-        s.before(Order::Bound, (0, ms(10.0)), (1, ms(12.0)));
-        assert_eq!(s.offsets(2, None), vec![0, 0]);
+        s.before((0, ms(10.0)), (1, ms(12.0)));
+        assert_eq!(s.offsets(2, Some(0)), vec![0, 0]);
         assert_eq!(Skew::default().offsets(3, None), vec![0, 0, 0]);
     }
 }

@@ -87,6 +87,12 @@ pub fn read_truth(path: &Path) -> Vec<Value> {
 /// Compares stacktap's events with the truth the generator's processes wrote.
 /// Returns a list of human-readable mismatches (empty = agreement).
 pub fn check_against_truth(r: &Replayed, truth: &[Value]) -> Vec<String> {
+    check_against_truth_within(r, truth, 0.0)
+}
+
+/// The same, with wire times allowed `slack` seconds outside the caller's own interval:
+/// a collector corrects its probes' clocks to within a millisecond, not exactly.
+pub fn check_against_truth_within(r: &Replayed, truth: &[Value], slack: f64) -> Vec<String> {
     let mut bad = Vec::new();
     let rpc: Vec<&Value> = r.events.iter().filter(|e| e["kind"] == "rpc").collect();
     let by_msg_id = |id: &str| rpc.iter().find(|e| e["msg_id"] == id).copied();
@@ -152,6 +158,7 @@ pub fn check_against_truth(r: &Replayed, truth: &[Value]) -> Vec<String> {
         }
         // the wire times sit inside the caller's own start..end
         let (start, end) = (t["t_start"].as_f64().unwrap(), t["t_end"].as_f64().unwrap());
+        let (start, end) = (start - slack, end + slack);
         let tp = e["t_publish"].as_f64();
         match tp {
             Some(tp) if tp >= start && tp <= end => {}
@@ -162,7 +169,7 @@ pub fn check_against_truth(r: &Replayed, truth: &[Value]) -> Vec<String> {
         }
         if matches!(outcome, "ok" | "remote_error") {
             match e["t_reply_deliver"].as_f64() {
-                Some(trd) if trd <= end && tp.is_some_and(|tp| tp <= trd) => {}
+                Some(trd) if trd <= end && tp.is_some_and(|tp| tp <= trd + slack) => {}
                 x => bad.push(format!(
                     "call {id}: t_reply_deliver {x:?} not in [t_publish, caller end {end}]"
                 )),

@@ -1,0 +1,180 @@
+//! A real fleet end to end: a 3-node RabbitMQ cluster on this host (scripts/rabbitmq-
+//! cluster: 5682-5684, quorum queues), the generator's real oslo.messaging processes
+//! listing all three nodes (oslo.messaging shuffles them per connection), one live
+//! `stacktap capture --collector` probe per node and one for the API ports, one
+//! `stacktap collect`. The collector's events must match what the processes recorded,
+//! as a single vantage point seeing everything would. Needs root (capture on lo),
+//! rabbitmq-server and STACKTAP_PYTHON; .ci/run provides them.
+
+mod common;
+use common::*;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const CONFIG: &str =
+    "[amqp]\nports = [5682, 5683, 5684]\n[fleet]\nexpect = [\"a\", \"b\", \"c\", \"api\"]\n";
+const API_PORTS: &[u16] = &[5000, 8774, 9292, 9696, 8778];
+
+fn stacktap_child(args: &[String], log: &Path) -> Killed {
+    Killed(
+        Command::new(env!("CARGO_BIN_EXE_stacktap"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .expect("start stacktap"),
+    )
+}
+
+fn signal(c: &Killed, sig: i32) {
+    unsafe {
+        libc::kill(c.0.id() as i32, sig);
+    }
+}
+
+fn exit_code(c: &mut Killed, what: &str) -> i32 {
+    let t = Instant::now();
+    loop {
+        if let Some(s) = c.0.try_wait().unwrap() {
+            return s.code().unwrap_or(-1);
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "{what} did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_real_three_node_cluster_through_four_live_probes_and_one_collector() {
+    let up = Command::new(repo().join("scripts/rabbitmq-cluster"))
+        .arg("start")
+        .status()
+        .expect("scripts/rabbitmq-cluster");
+    assert!(up.success(), "the 3-node RabbitMQ cluster did not start");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cfg = d.join("fleet.toml");
+    std::fs::write(&cfg, CONFIG).unwrap();
+    let cfg = cfg.to_str().unwrap().to_string();
+    let (ingest, listen) = (free_port(), free_port());
+    let events = d.join("events.jsonl");
+    let metrics = d.join("metrics.prom");
+    let mut collector = stacktap_child(
+        &[
+            "collect".into(),
+            "--ingest".into(),
+            format!("127.0.0.1:{ingest}"),
+            "--listen".into(),
+            format!("127.0.0.1:{listen}"),
+            "--config".into(),
+            cfg.clone(),
+            "--events-out".into(),
+            events.to_str().unwrap().into(),
+            "--metrics-out".into(),
+            metrics.to_str().unwrap().into(),
+        ],
+        &d.join("collector.log"),
+    );
+    let api_filter = API_PORTS
+        .iter()
+        .map(|p| format!("tcp port {p}"))
+        .collect::<Vec<_>>()
+        .join(" or ");
+    let mut probes: Vec<(String, Killed)> = [
+        ("a", "tcp port 5682".to_string()),
+        ("b", "tcp port 5683".into()),
+        ("c", "tcp port 5684".into()),
+        ("api", api_filter),
+    ]
+    .into_iter()
+    .map(|(name, filter)| {
+        let args = [
+            "capture",
+            "-i",
+            "lo",
+            "--filter",
+            &filter,
+            "--config",
+            &cfg,
+            "--collector",
+            &format!("http://127.0.0.1:{ingest}"),
+            "--probe-name",
+            name,
+        ]
+        .map(String::from);
+        (
+            name.to_string(),
+            stacktap_child(&args, &d.join(format!("probe-{name}.log"))),
+        )
+    })
+    .collect();
+    // every probe is heard (each sends its clock every 200 ms, quiet or not)
+    let t = Instant::now();
+    loop {
+        let m = http_get(listen, "/metrics")
+            .map(|r| r.1)
+            .unwrap_or_default();
+        let heard = ["a", "b", "c", "api"]
+            .iter()
+            .all(|n| m.contains(&format!("stacktap_probe_up{{probe=\"{n}\"}} 1")));
+        if heard {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the probes did not reach the collector:\n{m}"
+        );
+        for (n, p) in &mut probes {
+            assert!(p.0.try_wait().unwrap().is_none(), "probe {n} exited early");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = Command::new(python())
+        .arg(repo().join("sampledata/generator/minicloud.py"))
+        .args(["record", "cluster", "--out"])
+        .arg(d)
+        .status()
+        .expect("run the generator");
+    assert!(
+        status.success(),
+        "generator failed for the cluster scenario; see {}",
+        d.join("cluster.log").display()
+    );
+    for (n, p) in &mut probes {
+        signal(p, libc::SIGINT);
+        assert_eq!(exit_code(p, n), 0, "probe {n}");
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    signal(&collector, libc::SIGTERM);
+    assert_eq!(exit_code(&mut collector, "the collector"), 0);
+
+    let truth = read_truth(&d.join("cluster.truth.jsonl"));
+    let text = std::fs::read_to_string(&events).unwrap();
+    let pcaps: Vec<_> = ["a", "b", "c", "api"]
+        .map(|n| d.join(format!("cluster-{n}.pcap")))
+        .into();
+    let (first_ts, last_ts) = capture_bounds(&pcaps);
+    let r = Replayed {
+        events: text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect(),
+        events_text: text.clone(),
+        metrics: std::fs::read_to_string(&metrics).unwrap(),
+        summary: replay(&[d.join("cluster-api.pcap")]).summary,
+        first_ts,
+        last_ts,
+        health: Default::default(),
+    };
+    let mut bad = check_against_truth_within(&r, &truth, 0.001);
+    bad.extend(check_rest_against_truth(&r, &truth));
+    bad.extend(check_chains_against_truth(&r, &truth));
+    assert!(
+        bad.is_empty(),
+        "{} mismatches:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+    assert!(r.metrics.contains("stacktap_partial_view 0"));
+    assert!(!text.contains(TOKEN_PREFIX), "a token reached the events");
+}
