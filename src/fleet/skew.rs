@@ -55,13 +55,14 @@ impl Skew {
             }
         }
         for k in 0..n {
-            for i in 0..n {
-                let Some(ik) = d[i][k] else { continue };
-                for j in 0..n {
-                    if let Some(kj) = d[k][j]
-                        && d[i][j].is_none_or(|ij| ik + kj < ij)
+            let through = d[k].clone();
+            for row in d.iter_mut() {
+                let Some(ik) = row[k] else { continue };
+                for (ij, kj) in row.iter_mut().zip(&through) {
+                    if let Some(kj) = kj
+                        && ij.is_none_or(|ij| ik + kj < ij)
                     {
-                        d[i][j] = Some(ik + kj);
+                        *ij = Some(ik + kj);
                     }
                 }
             }
