@@ -243,6 +243,24 @@ def probe():
     b.panel("AMQP methods/s", [(
         "topk(15, sum by (method) (rate(stacktap_amqp_methods_total[%s])))" % R,
         "{{method}}")], "reqps")
+    b.row("A fleet: the collector's probes")
+    b.panel("Probes up (0: silent or ended)", [(
+        "stacktap_probe_up", "{{probe}}")], "short",
+        description="1 while a probe feeds the collector. Silent and not ended: a dead sidecar.")
+    b.panel("Seconds since a probe was last heard", [(
+        "time() - stacktap_probe_last_seen_seconds", "{{probe}}")], "s")
+    b.panel("Observations/s per probe", [(
+        "sum by (probe) (rate(stacktap_probe_observations_total[%s]))" % R, "{{probe}}")], "reqps")
+    b.panel("Packets dropped, bytes lost in gaps, observations unsent (per probe)", [
+        ("sum by (probe) (rate(stacktap_probe_drops_total[%s]))" % R, "drops {{probe}}"),
+        ("sum by (probe) (rate(stacktap_probe_tcp_gap_bytes_total[%s]))" % R, "gap bytes {{probe}}"),
+        ("sum by (probe) (rate(stacktap_probe_unsent_total[%s]))" % R, "unsent {{probe}}")])
+    b.panel("Probe clock offsets", [(
+        "stacktap_probe_clock_offset_seconds", "{{probe}}")], "s",
+        description="Each probe's clock against the reference probe, estimated from RPC causality.")
+    b.panel("Partial view (1: part of the traffic goes by unseen)", [
+        ("max by (instance) (stacktap_partial_view)", "{{instance}}"),
+        ("sum by (evidence) (rate(stacktap_unseen_total[%s]))" % R, "evidence {{evidence}}")])
     return b
 
 

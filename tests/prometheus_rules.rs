@@ -31,11 +31,28 @@ pub fn exported_names() -> BTreeSet<String> {
         .collect();
     files.sort();
     let r = replay(&files);
-    r.metrics
+    let mut names: BTreeSet<String> = r
+        .metrics
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .map(|l| l.split(['{', ' ']).next().unwrap().to_string())
-        .collect()
+        .collect();
+    // every family is declared even where it has no series (the fleet's exist at a
+    // collector): its sample names, as OpenMetrics spells them
+    for line in r.metrics.lines() {
+        let mut w = line.split(' ');
+        if let (Some("#"), Some("TYPE"), Some(name), Some(kind)) =
+            (w.next(), w.next(), w.next(), w.next())
+        {
+            let suffixes: &[&str] = match kind {
+                "counter" => &["_total"],
+                "histogram" => &["_bucket", "_sum", "_count"],
+                _ => &[""],
+            };
+            names.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+        }
+    }
+    names
 }
 
 /// `stacktap_*` and `traces_service_graph_*` names in a text (rule or dashboard).
