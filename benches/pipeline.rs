@@ -74,5 +74,85 @@ fn oslo_decode(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, pipeline, oslo_decode);
+/// Every observation a probe makes of `packets`, in batches of one packet.
+fn observations(packets: &[Packet]) -> Vec<Vec<stacktap::contract::Observation>> {
+    let mut probe = stacktap::probe::Probe::new(Config::default());
+    let mut out = Vec::new();
+    for p in packets {
+        let mut obs = Vec::new();
+        probe.packet(p, &mut obs);
+        if !obs.is_empty() {
+            out.push(obs);
+        }
+    }
+    let mut obs = Vec::new();
+    probe.finish(&mut obs);
+    out.push(obs);
+    out
+}
+
+/// The collector's side: how many observations one core joins (the watermark merge, the
+/// clock offsets, duplicate suppression and the analyser) and reads off the wire.
+fn collector(c: &mut Criterion) {
+    use stacktap::fleet::merge::{Merge, MergeConfig};
+    use stacktap::fleet::wire;
+    let batches = observations(&sample_packets());
+    let n: u64 = batches.iter().map(|b| b.len() as u64).sum();
+    let mut g = c.benchmark_group("collector");
+    g.throughput(Throughput::Elements(n));
+    g.sample_size(10);
+    g.bench_function("join_observations", |b| {
+        b.iter(|| {
+            let cfg = MergeConfig {
+                warmup_s: 0.0,
+                startup_s: 0.0,
+                ..MergeConfig::default()
+            };
+            let mut merge = Merge::new(cfg);
+            let mut analyser = stacktap::analyser::Analyser::new(Config::default());
+            let now = std::time::Instant::now();
+            let mut released = Vec::new();
+            let mut events = 0u64;
+            for batch in &batches {
+                merge.ingest("probe", None, batch.clone(), now);
+                let reached = merge.release(now, &mut released);
+                for o in released.drain(..) {
+                    analyser.observe(o);
+                }
+                if let Some(t) = reached {
+                    analyser.advance(t);
+                }
+                analyser.flush(&mut |_| events += 1);
+            }
+            merge.drain(&mut released);
+            for o in released.drain(..) {
+                analyser.observe(o);
+            }
+            analyser.finish(&mut |_| events += 1);
+            black_box(events)
+        })
+    });
+    let who = wire::Sender {
+        probe: "probe".into(),
+        host: None,
+    };
+    let records: Vec<_> = batches
+        .iter()
+        .flat_map(|b| wire::encode_batch(&who, b).resource_logs)
+        .flat_map(|r| r.scope_logs)
+        .flat_map(|s| s.log_records)
+        .collect();
+    g.bench_function("decode_wire", |b| {
+        b.iter(|| {
+            let mut ok = 0u64;
+            for r in &records {
+                ok += wire::decode(r).is_ok() as u64;
+            }
+            black_box(ok)
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, pipeline, oslo_decode, collector);
 criterion_main!(benches);
