@@ -80,7 +80,8 @@ fn span_text(s: &Span) -> String {
 }
 
 /// The tree, children in time order; the path to the root cause marked `✗`, the root
-/// cause `◀ ROOT CAUSE`, masked failures `(masked)`, time-inferred links `~`.
+/// cause `◀ ROOT CAUSE`, a retry that ran out and the attempts before it, masked failures
+/// `(masked)`, time-inferred links `~`.
 pub fn render_tree(t: &RequestTree) -> String {
     let mut out = String::new();
     let verdict = match (t.symptom.as_deref(), t.user) {
@@ -146,6 +147,10 @@ impl TreeText<'_> {
         let link = if s.inferred { "~" } else { "" };
         let tail = if t.root_cause == Some(i) {
             "   ◀ ROOT CAUSE"
+        } else if t.exhausted == Some(i) {
+            "   ◀ the retry ran out: caused by what failed on the attempts before it"
+        } else if t.attempts.contains(&i) {
+            "   ◀ an earlier attempt's failure"
         } else if t.masked.contains(&i) {
             "   (masked: retried)"
         } else {

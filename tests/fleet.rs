@@ -104,7 +104,7 @@ fn the_wire_loses_nothing_and_an_analyser_behind_it_reports_the_same() {
     .collect();
     samples.push(
         ["a", "b", "c", "api"]
-            .map(|n| dir.join(format!("cluster-{n}.pcap")))
+            .map(|n| dir.join(format!("cluster/cluster-{n}.pcap")))
             .into(),
     );
     for files in samples {
@@ -291,7 +291,7 @@ fn split(e: &Value) -> [Option<f64>; 4] {
 #[test]
 fn four_probes_with_skewed_clocks_into_one_collector_match_the_truth() {
     let dir = tempfile::tempdir().unwrap();
-    let sample = |n: &str| repo().join(format!("sampledata/cluster-{n}.pcap"));
+    let sample = |n: &str| repo().join(format!("sampledata/cluster/cluster-{n}.pcap"));
     // NTP error of a few milliseconds on each host
     let skews = [("a", 0.0), ("b", 0.004), ("c", -0.003), ("api", 0.006)];
     let probes: Vec<(&str, PathBuf, &[&str])> = skews
@@ -303,7 +303,7 @@ fn four_probes_with_skewed_clocks_into_one_collector_match_the_truth() {
         "{CLUSTER_TOML}[fleet]\nreference = \"a\"\nexpect = [\"a\", \"b\", \"c\", \"api\"]\n"
     );
     let got = collect(dir.path(), &config, &probes, None);
-    let truth = read_truth(&repo().join("sampledata/cluster.truth.jsonl"));
+    let truth = read_truth(&repo().join("sampledata/cluster/cluster.truth.jsonl"));
     let files: Vec<PathBuf> = ["a", "b", "c", "api"].map(sample).into();
     let (first_ts, last_ts) = capture_bounds(&files);
     let r = Replayed {
@@ -421,7 +421,7 @@ fn one_capture_seen_by_two_probes_counts_once() {
 #[test]
 fn a_probe_killed_mid_run_is_reported_and_the_others_go_on() {
     let dir = tempfile::tempdir().unwrap();
-    let sample = |n: &str| repo().join(format!("sampledata/cluster-{n}.pcap"));
+    let sample = |n: &str| repo().join(format!("sampledata/cluster/cluster-{n}.pcap"));
     let paced: &[&str] = &["--speed", "2"];
     let probes: Vec<(&str, PathBuf, &[&str])> = ["b", "a", "c", "api"]
         .iter()

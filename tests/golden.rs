@@ -500,7 +500,7 @@ fn a_capture_replayed_again_counts_twice() {
 /// The cluster scenario's captures: one per RabbitMQ node (a, b, c) and one of the API
 /// ports, as four sidecars see a region whose processes each list all three nodes.
 fn cluster_capture(node: &str) -> std::path::PathBuf {
-    repo().join(format!("sampledata/cluster-{node}.pcap"))
+    repo().join(format!("sampledata/cluster/cluster-{node}.pcap"))
 }
 
 /// stacktap's config for the cluster's nodes (their AMQP ports).
@@ -541,7 +541,7 @@ fn a_cluster_node_alone_reports_its_partial_view_and_no_false_failure() {
 fn a_cluster_seen_whole_matches_the_truth() {
     let files: Vec<_> = ["a", "b", "c", "api"].map(cluster_capture).into();
     let r = replay_with(&files, cluster_config());
-    let truth = read_truth(&repo().join("sampledata/cluster.truth.jsonl"));
+    let truth = read_truth(&repo().join("sampledata/cluster/cluster.truth.jsonl"));
     let mut bad = check_against_truth(&r, &truth);
     bad.extend(check_rest_against_truth(&r, &truth));
     bad.extend(check_chains_against_truth(&r, &truth));
