@@ -49,6 +49,7 @@ fn call(i: u64) -> Observation {
         request_id: Some(format!("req-{:08x}-0000-4000-8000-{:012x}", i, i)),
         global_request_id: None,
         call_monitor_s: None,
+        trace_context: None,
     };
     Observation {
         t: Ts(1_700_000_000_000_000_000 + i * 10_000),

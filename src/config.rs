@@ -27,6 +27,8 @@ pub struct Config {
     pub fleet: crate::fleet::merge::MergeConfig,
     /// Distinct label sets per metric family before new ones fold into "other".
     pub max_series_per_family: usize,
+    /// Where spans go (`[otlp]`; the OTEL_* variables and `--otlp-endpoint` override it).
+    pub otlp: crate::otlp::OtlpConfig,
 }
 
 impl Default for Config {
@@ -45,6 +47,7 @@ impl Default for Config {
             store: crate::sink::store::StoreConfig::default(),
             fleet: crate::fleet::merge::MergeConfig::default(),
             max_series_per_family: 2000,
+            otlp: crate::otlp::OtlpConfig::default(),
         }
     }
 }
@@ -62,6 +65,7 @@ struct File {
     metrics: Option<MetricsSection>,
     fleet: Option<FleetSection>,
     view: Option<ViewSection>,
+    otlp: Option<crate::otlp::OtlpConfig>,
 }
 
 /// How a collector joins its probes (`stacktap collect`).
@@ -275,6 +279,9 @@ impl Config {
             let w = &mut c.correlator.view;
             w.partial_for_s = v.partial_for_s.unwrap_or(w.partial_for_s);
             w.settle_s = v.settle_s.unwrap_or(w.settle_s);
+        }
+        if let Some(o) = f.otlp {
+            c.otlp = o;
         }
         c.graph.max_edges = c.max_series_per_family;
         Ok(c)

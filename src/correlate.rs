@@ -6,7 +6,7 @@
 //! reported. Output is a list of `Signal`s for the sinks, in a deterministic order.
 
 use crate::contract::{
-    AmqpKind, AmqpMessage, ConnId, Event, NotificationEvent, Obs, Oslo, Outcome, Process,
+    AmqpKind, AmqpMessage, ConnId, Delivery, Event, NotificationEvent, Obs, Oslo, Outcome, Process,
     RemoteError, ReplyPart, Request, RpcEvent, RpcType,
 };
 use crate::health::Health;
@@ -649,7 +649,7 @@ impl Correlator {
                     health.anomaly("oslo", "duplicate_publish");
                 }
             } else {
-                Self::delivered(c, t, (proc_, &m.conn), redelivered, out);
+                Self::delivered(c, t, (proc_, &m.conn, &m.queue), redelivered, out);
             }
             return;
         }
@@ -701,6 +701,7 @@ impl Correlator {
                 callee: None,
                 request_id: r.request_id.clone(),
                 global_request_id: r.global_request_id.clone(),
+                trace_context: r.trace_context,
                 t_publish: None,
                 t_deliver: None,
                 t_reply_publish: None,
@@ -711,6 +712,7 @@ impl Correlator {
                 redeliveries: 0,
                 heartbeats: 0,
                 returns: 0,
+                copies: Vec::new(),
             },
             consumers: Vec::new(),
             first_seen: ts,
@@ -728,7 +730,7 @@ impl Correlator {
             call.ev.t_publish = Some(t);
             call.ev.caller = Some(proc_);
         } else {
-            Self::delivered(&mut call, t, (proc_, &m.conn), redelivered, out);
+            Self::delivered(&mut call, t, (proc_, &m.conn, &m.queue), redelivered, out);
         }
         if is_call {
             if self.calls.len() >= self.cfg.max_calls {
@@ -769,7 +771,7 @@ impl Correlator {
     fn delivered(
         c: &mut Call,
         t: f64,
-        (consumer, conn): (Arc<Process>, &ConnId),
+        (consumer, conn, queue): (Arc<Process>, &ConnId, &Option<String>),
         redelivered: bool,
         out: &mut Vec<Signal>,
     ) {
@@ -792,6 +794,15 @@ impl Correlator {
             return;
         }
         c.ev.deliveries += 1;
+        // a call has one server (its callee); a cast or fanout, one consumer per copy
+        if c.ev.rpc_type != RpcType::Call && c.ev.copies.len() < MAX_CONSUMERS_KEPT {
+            c.ev.copies.push(Delivery {
+                queue: queue.clone(),
+                consumer: consumer.clone(),
+                connection: conn.client,
+                t,
+            });
+        }
         if c.ev.t_deliver.is_none() {
             c.ev.t_deliver = Some(t);
             c.ev.callee = Some(consumer);

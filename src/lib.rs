@@ -15,6 +15,7 @@ pub mod http;
 pub mod identity;
 pub mod openstack;
 pub mod oslo;
+pub mod otlp;
 pub mod pipeline;
 pub mod probe;
 pub mod protocols;
@@ -24,6 +25,8 @@ pub mod serve;
 pub mod sink;
 pub mod source;
 pub mod tcp;
+#[cfg(test)]
+pub mod testing;
 pub mod time;
 pub mod trace;
 pub mod ui;

@@ -45,6 +45,11 @@ struct Common {
     /// Keep error chains and request trees in this SQLite file (read back on restart)
     #[arg(long)]
     store: Option<PathBuf>,
+    /// Export every request as OTLP spans to this endpoint (http://HOST:4317 gRPC,
+    /// http://HOST:4318/v1/traces HTTP/protobuf); the OTEL_EXPORTER_OTLP_* variables and
+    /// [otlp] in --config work too
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
 }
 
 /// Shipping observations to a collector instead of analysing here.
@@ -80,6 +85,9 @@ enum Cmd {
         /// Pace of the looping replay (1 = real time)
         #[arg(long, default_value_t = 1.0)]
         speed: f64,
+        /// Export the demo's requests as OTLP spans to this endpoint (see replay)
+        #[arg(long)]
+        otlp_endpoint: Option<String>,
     },
     /// Replay pcap/pcapng files (several are merged in time order)
     Replay {
@@ -193,10 +201,10 @@ fn shipping(
     let Some(url) = &fleet.collector else {
         return Ok(None);
     };
-    if common.events_out.is_some() || common.store.is_some() {
+    if common.events_out.is_some() || common.store.is_some() || common.otlp_endpoint.is_some() {
         anyhow::bail!(
-            "--collector: the analysis (--events-out, --store) happens at the collector; a \
-             probe keeps only its own health (--listen, --metrics-out)"
+            "--collector: the analysis (--events-out, --store, --otlp-endpoint) happens at the \
+             collector; a probe keeps only its own health (--listen, --metrics-out)"
         );
     }
     let name = fleet.probe_name.clone().unwrap_or_else(default_name);
@@ -212,24 +220,38 @@ fn file_name(p: &Path) -> String {
         .unwrap_or_else(|| "replay".into())
 }
 
-fn outputs(c: &Common) -> Outputs {
-    Outputs {
+fn outputs(c: &Common, cfg: &Config) -> anyhow::Result<Outputs> {
+    Ok(Outputs {
         listen: c.listen.clone(),
         events_out: c.events_out.clone(),
         metrics_out: c.metrics_out.clone(),
         progress: std::io::stderr().is_terminal(),
         graph_window_s: None,
         store: c.store.clone(),
-    }
+        otlp: otlp(cfg, c.otlp_endpoint.as_deref())?,
+    })
+}
+
+/// Where spans go: the flag, else the OTEL_EXPORTER_OTLP_* variables, else `[otlp]`.
+fn otlp(
+    cfg: &Config,
+    flag: Option<&str>,
+) -> anyhow::Result<Option<stacktap::otlp::config::Export>> {
+    cfg.otlp.resolve(flag, &|name| std::env::var(name).ok())
 }
 
 fn main_inner(cli: Cli) -> anyhow::Result<()> {
     let stop = run::stop_flag();
     match cli.cmd {
-        Cmd::Demo { listen, speed } => {
+        Cmd::Demo {
+            listen,
+            speed,
+            otlp_endpoint,
+        } => {
             let out = Outputs {
                 listen: Some(listen.clone()),
                 graph_window_s: Some(DEMO_WINDOW_S),
+                otlp: otlp(&Config::default(), otlp_endpoint.as_deref())?,
                 ..Default::default()
             };
             let mut run = Run::new(Config::default(), &out)?;
@@ -251,7 +273,7 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
             fleet,
         } => {
             let cfg = load_config(&common.config)?;
-            let out = outputs(&common);
+            let out = outputs(&common, &cfg)?;
             let mut merged = MergedFiles::open(&files)?;
             if let Some(to) = shipping(&fleet, &common, || file_name(&files[0]))? {
                 let mut ship = run::Ship::new(cfg, &out, to)?;
@@ -277,7 +299,7 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
             let cfg = load_config(&common.config)?;
             let out = Outputs {
                 graph_window_s: Some(cfg.graph.window_s),
-                ..outputs(&common)
+                ..outputs(&common, &cfg)?
             };
             let mut cap =
                 LiveCapture::open(&interface, filter.as_deref().unwrap_or(DEFAULT_FILTER))?;
@@ -309,7 +331,7 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
             let cfg = load_config(&common.config)?;
             let out = Outputs {
                 graph_window_s: Some(cfg.graph.window_s),
-                ..outputs(&common)
+                ..outputs(&common, &cfg)?
             };
             let cc = stacktap::fleet::collector::CollectConfig {
                 ingest,

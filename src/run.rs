@@ -30,6 +30,8 @@ pub struct Outputs {
     pub graph_window_s: Option<f64>,
     /// `--store`: chains and request trees persisted in SQLite.
     pub store: Option<PathBuf>,
+    /// Where spans go (`--otlp-endpoint`, the OTEL_* variables, `[otlp]`), resolved.
+    pub otlp: Option<crate::otlp::config::Export>,
 }
 
 /// Where an analysis goes: the sinks, the HTTP listener, the files and the store.
@@ -81,6 +83,12 @@ impl Outlet {
                 requests,
                 events,
                 write_error: None,
+                otlp: match &out.otlp {
+                    Some(x) => Some(crate::otlp::OtlpSink::new(
+                        crate::otlp::export::Exporter::start(x.clone())?,
+                    )),
+                    None => None,
+                },
             },
             shared,
             last_publish: Instant::now(),
@@ -115,6 +123,10 @@ impl Outlet {
 
     /// The end: the files written, the summary returned.
     pub fn finish(&mut self, out: &Outputs, health: &Health) -> anyhow::Result<Report> {
+        // every span out (or counted as dropped) before the counters are written
+        if let Some(o) = self.sinks.otlp.as_mut() {
+            o.close();
+        }
         self.refresh(health, true);
         if let Some(w) = self.sinks.events.as_mut() {
             w.flush()?;
@@ -173,8 +185,13 @@ impl Ship {
         to: crate::fleet::sender::SenderConfig,
     ) -> anyhow::Result<Ship> {
         let sender = crate::fleet::sender::Sender::start(to)?;
+        // spans are the collector's to export: it judges the requests
+        let out = Outputs {
+            otlp: None,
+            ..out.clone()
+        };
         Ok(Ship {
-            outlet: Outlet::new(&cfg, out)?,
+            outlet: Outlet::new(&cfg, &out)?,
             probe: crate::probe::Probe::new(cfg),
             sender: Some(sender),
             observed: Vec::new(),
@@ -259,7 +276,9 @@ pub struct Run {
 }
 
 impl Run {
-    pub fn new(cfg: Config, out: &Outputs) -> anyhow::Result<Run> {
+    pub fn new(mut cfg: Config, out: &Outputs) -> anyhow::Result<Run> {
+        // spans need every wire detail of the events a request is made of
+        cfg.trace.keep_events |= out.otlp.is_some();
         Ok(Run {
             outlet: Outlet::new(&cfg, out)?,
             pipeline: Pipeline::new(cfg),
@@ -422,6 +441,9 @@ pub fn replay_again(
 ) -> anyhow::Result<()> {
     let mut pkt = Packet::default();
     run.pipeline.restart();
+    if let Some(o) = run.outlet.sinks.otlp.as_mut() {
+        o.next_pass();
+    }
     let started = Instant::now();
     let start_at = run.pipeline.clock().0 + 1_000_000_000;
     let mut first: Option<crate::time::Ts> = None;

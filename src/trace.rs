@@ -34,6 +34,9 @@ pub struct TraceConfig {
     pub max_open: usize,
     /// Spans kept per request.
     pub max_spans: usize,
+    /// Each span keeps the event it stands for (the OTLP exporter needs every wire detail;
+    /// nothing else does, so it costs memory only when spans are exported).
+    pub keep_events: bool,
 }
 
 impl Default for TraceConfig {
@@ -42,6 +45,7 @@ impl Default for TraceConfig {
             settle_s: 60.0,
             max_open: 100_000,
             max_spans: 2_000,
+            keep_events: false,
         }
     }
 }
@@ -90,6 +94,8 @@ pub struct Span {
     pub superseded: bool,
     /// The caller named itself as a service process (not a library, not a user).
     caller_is_service: bool,
+    /// The event it stands for (only with `TraceConfig::keep_events`).
+    pub event: Option<Arc<Event>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,6 +136,7 @@ impl Span {
             error_notification: false,
             superseded: false,
             caller_is_service: false,
+            event: None,
         }
     }
 }
@@ -199,11 +206,23 @@ pub struct Tracer {
     last_sweep: Ts,
 }
 
+/// The id of the request an event belongs to: the caller's global request id, else its
+/// own (None: no request id ties it to anything).
+pub fn root_of(ev: &Event) -> Option<&str> {
+    let (global, local) = match ev {
+        Event::Http(e) => (&e.global_request_id, &e.request_id),
+        Event::Rpc(e) => (&e.global_request_id, &e.request_id),
+        Event::Notification(n) => (&n.global_request_id, &n.request_id),
+        Event::Chain(_) => return None,
+    };
+    global.as_deref().or(local.as_deref())
+}
+
 /// The span an event stands for, and the id of the request it belongs to.
 pub fn span_of(ev: &Event) -> Option<(String, Span)> {
+    let root = root_of(ev)?.to_string();
     match ev {
         Event::Http(e) => {
-            let root = e.global_request_id.clone().or(e.request_id.clone())?;
             let caller = e.client.service.clone();
             let failure = match e.status {
                 Some(s) if s >= 500 => Some(Failure {
@@ -235,7 +254,6 @@ pub fn span_of(ev: &Event) -> Option<(String, Span)> {
             ))
         }
         Event::Rpc(e) => {
-            let root = e.global_request_id.clone().or(e.request_id.clone())?;
             let failure = match e.outcome {
                 Outcome::RemoteError => Some(Failure {
                     error: e
@@ -297,7 +315,6 @@ pub fn span_of(ev: &Event) -> Option<(String, Span)> {
             ))
         }
         Event::Notification(n) => {
-            let root = n.global_request_id.clone().or(n.request_id.clone())?;
             let publisher = n.publisher.as_ref().and_then(|p| p.service.clone());
             let error = matches!(n.priority.as_str(), "ERROR" | "CRITICAL");
             Some((
@@ -331,9 +348,12 @@ impl Tracer {
 
     /// Takes in one event (REST, RPC or notification) seen at `now`.
     pub fn observe(&mut self, ev: &Event, now: Ts, h: &mut Health, out: &mut Vec<Traced>) {
-        let Some((root, span)) = span_of(ev) else {
+        let Some((root, mut span)) = span_of(ev) else {
             return;
         };
+        if self.cfg.keep_events {
+            span.event = Some(Arc::new(ev.clone()));
+        }
         if let Some(o) = self.open.get_mut(&root) {
             // the common case: a request already being collected
             o.last = o.last.max(now);

@@ -1,7 +1,7 @@
 //! The events stacktap emits (`--events-out`, one JSON object a line). Field names are the
 //! public contract of DESIGN.md; unknown values are null, never invented.
 
-use super::{RemoteError, RpcType};
+use super::{RemoteError, RpcType, TraceContext};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -66,6 +66,10 @@ pub struct RpcEvent {
     pub callee: Option<Arc<Process>>,
     pub request_id: Option<String>,
     pub global_request_id: Option<String>,
+    /// The trace the caller said it is in (`_context_traceparent`, osprofiler's
+    /// `trace_info` ids).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_context: Option<TraceContext>,
     pub t_publish: Option<f64>,
     pub t_deliver: Option<f64>,
     pub t_reply_publish: Option<f64>,
@@ -80,6 +84,21 @@ pub struct RpcEvent {
     pub heartbeats: u32,
     /// Reply publishes the broker returned (312 NO_ROUTE retries).
     pub returns: u32,
+    /// A cast's or fanout's copies as they reached their consumers (for the graph and the
+    /// spans; not an event field: `deliveries` counts them).
+    #[serde(skip)]
+    pub copies: Vec<Delivery>,
+}
+
+/// One copy of a cast or fanout delivered to a consumer.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The queue it was consumed from, when its consumer was seen registered.
+    pub queue: Option<String>,
+    pub consumer: Arc<Process>,
+    /// The consumer's end of its AMQP connection.
+    pub connection: super::Endpoint,
+    pub t: f64,
 }
 
 impl RpcEvent {
@@ -170,6 +189,9 @@ pub struct HttpEvent {
     pub request_id: Option<String>,
     /// The id the caller sent (`X-OpenStack-Request-ID`): its global request id.
     pub global_request_id: Option<String>,
+    /// The trace the caller said it is in (`traceparent`, osprofiler's `X-Trace-Info`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_context: Option<TraceContext>,
     pub outcome: HttpOutcome,
     /// The response body was cut by a capture gap or a closed connection.
     pub truncated: bool,

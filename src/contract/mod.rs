@@ -6,8 +6,10 @@ mod endpoint;
 mod event;
 mod observation;
 mod oslo;
+mod trace_context;
 
 pub use endpoint::Endpoint;
 pub use event::*;
 pub use observation::*;
 pub use oslo::*;
+pub use trace_context::*;

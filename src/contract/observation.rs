@@ -10,7 +10,7 @@
 //! `_context_*` value but the two request ids; an HTTP exchange no header but the
 //! User-Agent and the request ids).
 
-use super::{Endpoint, Fault, NotOslo, Oslo};
+use super::{Endpoint, Fault, NotOslo, Oslo, TraceContext};
 use crate::time::Ts;
 use std::sync::Arc;
 
@@ -157,6 +157,8 @@ pub struct HttpObs {
     pub request_id: Option<String>,
     /// The id the caller sent, when it is in oslo.middleware's format.
     pub global_request_id: Option<String>,
+    /// The trace the caller said it is in (`traceparent`, osprofiler's `X-Trace-Info`).
+    pub trace_context: Option<TraceContext>,
     pub fault: Option<Fault>,
 }
 

@@ -34,6 +34,8 @@ pub struct Request {
     pub global_request_id: Option<String>,
     /// `_timeout`: the call-monitor interval, not the RPC timeout (that is `expiration`).
     pub call_monitor_s: Option<f64>,
+    /// The trace the caller is in (`_context_traceparent`, osprofiler's `trace_info`).
+    pub trace_context: Option<super::TraceContext>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -19,7 +19,8 @@
 
 use crate::contract::{
     AmqpKind, AmqpMessage, ConnId, Endpoint, Fault, HttpEnd, HttpObs, NotOslo, Notification, Obs,
-    Observation, Oslo, ProbeStats, RemoteError, Reply, ReplyPart, Request, RpcType, method_label,
+    Observation, Oslo, ProbeStats, RemoteError, Reply, ReplyPart, Request, RpcType, TraceContext,
+    method_label,
 };
 use crate::time::Ts;
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
@@ -241,6 +242,10 @@ fn encode_message(m: &AmqpMessage, a: &mut Attrs) {
             a.opt_s("stacktap.oslo.unique_id", &r.unique_id);
             a.opt_s("stacktap.oslo.request_id", &r.request_id);
             a.opt_s("stacktap.oslo.global_request_id", &r.global_request_id);
+            a.opt_s(
+                "stacktap.oslo.trace_context",
+                &r.trace_context.map(|c| c.encode()),
+            );
             if let Some(v) = r.call_monitor_s {
                 a.put("stacktap.oslo.call_monitor_s", Value::DoubleValue(v));
             }
@@ -305,6 +310,10 @@ fn encode_http(h: &HttpObs, a: &mut Attrs) {
     a.s("stacktap.http.end", end);
     a.opt_s("stacktap.http.request_id", &h.request_id);
     a.opt_s("stacktap.http.global_request_id", &h.global_request_id);
+    a.opt_s(
+        "stacktap.http.trace_context",
+        &h.trace_context.map(|c| c.encode()),
+    );
     if let Some(f) = &h.fault {
         a.opt_s("error.type", &f.kind);
         a.opt_s("stacktap.http.fault_message", &f.message);
@@ -324,6 +333,15 @@ impl<'a> Read<'a> {
             .find(|kv| kv.key == key)
             .and_then(|kv| kv.value.as_ref()?.value.as_ref())
     }
+    fn trace_context(&self, key: &'static str) -> Result<Option<TraceContext>, WireError> {
+        match self.s(key) {
+            Some(v) => TraceContext::decode(&v)
+                .map(Some)
+                .ok_or(WireError::BadValue(key)),
+            None => Ok(None),
+        }
+    }
+
     fn s(&self, key: &str) -> Option<String> {
         match self.get(key)? {
             Value::StringValue(s) => Some(s.clone()),
@@ -483,6 +501,7 @@ fn decode_oslo(r: &Read<'_>) -> Result<Result<Oslo, NotOslo>, WireError> {
             unique_id: r.s("stacktap.oslo.unique_id"),
             request_id: r.s("stacktap.oslo.request_id"),
             global_request_id: r.s("stacktap.oslo.global_request_id"),
+            trace_context: r.trace_context("stacktap.oslo.trace_context")?,
             call_monitor_s: match r.get("stacktap.oslo.call_monitor_s") {
                 Some(Value::DoubleValue(v)) => Some(*v),
                 _ => None,
@@ -544,6 +563,7 @@ fn decode_http(r: &Read<'_>) -> Result<HttpObs, WireError> {
         },
         request_id: r.s("stacktap.http.request_id"),
         global_request_id: r.s("stacktap.http.global_request_id"),
+        trace_context: r.trace_context("stacktap.http.trace_context")?,
         fault: r.b("stacktap.http.fault").then(|| Fault {
             kind: r.s("error.type"),
             message: r.s("stacktap.http.fault_message"),

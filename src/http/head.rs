@@ -2,6 +2,8 @@
 //! values framing and OpenStack semantics need. Every other header, credentials included
 //! (X-Auth-Token, Authorization, Cookie, …), is skipped without being copied.
 
+use crate::contract::TraceContext;
+
 /// Longest request path kept (after the query string is dropped).
 const MAX_PATH: usize = 2048;
 /// Longest User-Agent / request id kept.
@@ -44,6 +46,8 @@ pub struct RequestHead {
     pub upgrade: bool,
     /// The request line had no `HTTP/1.x` (an HTTP/0.9-style or broken client).
     pub missing_version: bool,
+    /// The trace the caller is in (`traceparent`, else osprofiler's `X-Trace-Info`).
+    pub trace_context: Option<TraceContext>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,7 +228,9 @@ fn request_head(
         expect_continue: false,
         upgrade: false,
         missing_version,
+        trace_context: None,
     };
+    let mut osprofiler = None;
     for h in fields {
         let name = h.name;
         body_header(&mut head.body, name, h.value);
@@ -236,9 +242,42 @@ fn request_head(
             head.expect_continue = has_token(h.value, b"100-continue");
         } else if name.eq_ignore_ascii_case("upgrade") {
             head.upgrade = true;
+        } else if name.eq_ignore_ascii_case("traceparent") {
+            head.trace_context = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(TraceContext::from_traceparent);
+        } else if name.eq_ignore_ascii_case("x-trace-info") {
+            osprofiler = osprofiler_ids(h.value);
         }
     }
+    // both sent: the W3C context is the one an OpenTelemetry backend holds
+    head.trace_context = head.trace_context.or(osprofiler);
     head
+}
+
+/// osprofiler's `X-Trace-Info`: base64url of `{"base_id": …, "parent_id": …}` (signed by
+/// `X-Trace-HMAC`, which a tap cannot check and does not read).
+fn osprofiler_ids(value: &[u8]) -> Option<TraceContext> {
+    use base64::Engine;
+    if value.len() > 1024 {
+        return None;
+    }
+    let v = value.trim_ascii();
+    let json = base64::engine::general_purpose::URL_SAFE
+        .decode(v)
+        .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(v))
+        .ok()?;
+    #[derive(serde::Deserialize)]
+    struct Ids<'a> {
+        #[serde(borrow)]
+        base_id: std::borrow::Cow<'a, str>,
+        #[serde(borrow)]
+        parent_id: Option<std::borrow::Cow<'a, str>>,
+    }
+    let ids: Ids<'_> = serde_json::from_slice(&json).ok()?;
+    // a request that starts a trace names no parent: the trace itself is its parent
+    let parent = ids.parent_id.as_deref().unwrap_or(&ids.base_id);
+    TraceContext::from_osprofiler(&ids.base_id, parent)
 }
 
 /// Parses a complete response head.

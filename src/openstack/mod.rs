@@ -108,6 +108,7 @@ impl Rest {
             request_id: resp.and_then(|r| r.head.request_id.clone()),
             // oslo.middleware ignores a global id not of its format; so do we
             global_request_id: req.request_id.filter(|id| valid_request_id(id)),
+            trace_context: req.trace_context,
             fault,
         }
     }
@@ -185,6 +186,7 @@ impl RestEvents {
                 .map(|e| e.secs_since(o.t_request)),
             request_id: o.request_id,
             global_request_id: o.global_request_id,
+            trace_context: o.trace_context,
             outcome,
             truncated: o.end == HttpEnd::Truncated,
             error: o.fault,

@@ -13,7 +13,7 @@ use std::io::Read;
 mod scan;
 
 pub use crate::contract::{
-    NotOslo, Notification, Oslo, RemoteError, Reply, ReplyPart, Request, RpcType,
+    NotOslo, Notification, Oslo, RemoteError, Reply, ReplyPart, Request, RpcType, TraceContext,
 };
 
 /// The members of a body or inner message we read; everything else is skipped unread.
@@ -38,6 +38,12 @@ struct Fields<'a> {
     publisher_id: Option<Cow<'a, str>>,
     priority: Option<Cow<'a, str>>,
     message_id: Option<Cow<'a, str>>,
+    traceparent: Option<Cow<'a, str>>,
+    /// osprofiler's `{hmac_key, base_id, parent_id}`, raw: only the two ids are read from
+    /// it, and only when no `traceparent` came too.
+    trace_info: Option<&'a str>,
+    /// The text is an inner message still escaped in its envelope.
+    escaped: bool,
 }
 
 /// A JSON string value; null or any other type reads as absent.
@@ -58,7 +64,10 @@ fn fields(json: &str) -> Option<Fields<'_>> {
 /// The fields of an inner message still inside its envelope's string literal: walked
 /// escaped, with only the kept values unescaped.
 fn escaped_fields(literal: &str) -> Option<Fields<'_>> {
-    let mut f = Fields::default();
+    let mut f = Fields {
+        escaped: true,
+        ..Fields::default()
+    };
     scan::escaped_members(literal, |key, raw| f.set(&key, raw, scan::escaped_value))?;
     Some(f)
 }
@@ -84,8 +93,38 @@ impl<'a> Fields<'a> {
             "publisher_id" => self.publisher_id = string(raw),
             "priority" => self.priority = string(raw),
             "message_id" => self.message_id = string(raw),
+            "_context_traceparent" => self.traceparent = string(raw),
+            "_context_trace_info" => self.trace_info = raw.starts_with('{').then_some(raw),
             _ => {}
         }
+    }
+}
+
+impl Fields<'_> {
+    /// The trace the sender is in: W3C first (what an OpenTelemetry backend holds), else
+    /// osprofiler's ids. The `hmac_key` beside them is skipped, never copied.
+    fn trace_context(&self) -> Option<TraceContext> {
+        if let Some(tp) = self
+            .traceparent
+            .as_deref()
+            .and_then(TraceContext::from_traceparent)
+        {
+            return Some(tp);
+        }
+        let raw = self.trace_info?;
+        let (mut base, mut parent) = (None, None);
+        let mut keep = |key: Cow<'_, str>, value: Option<Cow<'_, str>>| match &*key {
+            "base_id" => base = value.map(Cow::into_owned),
+            "parent_id" => parent = value.map(Cow::into_owned),
+            _ => {}
+        };
+        if self.escaped {
+            scan::nested_escaped_members(raw, |k, v| keep(k, scan::escaped_value(v)))?;
+        } else {
+            scan::members(raw, |k, v| keep(k, string(v)))?;
+        }
+        let base = base?;
+        TraceContext::from_osprofiler(&base, parent.as_deref().unwrap_or(&base))
     }
 }
 
@@ -183,7 +222,9 @@ fn classify(exchange: &str, f: Fields<'_>) -> Result<Oslo, NotOslo> {
             global_request_id: own(f.global_request_id),
         }));
     }
-    if let Some(method) = f.method {
+    if f.method.is_some() {
+        let trace_context = f.trace_context();
+        let method = f.method.unwrap_or_default();
         let rpc_type = if exchange.ends_with("_fanout") {
             RpcType::Fanout
         } else if f.msg_id.is_some() {
@@ -202,6 +243,7 @@ fn classify(exchange: &str, f: Fields<'_>) -> Result<Oslo, NotOslo> {
             request_id: own(f.request_id),
             global_request_id: own(f.global_request_id),
             call_monitor_s: f.call_monitor,
+            trace_context,
         }));
     }
     if let Some(msg_id) = f.msg_id

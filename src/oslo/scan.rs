@@ -165,6 +165,15 @@ pub fn escaped_members<'a>(literal: &'a str, f: impl FnMut(Cow<'a, str>, &'a str
     walk::<Escaped>(lit, f)
 }
 
+/// Like `members`, for an object nested in an inner message (a raw value
+/// `escaped_members` handed out): still escaped, walked as such.
+pub fn nested_escaped_members<'a>(
+    raw: &'a str,
+    f: impl FnMut(Cow<'a, str>, &'a str),
+) -> Option<()> {
+    walk::<Escaped>(raw, f)
+}
+
 /// An inner string value handed out by `escaped_members`, as its final text (None if it is
 /// not a string). Values without inner escapes (ids, names) are borrowed as they are.
 pub fn escaped_value(raw: &str) -> Option<Cow<'_, str>> {

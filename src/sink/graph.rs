@@ -133,12 +133,19 @@ fn recent_error(ev: &Event, t: f64) -> Option<RecentError> {
     })
 }
 
-/// One endpoint-to-endpoint observation, as the Tempo-style metrics see it.
+/// One endpoint-to-endpoint observation, as the Tempo-style metrics see it: the pairs a
+/// tracing backend draws from stacktap's spans (a CLIENT and its SERVER child, a
+/// PRODUCER and each CONSUMER child).
 pub struct Hop<'a> {
     pub client: &'a str,
     pub server: std::borrow::Cow<'a, str>,
     /// "http" or "rpc".
     pub protocol: &'static str,
+    /// Tempo's `connection_type`: `""` for a request and its answer (CLIENT → SERVER),
+    /// `messaging_system` for a cast's copy (PRODUCER → CONSUMER), `virtual_node` for a
+    /// message that reached no server: the queue it waited in is the (uninstrumented)
+    /// server, as the spans' `peer.service` says.
+    pub connection_type: &'static str,
     pub failed: bool,
     /// Client-side duration: request to response end, publish to reply delivery.
     pub client_s: Option<f64>,
@@ -181,35 +188,70 @@ fn rpc_failed(e: &RpcEvent) -> bool {
     !matches!(e.outcome, Outcome::Ok | Outcome::NoReply | Outcome::Unknown)
 }
 
+fn named(p: &crate::contract::Process) -> &str {
+    p.service.as_deref().unwrap_or(UNKNOWN)
+}
+
+const MESSAGING: &str = "messaging_system";
+
+/// A process nothing named (its AMQP connection was never seen opening).
+const UNKNOWN: &str = "unknown";
+
 fn name(p: &Option<std::sync::Arc<crate::contract::Process>>) -> &str {
     p.as_ref()
         .and_then(|p| p.service.as_deref())
-        .unwrap_or("unknown")
+        .unwrap_or(UNKNOWN)
 }
 
-/// The caller → callee observation of an event (None for notifications and chains).
-pub fn hop_of(ev: &Event) -> Option<Hop<'_>> {
+/// The caller → callee observations of an event: one for a REST exchange or an RPC call,
+/// one per delivered copy of a cast or fanout (one to its queue if none was seen), none
+/// for notifications and chains.
+pub fn hops_of<'a>(ev: &'a Event, mut f: impl FnMut(Hop<'a>)) {
     match ev {
-        Event::Http(e) => Some(Hop {
+        Event::Http(e) => f(Hop {
             client: http_client(e),
             server: http_server(e).into(),
             protocol: "http",
+            connection_type: "",
             failed: http_failed(e),
             client_s: e.duration_s,
             server_s: e.duration_s,
         }),
-        Event::Rpc(e) => Some(Hop {
+        Event::Rpc(e) if e.rpc_type != RpcType::Call && !e.copies.is_empty() => {
+            for c in &e.copies {
+                f(Hop {
+                    client: name(&e.caller),
+                    server: c.consumer.service.as_deref().unwrap_or(UNKNOWN).into(),
+                    protocol: "rpc",
+                    connection_type: MESSAGING,
+                    failed: false,
+                    client_s: None,
+                    server_s: None,
+                })
+            }
+        }
+        Event::Rpc(e) => f(Hop {
             client: name(&e.caller),
-            server: match e.callee.as_ref().and_then(|p| p.service.as_deref()) {
-                Some(s) => s.into(),
-                None => format!("queue:{}", e.topic).into(),
+            // delivered to someone unnamed, or only as far as its queue
+            server: match (
+                e.t_deliver,
+                e.callee.as_ref().and_then(|p| p.service.as_deref()),
+            ) {
+                (_, Some(s)) => s.into(),
+                (Some(_), None) => UNKNOWN.into(),
+                (None, None) => format!("queue:{}", e.topic).into(),
             },
             protocol: "rpc",
+            connection_type: match (e.t_deliver, e.rpc_type) {
+                (None, _) => "virtual_node",
+                (Some(_), RpcType::Call) => "",
+                (Some(_), _) => MESSAGING,
+            },
             failed: rpc_failed(e),
             client_s: e.reply_wait(),
             server_s: e.server_time(),
         }),
-        _ => None,
+        _ => {}
     }
 }
 
@@ -465,7 +507,17 @@ impl Graph {
                 // the failure belongs to the caller's edge; the queue → server hop is
                 // where the message went
                 self.record((from, q), ("rpc", kind, &op), now, seen, error);
-                if let Some(callee) = e.callee.as_ref().and_then(|p| p.service.as_deref()) {
+                // where it was delivered: a call's server; each consumer of a cast's copies
+                let consumers: Vec<&str> = if e.copies.is_empty() {
+                    let callee = e.callee.as_deref().map(named);
+                    e.t_deliver
+                        .and(callee.or(Some(UNKNOWN)))
+                        .into_iter()
+                        .collect()
+                } else {
+                    e.copies.iter().map(|c| named(&c.consumer)).collect()
+                };
+                for callee in consumers {
                     let to = self.node(NodeKind::Service, callee);
                     let seen = Observed {
                         failed: false,
@@ -608,10 +660,49 @@ mod tests {
             duration_s: Some(d),
             request_id: None,
             global_request_id: None,
+            trace_context: None,
             outcome: HttpOutcome::Ok,
             truncated: false,
             error: None,
         }))
+    }
+
+    #[test]
+    fn a_fanout_is_delivered_to_every_consumer_of_its_copies() {
+        let proc_ = |s: &str, pid| {
+            Arc::new(Process {
+                service: Some(s.into()),
+                pid: Some(pid),
+                host: "10.0.0.3".into(),
+            })
+        };
+        let copy = |s: &str, pid, port| crate::contract::Delivery {
+            queue: Some(format!("scheduler_fanout_{pid}")),
+            consumer: proc_(s, pid),
+            connection: crate::contract::Endpoint {
+                ip: "10.0.0.3".parse().unwrap(),
+                port,
+            },
+            t: 1.1,
+        };
+        let mut e = crate::testing::rpc_event(RpcType::Fanout, "scheduler", "update_instance_info");
+        e.caller = Some(proc_("nova-compute", 1));
+        e.t_publish = Some(1.0);
+        e.t_deliver = Some(1.1);
+        e.copies = vec![copy("nova-scheduler", 2, 40001), copy("nova-scheduler", 3, 40002)];
+        e.deliveries = 2;
+        let ev = Event::Rpc(Box::new(e));
+        let mut g = Graph::new(&GraphConfig::default());
+        g.on_event(&ev);
+        let r = g.report(None);
+        let deliver: Vec<_> = r.edges.iter().filter(|e| e.kind == "deliver").collect();
+        assert_eq!(deliver.len(), 1);
+        assert_eq!(deliver[0].target, "service:nova-scheduler");
+        assert_eq!(deliver[0].requests, 2, "one per copy");
+        let mut hops = Vec::new();
+        hops_of(&ev, |h| hops.push((h.client.to_string(), h.server.to_string(), h.connection_type)));
+        assert_eq!(hops.len(), 2);
+        assert!(hops.iter().all(|h| h == &("nova-compute".into(), "nova-scheduler".into(), "messaging_system")));
     }
 
     #[test]

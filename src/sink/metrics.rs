@@ -137,6 +137,7 @@ pub struct Metrics {
     exported: Health,
     exported_folded: BTreeMap<&'static str, u64>,
     fleet: super::fleet_metrics::FleetMetrics,
+    otlp: super::otlp_metrics::OtlpMetrics,
 }
 
 /// A metric whose HELP and TYPE are written even before its first series: dashboards and
@@ -220,6 +221,7 @@ impl Metrics {
             exported: Health::default(),
             exported_folded: BTreeMap::new(),
             fleet: Default::default(),
+            otlp: Default::default(),
         };
         r.register(
             "rpc_messages",
@@ -450,11 +452,19 @@ impl Metrics {
         );
         let fleet =
             super::fleet_metrics::FleetMetrics::register(root.sub_registry_with_prefix("stacktap"));
+        let otlp =
+            super::otlp_metrics::OtlpMetrics::register(root.sub_registry_with_prefix("stacktap"));
         Metrics {
             registry: Arc::new(root),
             fleet,
+            otlp,
             ..m
         }
+    }
+
+    /// The span exporter's counters.
+    pub fn sync_otlp(&mut self, stats: &crate::otlp::export::ExportStats) {
+        self.otlp.sync(stats);
     }
 
     /// The collector's probes (live, last seen, offsets, their health).
@@ -621,23 +631,17 @@ impl Metrics {
             }
             Signal::Request(_) => {}
         }
-        if let Signal::Event(ev) = s
-            && let Some(hop) = super::graph::hop_of(ev)
-        {
-            self.on_hop(&hop);
+        if let Signal::Event(ev) = s {
+            super::graph::hops_of(ev, |hop| self.on_hop(&hop));
         }
     }
 
     /// The service-graph families, for one caller → server observation.
     fn on_hop(&mut self, hop: &super::graph::Hop) {
-        let conn = if hop.protocol == "rpc" {
-            "messaging_system"
-        } else {
-            ""
-        };
+        let conn = hop.connection_type;
         let (client, server) = (hop.client, &*hop.server);
         let mut memo = std::mem::take(&mut self.memo_hops);
-        let handles = memo.get("hop", &[client, server, hop.protocol], || {
+        let handles = memo.get("hop", &[client, server, hop.protocol, conn], || {
             self.hop_handles(client, server, hop.protocol, conn)
         });
         self.memo_hops = memo;

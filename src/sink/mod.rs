@@ -3,6 +3,7 @@
 pub mod fleet_metrics;
 pub mod graph;
 pub mod metrics;
+pub mod otlp_metrics;
 pub mod requests;
 pub mod sketch;
 pub mod store;
@@ -49,11 +50,16 @@ pub struct Sinks {
     pub requests: std::sync::Arc<std::sync::Mutex<requests::Requests>>,
     pub events: Option<EventWriter>,
     pub write_error: Option<std::io::Error>,
+    /// OTLP spans, when an endpoint is configured.
+    pub otlp: Option<crate::otlp::OtlpSink>,
 }
 
 impl Sinks {
     pub fn on_signal(&mut self, s: &Signal) {
         self.metrics.on_signal(s);
+        if let Some(o) = self.otlp.as_mut() {
+            o.on_signal(s);
+        }
         self.summary.on_signal(s);
         match s {
             Signal::Event(Event::Chain(c)) => {
@@ -98,5 +104,8 @@ impl Sinks {
     /// Brings the probe-health metrics up to date (cheap, but not per signal).
     pub fn sync(&mut self, health: &Health) {
         self.metrics.sync_health(health);
+        if let Some(o) = &self.otlp {
+            self.metrics.sync_otlp(&o.exporter.stats);
+        }
     }
 }

@@ -1,0 +1,199 @@
+//! Trace context a service already sent: W3C `traceparent` (an HTTP header; oslo.messaging
+//! ≥ 18.3 with tracing on puts it in the RPC context as `_context_traceparent`) or
+//! osprofiler's ids (HTTP `X-Trace-Info`, the RPC context's `trace_info`). Only the two ids
+//! are kept: osprofiler's `hmac_key` never enters one, and its signature is not checked
+//! (a tap has no key); the ids only decide where stacktap's spans hang in a trace.
+
+use serde::Serialize;
+use std::fmt::Write;
+
+/// Who made the context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContextOrigin {
+    W3c,
+    Osprofiler,
+}
+
+/// The trace a message belongs to and the span that sent it, as OpenTelemetry ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TraceContext {
+    pub trace_id: [u8; 16],
+    /// The sender's span: the parent of what stacktap sees it cause.
+    pub parent_span_id: [u8; 8],
+    pub origin: ContextOrigin,
+}
+
+impl TraceContext {
+    /// A W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`); None if malformed, of a
+    /// version we cannot read, or with an all-zero id (invalid by the spec).
+    pub fn from_traceparent(v: &str) -> Option<TraceContext> {
+        let mut parts = v.trim().split('-');
+        let version = parts.next()?;
+        let (trace, parent, flags) = (parts.next()?, parts.next()?, parts.next()?);
+        // version 00 has exactly four parts; later versions may append more
+        if version.len() != 2 || version == "ff" || (version == "00" && parts.next().is_some()) {
+            return None;
+        }
+        hex_bytes::<1>(version)?;
+        hex_bytes::<1>(flags)?;
+        TraceContext::from_ids(hex_bytes(trace)?, hex_bytes(parent)?, ContextOrigin::W3c)
+    }
+
+    /// osprofiler's `base_id` (the trace) and `parent_id` (the sender's span), both UUIDs.
+    /// osprofiler's own OpenTelemetry driver maps a UUID to a trace id by its 128 bits and
+    /// to a span id by its low 64 bits; the same here, so the spans meet in one trace.
+    pub fn from_osprofiler(base_id: &str, parent_id: &str) -> Option<TraceContext> {
+        let trace = uuid_bytes(base_id)?;
+        let parent = uuid_bytes(parent_id)?;
+        let mut low = [0u8; 8];
+        low.copy_from_slice(&parent[8..]);
+        TraceContext::from_ids(trace, low, ContextOrigin::Osprofiler)
+    }
+
+    fn from_ids(
+        trace_id: [u8; 16],
+        parent_span_id: [u8; 8],
+        origin: ContextOrigin,
+    ) -> Option<TraceContext> {
+        (trace_id != [0; 16] && parent_span_id != [0; 8]).then_some(TraceContext {
+            trace_id,
+            parent_span_id,
+            origin,
+        })
+    }
+
+    /// As a `traceparent` value (sampled), whatever made it: what the events and the
+    /// fleet's wire carry.
+    pub fn to_traceparent(&self) -> String {
+        format!(
+            "00-{}-{}-01",
+            hex(&self.trace_id),
+            hex(&self.parent_span_id)
+        )
+    }
+
+    /// The wire form: the origin, then the traceparent (`osprofiler:00-…`).
+    pub fn encode(&self) -> String {
+        let origin = match self.origin {
+            ContextOrigin::W3c => "w3c",
+            ContextOrigin::Osprofiler => "osprofiler",
+        };
+        format!("{origin}:{}", self.to_traceparent())
+    }
+
+    pub fn decode(s: &str) -> Option<TraceContext> {
+        let (origin, tp) = s.split_once(':')?;
+        let origin = match origin {
+            "w3c" => ContextOrigin::W3c,
+            "osprofiler" => ContextOrigin::Osprofiler,
+            _ => return None,
+        };
+        Some(TraceContext {
+            origin,
+            ..TraceContext::from_traceparent(tp)?
+        })
+    }
+}
+
+impl Serialize for TraceContext {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("TraceContext", 2)?;
+        st.serialize_field("traceparent", &self.to_traceparent())?;
+        st.serialize_field("origin", &self.origin)?;
+        st.end()
+    }
+}
+
+/// Lower-case hex of `b`.
+pub fn hex(b: &[u8]) -> String {
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        let _ = write!(s, "{x:02x}");
+    }
+    s
+}
+
+/// Exactly `N` bytes from `2N` hex digits (either case).
+pub fn hex_bytes<const N: usize>(s: &str) -> Option<[u8; N]> {
+    let b = s.as_bytes();
+    if b.len() != 2 * N {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, o) in out.iter_mut().enumerate() {
+        let digit = |c: u8| (c as char).to_digit(16);
+        *o = (digit(b[2 * i])? * 16 + digit(b[2 * i + 1])?) as u8;
+    }
+    Some(out)
+}
+
+/// A UUID's 16 bytes, hyphenated or not (`req-` and other prefixes are the caller's to
+/// strip).
+pub fn uuid_bytes(s: &str) -> Option<[u8; 16]> {
+    let s = s.trim();
+    let plain: String = match s.len() {
+        32 => s.to_string(),
+        36 => {
+            let b = s.as_bytes();
+            if [8, 13, 18, 23].iter().any(|&i| b[i] != b'-') {
+                return None;
+            }
+            s.chars().filter(|&c| c != '-').collect()
+        }
+        _ => return None,
+    };
+    hex_bytes(&plain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_traceparent_is_read_and_written_back() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let c = TraceContext::from_traceparent(tp).unwrap();
+        assert_eq!(hex(&c.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(hex(&c.parent_span_id), "00f067aa0ba902b7");
+        assert_eq!(c.to_traceparent(), tp);
+        assert_eq!(TraceContext::decode(&c.encode()), Some(c));
+    }
+
+    #[test]
+    fn malformed_or_invalid_traceparents_are_refused() {
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "0-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(TraceContext::from_traceparent(bad), None, "{bad:?}");
+        }
+        // a later version may carry more
+        assert!(
+            TraceContext::from_traceparent(
+                "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-xyz"
+            )
+            .is_some()
+        );
+    }
+
+    #[test]
+    fn osprofiler_ids_map_as_its_otlp_driver_maps_them() {
+        let c = TraceContext::from_osprofiler(
+            "0d7b6b5c-9f1e-4c36-8a1c-2f4e5d6c7b8a",
+            "11112222-3333-4444-5555-666677778888",
+        )
+        .unwrap();
+        assert_eq!(hex(&c.trace_id), "0d7b6b5c9f1e4c368a1c2f4e5d6c7b8a");
+        assert_eq!(hex(&c.parent_span_id), "5555666677778888");
+        assert_eq!(c.origin, ContextOrigin::Osprofiler);
+        assert_eq!(TraceContext::from_osprofiler("not-a-uuid", "x"), None);
+    }
+}
