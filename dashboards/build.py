@@ -29,10 +29,33 @@ def var_query(name, query, label=None):
             "refresh": 2, "sort": 1, "hide": 0, "options": [], "regex": ""}
 
 
+def var_tracing():
+    """The tracing backend stacktap's spans go to (a Tempo data source)."""
+    return {"name": "tracing", "label": "Traces (Tempo)", "type": "datasource",
+            "query": "tempo", "hide": 0, "refresh": 1, "options": [], "regex": ""}
+
+
+def var_text(name, label):
+    return {"name": name, "label": label, "type": "textbox", "query": "",
+            "current": {"text": "", "value": ""}, "hide": 0, "options": []}
+
+
+# Explore on the tracing data source, searching the spans of one OpenStack request id:
+# every span stacktap exports carries the request ids the wire showed (TraceQL), and a
+# request's trace id is its req-<uuid> without the dashes (a Jaeger search by trace id).
+TRACE_OF_REQUEST = (
+    '/explore?schemaVersion=1&orgId=1&panes={"trace":{"datasource":"${tracing}",'
+    '"queries":[{"refId":"A","datasource":{"type":"tempo","uid":"${tracing}"},'
+    '"queryType":"traceql","query":"{ span.openstack.request_id = \\"${request_id}\\" '
+    '|| span.openstack.global_request_id = \\"${request_id}\\" }"}],'
+    '"range":{"from":"now-6h","to":"now"}}}')
+
+
 class Board:
-    def __init__(self, uid, title, description, variables=()):
+    def __init__(self, uid, title, description, variables=(), links=()):
         self.uid, self.title, self.description = uid, title, description
         self.variables = [var_datasource()] + list(variables)
+        self.extra_links = list(links)
         self.panels, self.x, self.y, self.next_id = [], 0, 0, 1
 
     def row(self, title):
@@ -84,7 +107,8 @@ class Board:
                 "annotations": {"list": []}, "links": [
                     {"title": "stacktap", "type": "dashboards", "tags": ["stacktap"],
                      "asDropdown": True, "icon": "external link", "includeVars": True,
-                     "keepTime": True, "targetBlank": False, "tooltip": ""}],
+                     "keepTime": True, "targetBlank": False, "tooltip": ""}]
+                + self.extra_links,
                 "panels": self.panels}
 
 
@@ -202,7 +226,15 @@ def rest():
 
 def chains():
     b = Board("stacktap-error-chains", "stacktap / error chains",
-              "Failing user requests and their root causes (stacktap rca, over time).")
+              "Failing user requests and their root causes (stacktap rca, over time). "
+              "Paste a request id (from stacktap rca, the UI or a service log) into "
+              "'Request id' and follow 'Trace of a request' to its trace, from the "
+              "spans stacktap exports (--otlp-endpoint).",
+              [var_tracing(), var_text("request_id", "Request id")],
+              [{"title": "Trace of a request", "type": "link", "icon": "external link",
+                "url": TRACE_OF_REQUEST, "targetBlank": True, "keepTime": False,
+                "includeVars": False, "asDropdown": False, "tags": [],
+                "tooltip": "The spans of the request id in 'Request id', in the tracing data source"}])
     b.panel("User requests failed, by root cause", [(
         "sum by (root_service, root_operation, root_error) (increase("
         "stacktap_error_chains_total[%s]))" % R,

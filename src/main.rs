@@ -273,7 +273,11 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
             fleet,
         } => {
             let cfg = load_config(&common.config)?;
-            let out = outputs(&common, &cfg)?;
+            let mut out = outputs(&common, &cfg)?;
+            // a file can wait for the backend: a replay exports every span
+            if let Some(x) = out.otlp.as_mut() {
+                x.wait_when_full = true;
+            }
             let mut merged = MergedFiles::open(&files)?;
             if let Some(to) = shipping(&fleet, &common, || file_name(&files[0]))? {
                 let mut ship = run::Ship::new(cfg, &out, to)?;

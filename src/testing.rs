@@ -1,6 +1,8 @@
 //! Builders for unit tests: events with every field empty but the few a test sets.
 
-use crate::contract::{HttpEvent, HttpOutcome, NotificationEvent, Outcome, Process, RpcEvent, RpcType};
+use crate::contract::{
+    HttpEvent, HttpOutcome, NotificationEvent, Outcome, Process, RpcEvent, RpcType,
+};
 use std::sync::Arc;
 
 pub fn process(service: &str, pid: u32, host: &str) -> Arc<Process> {
@@ -44,7 +46,12 @@ pub fn rpc_event(rpc_type: RpcType, topic: &str, method: &str) -> RpcEvent {
     }
 }
 
-pub fn http_event(client: Arc<Process>, service: &str, method: &'static str, route: &str) -> HttpEvent {
+pub fn http_event(
+    client: Arc<Process>,
+    service: &str,
+    method: &'static str,
+    route: &str,
+) -> HttpEvent {
     HttpEvent {
         client: (*client).clone(),
         user_agent: None,
@@ -67,7 +74,12 @@ pub fn http_event(client: Arc<Process>, service: &str, method: &'static str, rou
     }
 }
 
-pub fn notification(publisher: Arc<Process>, event_type: &str, priority: &str, t: f64) -> NotificationEvent {
+pub fn notification(
+    publisher: Arc<Process>,
+    event_type: &str,
+    priority: &str,
+    t: f64,
+) -> NotificationEvent {
     NotificationEvent {
         publisher_id: "compute.host1".into(),
         event_type: event_type.into(),

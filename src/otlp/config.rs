@@ -48,7 +48,7 @@ impl Default for OtlpConfig {
             compression: None,
             certificate: None,
             resource_attributes: BTreeMap::new(),
-            max_queue_spans: 1 << 16,
+            max_queue_spans: 8192,
             max_batch_spans: 512,
             flush_interval_s: 1.0,
             max_attempts: 5,
@@ -77,6 +77,9 @@ pub struct Export {
     pub max_batch_spans: usize,
     pub flush_interval: Duration,
     pub max_attempts: u32,
+    /// A full queue makes the analysis wait while the backend is answering (a replay: the
+    /// file can wait, and a replay exports everything), instead of dropping (a capture).
+    pub wait_when_full: bool,
 }
 
 impl std::fmt::Debug for Export {
@@ -201,6 +204,7 @@ impl OtlpConfig {
             max_batch_spans: self.max_batch_spans.max(1),
             flush_interval: Duration::from_secs_f64(self.flush_interval_s.clamp(0.01, 60.0)),
             max_attempts: self.max_attempts.max(1),
+            wait_when_full: false,
         }))
     }
 }

@@ -5,12 +5,14 @@
 
 use super::config::{Export, Protocol};
 use super::spans::{Built, Peer, attr};
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTracePartialSuccess, ExportTraceServiceResponse,
+};
 use opentelemetry_proto::tonic::common::v1::{InstrumentationScope, any_value::Value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use prost::Message;
+use prost::bytes::{Buf, BufMut};
+use prost::encoding::{DecodeContext, WireType, encode_key, encode_varint};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -25,14 +27,34 @@ pub struct ExportStats {
     pub failures: AtomicU64,
 }
 
+/// A span encoded as it is built (its OTLP `Span` message) and whose it is: the queue
+/// holds a few hundred bytes a span, not trees of small strings, and an export request is
+/// these bytes framed, with nothing re-encoded or copied per attempt.
+pub struct Encoded {
+    pub peer: Peer,
+    pub span: Vec<u8>,
+}
+
+impl From<Built> for Encoded {
+    fn from(b: Built) -> Encoded {
+        Encoded {
+            span: b.span.encode_to_vec(),
+            peer: b.peer,
+        }
+    }
+}
+
 pub struct Exporter {
-    queue: Option<mpsc::UnboundedSender<Vec<Built>>>,
+    queue: Option<mpsc::UnboundedSender<Vec<Encoded>>>,
     /// Spans handed over and not yet exported or dropped.
     queued: Arc<AtomicUsize>,
     max_queued: usize,
     pub stats: Arc<ExportStats>,
     warned_full: AtomicBool,
     closing: Arc<AtomicBool>,
+    /// The backend is not answering (the worker's last attempt failed).
+    failing: Arc<AtomicBool>,
+    wait_when_full: bool,
     worker: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -45,6 +67,7 @@ impl Exporter {
         let stats = Arc::new(ExportStats::default());
         let queued = Arc::new(AtomicUsize::new(0));
         let closing = Arc::new(AtomicBool::new(false));
+        let failing = Arc::new(AtomicBool::new(false));
         let worker = {
             let w = Worker {
                 channel: None,
@@ -52,7 +75,7 @@ impl Exporter {
                 export: export.clone(),
                 stats: stats.clone(),
                 queued: queued.clone(),
-                failing: false,
+                failing: failing.clone(),
                 closing: closing.clone(),
                 close_deadline: None,
             };
@@ -68,17 +91,25 @@ impl Exporter {
             stats,
             warned_full: AtomicBool::new(false),
             closing,
+            failing,
+            wait_when_full: export.wait_when_full,
             worker: Some(worker),
         })
     }
 
-    /// Hands spans over; never waits. Past the queue's bound they are dropped, counted.
-    pub fn push(&self, spans: Vec<Built>) {
+    /// Hands spans over. Past the queue's bound they are dropped, counted; a replay
+    /// (`wait_when_full`) waits instead, while the backend is answering.
+    pub fn push(&self, spans: Vec<Encoded>) {
         let n = spans.len();
         if n == 0 {
             return;
         }
-        if self.queued.load(Ordering::Relaxed) + n > self.max_queued {
+        let full = || self.queued.load(Ordering::Relaxed) + n > self.max_queued.max(n);
+        let alive = || self.worker.as_ref().is_some_and(|w| !w.is_finished());
+        while self.wait_when_full && full() && !self.failing.load(Ordering::Relaxed) && alive() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        if full() {
             self.stats.dropped.fetch_add(n as u64, Ordering::Relaxed);
             if !self.warned_full.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
@@ -199,7 +230,7 @@ enum Failure {
     Refused(String),
 }
 
-fn run(mut w: Worker, mut rx: mpsc::UnboundedReceiver<Vec<Built>>) {
+fn run(mut w: Worker, mut rx: mpsc::UnboundedReceiver<Vec<Encoded>>) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -215,7 +246,7 @@ fn run(mut w: Worker, mut rx: mpsc::UnboundedReceiver<Vec<Built>>) {
         if let Target::Grpc { endpoint, .. } = &w.target {
             w.channel = Some(endpoint.connect_lazy());
         }
-        let mut batch: Vec<Built> = Vec::new();
+        let mut batch: Vec<Encoded> = Vec::new();
         let mut due = Instant::now() + w.export.flush_interval;
         loop {
             let wait = due.saturating_duration_since(Instant::now());
@@ -238,8 +269,9 @@ fn run(mut w: Worker, mut rx: mpsc::UnboundedReceiver<Vec<Built>>) {
                 }
             }
         }
-        for chunk in batch.chunks(w.export.max_batch_spans) {
-            w.send(chunk.to_vec()).await;
+        while !batch.is_empty() {
+            let rest = batch.split_off(batch.len().min(w.export.max_batch_spans));
+            w.send(std::mem::replace(&mut batch, rest)).await;
         }
     });
 }
@@ -251,7 +283,7 @@ struct Worker {
     stats: Arc<ExportStats>,
     queued: Arc<AtomicUsize>,
     /// The last attempt failed (warned once per failing stretch).
-    failing: bool,
+    failing: Arc<AtomicBool>,
     /// The run is ending: what is left gets one attempt, within one export timeout, and
     /// none if the backend is not answering.
     closing: Arc<AtomicBool>,
@@ -260,27 +292,26 @@ struct Worker {
 
 impl Worker {
     /// One batch, attempted up to `max_attempts` times with backoff (once when closing).
-    async fn send(&mut self, batch: Vec<Built>) {
+    async fn send(&mut self, batch: Vec<Encoded>) {
         let n = batch.len();
         let mut attempts = self.export.max_attempts;
         if self.closing.load(Ordering::Relaxed) {
             let deadline = *self
                 .close_deadline
                 .get_or_insert_with(|| Instant::now() + self.export.timeout);
-            if self.failing || Instant::now() > deadline {
+            if self.failing.load(Ordering::Relaxed) || Instant::now() > deadline {
                 self.drop_spans(n, "the backend is not answering at exit");
                 return;
             }
             attempts = 1;
         }
-        let request = request(batch, &self.export.resource);
+        let request = Raw(request(batch, &self.export.resource).into());
         let mut backoff = Duration::from_millis(200);
         for attempt in 1..=attempts {
             match self.attempt(&request).await {
                 Ok(rejected) => {
-                    if self.failing {
+                    if self.failing.swap(false, Ordering::Relaxed) {
                         tracing::info!("OTLP endpoint {}: exporting again", self.export.url);
-                        self.failing = false;
                     }
                     let ok = n as u64 - rejected.min(n as u64);
                     self.stats.exported.fetch_add(ok, Ordering::Relaxed);
@@ -297,15 +328,21 @@ impl Worker {
                 }
                 Err(Failure::Retry(why)) => {
                     self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                    if !self.failing {
+                    if !self.failing.swap(true, Ordering::Relaxed) {
                         tracing::warn!(
                             "OTLP endpoint {}: {why}; retrying with backoff (spans are dropped, and counted, when attempts run out or the queue is full)",
                             self.export.url
                         );
-                        self.failing = true;
                     }
                     if attempt < attempts {
-                        tokio::time::sleep(backoff).await;
+                        // the run ending cuts the wait short: a dead backend costs no time
+                        let until = Instant::now() + backoff;
+                        while Instant::now() < until && !self.closing.load(Ordering::Relaxed) {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        if self.closing.load(Ordering::Relaxed) {
+                            break;
+                        }
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
                 }
@@ -321,17 +358,25 @@ impl Worker {
     }
 
     /// One export; Ok: how many spans the backend rejected.
-    async fn attempt(&self, req: &ExportTraceServiceRequest) -> Result<u64, Failure> {
+    async fn attempt(&self, req: &Raw) -> Result<u64, Failure> {
         match (&self.target, &self.channel) {
             (Target::Grpc { metadata, .. }, Some(channel)) => {
-                let mut client = TraceServiceClient::new(channel.clone());
+                // TraceService/Export, with the request already encoded
+                let mut grpc = tonic::client::Grpc::new(channel.clone());
                 if self.export.gzip {
-                    client = client.send_compressed(tonic::codec::CompressionEncoding::Gzip);
+                    grpc = grpc.send_compressed(tonic::codec::CompressionEncoding::Gzip);
                 }
+                grpc.ready()
+                    .await
+                    .map_err(|e| Failure::Retry(format!("not ready: {e}")))?;
                 let mut r = tonic::Request::new(req.clone());
                 *r.metadata_mut() = metadata.clone();
                 r.set_timeout(self.export.timeout);
-                match client.export(r).await {
+                let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+                    "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+                );
+                let codec = tonic_prost::ProstCodec::<Raw, ExportTraceServiceResponse>::default();
+                match grpc.unary(r, path, codec).await {
                     Ok(resp) => Ok(rejected(resp.into_inner().partial_success)),
                     Err(s) => Err(grpc_failure(&s)),
                 }
@@ -341,8 +386,8 @@ impl Worker {
         }
     }
 
-    fn post(&self, agent: &ureq::Agent, req: &ExportTraceServiceRequest) -> Result<u64, Failure> {
-        let mut body = req.encode_to_vec();
+    fn post(&self, agent: &ureq::Agent, req: &Raw) -> Result<u64, Failure> {
+        let mut body: Vec<u8> = req.0.to_vec();
         let mut r = agent
             .post(&self.export.url)
             .header("content-type", "application/x-protobuf");
@@ -371,7 +416,7 @@ impl Worker {
                     .limit(1 << 20)
                     .read_to_vec()
                     .unwrap_or_default();
-                let partial = opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse::decode(&bytes[..])
+                let partial = ExportTraceServiceResponse::decode(&bytes[..])
                     .ok()
                     .and_then(|r| r.partial_success);
                 Ok(rejected(partial))
@@ -383,9 +428,7 @@ impl Worker {
     }
 }
 
-fn rejected(
-    p: Option<opentelemetry_proto::tonic::collector::trace::v1::ExportTracePartialSuccess>,
-) -> u64 {
+fn rejected(p: Option<ExportTracePartialSuccess>) -> u64 {
     match p {
         Some(p) if p.rejected_spans > 0 => {
             tracing::warn!(
@@ -416,31 +459,74 @@ fn grpc_failure(s: &tonic::Status) -> Failure {
     }
 }
 
-/// A batch as one export request: the spans grouped by the process they belong to.
-pub fn request(batch: Vec<Built>, extra: &[(String, String)]) -> ExportTraceServiceRequest {
-    let mut by_peer: BTreeMap<Peer, Vec<Span>> = BTreeMap::new();
-    for b in batch {
-        by_peer.entry(b.peer).or_default().push(b.span);
+/// An export request already encoded: the message tonic and the HTTP body send.
+#[derive(Debug, Clone, Default)]
+pub struct Raw(Arc<[u8]>);
+
+impl Message for Raw {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        buf.put_slice(&self.0);
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        // never decoded: it only goes out
+        prost::encoding::skip_field(wire_type, tag, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn clear(&mut self) {
+        self.0 = Arc::from(Vec::new());
+    }
+}
+
+/// A length-delimited field: `tag`, then `bytes` (an encoded message).
+fn field(tag: u32, bytes: &[u8], out: &mut Vec<u8>) {
+    encode_key(tag, WireType::LengthDelimited, out);
+    encode_varint(bytes.len() as u64, out);
+    out.extend_from_slice(bytes);
+}
+
+/// A batch as one `ExportTraceServiceRequest`, encoded: the spans grouped by the process
+/// they belong to (`resource_spans` = 1; in each, `resource` = 1 and `scope_spans` = 2;
+/// in that, `scope` = 1 and `spans` = 2).
+pub fn request(batch: Vec<Encoded>, extra: &[(String, String)]) -> Vec<u8> {
+    let mut by_peer: BTreeMap<Peer, Vec<Vec<u8>>> = BTreeMap::new();
+    for e in batch {
+        by_peer.entry(e.peer).or_default().push(e.span);
     }
     let scope = InstrumentationScope {
         name: "stacktap".into(),
         version: env!("CARGO_PKG_VERSION").into(),
         ..InstrumentationScope::default()
-    };
-    ExportTraceServiceRequest {
-        resource_spans: by_peer
-            .into_iter()
-            .map(|(peer, spans)| ResourceSpans {
-                resource: Some(resource(&peer, extra)),
-                scope_spans: vec![ScopeSpans {
-                    scope: Some(scope.clone()),
-                    spans,
-                    schema_url: String::new(),
-                }],
-                schema_url: String::new(),
-            })
-            .collect(),
     }
+    .encode_to_vec();
+    let mut out = Vec::new();
+    for (peer, spans) in by_peer {
+        let mut scope_spans =
+            Vec::with_capacity(scope.len() + spans.iter().map(|s| s.len() + 4).sum::<usize>());
+        field(1, &scope, &mut scope_spans);
+        for s in &spans {
+            field(2, s, &mut scope_spans);
+        }
+        let mut resource_spans = Vec::with_capacity(scope_spans.len() + 256);
+        field(
+            1,
+            &resource(&peer, extra).encode_to_vec(),
+            &mut resource_spans,
+        );
+        field(2, &scope_spans, &mut resource_spans);
+        field(1, &resource_spans, &mut out);
+    }
+    out
 }
 
 /// The resource of one OpenStack process (or API, or client).
@@ -469,5 +555,70 @@ fn resource(p: &Peer, extra: &[(String, String)]) -> Resource {
     Resource {
         attributes,
         ..Resource::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::trace::v1::Span;
+
+    fn built(service: &str, id: u8) -> Built {
+        Built {
+            peer: Peer {
+                service: service.into(),
+                host: "10.0.0.1".into(),
+                pid: Some(7),
+                port: None,
+            },
+            span: Span {
+                trace_id: vec![1; 16],
+                span_id: vec![id; 8],
+                name: format!("span {id}"),
+                attributes: vec![attr("k", Value::StringValue("v".into()))],
+                ..Span::default()
+            },
+        }
+    }
+
+    #[test]
+    fn the_framed_request_is_what_the_official_message_decodes() {
+        let spans = [
+            built("nova-api", 1),
+            built("nova-conductor", 2),
+            built("nova-api", 3),
+        ];
+        let extra = vec![("cloud.region".to_string(), "RegionOne".to_string())];
+        let bytes = request(spans.iter().cloned().map(Encoded::from).collect(), &extra);
+        let req = ExportTraceServiceRequest::decode(&bytes[..]).unwrap();
+        assert_eq!(req.resource_spans.len(), 2, "one per process");
+        let api = &req.resource_spans[0];
+        let names: Vec<_> = api
+            .resource
+            .as_ref()
+            .unwrap()
+            .attributes
+            .iter()
+            .map(|a| a.key.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "service.name",
+                "service.namespace",
+                "service.instance.id",
+                "host.name",
+                "process.pid",
+                "cloud.region"
+            ]
+        );
+        let got: Vec<&Span> = api.scope_spans[0].spans.iter().collect();
+        assert_eq!(got, [&spans[0].span, &spans[2].span]);
+        assert_eq!(api.scope_spans[0].scope.as_ref().unwrap().name, "stacktap");
+        assert_eq!(
+            req.resource_spans[1].scope_spans[0].spans,
+            [spans[1].span.clone()]
+        );
     }
 }

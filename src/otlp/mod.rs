@@ -58,7 +58,8 @@ impl OtlpSink {
             }
         }
         if !self.scratch.is_empty() {
-            self.exporter.push(std::mem::take(&mut self.scratch));
+            let encoded = self.scratch.drain(..).map(export::Encoded::from).collect();
+            self.exporter.push(encoded);
         }
     }
 

@@ -878,7 +878,12 @@ mod tests {
         call.callee = Some(process("nova-conductor", 20, "10.0.0.3"));
         (call.t_publish, call.t_deliver) = (Some(0.1), Some(0.11));
         (call.t_reply_publish, call.t_reply_deliver) = (Some(0.3), Some(0.31));
-        let mut put = http_event(process("nova-conductor", 20, "10.0.0.3"), "neutron", "PUT", "/v2.0/ports/{id}");
+        let mut put = http_event(
+            process("nova-conductor", 20, "10.0.0.3"),
+            "neutron",
+            "PUT",
+            "/v2.0/ports/{id}",
+        );
         put.server = "10.0.0.4:9696".into();
         put.request_id = Some("req-11111111-2222-3333-4444-555555555555".into());
         put.global_request_id = Some(R.into());
@@ -896,7 +901,10 @@ mod tests {
         let b = spans_of(&tree(boot()));
         assert_eq!(b.len(), 6);
         let trace = hex(&b[0].span.trace_id);
-        assert_eq!(trace, "0d7b6b5c9f1e4c368a1c2f4e5d6c7b8a", "the request id is the trace id");
+        assert_eq!(
+            trace, "0d7b6b5c9f1e4c368a1c2f4e5d6c7b8a",
+            "the request id is the trace id"
+        );
         assert!(b.iter().all(|s| hex(&s.span.trace_id) == trace));
         let api = find(&b, "nova-api", SpanKind::Server);
         let client = find(&b, "nova-api", SpanKind::Client);
@@ -912,8 +920,14 @@ mod tests {
             (100_000_000, 310_000_000)
         );
         // the 500 is an error on both sides of the REST call; the user's 202 is not
-        assert_eq!(neutron.status.as_ref().unwrap().code, StatusCode::Error as i32);
-        assert_eq!(to_neutron.status.as_ref().unwrap().code, StatusCode::Error as i32);
+        assert_eq!(
+            neutron.status.as_ref().unwrap().code,
+            StatusCode::Error as i32
+        );
+        assert_eq!(
+            to_neutron.status.as_ref().unwrap().code,
+            StatusCode::Error as i32
+        );
         assert!(api.status.is_none());
         let user = find(&b, "python-openstackclient", SpanKind::Client);
         assert!(user.parent_span_id.is_empty());
@@ -934,9 +948,16 @@ mod tests {
             c.trace_context = Some(ctx);
         }
         let b = spans_of(&tree(events));
-        assert!(b.iter().all(|s| hex(&s.span.trace_id) == "4bf92f3577b34da6a3ce929d0e0e4736"));
+        assert!(
+            b.iter()
+                .all(|s| hex(&s.span.trace_id) == "4bf92f3577b34da6a3ce929d0e0e4736")
+        );
         let client = find(&b, "nova-api", SpanKind::Client);
-        assert_eq!(hex(&client.parent_span_id), "00f067aa0ba902b7", "a child of nova-api's own span");
+        assert_eq!(
+            hex(&client.parent_span_id),
+            "00f067aa0ba902b7",
+            "a child of nova-api's own span"
+        );
         // a context from another trace is a link, not a parent
         let mut events = boot();
         if let Event::Http(p) = &mut events[2] {
@@ -950,9 +971,15 @@ mod tests {
         }
         let b = spans_of(&tree(events));
         let to_neutron = find(&b, "nova-conductor", SpanKind::Client);
-        assert_eq!(hex(&to_neutron.trace_id), "11111111222233334444555555555555");
+        assert_eq!(
+            hex(&to_neutron.trace_id),
+            "11111111222233334444555555555555"
+        );
         assert_eq!(to_neutron.links.len(), 1);
-        assert_eq!(hex(&to_neutron.links[0].trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            hex(&to_neutron.links[0].trace_id),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
     }
 
     #[test]
@@ -982,17 +1009,30 @@ mod tests {
             2.5,
         );
         n.request_id = Some(R.into());
-        let b = spans_of(&tree(vec![Event::Rpc(Box::new(f)), Event::Notification(Box::new(n))]));
+        let b = spans_of(&tree(vec![
+            Event::Rpc(Box::new(f)),
+            Event::Notification(Box::new(n)),
+        ]));
         let producer = find(&b, "nova-conductor", SpanKind::Producer);
-        let consumers: Vec<&Built> = b.iter().filter(|b| b.span.kind == SpanKind::Consumer as i32).collect();
+        let consumers: Vec<&Built> = b
+            .iter()
+            .filter(|b| b.span.kind == SpanKind::Consumer as i32)
+            .collect();
         assert_eq!(consumers.len(), 2);
         assert_ne!(consumers[0].span.span_id, consumers[1].span.span_id);
-        assert!(consumers.iter().all(|c| c.span.parent_span_id == producer.span_id));
+        assert!(
+            consumers
+                .iter()
+                .all(|c| c.span.parent_span_id == producer.span_id)
+        );
         // the notification: an event on the copy its publisher handled, which failed and
         // ran until then
         let sender = consumers.iter().find(|c| c.peer.pid == Some(31)).unwrap();
         assert_eq!(sender.span.events.len(), 1);
-        assert_eq!(sender.span.status.as_ref().unwrap().code, StatusCode::Error as i32);
+        assert_eq!(
+            sender.span.status.as_ref().unwrap().code,
+            StatusCode::Error as i32
+        );
         assert_eq!(sender.span.end_time_unix_nano, 2_500_000_000);
         assert_eq!(b.len(), 3, "no span of its own");
     }

@@ -689,7 +689,10 @@ mod tests {
         e.caller = Some(proc_("nova-compute", 1));
         e.t_publish = Some(1.0);
         e.t_deliver = Some(1.1);
-        e.copies = vec![copy("nova-scheduler", 2, 40001), copy("nova-scheduler", 3, 40002)];
+        e.copies = vec![
+            copy("nova-scheduler", 2, 40001),
+            copy("nova-scheduler", 3, 40002),
+        ];
         e.deliveries = 2;
         let ev = Event::Rpc(Box::new(e));
         let mut g = Graph::new(&GraphConfig::default());
@@ -700,9 +703,20 @@ mod tests {
         assert_eq!(deliver[0].target, "service:nova-scheduler");
         assert_eq!(deliver[0].requests, 2, "one per copy");
         let mut hops = Vec::new();
-        hops_of(&ev, |h| hops.push((h.client.to_string(), h.server.to_string(), h.connection_type)));
+        hops_of(&ev, |h| {
+            hops.push((
+                h.client.to_string(),
+                h.server.to_string(),
+                h.connection_type,
+            ))
+        });
         assert_eq!(hops.len(), 2);
-        assert!(hops.iter().all(|h| h == &("nova-compute".into(), "nova-scheduler".into(), "messaging_system")));
+        assert!(hops.iter().all(|h| h
+            == &(
+                "nova-compute".into(),
+                "nova-scheduler".into(),
+                "messaging_system"
+            )));
     }
 
     #[test]
