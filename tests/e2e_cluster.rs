@@ -59,6 +59,7 @@ fn a_real_three_node_cluster_through_four_live_probes_and_one_collector() {
     let (ingest, listen) = (free_port(), free_port());
     let events = d.join("events.jsonl");
     let metrics = d.join("metrics.prom");
+    let spans = common::otlp::Receiver::start(false);
     let mut collector = stacktap_child(
         &[
             "collect".into(),
@@ -72,6 +73,8 @@ fn a_real_three_node_cluster_through_four_live_probes_and_one_collector() {
             events.to_str().unwrap().into(),
             "--metrics-out".into(),
             metrics.to_str().unwrap().into(),
+            "--otlp-endpoint".into(),
+            spans.grpc_url(),
         ],
         &d.join("collector.log"),
     );
@@ -166,15 +169,26 @@ fn a_real_three_node_cluster_through_four_live_probes_and_one_collector() {
         last_ts,
         health: Default::default(),
     };
+    // the probes share this host's clock: no event is stamped before its cause, so the
+    // collector corrects nothing and the wire times are the processes' own
     let mut bad = check_against_truth_within(&r, &truth, 0.001);
     bad.extend(check_rest_against_truth(&r, &truth));
     bad.extend(check_chains_against_truth(&r, &truth));
+    let offsets: Vec<&str> = r
+        .metrics
+        .lines()
+        .filter(|l| l.starts_with("stacktap_probe_clock_offset_seconds{"))
+        .collect();
     assert!(
         bad.is_empty(),
-        "{} mismatches:\n{}",
+        "{} mismatches (estimated offsets: {offsets:?}):\n{}",
         bad.len(),
         bad.join("\n")
     );
     assert!(r.metrics.contains("stacktap_partial_view 0"));
+    // the collector's spans, received by the official OTLP protobufs
+    let received = spans.take();
+    assert!(!received.is_empty(), "the collector sent no spans");
+    common::otlp::check_sample("live cluster", &received, &truth, &pcaps);
     assert!(!text.contains(TOKEN_PREFIX), "a token reached the events");
 }

@@ -229,10 +229,6 @@ impl Merge {
 
     /// Releases everything held (the collector is stopping).
     pub fn drain(&mut self, out: &mut Vec<Observation>) -> Option<Ts> {
-        if std::env::var_os("STACKTAP_DEBUG_SKEW").is_some() {
-            let names: Vec<&str> = self.probes.iter().map(|p| p.name.as_str()).collect();
-            eprintln!("skew {names:?}: {:?}", self.skew);
-        }
         self.update_offsets();
         self.release_until(Ts(u64::MAX), out);
         self.probes

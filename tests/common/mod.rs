@@ -1,6 +1,8 @@
 //! Test helpers: run a capture through the real pipeline and read back its outputs.
 #![allow(dead_code)]
 
+pub mod otlp;
+
 use serde_json::Value;
 use stacktap::config::Config;
 use stacktap::run::{self, Outputs, Run};
