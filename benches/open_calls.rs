@@ -73,8 +73,8 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
     let mut cfg = Config::default();
-    cfg.correlator.max_calls = total as usize + 1;
-    cfg.trace.max_open = total as usize + 1;
+    cfg.rpc.max_pending_calls = total as usize + 1;
+    cfg.requests.max_open = total as usize + 1;
     let mut a = Analyser::new(cfg);
     let base = rss_bytes();
     let mut at_100k = 0;

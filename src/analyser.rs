@@ -29,9 +29,9 @@ pub struct Analyser {
 impl Analyser {
     pub fn new(cfg: Config) -> Analyser {
         Analyser {
-            correlator: Correlator::new(cfg.correlator.clone()),
-            rest: RestEvents::new(&cfg.rest),
-            tracer: Tracer::new(cfg.trace.clone()),
+            correlator: Correlator::new(cfg.rpc.clone(), cfg.view.clone()),
+            rest: RestEvents::new(&cfg.http),
+            tracer: Tracer::new(cfg.requests.clone()),
             traced: Vec::new(),
             health: Health::default(),
             clock: Ts::ZERO,
@@ -44,10 +44,16 @@ impl Analyser {
     /// counters: what comes next is a new capture (see `Pipeline::restart`).
     pub fn restart(&mut self) {
         let health = std::mem::take(&mut self.health);
-        let clock = self.clock;
+        let (clock, keep_events) = (self.clock, self.tracer.keep_events);
         *self = Analyser::new(self.cfg.clone());
         self.health = health;
         self.clock = clock;
+        self.tracer.keep_events = keep_events;
+    }
+
+    /// Request trees keep every wire detail of their events (for OTLP spans).
+    pub fn keep_events(&mut self) {
+        self.tracer.keep_events = true;
     }
 
     /// The packet time reached.

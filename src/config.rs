@@ -1,290 +1,253 @@
 //! Configuration: every cap and window in one place, defaults that suit a broker node,
-//! overridable from a TOML file (`--config`).
+//! overridable from a TOML file (`--config`). Each section is the struct of the stage it
+//! configures and is its own schema (`#[serde(default, deny_unknown_fields)]`, documented
+//! where it is defined): an unknown key is an error naming it, and `validate` names the
+//! key of a value out of range. There is no second mapping layer.
 
-use crate::correlate::CorrelatorConfig;
-use crate::http::HttpConfig;
-use crate::openstack::RestConfig;
-use crate::tcp::FlowConfig;
 use serde::Deserialize;
-use std::collections::BTreeMap;
 use std::path::Path;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Config {
-    pub amqp_ports: Vec<u16>,
-    pub amqp_max_frame: usize,
-    pub amqp_max_body: usize,
-    pub flows: FlowConfig,
-    pub correlator: CorrelatorConfig,
-    pub http: HttpConfig,
-    pub rest: RestConfig,
-    pub trace: crate::trace::TraceConfig,
+    pub amqp: crate::amqp::AmqpConfig,
+    pub tcp: crate::tcp::FlowConfig,
+    pub rpc: crate::correlate::CorrelatorConfig,
+    pub view: crate::view::ViewConfig,
+    pub http: crate::openstack::RestConfig,
     pub requests: crate::sink::requests::RequestsConfig,
-    /// How much history the call graph keeps (its edge cap is `max_series_per_family`).
-    pub graph: crate::sink::graph::GraphConfig,
     pub store: crate::sink::store::StoreConfig,
-    /// How a collector joins its probes.
+    pub metrics: MetricsConfig,
     pub fleet: crate::fleet::merge::MergeConfig,
-    /// Distinct label sets per metric family before new ones fold into "other".
-    pub max_series_per_family: usize,
-    /// Where spans go (`[otlp]`; the OTEL_* variables and `--otlp-endpoint` override it).
     pub otlp: crate::otlp::OtlpConfig,
+    pub capture: crate::source::CaptureConfig,
+    pub listen: crate::serve::ListenConfig,
 }
 
-impl Default for Config {
+/// `[metrics]`: the Prometheus families.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Distinct label sets per family (and edges in the call graph) before new ones fold
+    /// into "other" (`stacktap_series_folded_total`).
+    pub max_series_per_family: usize,
+}
+
+impl Default for MetricsConfig {
     fn default() -> Self {
-        Config {
-            amqp_ports: vec![5672],
-            amqp_max_frame: 4 << 20,
-            amqp_max_body: 64 << 20,
-            flows: FlowConfig::default(),
-            correlator: CorrelatorConfig::default(),
-            http: HttpConfig::default(),
-            rest: RestConfig::default(),
-            trace: crate::trace::TraceConfig::default(),
-            requests: crate::sink::requests::RequestsConfig::default(),
-            graph: crate::sink::graph::GraphConfig::default(),
-            store: crate::sink::store::StoreConfig::default(),
-            fleet: crate::fleet::merge::MergeConfig::default(),
+        MetricsConfig {
             max_series_per_family: 2000,
-            otlp: crate::otlp::OtlpConfig::default(),
         }
     }
-}
-
-/// The TOML file: every key optional.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct File {
-    amqp: Option<AmqpSection>,
-    tcp: Option<TcpSection>,
-    rpc: Option<RpcSection>,
-    http: Option<HttpSection>,
-    requests: Option<RequestsSection>,
-    store: Option<StoreSection>,
-    metrics: Option<MetricsSection>,
-    fleet: Option<FleetSection>,
-    view: Option<ViewSection>,
-    otlp: Option<crate::otlp::OtlpConfig>,
-}
-
-/// How a collector joins its probes (`stacktap collect`).
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FleetSection {
-    /// Packet time held back behind the watermark while clock offsets settle.
-    hold_s: Option<f64>,
-    /// Wall time after which a silent probe is no longer waited for (and is reported).
-    silent_after_s: Option<f64>,
-    /// Two probes' identical observations this close are one.
-    dedupe_window_s: Option<f64>,
-    /// How long to wait for every probe before analysing anything.
-    startup_s: Option<f64>,
-    /// The probes expected, by name: the startup wait ends when all are heard.
-    expect: Option<Vec<String>>,
-    /// The probe whose clock is the collector's (default: the one linked to most others).
-    reference: Option<String>,
-    /// Packet time gathered before anything is analysed, so clock offsets settle first.
-    warmup_s: Option<f64>,
-}
-
-/// How much of the broker the analyser sees.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ViewSection {
-    partial_for_s: Option<f64>,
-    settle_s: Option<f64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AmqpSection {
-    ports: Option<Vec<u16>>,
-    max_frame_bytes: Option<usize>,
-    max_body_bytes: Option<usize>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TcpSection {
-    max_flows: Option<usize>,
-    idle_timeout_s: Option<f64>,
-    max_reorder_bytes: Option<usize>,
-    max_reorder_segments: Option<usize>,
-    hole_timeout_s: Option<f64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RpcSection {
-    max_pending_calls: Option<usize>,
-    max_pending_messages: Option<usize>,
-    late_reply_window_s: Option<f64>,
-    cast_settle_s: Option<f64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct HttpSection {
-    /// Port → service type, merged over the defaults; "" removes a default.
-    ports: Option<BTreeMap<String, String>>,
-    /// Path prefix → service type, tried before the ports; "" removes a default.
-    prefixes: Option<BTreeMap<String, String>>,
-    sniff_other_ports: Option<bool>,
-    max_routes_per_service: Option<usize>,
-    max_pipeline: Option<usize>,
-    max_head_bytes: Option<usize>,
-    max_error_body_bytes: Option<usize>,
-}
-
-/// Merges `key = service` pairs over a default list; an empty service removes the key.
-fn merge<K: PartialEq>(list: &mut Vec<(K, String)>, over: Vec<(K, String)>) {
-    for (k, v) in over {
-        list.retain(|(old, _)| *old != k);
-        if !v.is_empty() {
-            list.push((k, v));
-        }
-    }
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RequestsSection {
-    /// Quiet time after which a request is complete and judged.
-    settle_s: Option<f64>,
-    max_open: Option<usize>,
-    max_spans: Option<usize>,
-    max_trees: Option<usize>,
-    max_chains: Option<usize>,
-    graph_window_s: Option<f64>,
-    graph_slot_s: Option<f64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StoreSection {
-    /// Rows older than this (packet time, before the newest) are deleted.
-    retention_s: Option<f64>,
-    max_trees: Option<usize>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MetricsSection {
-    max_series_per_family: Option<usize>,
-}
-
-fn ns(secs: f64) -> u64 {
-    (secs.max(0.0) * 1e9) as u64
 }
 
 impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Config> {
+        if path.is_dir() {
+            anyhow::bail!("{}: is a directory, not a config file", path.display());
+        }
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("{}: cannot read config: {e}", path.display()))?;
         Config::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }
 
     pub fn from_toml(text: &str) -> anyhow::Result<Config> {
-        let f: File = toml::from_str(text)?;
-        let mut c = Config::default();
-        if let Some(a) = f.amqp {
-            if let Some(p) = a.ports {
-                c.amqp_ports = p;
-            }
-            c.amqp_max_frame = a.max_frame_bytes.unwrap_or(c.amqp_max_frame);
-            c.amqp_max_body = a.max_body_bytes.unwrap_or(c.amqp_max_body);
-        }
-        if let Some(t) = f.tcp {
-            c.flows.max_flows = t.max_flows.unwrap_or(c.flows.max_flows);
-            if let Some(s) = t.idle_timeout_s {
-                c.flows.idle_timeout_ns = ns(s);
-            }
-            c.flows.stream.max_buffered_bytes = t
-                .max_reorder_bytes
-                .unwrap_or(c.flows.stream.max_buffered_bytes);
-            c.flows.stream.max_buffered_segments = t
-                .max_reorder_segments
-                .unwrap_or(c.flows.stream.max_buffered_segments);
-            if let Some(s) = t.hole_timeout_s {
-                c.flows.stream.hole_timeout_ns = ns(s);
-            }
-        }
-        if let Some(r) = f.rpc {
-            let k = &mut c.correlator;
-            k.max_calls = r.max_pending_calls.unwrap_or(k.max_calls);
-            k.max_messages = r.max_pending_messages.unwrap_or(k.max_messages);
-            k.late_reply_window_s = r.late_reply_window_s.unwrap_or(k.late_reply_window_s);
-            k.cast_settle_s = r.cast_settle_s.unwrap_or(k.cast_settle_s);
-        }
-        if let Some(h) = f.http {
-            if let Some(ports) = h.ports {
-                let mut parsed = Vec::new();
-                for (k, v) in ports {
-                    let port: u16 = k
-                        .parse()
-                        .map_err(|_| anyhow::anyhow!("[http.ports]: {k:?} is not a port"))?;
-                    parsed.push((port, v));
-                }
-                merge(&mut c.rest.ports, parsed);
-            }
-            if let Some(prefixes) = h.prefixes {
-                for k in prefixes.keys() {
-                    if !k.starts_with('/') || k.ends_with('/') {
-                        anyhow::bail!(
-                            "[http.prefixes]: {k:?} must start with / and not end with one"
-                        );
-                    }
-                }
-                merge(&mut c.rest.prefixes, prefixes.into_iter().collect());
-            }
-            let r = &mut c.rest;
-            r.sniff_other_ports = h.sniff_other_ports.unwrap_or(r.sniff_other_ports);
-            r.max_routes_per_service = h.max_routes_per_service.unwrap_or(r.max_routes_per_service);
-            let x = &mut c.http;
-            x.max_pipeline = h.max_pipeline.unwrap_or(x.max_pipeline).max(1);
-            x.max_head_bytes = h.max_head_bytes.unwrap_or(x.max_head_bytes);
-            x.max_error_body = h.max_error_body_bytes.unwrap_or(x.max_error_body);
-        }
-        if let Some(r) = f.requests {
-            let t = &mut c.trace;
-            t.settle_s = r.settle_s.unwrap_or(t.settle_s);
-            t.max_open = r.max_open.unwrap_or(t.max_open).max(1);
-            t.max_spans = r.max_spans.unwrap_or(t.max_spans).max(1);
-            let q = &mut c.requests;
-            q.max_trees = r.max_trees.unwrap_or(q.max_trees);
-            q.max_chains = r.max_chains.unwrap_or(q.max_chains);
-            let g = &mut c.graph;
-            g.window_s = r.graph_window_s.unwrap_or(g.window_s).max(1.0);
-            g.slot_s = r.graph_slot_s.unwrap_or(g.slot_s).clamp(0.1, g.window_s);
-        }
-        if let Some(s) = f.store {
-            c.store.retention_s = s.retention_s.unwrap_or(c.store.retention_s);
-            c.store.max_trees = s.max_trees.unwrap_or(c.store.max_trees).max(1);
-        }
-        if let Some(m) = f.metrics {
-            c.max_series_per_family = m.max_series_per_family.unwrap_or(c.max_series_per_family);
-        }
-        if let Some(f) = f.fleet {
-            let m = &mut c.fleet;
-            m.hold_s = f.hold_s.unwrap_or(m.hold_s);
-            m.silent_after_s = f.silent_after_s.unwrap_or(m.silent_after_s);
-            m.dedupe_window_s = f.dedupe_window_s.unwrap_or(m.dedupe_window_s);
-            m.startup_s = f.startup_s.unwrap_or(m.startup_s);
-            m.expect = f.expect.unwrap_or_default();
-            m.reference = f.reference;
-            m.warmup_s = f.warmup_s.unwrap_or(m.warmup_s);
-        }
-        if let Some(v) = f.view {
-            let w = &mut c.correlator.view;
-            w.partial_for_s = v.partial_for_s.unwrap_or(w.partial_for_s);
-            w.settle_s = v.settle_s.unwrap_or(w.settle_s);
-        }
-        if let Some(o) = f.otlp {
-            c.otlp = o;
-        }
-        c.graph.max_edges = c.max_series_per_family;
+        let c: Config = toml::from_str(text)?;
+        c.validate()?;
         Ok(c)
+    }
+
+    /// Every value in its range, or an error naming its key.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let day = 86_400.0;
+        let year = 365.0 * day;
+        let mut v = Check::default();
+        v.count(
+            "amqp.max_frame_bytes",
+            self.amqp.max_frame_bytes,
+            4096,
+            1 << 30,
+        );
+        v.count("amqp.max_body_bytes", self.amqp.max_body_bytes, 1, 1 << 32);
+        v.count(
+            "amqp.max_held_bytes_per_connection",
+            self.amqp.max_held_bytes_per_connection,
+            1,
+            1 << 36,
+        );
+        v.count("amqp.max_held_bytes", self.amqp.max_held_bytes, 1, 1 << 40);
+        v.count(
+            "amqp.max_consumers_per_connection",
+            self.amqp.max_consumers_per_connection,
+            1,
+            1 << 24,
+        );
+        v.count(
+            "amqp.decode_cache_entries",
+            self.amqp.decode_cache_entries,
+            1,
+            1 << 24,
+        );
+        if self.amqp.ports.is_empty() {
+            v.fail("amqp.ports", "needs at least one port".into());
+        }
+        v.count("tcp.max_flows", self.tcp.max_flows, 1, 1 << 26);
+        v.secs("tcp.idle_timeout_s", self.tcp.idle_timeout_s, 0.001, year);
+        v.count(
+            "tcp.max_reorder_bytes",
+            self.tcp.max_reorder_bytes,
+            1,
+            1 << 32,
+        );
+        v.count(
+            "tcp.max_reorder_segments",
+            self.tcp.max_reorder_segments,
+            1,
+            1 << 24,
+        );
+        v.secs("tcp.hole_timeout_s", self.tcp.hole_timeout_s, 0.0, day);
+        v.count(
+            "rpc.max_pending_calls",
+            self.rpc.max_pending_calls,
+            1,
+            1 << 28,
+        );
+        v.count(
+            "rpc.max_pending_messages",
+            self.rpc.max_pending_messages,
+            1,
+            1 << 28,
+        );
+        v.secs(
+            "rpc.late_reply_window_s",
+            self.rpc.late_reply_window_s,
+            0.0,
+            year,
+        );
+        v.secs("rpc.cast_settle_s", self.rpc.cast_settle_s, 0.0, day);
+        v.secs("rpc.call_max_age_s", self.rpc.call_max_age_s, 0.001, year);
+        v.count("rpc.max_recent_ids", self.rpc.max_recent_ids, 1, 1 << 28);
+        v.count(
+            "rpc.max_known_addresses",
+            self.rpc.max_known_addresses,
+            1,
+            1 << 24,
+        );
+        v.secs("view.partial_for_s", self.view.partial_for_s, 0.0, year);
+        v.secs("view.settle_s", self.view.settle_s, 0.0, day);
+        v.count(
+            "http.max_routes_per_service",
+            self.http.max_routes_per_service,
+            1,
+            1 << 20,
+        );
+        v.count("http.max_pipeline", self.http.max_pipeline, 1, 1 << 16);
+        v.count(
+            "http.max_head_bytes",
+            self.http.max_head_bytes,
+            256,
+            1 << 24,
+        );
+        v.count(
+            "http.max_error_body_bytes",
+            self.http.max_error_body_bytes,
+            0,
+            1 << 24,
+        );
+        let r = &self.requests;
+        v.secs("requests.settle_s", r.settle_s, 0.0, day);
+        v.count("requests.max_open", r.max_open, 1, 1 << 26);
+        v.count("requests.max_spans", r.max_spans, 1, 1 << 20);
+        v.count("requests.max_trees", r.max_trees, 0, 1 << 26);
+        v.count("requests.max_chains", r.max_chains, 0, 1 << 26);
+        v.secs("requests.graph_window_s", r.graph_window_s, 1.0, 30.0 * day);
+        v.secs(
+            "requests.graph_slot_s",
+            r.graph_slot_s,
+            0.1,
+            r.graph_window_s.max(0.1),
+        );
+        if r.graph_window_s.is_finite()
+            && r.graph_slot_s.is_finite()
+            && r.graph_slot_s > 0.0
+            && r.graph_window_s / r.graph_slot_s > 100_000.0
+        {
+            v.fail(
+                "requests.graph_slot_s",
+                "more than 100000 slots per window: make it larger".into(),
+            );
+        }
+        v.secs(
+            "store.retention_s",
+            self.store.retention_s,
+            1.0,
+            100.0 * year,
+        );
+        v.count("store.max_trees", self.store.max_trees, 1, 1 << 30);
+        v.count(
+            "metrics.max_series_per_family",
+            self.metrics.max_series_per_family,
+            1,
+            1 << 24,
+        );
+        let f = &self.fleet;
+        v.secs("fleet.hold_s", f.hold_s, 0.0, 3600.0);
+        v.secs("fleet.silent_after_s", f.silent_after_s, 0.1, day);
+        v.secs("fleet.dedupe_window_s", f.dedupe_window_s, 0.0, 3600.0);
+        v.count("fleet.max_tracked", f.max_tracked, 1, 1 << 28);
+        v.secs("fleet.startup_s", f.startup_s, 0.0, 3600.0);
+        v.secs("fleet.warmup_s", f.warmup_s, 0.0, 3600.0);
+        let o = &self.otlp;
+        v.secs("otlp.timeout_s", o.timeout_s, 0.001, 3600.0);
+        v.secs("otlp.flush_interval_s", o.flush_interval_s, 0.01, 60.0);
+        v.count("otlp.max_queue_spans", o.max_queue_spans, 1, 1 << 26);
+        v.count("otlp.max_batch_spans", o.max_batch_spans, 1, 1 << 20);
+        v.count("otlp.max_attempts", o.max_attempts as usize, 1, 100);
+        let c = &self.capture;
+        v.secs("capture.max_clock_jump_s", c.max_clock_jump_s, 0.001, year);
+        v.count(
+            "capture.clock_jump_confirm_packets",
+            c.clock_jump_confirm_packets,
+            1,
+            1 << 16,
+        );
+        v.count("capture.buffer_mb", c.buffer_mb, 1, 1 << 16);
+        let l = &self.listen;
+        v.count("listen.max_connections", l.max_connections, 1, 1 << 20);
+        v.secs("listen.header_timeout_s", l.header_timeout_s, 0.1, 3600.0);
+        v.secs("listen.idle_timeout_s", l.idle_timeout_s, 0.1, day);
+        v.done()
+    }
+}
+
+/// Collects every value out of range, so one run names them all.
+#[derive(Default)]
+struct Check {
+    bad: Vec<String>,
+}
+
+impl Check {
+    fn fail(&mut self, key: &str, why: String) {
+        self.bad.push(format!("{key}: {why}"));
+    }
+
+    fn count(&mut self, key: &str, v: usize, min: usize, max: usize) {
+        if v < min || v > max {
+            self.fail(key, format!("{v} is out of range ({min} to {max})"));
+        }
+    }
+
+    fn secs(&mut self, key: &str, v: f64, min: f64, max: f64) {
+        if !v.is_finite() || v < min || v > max {
+            self.fail(key, format!("{v} is out of range ({min} to {max} seconds)"));
+        }
+    }
+
+    fn done(self) -> anyhow::Result<()> {
+        match self.bad.len() {
+            0 => Ok(()),
+            _ => anyhow::bail!("{}", self.bad.join("; ")),
+        }
     }
 }
 
@@ -297,9 +260,11 @@ mod tests {
         let c =
             Config::from_toml("[amqp]\nports = [5672, 5671]\n[rpc]\nlate_reply_window_s = 5.0\n")
                 .unwrap();
-        assert_eq!(c.amqp_ports, vec![5672, 5671]);
-        assert_eq!(c.correlator.late_reply_window_s, 5.0);
-        assert!(Config::from_toml("[rpc]\nlate_reply_windw_s = 5\n").is_err());
+        assert_eq!(c.amqp.ports, vec![5672, 5671]);
+        assert_eq!(c.rpc.late_reply_window_s, 5.0);
+        let e = Config::from_toml("[rpc]\nlate_reply_windw_s = 5\n").unwrap_err();
+        assert!(e.to_string().contains("late_reply_windw_s"), "{e}");
+        assert!(Config::from_toml("[nonsense]\nx = 1\n").is_err());
     }
 
     #[test]
@@ -308,15 +273,43 @@ mod tests {
             "[http.ports]\n8774 = \"\"\n18774 = \"nova\"\n[http.prefixes]\n\"/api/compute\" = \"nova\"\n",
         )
         .unwrap();
-        assert!(!c.rest.is_api_port(8774));
-        assert!(c.rest.is_api_port(18774) && c.rest.is_api_port(9696));
+        assert!(!c.http.is_api_port(8774));
+        assert!(c.http.is_api_port(18774) && c.http.is_api_port(9696));
         assert!(
-            c.rest
+            c.http
                 .prefixes
                 .iter()
                 .any(|(p, s)| p == "/api/compute" && s == "nova")
         );
         assert!(Config::from_toml("[http.ports]\nnova = \"nova\"\n").is_err());
         assert!(Config::from_toml("[http.prefixes]\n\"compute/\" = \"nova\"\n").is_err());
+    }
+
+    #[test]
+    fn values_out_of_range_are_errors_naming_their_key() {
+        for (toml, key) in [
+            (
+                "[requests]\ngraph_window_s = inf\n",
+                "requests.graph_window_s",
+            ),
+            (
+                "[requests]\ngraph_window_s = 1e21\n",
+                "requests.graph_window_s",
+            ),
+            ("[requests]\ngraph_slot_s = nan\n", "requests.graph_slot_s"),
+            ("[tcp]\nidle_timeout_s = -1\n", "tcp.idle_timeout_s"),
+            ("[tcp]\nmax_flows = 0\n", "tcp.max_flows"),
+            ("[amqp]\nports = []\n", "amqp.ports"),
+            ("[otlp]\ntimeout_s = 0\n", "otlp.timeout_s"),
+        ] {
+            let e = Config::from_toml(toml).unwrap_err().to_string();
+            assert!(e.contains(key), "{toml:?}: {e}");
+        }
+        // a wrong type names its key too
+        let e = Config::from_toml("[tcp]\nmax_flows = \"many\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_flows"), "{e}");
+        Config::default().validate().unwrap();
     }
 }

@@ -19,30 +19,37 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::sync::Arc;
 
-#[derive(Debug, Clone)]
+/// `[rpc]`: pairing RPC messages.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct CorrelatorConfig {
-    /// Calls waiting for a reply, at most.
-    pub max_calls: usize,
-    /// Casts, fanouts and notifications remembered for publish ↔ deliver matching.
-    pub max_messages: usize,
+    /// Calls waiting for a reply, at most; the oldest is reported (`no_reply`) past this.
+    pub max_pending_calls: usize,
+    /// Casts and fanouts waiting for their deliveries, at most.
+    pub max_pending_messages: usize,
     /// After a call times out, how long a late reply is still matched to it.
     pub late_reply_window_s: f64,
     /// How long a cast waits for its deliveries before it is reported.
     pub cast_settle_s: f64,
     /// A call with no `expiration` (not oslo.messaging) is given up after this long.
     pub call_max_age_s: f64,
-    pub view: crate::view::ViewConfig,
+    /// Ids of reported messages remembered, to tell a retransmit or a late delivery from a
+    /// new message.
+    pub max_recent_ids: usize,
+    /// Addresses whose process is remembered (for REST callers).
+    pub max_known_addresses: usize,
 }
 
 impl Default for CorrelatorConfig {
     fn default() -> Self {
         CorrelatorConfig {
-            max_calls: 200_000,
-            max_messages: 200_000,
+            max_pending_calls: 200_000,
+            max_pending_messages: 200_000,
             late_reply_window_s: 300.0,
             cast_settle_s: 30.0,
             call_max_age_s: 3600.0,
-            view: crate::view::ViewConfig::default(),
+            max_recent_ids: 200_000,
+            max_known_addresses: 65_536,
         }
     }
 }
@@ -226,14 +233,12 @@ pub struct Correlator {
 }
 
 impl Correlator {
-    pub fn new(cfg: CorrelatorConfig) -> Self {
-        let recent = cfg.max_messages.max(1024);
-        let view = cfg.view.clone();
+    pub fn new(cfg: CorrelatorConfig, view: crate::view::ViewConfig) -> Self {
+        let recent = cfg.max_recent_ids.max(1);
         Correlator {
-            cfg,
             names: Names::default(),
             conns: HashMap::default(),
-            addresses: AddressBook::new(65_536),
+            addresses: AddressBook::new(cfg.max_known_addresses.max(1)),
             calls: HashMap::default(),
             casts: HashMap::default(),
             call_order: VecDeque::new(),
@@ -242,6 +247,7 @@ impl Correlator {
             done_calls: Recent::new(recent),
             done_messages: Recent::new(recent),
             view: View::new(view),
+            cfg,
             pending_calls: Vec::new(),
             pending_orphans: 0,
             now: Ts::ZERO,
@@ -733,7 +739,7 @@ impl Correlator {
             Self::delivered(&mut call, t, (proc_, &m.conn, &m.queue), redelivered, out);
         }
         if is_call {
-            if self.calls.len() >= self.cfg.max_calls {
+            if self.calls.len() >= self.cfg.max_pending_calls {
                 self.evict_call(health, out);
             }
             // a timeout counts from the publish; seen only delivered, from the deliver
@@ -750,7 +756,7 @@ impl Correlator {
             self.call_order.push_back(key.clone());
             self.calls.insert(key, call);
         } else {
-            if self.casts.len() >= self.cfg.max_messages {
+            if self.casts.len() >= self.cfg.max_pending_messages {
                 self.evict_cast(health, out);
             }
             self.timers.push(Reverse((
@@ -972,7 +978,7 @@ mod tests {
     impl Wire {
         fn new() -> Wire {
             Wire {
-                c: Correlator::new(CorrelatorConfig::default()),
+                c: Correlator::new(CorrelatorConfig::default(), Default::default()),
                 h: Health::default(),
                 out: Vec::new(),
             }

@@ -302,7 +302,7 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
         } => {
             let cfg = load_config(&common.config)?;
             let out = Outputs {
-                graph_window_s: Some(cfg.graph.window_s),
+                graph_window_s: Some(cfg.requests.graph_window_s),
                 ..outputs(&common, &cfg)?
             };
             let mut cap =
@@ -334,7 +334,7 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
         } => {
             let cfg = load_config(&common.config)?;
             let out = Outputs {
-                graph_window_s: Some(cfg.graph.window_s),
+                graph_window_s: Some(cfg.requests.graph_window_s),
                 ..outputs(&common, &cfg)?
             };
             let cc = stacktap::fleet::collector::CollectConfig {

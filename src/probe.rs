@@ -6,7 +6,8 @@
 //! Deterministic and on packet time only.
 
 use crate::FastMap as HashMap;
-use crate::amqp::{AmqpEvent, Message, MessageKind};
+use crate::amqp::conn::ConnLimits;
+use crate::amqp::{AmqpEvent, BodyBudget, Message, MessageKind};
 use crate::config::Config;
 use crate::contract::{AmqpKind, AmqpMessage, NotOslo, Obs, Observation, Oslo};
 use crate::decode::{self, Decoded};
@@ -27,15 +28,20 @@ pub struct Probe {
     found: Found,
     bodies: DecodeCache,
     rest: Rest,
+    /// Body bytes held by every AMQP connection's message assembly, against one cap.
+    budget: BodyBudget,
+    http: crate::http::HttpConfig,
     clock: Ts,
 }
 
 impl Probe {
     pub fn new(cfg: Config) -> Probe {
         Probe {
-            flows: FlowTable::new(cfg.flows.clone()),
-            rest: Rest::new(cfg.rest.clone()),
-            bodies: DecodeCache::new(),
+            flows: FlowTable::new(cfg.tcp.clone()),
+            rest: Rest::new(cfg.http.clone()),
+            bodies: DecodeCache::new(cfg.amqp.decode_cache_entries),
+            budget: BodyBudget::new(cfg.amqp.max_held_bytes),
+            http: cfg.http.http(),
             found: Found::default(),
             health: Health::default(),
             clock: Ts::ZERO,
@@ -72,12 +78,12 @@ impl Probe {
             Decoded::Tcp(seg) => {
                 let cfg = &self.cfg;
                 let choice = Choice {
-                    amqp_ports: &cfg.amqp_ports,
-                    amqp_max_frame: cfg.amqp_max_frame,
-                    amqp_max_body: cfg.amqp_max_body,
-                    http_ports: &|p| cfg.rest.is_api_port(p),
-                    sniff_other_ports: cfg.rest.sniff_other_ports,
-                    http: &cfg.http,
+                    amqp_ports: &cfg.amqp.ports,
+                    amqp: ConnLimits::of(&cfg.amqp),
+                    amqp_budget: &self.budget,
+                    http_ports: &|p| cfg.http.is_api_port(p),
+                    sniff_other_ports: cfg.http.sniff_other_ports,
+                    http: &self.http,
                 };
                 self.flows
                     .segment(&seg, pkt.ts, &mut self.health, &mut self.found, |f| {
@@ -209,16 +215,16 @@ struct DecodeCache {
     seed: u64,
     map: HashMap<u64, Arc<Result<Oslo, NotOslo>>>,
     order: VecDeque<u64>,
+    cap: usize,
 }
 
-const DECODE_CACHE: usize = 8192;
-
 impl DecodeCache {
-    fn new() -> DecodeCache {
+    fn new(cap: usize) -> DecodeCache {
         DecodeCache {
             seed: ahash::RandomState::new().hash_one(0x5eed_u64),
             map: HashMap::default(),
             order: VecDeque::new(),
+            cap: cap.max(1),
         }
     }
 
@@ -236,7 +242,7 @@ impl DecodeCache {
             return hit.clone();
         }
         let decoded = Arc::new(oslo::decode(&m.exchange, &m.props, &m.body));
-        if self.order.len() >= DECODE_CACHE
+        if self.order.len() >= self.cap
             && let Some(old) = self.order.pop_front()
         {
             self.map.remove(&old);

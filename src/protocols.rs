@@ -2,7 +2,8 @@
 //! OpenStack API ports) or, on any other port, by its first bytes (a request line from
 //! the client or a status line from the server).
 
-use crate::amqp::{AmqpConnection, AmqpEvent};
+use crate::amqp::conn::ConnLimits;
+use crate::amqp::{AmqpConnection, AmqpEvent, BodyBudget};
 use crate::decode::Endpoint;
 use crate::health::Health;
 use crate::http::head::{looks_like_request, looks_like_response};
@@ -38,8 +39,8 @@ pub enum Conn {
 /// The settings `choose` needs.
 pub struct Choice<'a> {
     pub amqp_ports: &'a [u16],
-    pub amqp_max_frame: usize,
-    pub amqp_max_body: usize,
+    pub amqp: ConnLimits,
+    pub amqp_budget: &'a BodyBudget,
     pub http_ports: &'a dyn Fn(u16) -> bool,
     pub sniff_other_ports: bool,
     pub http: &'a HttpConfig,
@@ -58,12 +59,7 @@ pub fn choose(f: NewFlow<'_>, c: &Choice<'_>) -> Option<(Conn, Endpoint, Endpoin
         }
     };
     if let Some((client, server)) = by_port(&|p| c.amqp_ports.contains(&p)) {
-        let a = AmqpConnection::new(
-            (client, server),
-            f.saw_syn,
-            c.amqp_max_frame,
-            c.amqp_max_body,
-        );
+        let a = AmqpConnection::new((client, server), f.saw_syn, c.amqp, c.amqp_budget.clone());
         return Some((Conn::Amqp(a), client, server));
     }
     let http = |client, server| {

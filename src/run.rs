@@ -53,13 +53,16 @@ impl Outlet {
             ))),
             None => None,
         };
-        let metrics = Metrics::new(cfg.max_series_per_family);
+        let metrics = Metrics::new(cfg.metrics.max_series_per_family);
         let mut reqs = Requests::new(cfg.requests.clone());
         if let Some(path) = &out.store {
             reqs.attach_store(crate::sink::store::Store::open(path, cfg.store.clone())?)?;
         }
         let requests = Arc::new(Mutex::new(reqs));
-        let graph = Arc::new(Mutex::new(Graph::new(&cfg.graph)));
+        let graph = Arc::new(Mutex::new(Graph::new(
+            &cfg.requests,
+            cfg.metrics.max_series_per_family,
+        )));
         let shared = match &out.listen {
             Some(addr) => {
                 let shared = Shared {
@@ -276,13 +279,14 @@ pub struct Run {
 }
 
 impl Run {
-    pub fn new(mut cfg: Config, out: &Outputs) -> anyhow::Result<Run> {
+    pub fn new(cfg: Config, out: &Outputs) -> anyhow::Result<Run> {
+        let outlet = Outlet::new(&cfg, out)?;
+        let mut pipeline = Pipeline::new(cfg);
         // spans need every wire detail of the events a request is made of
-        cfg.trace.keep_events |= out.otlp.is_some();
-        Ok(Run {
-            outlet: Outlet::new(&cfg, out)?,
-            pipeline: Pipeline::new(cfg),
-        })
+        if out.otlp.is_some() {
+            pipeline.analyser.keep_events();
+        }
+        Ok(Run { outlet, pipeline })
     }
 
     pub fn packet(&mut self, pkt: &Packet) {

@@ -11,6 +11,34 @@ use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+/// `[listen]`: the HTTP listener (`--listen`).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenConfig {
+    /// Connections served at once; more wait to be accepted (below the fd limit, so the
+    /// probe keeps its own descriptors).
+    pub max_connections: usize,
+    /// A request head must arrive within this long.
+    pub header_timeout_s: f64,
+    /// A connection idle this long is closed.
+    pub idle_timeout_s: f64,
+    /// Host names the listener answers to besides its own address and, on loopback,
+    /// `localhost` (a DNS-rebinding guard: a browser page cannot reach it through a name
+    /// of its own).
+    pub allowed_hosts: Vec<String>,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            max_connections: 256,
+            header_timeout_s: 10.0,
+            idle_timeout_s: 60.0,
+            allowed_hosts: Vec::new(),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Shared {
     pub registry: Arc<Registry>,

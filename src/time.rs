@@ -2,6 +2,16 @@
 
 use std::fmt;
 
+/// A duration in seconds (from the config) as nanoseconds; negative or NaN is zero, and
+/// more than ~584 years saturates.
+pub fn secs_to_ns(secs: f64) -> u64 {
+    if secs.is_nan() || secs <= 0.0 {
+        0
+    } else {
+        (secs * 1e9).min(u64::MAX as f64) as u64
+    }
+}
+
 /// Nanoseconds since the Unix epoch, as stamped on the packet by the capture.
 #[derive(Copy, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Ts(pub u64);

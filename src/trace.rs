@@ -22,33 +22,10 @@ use crate::contract::{Event, Outcome};
 use crate::health::Health;
 use crate::openstack::services::{api_process, is_user_side};
 use crate::oslo::RpcType;
+use crate::sink::requests::RequestsConfig;
 use crate::time::Ts;
 use std::collections::VecDeque;
 use std::sync::Arc;
-
-#[derive(Debug, Clone)]
-pub struct TraceConfig {
-    /// A request is complete after this long without a new span (packet time).
-    pub settle_s: f64,
-    /// Requests being collected at once; the oldest is completed early past this.
-    pub max_open: usize,
-    /// Spans kept per request.
-    pub max_spans: usize,
-    /// Each span keeps the event it stands for (the OTLP exporter needs every wire detail;
-    /// nothing else does, so it costs memory only when spans are exported).
-    pub keep_events: bool,
-}
-
-impl Default for TraceConfig {
-    fn default() -> Self {
-        TraceConfig {
-            settle_s: 60.0,
-            max_open: 100_000,
-            max_spans: 2_000,
-            keep_events: false,
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SpanKind {
@@ -199,7 +176,10 @@ struct Open {
 }
 
 pub struct Tracer {
-    cfg: TraceConfig,
+    cfg: RequestsConfig,
+    /// Each span keeps the event it stands for (the OTLP exporter needs every wire detail;
+    /// nothing else does, so it costs memory only when spans are exported).
+    pub keep_events: bool,
     open: HashMap<String, Open>,
     /// Root ids by first sighting, for evicting the oldest (lazy: may hold finished ids).
     order: VecDeque<String>,
@@ -337,9 +317,10 @@ pub fn span_of(ev: &Event) -> Option<(String, Span)> {
 }
 
 impl Tracer {
-    pub fn new(cfg: TraceConfig) -> Tracer {
+    pub fn new(cfg: RequestsConfig) -> Tracer {
         Tracer {
             cfg,
+            keep_events: false,
             open: HashMap::default(),
             order: VecDeque::new(),
             last_sweep: Ts::ZERO,
@@ -351,7 +332,7 @@ impl Tracer {
         let Some((root, mut span)) = span_of(ev) else {
             return;
         };
-        if self.cfg.keep_events {
+        if self.keep_events {
             span.event = Some(Arc::new(ev.clone()));
         }
         if let Some(o) = self.open.get_mut(&root) {

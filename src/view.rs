@@ -21,7 +21,9 @@
 use crate::time::Ts;
 use std::collections::BTreeMap;
 
-#[derive(Debug, Clone)]
+/// `[view]`: how much of the broker the analyser sees.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ViewConfig {
     /// How long one piece of evidence keeps the view partial (packet time).
     pub partial_for_s: f64,

@@ -289,10 +289,10 @@ fn caps_bound_memory_and_count_evictions() {
     let f = [repo().join("sampledata/dead_consumer.pcap")];
     let normal = replay(&f);
     let mut cfg = stacktap::config::Config::default();
-    cfg.correlator.max_calls = 1;
-    cfg.correlator.max_messages = 1;
-    cfg.flows.max_flows = 4;
-    cfg.max_series_per_family = 2;
+    cfg.rpc.max_pending_calls = 1;
+    cfg.rpc.max_pending_messages = 1;
+    cfg.tcp.max_flows = 4;
+    cfg.metrics.max_series_per_family = 2;
     let tight = replay_with(&f, cfg);
     let rpc = |r: &Replayed| r.events.iter().filter(|e| e["kind"] == "rpc").count();
     assert_eq!(

@@ -14,6 +14,7 @@ use amq_protocol::protocol::{AMQPClass, basic, channel, connection, queue};
 use amq_protocol::types::{AMQPValue, FieldTable};
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Who is at the client end of a connection, from connection.start-ok.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,7 +130,53 @@ struct Assembly {
     method: Pending,
     props: Option<Props>,
     body_size: u64,
+    /// The body so far; it grows with the bytes that arrive, never with what the header
+    /// announced (a few bytes could otherwise reserve gigabytes).
     body: Vec<u8>,
+    /// Over budget: the rest of the body is counted, not kept, and the message dropped.
+    discarding: bool,
+    received: u64,
+}
+
+/// Body bytes held while messages are assembled, over every AMQP connection of a probe:
+/// one cap for all (`amqp.max_held_bytes`), shared by the connections.
+#[derive(Debug, Clone)]
+pub struct BodyBudget {
+    held: Arc<AtomicUsize>,
+    cap: usize,
+}
+
+impl BodyBudget {
+    pub fn new(cap: usize) -> BodyBudget {
+        BodyBudget {
+            held: Default::default(),
+            cap,
+        }
+    }
+
+    /// Takes `n` bytes if they fit (one probe's connections run on one thread: no race
+    /// between the check and the add matters).
+    fn take(&self, n: usize) -> bool {
+        let held = self.held.load(Ordering::Relaxed);
+        if held.saturating_add(n) > self.cap {
+            return false;
+        }
+        self.held.fetch_add(n, Ordering::Relaxed);
+        true
+    }
+
+    fn give(&self, n: usize) {
+        let _ = self
+            .held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| {
+                Some(h.saturating_sub(n))
+            });
+    }
+
+    /// Bytes held now, over every connection.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
 }
 
 enum Pending {
@@ -164,27 +211,91 @@ pub struct AmqpConnection {
     /// queue.declare / basic.consume requests waiting for their -ok, per channel.
     pending_consumes: HashMap<u16, VecDeque<String>>,
     consumers: HashMap<String, String>,
-    max_body: usize,
+    cfg: ConnLimits,
+    /// Body bytes this connection holds (the capacity of its bodies being assembled).
+    held: usize,
+    budget: BodyBudget,
+}
+
+/// What one connection may hold (from `[amqp]`).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    pub max_frame: usize,
+    pub max_body: usize,
+    pub max_held: usize,
+    pub max_consumers: usize,
+}
+
+impl ConnLimits {
+    pub fn of(c: &super::AmqpConfig) -> ConnLimits {
+        ConnLimits {
+            max_frame: c.max_frame_bytes,
+            max_body: c.max_body_bytes,
+            max_held: c.max_held_bytes_per_connection,
+            max_consumers: c.max_consumers_per_connection,
+        }
+    }
 }
 
 impl AmqpConnection {
     pub fn new(
         (client, server): (Endpoint, Endpoint),
         saw_handshake: bool,
-        max_frame: usize,
-        max_body: usize,
+        cfg: ConnLimits,
+        budget: BodyBudget,
     ) -> Self {
         AmqpConnection {
             conn: ConnId { client, server },
             readers: [
-                FrameReader::new(saw_handshake, max_frame),
-                FrameReader::new(saw_handshake, max_frame),
+                FrameReader::new(saw_handshake, cfg.max_frame),
+                FrameReader::new(saw_handshake, cfg.max_frame),
             ],
             assembling: [HashMap::default(), HashMap::default()],
             pending_consumes: HashMap::default(),
             consumers: HashMap::default(),
-            max_body,
+            cfg,
+            held: 0,
+            budget,
         }
+    }
+
+    /// Drops the message being assembled on `channel`, returning its bytes.
+    fn forget(&mut self, dir: Dir, channel: u16) -> Option<Assembly> {
+        let asm = self.assembling[dir as usize].remove(&channel)?;
+        self.release(&asm);
+        Some(asm)
+    }
+
+    fn release(&mut self, asm: &Assembly) {
+        let n = asm.body.capacity();
+        self.held = self.held.saturating_sub(n);
+        self.budget.give(n);
+    }
+
+    /// Drops every message being assembled in `dir` (a gap lost them); how many.
+    fn forget_all(&mut self, dir: Dir) -> usize {
+        let lost: Vec<u16> = self.assembling[dir as usize].keys().copied().collect();
+        for ch in &lost {
+            self.forget(dir, *ch);
+        }
+        lost.len()
+    }
+
+    /// Room for `more` body bytes in `asm`, taken from this connection's and the probe's
+    /// budgets as the body grows; false if it does not fit.
+    fn grow(&mut self, asm_len: usize, cap: usize, body_size: u64, more: usize) -> Option<usize> {
+        let want = asm_len + more;
+        if want <= cap {
+            return Some(0);
+        }
+        // double as bytes come (amortised), never past what the header announced
+        let target = want.max(cap * 2).min(body_size as usize).max(want);
+        let extra = target - cap;
+        if self.held + extra > self.cfg.max_held || !self.budget.take(extra) {
+            return None;
+        }
+        self.held += extra;
+        Some(extra)
     }
 
     fn on_frame(
@@ -222,58 +333,100 @@ impl AmqpConnection {
                         }
                         asm.body_size = h.body_size;
                         asm.props = Some(props_of(&h.properties));
-                        if h.body_size as usize > self.max_body {
+                        if h.body_size > self.cfg.max_body as u64 {
                             health.anomaly("amqp", "body_too_large");
-                            self.assembling[dir as usize].remove(&f.channel);
+                            self.forget(dir, f.channel);
                         } else if h.body_size == 0 {
                             self.finish(dir, ts, f.channel, out);
-                        } else {
-                            asm.body.reserve(h.body_size as usize);
                         }
                     }
                     Err(_) => {
                         health.anomaly("amqp", "bad_content_header");
-                        self.assembling[dir as usize].remove(&f.channel);
+                        self.forget(dir, f.channel);
                     }
                 }
             }
-            FRAME_BODY => {
-                let Some(asm) = self.assembling[dir as usize].get_mut(&f.channel) else {
-                    // joined mid-message: the method and header went by before we synced
-                    health.anomaly("amqp", "body_without_method");
-                    return;
-                };
-                if asm.props.is_none() {
-                    health.anomaly("amqp", "body_without_header");
-                    self.assembling[dir as usize].remove(&f.channel);
-                    return;
-                }
-                asm.body.extend_from_slice(f.payload);
-                if asm.body.len() as u64 >= asm.body_size {
-                    if asm.body.len() as u64 > asm.body_size {
-                        health.anomaly("amqp", "body_overrun");
-                    }
-                    self.finish(dir, ts, f.channel, out);
-                }
-            }
+            FRAME_BODY => self.on_body(dir, ts, f, health, out),
             FRAME_HEARTBEAT => {}
             _ => health.anomaly("amqp", "bad_frame_type"),
         }
     }
 
+    fn on_body(
+        &mut self,
+        dir: Dir,
+        ts: Ts,
+        f: RawFrame<'_>,
+        health: &mut Health,
+        out: &mut Vec<AmqpEvent>,
+    ) {
+        let Some(asm) = self.assembling[dir as usize].get(&f.channel) else {
+            // joined mid-message: the method and header went by before we synced
+            health.anomaly("amqp", "body_without_method");
+            return;
+        };
+        if asm.props.is_none() {
+            health.anomaly("amqp", "body_without_header");
+            self.forget(dir, f.channel);
+            return;
+        }
+        let (len, cap, size, discarding) = (
+            asm.body.len(),
+            asm.body.capacity(),
+            asm.body_size,
+            asm.discarding,
+        );
+        let room = if discarding {
+            None
+        } else {
+            self.grow(len, cap, size, f.payload.len())
+        };
+        let Some(asm) = self.assembling[dir as usize].get_mut(&f.channel) else {
+            return;
+        };
+        asm.received += f.payload.len() as u64;
+        match room {
+            Some(extra) => {
+                asm.body.reserve_exact(extra);
+                asm.body.extend_from_slice(f.payload);
+            }
+            None if !asm.discarding => {
+                // over budget: the bytes held go back, the rest is only counted
+                asm.discarding = true;
+                let body = std::mem::take(&mut asm.body);
+                self.held = self.held.saturating_sub(body.capacity());
+                self.budget.give(body.capacity());
+                health.anomaly("amqp", "body_over_budget");
+                health.evict("amqp_body_bytes", 1);
+            }
+            None => {}
+        }
+        let Some(asm) = self.assembling[dir as usize].get(&f.channel) else {
+            return;
+        };
+        if asm.received >= asm.body_size {
+            if asm.received > asm.body_size {
+                health.anomaly("amqp", "body_overrun");
+            }
+            if asm.discarding {
+                self.forget(dir, f.channel);
+            } else {
+                self.finish(dir, ts, f.channel, out);
+            }
+        }
+    }
+
     fn start_content(&mut self, dir: Dir, channel: u16, method: Pending, health: &mut Health) {
-        if self.assembling[dir as usize]
-            .insert(
-                channel,
-                Assembly {
-                    method,
-                    props: None,
-                    body_size: 0,
-                    body: Vec::new(),
-                },
-            )
-            .is_some()
-        {
+        let asm = Assembly {
+            method,
+            props: None,
+            body_size: 0,
+            body: Vec::new(),
+            discarding: false,
+            received: 0,
+        };
+        if let Some(old) = self.assembling[dir as usize].insert(channel, asm) {
+            self.release(&old);
             health.anomaly("amqp", "incomplete_message");
         }
     }
@@ -338,7 +491,7 @@ impl AmqpConnection {
                     if c.nowait && !c.consumer_tag.as_str().is_empty() {
                         self.register_consumer(c.consumer_tag.as_str(), q, out);
                     } else {
-                        self.pending_consumes.entry(ch).or_default().push_back(q);
+                        self.await_consume_ok(ch, q, health);
                     }
                 }
                 basic::AMQPMethod::ConsumeOk(ok) => {
@@ -393,8 +546,8 @@ impl AmqpConnection {
                 _ => {}
             },
             AMQPClass::Channel(channel::AMQPMethod::Close(c)) => {
-                self.assembling[0].remove(&ch);
-                self.assembling[1].remove(&ch);
+                self.forget(Dir::ToServer, ch);
+                self.forget(Dir::ToClient, ch);
                 self.pending_consumes.remove(&ch);
                 out.push(AmqpEvent::ChannelClosed {
                     conn,
@@ -409,8 +562,31 @@ impl AmqpConnection {
         }
     }
 
+    /// A basic.consume waiting for its consume-ok (which names the tag). Bounded: a
+    /// channel has a few outstanding at most; a client flooding them is counted.
+    fn await_consume_ok(&mut self, ch: u16, queue: String, health: &mut Health) {
+        const PER_CHANNEL: usize = 16;
+        if self.pending_consumes.len() >= self.cfg.max_consumers
+            && !self.pending_consumes.contains_key(&ch)
+        {
+            health.anomaly("amqp", "too_many_pending_consumes");
+            return;
+        }
+        let q = self.pending_consumes.entry(ch).or_default();
+        if q.len() >= PER_CHANNEL {
+            q.pop_front();
+            health.anomaly("amqp", "too_many_pending_consumes");
+        }
+        q.push_back(queue);
+    }
+
     fn register_consumer(&mut self, tag: &str, queue: String, out: &mut Vec<AmqpEvent>) {
-        self.consumers.insert(tag.to_owned(), queue.clone());
+        if self.consumers.len() >= self.cfg.max_consumers && !self.consumers.contains_key(tag) {
+            // a client registering consumers without end: the newest are not remembered
+            // (their deliveries carry no queue name), and the event still goes out
+        } else {
+            self.consumers.insert(tag.to_owned(), queue.clone());
+        }
         out.push(AmqpEvent::ConsumerStarted {
             conn: self.conn,
             queue,
@@ -419,7 +595,8 @@ impl AmqpConnection {
     }
 
     fn finish(&mut self, dir: Dir, ts: Ts, channel: u16, out: &mut Vec<AmqpEvent>) {
-        let Some(asm) = self.assembling[dir as usize].remove(&channel) else {
+        // the body leaves the budget with the message (it is decoded at once)
+        let Some(asm) = self.forget(dir, channel) else {
             return;
         };
         let (kind, exchange, routing_key, queue) = match asm.method {
@@ -507,9 +684,7 @@ impl App for AmqpConnection {
             FrameEvent::Frame(f) => self.on_frame(dir, ts, f, health, out),
             FrameEvent::ProtocolHeader => {}
             FrameEvent::Desync => {
-                let lost = self.assembling[dir as usize].len();
-                self.assembling[dir as usize].clear();
-                for _ in 0..lost {
+                for _ in 0..self.forget_all(dir) {
                     health.anomaly("amqp", "message_lost_in_gap");
                 }
             }
@@ -518,8 +693,8 @@ impl App for AmqpConnection {
     }
 
     fn on_close(&mut self, ts: Ts, health: &mut Health, out: &mut Vec<AmqpEvent>) {
-        for a in &self.assembling {
-            for _ in 0..a.len() {
+        for dir in Dir::BOTH {
+            for _ in 0..self.forget_all(dir) {
                 health.anomaly("amqp", "incomplete_message");
             }
         }

@@ -217,9 +217,10 @@ pub fn run(
         if cc.tls.is_some() { "https" } else { "http" }
     );
     let mut outlet = Outlet::new(&cfg, out)?;
-    let mut cfg = cfg;
-    cfg.trace.keep_events |= out.otlp.is_some();
     let mut analyser = Analyser::new(cfg);
+    if out.otlp.is_some() {
+        analyser.keep_events();
+    }
     let mut merge = Merge::new(cc.merge.clone());
     let mut released = Vec::new();
     let health = |analyser: &Analyser, merge: &Merge, stats: &IngestStats| {

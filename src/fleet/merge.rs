@@ -18,7 +18,9 @@ use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::time::{Duration, Instant};
 
-#[derive(Debug, Clone)]
+/// `[fleet]`: how a collector joins its probes.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct MergeConfig {
     /// Packet time held back behind the watermark, so that clock offsets are estimated
     /// from what is around an observation before it is released.

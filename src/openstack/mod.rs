@@ -17,14 +17,73 @@ use agent::Agent;
 use services::{DEFAULT_PORTS, DEFAULT_PREFIXES, EXTERNAL};
 use std::sync::Arc;
 
-#[derive(Debug, Clone)]
+/// `[http]`: which ports and path prefixes are which OpenStack API, and what one HTTP
+/// connection may hold.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RestConfig {
+    /// Port → service type, merged over the defaults (`"8780" = "placement"`); `""`
+    /// removes a default.
+    #[serde(deserialize_with = "ports_over_defaults")]
     pub ports: Vec<(u16, String)>,
+    /// Path prefix → service type, tried before the ports (`"/compute" = "nova"`), merged
+    /// over the defaults; `""` removes a default.
+    #[serde(deserialize_with = "prefixes_over_defaults")]
     pub prefixes: Vec<(String, String)>,
     /// Detect HTTP by content on ports not in `ports` (a listening port we don't know).
     pub sniff_other_ports: bool,
     /// Distinct route templates per service before new ones fold into `{other}`.
     pub max_routes_per_service: usize,
+    /// Requests waiting for their response, per connection.
+    pub max_pipeline: usize,
+    /// Largest request or response head.
+    pub max_head_bytes: usize,
+    /// Of a 4xx/5xx body, the bytes kept to read the fault.
+    pub max_error_body_bytes: usize,
+}
+
+/// `key = service` pairs merged over a default list; an empty service removes the key.
+fn merge<K: PartialEq>(list: &mut Vec<(K, String)>, over: Vec<(K, String)>) {
+    for (k, v) in over {
+        list.retain(|(old, _)| *old != k);
+        if !v.is_empty() {
+            list.push((k, v));
+        }
+    }
+}
+
+fn ports_over_defaults<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<(u16, String)>, D::Error> {
+    use serde::Deserialize;
+    let given = std::collections::BTreeMap::<String, String>::deserialize(d)?;
+    let mut over = Vec::new();
+    for (k, v) in given {
+        let port = k
+            .parse()
+            .map_err(|_| serde::de::Error::custom(format!("{k:?} is not a port")))?;
+        over.push((port, v));
+    }
+    let mut list = RestConfig::default().ports;
+    merge(&mut list, over);
+    Ok(list)
+}
+
+fn prefixes_over_defaults<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<(String, String)>, D::Error> {
+    use serde::Deserialize;
+    let given = std::collections::BTreeMap::<String, String>::deserialize(d)?;
+    for k in given.keys() {
+        if !k.starts_with('/') || k.ends_with('/') {
+            return Err(serde::de::Error::custom(format!(
+                "{k:?} must start with / and not end with one"
+            )));
+        }
+    }
+    let mut list = RestConfig::default().prefixes;
+    merge(&mut list, given.into_iter().collect());
+    Ok(list)
 }
 
 impl Default for RestConfig {
@@ -40,6 +99,9 @@ impl Default for RestConfig {
                 .collect(),
             sniff_other_ports: true,
             max_routes_per_service: 200,
+            max_pipeline: 64,
+            max_head_bytes: 64 << 10,
+            max_error_body_bytes: 4 << 10,
         }
     }
 }
@@ -47,6 +109,15 @@ impl Default for RestConfig {
 impl RestConfig {
     pub fn is_api_port(&self, port: u16) -> bool {
         self.ports.iter().any(|(p, _)| *p == port)
+    }
+
+    /// What the HTTP parser of one connection is held to.
+    pub fn http(&self) -> crate::http::HttpConfig {
+        crate::http::HttpConfig {
+            max_head_bytes: self.max_head_bytes,
+            max_pipeline: self.max_pipeline.max(1),
+            max_error_body: self.max_error_body_bytes,
+        }
     }
 }
 

@@ -255,28 +255,6 @@ pub fn hops_of<'a>(ev: &'a Event, mut f: impl FnMut(Hop<'a>)) {
     }
 }
 
-/// How much history the graph keeps.
-#[derive(Debug, Clone)]
-pub struct GraphConfig {
-    /// Slots older than this (packet time, before the newest) are dropped; also the
-    /// default window of a live capture's report.
-    pub window_s: f64,
-    /// The finest window step.
-    pub slot_s: f64,
-    /// Edges kept; observations on edges past the cap are counted in `folded`.
-    pub max_edges: usize,
-}
-
-impl Default for GraphConfig {
-    fn default() -> Self {
-        GraphConfig {
-            window_s: 900.0,
-            slot_s: 10.0,
-            max_edges: 2000,
-        }
-    }
-}
-
 pub struct Graph {
     slot_ns: u64,
     /// Slots kept per edge.
@@ -337,9 +315,12 @@ pub struct GraphReport {
 }
 
 impl Graph {
-    pub fn new(cfg: &GraphConfig) -> Graph {
-        let slot_s = cfg.slot_s.max(0.001);
-        let window_s = cfg.window_s.max(slot_s);
+    /// A graph keeping `requests.graph_window_s` of history in slots of
+    /// `requests.graph_slot_s` (validated: finite, a bounded number of slots), and at most
+    /// `max_edges` edges (observations past it are counted in `folded`).
+    pub fn new(cfg: &crate::sink::requests::RequestsConfig, max_edges: usize) -> Graph {
+        let slot_s = cfg.graph_slot_s.max(0.001);
+        let window_s = cfg.graph_window_s.max(slot_s);
         Graph {
             slot_ns: (slot_s * 1e9) as u64,
             slots: (window_s / slot_s).ceil() as u64,
@@ -349,7 +330,7 @@ impl Graph {
             edges: HashMap::default(),
             first: None,
             now: Ts::ZERO,
-            max_edges: cfg.max_edges,
+            max_edges,
             folded: 0,
         }
     }
@@ -695,7 +676,7 @@ mod tests {
         ];
         e.deliveries = 2;
         let ev = Event::Rpc(Box::new(e));
-        let mut g = Graph::new(&GraphConfig::default());
+        let mut g = Graph::new(&Default::default(), 2000);
         g.on_event(&ev);
         let r = g.report(None);
         let deliver: Vec<_> = r.edges.iter().filter(|e| e.kind == "deliver").collect();
@@ -721,11 +702,14 @@ mod tests {
 
     #[test]
     fn edges_count_and_window_slides() {
-        let mut g = Graph::new(&GraphConfig {
-            window_s: 60.0,
-            slot_s: 10.0,
-            max_edges: 100,
-        });
+        let mut g = Graph::new(
+            &crate::sink::requests::RequestsConfig {
+                graph_window_s: 60.0,
+                graph_slot_s: 10.0,
+                ..Default::default()
+            },
+            100,
+        );
         for i in 0..10 {
             let mut e = http(
                 "nova-compute",

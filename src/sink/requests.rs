@@ -7,19 +7,36 @@ use crate::trace::{ChainEvent, RequestTree};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
-#[derive(Debug, Clone)]
+/// `[requests]`: how requests are collected and judged, and what is kept of them.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RequestsConfig {
+    /// A request is judged after this long without news (packet time).
+    pub settle_s: f64,
+    /// Requests being collected at once; the oldest is judged early past this.
+    pub max_open: usize,
+    /// Spans kept per request.
+    pub max_spans: usize,
     /// Finished request trees kept for lookup by id.
     pub max_trees: usize,
     /// Chains kept (newest first out of the ranking window too).
     pub max_chains: usize,
+    /// History the call graph keeps, and a live capture's default view of it.
+    pub graph_window_s: f64,
+    /// The graph's window step.
+    pub graph_slot_s: f64,
 }
 
 impl Default for RequestsConfig {
     fn default() -> Self {
         RequestsConfig {
+            settle_s: 60.0,
+            max_open: 100_000,
+            max_spans: 2_000,
             max_trees: 20_000,
             max_chains: 10_000,
+            graph_window_s: 900.0,
+            graph_slot_s: 10.0,
         }
     }
 }

@@ -11,9 +11,13 @@ use rusqlite::{Connection, params};
 use std::path::Path;
 use std::sync::Arc;
 
-#[derive(Debug, Clone)]
+/// `[store]`: what `--store` keeps.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
+    /// Rows older than this (packet time, before the newest) are deleted.
     pub retention_s: f64,
+    /// Request trees kept, at most.
     pub max_trees: usize,
 }
 

@@ -18,6 +18,31 @@ pub mod linktype {
     pub const LINUX_SLL2: i32 = 276;
 }
 
+/// `[capture]`: reading packets.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CaptureConfig {
+    /// A packet stamped this much later than the packets before it is a clock jump
+    /// (a corrupt record, a clock stepped on the capture host) unless the packets after it
+    /// agree: it does not move the packet clock on its own.
+    pub max_clock_jump_s: f64,
+    /// How many packets in a row must agree with a jump for it to be real time passing
+    /// (a quiet link in a replayed capture).
+    pub clock_jump_confirm_packets: usize,
+    /// The kernel's capture ring for `capture`, in MiB.
+    pub buffer_mb: usize,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        CaptureConfig {
+            max_clock_jump_s: 30.0,
+            clock_jump_confirm_packets: 8,
+            buffer_mb: 64,
+        }
+    }
+}
+
 /// One captured frame, owned so that several files can be merged.
 #[derive(Debug, Default, Clone)]
 pub struct Packet {

@@ -50,20 +50,41 @@ pub trait App {
     fn on_close(&mut self, ts: Ts, health: &mut Health, out: &mut Self::Out);
 }
 
-#[derive(Debug, Clone)]
+/// `[tcp]`: the flow table and reassembly.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct FlowConfig {
+    /// Connections followed at once; the least recently seen is closed past this.
     pub max_flows: usize,
     /// A connection with no packet for this long (packet time) is closed.
-    pub idle_timeout_ns: u64,
-    pub stream: StreamConfig,
+    pub idle_timeout_s: f64,
+    /// Out-of-order bytes buffered per direction before the hole is given up as a gap.
+    pub max_reorder_bytes: usize,
+    /// Out-of-order segments buffered per direction.
+    pub max_reorder_segments: usize,
+    /// How long (packet time) a hole may stay open while data waits behind it.
+    pub hole_timeout_s: f64,
 }
 
 impl Default for FlowConfig {
     fn default() -> Self {
         FlowConfig {
             max_flows: 65_536,
-            idle_timeout_ns: 600_000_000_000,
-            stream: StreamConfig::default(),
+            idle_timeout_s: 600.0,
+            max_reorder_bytes: 1 << 20,
+            max_reorder_segments: 2048,
+            hole_timeout_s: 2.0,
+        }
+    }
+}
+
+impl FlowConfig {
+    /// What each direction's reassembly is held to.
+    pub fn stream(&self) -> StreamConfig {
+        StreamConfig {
+            max_buffered_bytes: self.max_reorder_bytes,
+            max_buffered_segments: self.max_reorder_segments,
+            hole_timeout_ns: crate::time::secs_to_ns(self.hole_timeout_s),
         }
     }
 }
@@ -92,6 +113,7 @@ pub struct NewFlow<'a> {
 
 pub struct FlowTable<A> {
     cfg: FlowConfig,
+    stream: StreamConfig,
     flows: HashMap<FlowKey, Flow<A>>,
     next_id: u64,
     last_sweep: Ts,
@@ -100,6 +122,7 @@ pub struct FlowTable<A> {
 impl<A: App> FlowTable<A> {
     pub fn new(cfg: FlowConfig) -> Self {
         FlowTable {
+            stream: cfg.stream(),
             cfg,
             flows: HashMap::default(),
             next_id: 1,
@@ -163,7 +186,7 @@ impl<A: App> FlowTable<A> {
                 },
             );
         }
-        let cfg = &self.cfg.stream;
+        let cfg = &self.stream;
         let flow = self.flows.get_mut(&key).expect("present");
         flow.last_seen = ts;
         let dir = if seg.src == flow.client {
@@ -238,7 +261,7 @@ impl<A: App> FlowTable<A> {
             return;
         }
         self.last_sweep = now;
-        let idle = self.cfg.idle_timeout_ns;
+        let idle = crate::time::secs_to_ns(self.cfg.idle_timeout_s);
         let mut expired: Vec<(u64, FlowKey)> = self
             .flows
             .iter()
@@ -263,7 +286,7 @@ impl<A: App> FlowTable<A> {
         for (_, k) in waiting {
             let Flow { streams, app, .. } = self.flows.get_mut(&k).expect("present");
             for d in Dir::BOTH {
-                streams[d as usize].on_clock(&self.cfg.stream, health, now, &mut |c, h| {
+                streams[d as usize].on_clock(&self.stream, health, now, &mut |c, h| {
                     app.on_chunk(d, now, c, h, out)
                 });
             }
