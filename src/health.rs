@@ -40,6 +40,19 @@ impl Health {
         self.anomalies.get(&(protocol, kind)).copied().unwrap_or(0)
     }
 
+    /// The live source's counters (cumulative: set, not added).
+    pub fn source_stats(&mut self, st: &crate::source::SourceStats) {
+        (self.kernel_drops, self.if_drops) = (st.kernel_drops, st.if_drops);
+        for (kind, n) in [
+            ("clock_step", st.clock_steps),
+            ("damaged_record", st.damaged_records),
+        ] {
+            if n > 0 {
+                self.anomalies.insert(("capture", kind), n);
+            }
+        }
+    }
+
     pub fn evict(&mut self, table: &'static str, n: u64) {
         if n > 0 {
             *self.evictions.entry(table).or_default() += n;

@@ -27,6 +27,7 @@ pub mod source;
 pub mod tcp;
 #[cfg(test)]
 pub mod testing;
+pub mod text;
 pub mod time;
 pub mod trace;
 pub mod ui;

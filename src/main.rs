@@ -132,6 +132,9 @@ enum Cmd {
         /// Stop after this many seconds (default: until SIGINT/SIGTERM)
         #[arg(long)]
         duration: Option<f64>,
+        /// The kernel's capture ring in MiB (default: [capture] buffer_mb, 64)
+        #[arg(long)]
+        buffer_size: Option<usize>,
         #[command(flatten)]
         common: Common,
         #[command(flatten)]
@@ -187,7 +190,8 @@ fn print_report(report: &stacktap::sink::summary::Report, json: bool) -> anyhow:
     if json {
         println!("{}", serde_json::to_string_pretty(report)?);
     } else {
-        print!("{}", report.to_text(15));
+        // what came off the wire never drives the terminal
+        print!("{}", stacktap::text::printable_text(&report.to_text(15)));
     }
     Ok(())
 }
@@ -297,16 +301,25 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
             interface,
             filter,
             duration,
+            buffer_size,
             common,
             fleet,
         } => {
-            let cfg = load_config(&common.config)?;
+            let mut cfg = load_config(&common.config)?;
+            if let Some(mb) = buffer_size {
+                cfg.capture.buffer_mb = mb;
+                cfg.validate()
+                    .map_err(|e| anyhow::anyhow!("--buffer-size: {e}"))?;
+            }
             let out = Outputs {
                 graph_window_s: Some(cfg.requests.graph_window_s),
                 ..outputs(&common, &cfg)?
             };
-            let mut cap =
-                LiveCapture::open(&interface, filter.as_deref().unwrap_or(DEFAULT_FILTER))?;
+            let mut cap = LiveCapture::open(
+                &interface,
+                filter.as_deref().unwrap_or(DEFAULT_FILTER),
+                &cfg.capture,
+            )?;
             let duration = duration.map(std::time::Duration::from_secs_f64);
             let host = || stacktap::fleet::sender::hostname().unwrap_or_else(|| interface.clone());
             if let Some(to) = shipping(&fleet, &common, host)? {
@@ -425,7 +438,7 @@ fn print_rca<T: serde::Serialize + ?Sized>(
     if json {
         println!("{}", serde_json::to_string_pretty(value)?);
     } else {
-        print!("{}", text());
+        print!("{}", stacktap::text::printable_text(&text()));
     }
     Ok(())
 }
@@ -439,7 +452,8 @@ fn main() -> ExitCode {
     match main_inner(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("stacktap: error: {e:#}");
+            let e = format!("{e:#}");
+            eprintln!("stacktap: error: {}", stacktap::text::printable(&e));
             ExitCode::from(1)
         }
     }

@@ -32,6 +32,9 @@ pub struct Probe {
     budget: BodyBudget,
     http: crate::http::HttpConfig,
     clock: Ts,
+    /// Packets stamped far after the clock, until the next packets say whether time
+    /// really jumped.
+    held: Vec<Packet>,
 }
 
 impl Probe {
@@ -42,6 +45,7 @@ impl Probe {
             bodies: DecodeCache::new(cfg.amqp.decode_cache_entries),
             budget: BodyBudget::new(cfg.amqp.max_held_bytes),
             http: cfg.http.http(),
+            held: Vec::new(),
             found: Found::default(),
             health: Health::default(),
             clock: Ts::ZERO,
@@ -65,14 +69,62 @@ impl Probe {
     }
 
     /// One captured packet; what it completed goes to `out`.
+    ///
+    /// A packet stamped more than `capture.max_clock_jump_s` after the clock is held: if
+    /// the next `capture.clock_jump_confirm_packets` packets agree, time really passed (a
+    /// quiet link) and they go in order; if a packet near the clock comes first, the held
+    /// ones were stamped wrong (a corrupt record, a clock stepped and back) and go at the
+    /// clock's time, counted. One bad stamp never turns hours of calls into timeouts.
     pub fn packet(&mut self, pkt: &Packet, out: &mut Vec<Observation>) {
         self.health.packets += 1;
         self.health.bytes += pkt.orig_len.max(pkt.data.len() as u32) as u64;
+        let jump = crate::time::secs_to_ns(self.cfg.capture.max_clock_jump_s);
+        let started = self.clock != Ts::ZERO;
+        if started && pkt.ts.0 > self.clock.0.saturating_add(jump) {
+            let agrees = self
+                .held
+                .first()
+                .is_none_or(|h| pkt.ts.0.abs_diff(h.ts.0) <= jump);
+            if !agrees {
+                self.release_held(false, out);
+            }
+            self.held.push(pkt.clone());
+            if self.held.len() >= self.cfg.capture.clock_jump_confirm_packets.max(1) {
+                self.release_held(true, out);
+            }
+            return;
+        }
+        self.release_held(false, out);
+        let ts = if started && pkt.ts.0.saturating_add(jump) < self.clock.0 {
+            // far in the past: stamped wrong; it happened now, as far as we can tell
+            self.health.anomaly("capture", "clock_jump_back");
+            self.clock
+        } else {
+            pkt.ts
+        };
+        self.process(pkt, ts, out);
+    }
+
+    /// The held packets: time really jumped (`real`), or their stamps were wrong and they
+    /// are processed at the clock's time.
+    fn release_held(&mut self, real: bool, out: &mut Vec<Observation>) {
+        for p in std::mem::take(&mut self.held) {
+            let ts = if real {
+                p.ts
+            } else {
+                self.health.anomaly("capture", "clock_jump");
+                self.clock
+            };
+            self.process(&p, ts, out);
+        }
+    }
+
+    fn process(&mut self, pkt: &Packet, ts: Ts, out: &mut Vec<Observation>) {
         // the clock never goes back; a packet stamped earlier is processed at its own time
-        if pkt.ts < self.clock {
+        if ts < self.clock {
             self.health.anomaly("capture", "clock_regression");
         } else {
-            self.clock = pkt.ts;
+            self.clock = ts;
         }
         match decode::decode(pkt.linktype, &pkt.data) {
             Decoded::Tcp(seg) => {
@@ -86,7 +138,7 @@ impl Probe {
                     http: &self.http,
                 };
                 self.flows
-                    .segment(&seg, pkt.ts, &mut self.health, &mut self.found, |f| {
+                    .segment(&seg, ts, &mut self.health, &mut self.found, |f| {
                         protocols::choose(f, &choice)
                     });
             }
@@ -98,8 +150,17 @@ impl Probe {
         self.drain(out);
     }
 
-    /// Live capture with no packet for a while: idle connections close.
+    /// Live capture with no packet for a while: idle connections close. Held packets the
+    /// wall clock has caught up with were real time passing.
     pub fn tick(&mut self, now: Ts, out: &mut Vec<Observation>) {
+        let jump = crate::time::secs_to_ns(self.cfg.capture.max_clock_jump_s);
+        if self
+            .held
+            .first()
+            .is_some_and(|h| now.0.saturating_add(jump) >= h.ts.0)
+        {
+            self.release_held(true, out);
+        }
         if now > self.clock {
             self.clock = now;
         }
@@ -108,8 +169,10 @@ impl Probe {
         self.drain(out);
     }
 
-    /// End of input: every connection is flushed.
+    /// End of input: every connection is flushed (held packets nothing confirmed were
+    /// stamped wrong).
     pub fn finish(&mut self, out: &mut Vec<Observation>) {
+        self.release_held(false, out);
         self.flows
             .close_all(self.clock, &mut self.health, &mut self.found);
         self.drain(out);

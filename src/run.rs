@@ -72,7 +72,7 @@ impl Outlet {
                     graph_window_s: out.graph_window_s,
                     requests: requests.clone(),
                 };
-                let bound = serve::spawn(addr, shared.clone())?;
+                let bound = serve::spawn(addr, shared.clone(), &cfg.listen)?;
                 eprintln!("stacktap: serving http://{bound}/metrics and /api/summary");
                 Some(shared)
             }
@@ -131,18 +131,26 @@ impl Outlet {
             o.close();
         }
         self.refresh(health, true);
-        if let Some(w) = self.sinks.events.as_mut() {
-            w.flush()?;
+        let events = out
+            .events_out
+            .as_ref()
+            .map_or("-".into(), |p| p.display().to_string());
+        if let Some(w) = self.sinks.events.as_mut()
+            && let Err(e) = w.flush()
+            && self.sinks.write_error.is_none()
+        {
+            self.sinks.write_error = Some(e);
+        }
+        // one output failing does not cost the others
+        if let Some(p) = &out.metrics_out {
+            std::fs::write(p, Metrics::render(&self.sinks.metrics.registry))
+                .map_err(|e| anyhow::anyhow!("--metrics-out {}: cannot write: {e}", p.display()))?;
         }
         if let Some(e) = self.sinks.write_error.take() {
-            anyhow::bail!("--events-out: {e}");
+            anyhow::bail!("--events-out {events}: cannot write: {e}");
         }
         if let Some(e) = self.store_error.take() {
             return Err(e);
-        }
-        if let Some(p) = &out.metrics_out {
-            std::fs::write(p, Metrics::render(&self.sinks.metrics.registry))
-                .map_err(|e| anyhow::anyhow!("--metrics-out {}: {e}", p.display()))?;
         }
         Ok(self.sinks.report(health))
     }
@@ -154,8 +162,8 @@ pub trait Tap {
     fn packet(&mut self, pkt: &Packet);
     /// No packet for a while (live capture): time passes all the same.
     fn tick(&mut self, now: crate::time::Ts);
-    /// The kernel's and the interface's drop counters (live capture).
-    fn drops(&mut self, kernel: u64, interface: u64);
+    /// What the source counted (drops, clock steps, damaged records), cumulative.
+    fn source_stats(&mut self, st: &crate::source::SourceStats);
 }
 
 impl Tap for Run {
@@ -165,9 +173,8 @@ impl Tap for Run {
     fn tick(&mut self, now: crate::time::Ts) {
         Run::tick(self, now)
     }
-    fn drops(&mut self, kernel: u64, interface: u64) {
-        let h = &mut self.pipeline.probe.health;
-        (h.kernel_drops, h.if_drops) = (kernel, interface);
+    fn source_stats(&mut self, st: &crate::source::SourceStats) {
+        self.pipeline.probe.health.source_stats(st);
     }
 }
 
@@ -266,9 +273,8 @@ impl Tap for Ship {
         self.probe.tick(now, &mut self.observed);
         self.ship();
     }
-    fn drops(&mut self, kernel: u64, interface: u64) {
-        let h = &mut self.probe.health;
-        (h.kernel_drops, h.if_drops) = (kernel, interface);
+    fn source_stats(&mut self, st: &crate::source::SourceStats) {
+        self.probe.health.source_stats(st);
     }
 }
 
@@ -398,7 +404,24 @@ pub fn replay(
                 f.path().display()
             );
         }
+        for d in &f.damage {
+            let after = match d.skipped {
+                Some(n) => format!("skipped {n} bytes to the next readable record"),
+                None => "nothing after it could be read".into(),
+            };
+            eprintln!(
+                "stacktap: warning: {}: damaged at byte {}: {}; {after}",
+                f.path().display(),
+                d.offset,
+                d.what
+            );
+        }
     }
+    let damaged = files.files().iter().map(|f| f.damage.len() as u64).sum();
+    run.source_stats(&crate::source::SourceStats {
+        damaged_records: damaged,
+        ..Default::default()
+    });
     Ok(())
 }
 
@@ -487,13 +510,11 @@ pub fn capture(
         }
         if last_stats.elapsed() >= Duration::from_secs(1) {
             last_stats = Instant::now();
-            let st = cap.stats();
-            run.drops(st.kernel_drops, st.if_drops);
-            run.tick(crate::source::live::wall_clock());
+            run.source_stats(&cap.stats());
+            run.tick(cap.now());
         }
     }
-    let st = cap.stats();
-    run.drops(st.kernel_drops, st.if_drops);
+    run.source_stats(&cap.stats());
     Ok(())
 }
 

@@ -167,9 +167,10 @@ pub fn parse_failure(text: &str) -> RemoteError {
                 .map(Cow::into_owned)
                 .unwrap_or_else(|| "unknown".into()),
             module: own(f.module),
-            message: f
-                .message
-                .map(|m| truncate(m.into_owned(), MAX_ERROR_MESSAGE)),
+            message: f.message.map(|m| {
+                let m = crate::openstack::secrets::scrub(&m).into_owned();
+                truncate(m, MAX_ERROR_MESSAGE)
+            }),
         },
         Err(_) => RemoteError {
             class: "unknown".into(),

@@ -981,6 +981,9 @@ impl Metrics {
     pub fn render(registry: &Registry) -> String {
         let mut raw = String::new();
         encode(&mut raw, registry).expect("writing to a String cannot fail");
+        // a label value off the wire keeps no control character (its newlines are already
+        // escaped by the encoder; an ESC would reach whoever reads the exposition raw)
+        let raw = crate::text::printable_text(&raw).into_owned();
         let mut out = String::with_capacity(raw.len());
         let mut block: Vec<&str> = Vec::new();
         let flush = |block: &mut Vec<&str>, out: &mut String| {

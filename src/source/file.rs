@@ -1,4 +1,10 @@
 //! pcap / pcapng files through `pcap-parser`, and a time-ordered merge of several files.
+//!
+//! A damaged record mid-file (an absurd length, a block that does not parse) is skipped:
+//! the reader looks for the next plausible record (pcap: a header whose time is near the
+//! last one and whose lengths fit the snap length, followed by another such header; pcapng:
+//! a known block type whose trailing length matches), as Wireshark's tools do, and the
+//! damage is reported with its byte offset. What was read is never thrown away.
 
 use super::{Packet, linktype};
 use crate::time::Ts;
@@ -12,8 +18,10 @@ use std::path::{Path, PathBuf};
 pub enum SourceError {
     #[error("{path}: cannot open: {err}")]
     Open { path: PathBuf, err: std::io::Error },
-    #[error("{path}: not a pcap or pcapng file")]
+    #[error("{path}: not a pcap or pcapng file (no capture file header at its start)")]
     NotPcap { path: PathBuf },
+    #[error("{path}: is a directory, not a capture file")]
+    Directory { path: PathBuf },
     #[error("{path}: empty file")]
     Empty { path: PathBuf },
     #[error("{path}: unreadable at byte {offset}: {what}")]
@@ -35,17 +43,55 @@ pub struct PcapFile {
     path: PathBuf,
     reader: Box<dyn PcapReaderIterator + Send>,
     interfaces: Vec<Interface>,
+    format: Format,
     done: bool,
     /// The file ended inside a record (a capture cut short): reported, not fatal.
     pub truncated: bool,
+    /// Damaged stretches skipped (or that ended the file), in order.
+    pub damage: Vec<Damage>,
     pub bytes_read: u64,
 }
+
+/// A damaged stretch of a capture file.
+#[derive(Debug, Clone)]
+pub struct Damage {
+    /// Where the damage starts (bytes from the start of the file).
+    pub offset: u64,
+    pub what: String,
+    /// Bytes skipped to the next plausible record; None: none was found, the file ends
+    /// there.
+    pub skipped: Option<u64>,
+}
+
+/// What the file's records look like, to find the next one after damage.
+#[derive(Debug, Clone, Copy)]
+enum Format {
+    Unknown,
+    Legacy {
+        big: bool,
+        snaplen: u32,
+        /// The last good record's seconds.
+        last_sec: u32,
+        nanos: bool,
+    },
+    Ng {
+        big: bool,
+    },
+}
+
+/// The largest record a capture plausibly holds when its header says no better.
+const MAX_RECORD: u32 = 256 << 10;
 
 const READ_BUFFER: usize = 1 << 20;
 const MAX_BLOCK: usize = 64 << 20;
 
 impl PcapFile {
     pub fn open(path: &Path) -> Result<PcapFile, SourceError> {
+        if path.is_dir() {
+            return Err(SourceError::Directory {
+                path: path.to_owned(),
+            });
+        }
         let file = File::open(path).map_err(|err| SourceError::Open {
             path: path.to_owned(),
             err,
@@ -72,8 +118,10 @@ impl PcapFile {
             path: path.to_owned(),
             reader,
             interfaces: Vec::new(),
+            format: Format::Unknown,
             done: false,
             truncated: false,
+            damage: Vec::new(),
             bytes_read: 0,
         })
     }
@@ -82,15 +130,24 @@ impl PcapFile {
         &self.path
     }
 
-    /// Reads the next packet into `pkt`. Ok(false) at the end of the file.
+    /// Reads the next packet into `pkt`. Ok(false) at the end of the file (or at damage
+    /// nothing after it could be read past: see `damage`).
     pub fn next_into(&mut self, pkt: &mut Packet) -> Result<bool, SourceError> {
         while !self.done {
+            if self.implausible_next() {
+                self.skip_damage("a record header with an impossible length");
+                continue;
+            }
             match self.reader.next() {
                 Ok((len, block)) => {
+                    learn_format(&mut self.format, &block);
                     let got = take_block(&mut self.interfaces, block, pkt);
                     self.bytes_read += len as u64;
                     self.reader.consume(len);
                     if got {
+                        if let Format::Legacy { last_sec, .. } = &mut self.format {
+                            *last_sec = (pkt.ts.0 / 1_000_000_000) as u32;
+                        }
                         return Ok(true);
                     }
                 }
@@ -109,7 +166,7 @@ impl PcapFile {
                             // the buffer is full and still holds no whole block
                             let want = (before * 2).max(READ_BUFFER);
                             if want > MAX_BLOCK || !self.reader.grow(want) {
-                                return Err(self.corrupt("record larger than 64 MiB"));
+                                self.skip_damage("a block larger than 64 MiB");
                             }
                         }
                     }
@@ -117,16 +174,76 @@ impl PcapFile {
                 Err(PcapError::BufferTooSmall) => {
                     let want = self.reader.data().len().max(READ_BUFFER) * 2;
                     if want > MAX_BLOCK || !self.reader.grow(want) {
-                        return Err(self.corrupt("record larger than 64 MiB"));
+                        self.skip_damage("a block larger than 64 MiB");
                     }
                 }
-                Err(e) => {
-                    let what: String = format!("{e:?}").chars().take(80).collect();
-                    return Err(self.corrupt(&what));
-                }
+                Err(PcapError::ReadError) => return Err(self.corrupt("read error")),
+                Err(_) => self.skip_damage("a block that does not parse"),
             }
         }
         Ok(false)
+    }
+
+    /// The next record's header announces more than the file can hold (checked before the
+    /// reader tries to buffer it).
+    fn implausible_next(&self) -> bool {
+        let d = self.reader.data();
+        match self.format {
+            Format::Legacy { big, snaplen, .. } if d.len() >= 16 => {
+                let caplen = u32_at(d, 8, big);
+                caplen > snaplen.max(MAX_RECORD)
+            }
+            Format::Ng { big } if d.len() >= 8 => {
+                let len = u32_at(d, 4, big) as usize;
+                len < 12 || !len.is_multiple_of(4) || len > MAX_BLOCK
+            }
+            _ => false,
+        }
+    }
+
+    /// Skips damage: from the byte after the damaged record's start to the next plausible
+    /// record, refilling as needed; the file ends if there is none.
+    fn skip_damage(&mut self, what: &str) {
+        let offset = self.reader.consumed() as u64;
+        let mut skipped = 1u64;
+        self.reader.consume(1);
+        loop {
+            let data = self.reader.data();
+            if let Some(i) = find_record(data, self.format, self.reader.reader_exhausted()) {
+                self.reader.consume(i);
+                skipped += i as u64;
+                self.damage.push(Damage {
+                    offset,
+                    what: what.into(),
+                    skipped: Some(skipped),
+                });
+                return;
+            }
+            if self.reader.reader_exhausted() {
+                self.damage.push(Damage {
+                    offset,
+                    what: what.into(),
+                    skipped: None,
+                });
+                self.done = true;
+                return;
+            }
+            // keep what may hold the start of a record not checkable yet (it runs past the
+            // buffer's end), drop the rest, read on
+            let len = data.len();
+            let n = len.saturating_sub(MAX_RECORD as usize + 64);
+            self.reader.consume(n);
+            skipped += n as u64;
+            if self.reader.refill().is_err() {
+                self.done = true;
+                return;
+            }
+            if n == 0 && self.reader.data().len() == len && !self.reader.reader_exhausted() {
+                // the buffer is full of what we keep: give up one byte of it
+                self.reader.consume(1);
+                skipped += 1;
+            }
+        }
     }
 
     fn corrupt(&self, what: &str) -> SourceError {
@@ -136,6 +253,92 @@ impl PcapFile {
             what: what.to_owned(),
         }
     }
+}
+
+fn u32_at(d: &[u8], at: usize, big: bool) -> u32 {
+    let b = [d[at], d[at + 1], d[at + 2], d[at + 3]];
+    if big {
+        u32::from_be_bytes(b)
+    } else {
+        u32::from_le_bytes(b)
+    }
+}
+
+fn learn_format(f: &mut Format, block: &PcapBlockOwned<'_>) {
+    match block {
+        PcapBlockOwned::LegacyHeader(h) => {
+            *f = Format::Legacy {
+                big: h.is_bigendian(),
+                snaplen: h.snaplen,
+                last_sec: 0,
+                nanos: h.is_nanosecond_precision(),
+            }
+        }
+        PcapBlockOwned::NG(Block::SectionHeader(shb)) => {
+            *f = Format::Ng {
+                big: shb.big_endian(),
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Where in `d` the next plausible record starts.
+fn find_record(d: &[u8], f: Format, at_end: bool) -> Option<usize> {
+    (0..d.len()).find(|&i| plausible_at(d, i, f, at_end, 2))
+}
+
+/// A record starts at `i` (and `depth - 1` more follow it, as far as `d` shows).
+fn plausible_at(d: &[u8], i: usize, f: Format, at_end: bool, depth: u8) -> bool {
+    if depth == 0 {
+        return true;
+    }
+    let rest = &d[i..];
+    let (len, ok) = match f {
+        Format::Legacy {
+            big,
+            snaplen,
+            last_sec,
+            nanos,
+        } => {
+            if rest.len() < 16 {
+                return at_end && rest.is_empty();
+            }
+            let (sec, frac) = (u32_at(rest, 0, big), u32_at(rest, 4, big));
+            let (caplen, orig) = (u32_at(rest, 8, big), u32_at(rest, 12, big));
+            let near = last_sec == 0 || sec.abs_diff(last_sec) <= 86_400;
+            let frac_ok = frac < if nanos { 1_000_000_000 } else { 1_000_000 };
+            let len_ok = caplen <= snaplen.max(MAX_RECORD) && caplen <= orig && orig <= 1 << 20;
+            (16 + caplen as usize, near && frac_ok && len_ok)
+        }
+        Format::Ng { big } => {
+            if rest.len() < 12 {
+                return at_end && rest.is_empty();
+            }
+            let kind = u32_at(rest, 0, big);
+            let len = u32_at(rest, 4, big) as usize;
+            let known = matches!(kind, 1..=6 | 10 | 0x0A0D_0D0A);
+            let ok = known
+                && len >= 12
+                && len.is_multiple_of(4)
+                && len <= MAX_RECORD as usize + 64
+                && rest.len() >= len
+                && u32_at(rest, len - 4, big) as usize == len;
+            (len, ok)
+        }
+        Format::Unknown => return false,
+    };
+    if !ok {
+        return false;
+    }
+    // the record after it must be plausible too: decided once the buffer shows it
+    if i + len > d.len() {
+        return false;
+    }
+    if i + len == d.len() {
+        return at_end;
+    }
+    plausible_at(d, i + len, f, at_end, depth - 1)
 }
 
 /// Copies one record into `pkt` (the captured bytes only: `data` may carry padding).

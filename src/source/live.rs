@@ -5,12 +5,18 @@
 //! `pcap_breakloop` whenever no packet was read for `IDLE_MS`: the read returns, and the
 //! quiet interval becomes an idle tick (the only place the wall clock enters the pipeline:
 //! timeouts still fire) and a chance to notice SIGINT/SIGTERM.
+//!
+//! The kernel stamps packets with the host's real-time clock, which NTP may step. Between
+//! reads the monotonic clock says how much time really passed; a packet stamped more
+//! than `capture.max_clock_jump_s` away from that is a step, and every later stamp is
+//! corrected by it (counted: `stacktap_parse_anomalies_total{protocol="capture",
+//! kind="clock_step"}`), so a stepped clock never reads as hours of silence.
 
-use super::Packet;
+use super::{Packet, SourceStats};
 use crate::time::Ts;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// AMQP plus the OpenStack API ports of the reference (keystone, nova, placement and
 /// kolla's placement, neutron, glance, cinder, heat, designate, octavia, swift, barbican,
@@ -28,17 +34,66 @@ pub struct LiveCapture {
     /// Bumped on every packet; the waker interrupts the read when it stops moving.
     reads: Arc<AtomicU64>,
     closed: Arc<AtomicBool>,
+    steps: ClockSteps,
+}
+
+/// Corrects real-time stamps by the steps the monotonic clock reveals.
+struct ClockSteps {
+    max_jump_ns: u64,
+    /// The last stamp handed out (corrected) and when (monotonic).
+    anchor: Option<(Instant, Ts)>,
+    correction_ns: i64,
+    steps: u64,
+}
+
+impl ClockSteps {
+    fn new(max_jump_s: f64) -> ClockSteps {
+        ClockSteps {
+            max_jump_ns: crate::time::secs_to_ns(max_jump_s),
+            anchor: None,
+            correction_ns: 0,
+            steps: 0,
+        }
+    }
+
+    fn shifted(t: Ts, by: i64) -> Ts {
+        Ts((t.0 as i64).saturating_add(by).max(0) as u64)
+    }
+
+    /// Where the monotonic clock says real time is now (None before the first stamp).
+    fn expected(&self) -> Option<Ts> {
+        let (at, t) = self.anchor?;
+        Some(Ts(t.0.saturating_add(at.elapsed().as_nanos() as u64)))
+    }
+
+    /// A packet's stamp, corrected.
+    fn stamp(&mut self, raw: Ts) -> Ts {
+        let mut t = Self::shifted(raw, self.correction_ns);
+        if let Some(expected) = self.expected()
+            && t.0.abs_diff(expected.0) > self.max_jump_ns
+        {
+            self.correction_ns += expected.0 as i64 - t.0 as i64;
+            self.steps += 1;
+            tracing::warn!(
+                "the capture clock stepped by {:.3} s; later packets are corrected by it",
+                (t.0 as f64 - expected.0 as f64) / 1e9
+            );
+            t = expected;
+        }
+        self.anchor = Some((Instant::now(), t));
+        t
+    }
+
+    /// Now, on the corrected clock.
+    fn now(&self) -> Ts {
+        self.expected()
+            .unwrap_or_else(|| Self::shifted(wall_clock(), self.correction_ns))
+    }
 }
 
 pub enum LiveRead {
     Packet,
     Idle(Ts),
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-pub struct LiveStats {
-    pub kernel_drops: u64,
-    pub if_drops: u64,
 }
 
 pub fn wall_clock() -> Ts {
@@ -49,14 +104,18 @@ pub fn wall_clock() -> Ts {
 }
 
 impl LiveCapture {
-    pub fn open(iface: &str, filter: &str) -> anyhow::Result<LiveCapture> {
+    pub fn open(
+        iface: &str,
+        filter: &str,
+        cfg: &super::CaptureConfig,
+    ) -> anyhow::Result<LiveCapture> {
         let mut cap = pcap::Capture::from_device(iface)
             .and_then(|c| {
                 c.promisc(false)
                     .snaplen(262_144)
                     .timeout(IDLE_MS as i32)
                     .immediate_mode(true)
-                    .buffer_size(32 << 20)
+                    .buffer_size(i32::try_from(cfg.buffer_mb << 20).unwrap_or(i32::MAX))
                     .open()
             })
             .map_err(|e| anyhow::anyhow!("-i {iface}: cannot capture: {e}"))?;
@@ -88,6 +147,7 @@ impl LiveCapture {
             linktype,
             reads,
             closed,
+            steps: ClockSteps::new(cfg.max_clock_jump_s),
         })
     }
 
@@ -96,7 +156,9 @@ impl LiveCapture {
         match self.cap.next_packet() {
             Ok(p) => {
                 let ts = p.header.ts;
-                pkt.ts = Ts::from_parts(ts.tv_sec.max(0) as u64, (ts.tv_usec.max(0) as u64) * 1000);
+                let raw =
+                    Ts::from_parts(ts.tv_sec.max(0) as u64, (ts.tv_usec.max(0) as u64) * 1000);
+                pkt.ts = self.steps.stamp(raw);
                 pkt.linktype = self.linktype;
                 pkt.orig_len = p.header.len;
                 pkt.data.clear();
@@ -107,20 +169,28 @@ impl LiveCapture {
             // a timeout, or our waker's pcap_breakloop (reported as "no more packets")
             Err(pcap::Error::TimeoutExpired) | Err(pcap::Error::NoMorePackets) => {
                 self.reads.fetch_add(1, Ordering::Relaxed);
-                Ok(LiveRead::Idle(wall_clock()))
+                Ok(LiveRead::Idle(self.steps.now()))
             }
             Err(e) => Err(anyhow::anyhow!("capture failed: {e}")),
         }
     }
 
-    pub fn stats(&mut self) -> LiveStats {
-        match self.cap.stats() {
-            Ok(s) => LiveStats {
-                kernel_drops: s.dropped as u64,
-                if_drops: s.if_dropped as u64,
-            },
-            Err(_) => LiveStats::default(),
+    pub fn stats(&mut self) -> SourceStats {
+        let (kernel_drops, if_drops) = match self.cap.stats() {
+            Ok(s) => (s.dropped as u64, s.if_dropped as u64),
+            Err(_) => (0, 0),
+        };
+        SourceStats {
+            kernel_drops,
+            if_drops,
+            clock_steps: self.steps.steps,
+            damaged_records: 0,
         }
+    }
+
+    /// Now, on the capture's (corrected) clock.
+    pub fn now(&self) -> Ts {
+        self.steps.now()
     }
 }
 

@@ -18,6 +18,18 @@ pub mod linktype {
     pub const LINUX_SLL2: i32 = 276;
 }
 
+/// What a source counted of its own trouble, since it started.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SourceStats {
+    /// Packets the kernel or the interface dropped (live capture).
+    pub kernel_drops: u64,
+    pub if_drops: u64,
+    /// Steps of the host's clock corrected (live capture).
+    pub clock_steps: u64,
+    /// Damaged stretches of capture files skipped (or that ended a file).
+    pub damaged_records: u64,
+}
+
 /// `[capture]`: reading packets.
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -1,0 +1,65 @@
+//! Text for people and for line formats: what came off the wire (exception classes, fault
+//! messages, method and queue names) may hold control characters — an ESC sequence that
+//! clears a terminal, retitles its window or writes its clipboard (OSC 52), a newline that
+//! forges a line of Prometheus exposition. They are shown as visible escapes (`\x1b`),
+//! never passed through.
+
+use std::borrow::Cow;
+use std::fmt::Write;
+
+fn is_control(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+fn escape(s: &str, keep: impl Fn(char) -> bool) -> Cow<'_, str> {
+    if !s.chars().any(|c| is_control(c) && !keep(c)) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if is_control(c) && !keep(c) {
+            match c as u32 {
+                n @ 0..=0xff => {
+                    let _ = write!(out, "\\x{n:02x}");
+                }
+                n => {
+                    let _ = write!(out, "\\u{{{n:x}}}");
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// One value on one line (a label, a table cell): every control character escaped.
+pub fn printable(s: &str) -> Cow<'_, str> {
+    escape(s, |_| false)
+}
+
+/// A whole text meant for a terminal: line breaks kept, every other control escaped.
+pub fn printable_text(s: &str) -> Cow<'_, str> {
+    escape(s, |c| c == '\n')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_are_shown_not_obeyed() {
+        let clear = "NoValidHost\u{1b}[2J\u{1b}]52;c;ZXZpbA==\u{7}";
+        assert_eq!(
+            printable(clear),
+            "NoValidHost\\x1b[2J\\x1b]52;c;ZXZpbA==\\x07"
+        );
+        assert_eq!(printable("a\nb\u{9b}c\u{202e}d"), "a\\x0ab\\x9bc\\u{202e}d");
+        assert_eq!(
+            printable_text("line 1\nline\u{1b}2\n"),
+            "line 1\nline\\x1b2\n"
+        );
+        assert!(matches!(printable("nova-compute"), Cow::Borrowed(_)));
+    }
+}
