@@ -47,6 +47,8 @@ struct Ran {
 fn stacktap(args: &[&str]) -> Ran {
     let dir = tempfile::tempdir().unwrap();
     let (out, err) = (dir.path().join("out"), dir.path().join("err"));
+    // reaped by wait4 below, for its rusage: std's wait would not give it
+    #[allow(clippy::zombie_processes)]
     let child = Command::new(env!("CARGO_BIN_EXE_stacktap"))
         .args(args)
         .stdout(std::fs::File::create(&out).unwrap())
