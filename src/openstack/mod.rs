@@ -156,8 +156,8 @@ impl Rest {
         let (service, path) = self.service(ex.server.port, &req.path);
         let route = route::template(service.as_deref(), path);
         let resp = ex.response.as_ref();
-        let credentials = resp
-            .is_some_and(|r| secrets::redact_fault(&req.method, &route, r.head.status));
+        let credentials =
+            resp.is_some_and(|r| secrets::redact_fault(&req.method, &route, r.head.status));
         let fault = resp
             .filter(|r| !r.error_body.is_empty())
             .and_then(|r| fault::parse(&r.error_body))

@@ -5,9 +5,12 @@
 //! caller's own timeout). Every table is bounded; what falls out is counted and still
 //! reported. Output is a list of `Signal`s for the sinks, in a deterministic order.
 
+mod record;
+mod table;
+
 use crate::contract::{
     AmqpKind, AmqpMessage, ConnId, Delivery, Event, NotificationEvent, Obs, Oslo, Outcome, Process,
-    RemoteError, ReplyPart, Request, RpcEvent, RpcType,
+    ReplyPart, Request, RpcType,
 };
 use crate::health::Health;
 use crate::identity::AddressBook;
@@ -15,9 +18,11 @@ use crate::oslo;
 use crate::time::Ts;
 use crate::view::{Seen, View};
 use crate::{FastMap as HashMap, FastSet as HashSet};
+use record::{Field, Id, Record, Shape, When};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::sync::Arc;
+use table::{Handle, Table};
 
 /// `[rpc]`: pairing RPC messages.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -57,11 +62,13 @@ impl Default for CorrelatorConfig {
 /// An interned name (exchange, topic, method): cloning is a reference-count bump.
 pub type Name = Arc<str>;
 
-/// Interns the few distinct names a cloud uses; bounded, past the bound names are
-/// allocated per use (still correct, just slower).
+/// Interns the few distinct names a cloud uses, and the shapes of its messages (one per
+/// destination and method); bounded, past the bound they are allocated per use (still
+/// correct, just bigger).
 #[derive(Default)]
 struct Names {
     table: HashMap<Box<str>, Name>,
+    shapes: HashMap<u64, Arc<Shape>>,
 }
 
 const MAX_INTERNED: usize = 1 << 16;
@@ -76,6 +83,49 @@ impl Names {
             self.table.insert(Box::from(s), n.clone());
         }
         n
+    }
+
+    /// The shape of a request message on `m`, shared with every other like it.
+    fn shape(&mut self, m: &AmqpMessage, r: &Request) -> Arc<Shape> {
+        let key = ahash::RandomState::with_seeds(5, 6, 7, 8).hash_one((
+            r.rpc_type,
+            &m.exchange,
+            &m.routing_key,
+            &r.method,
+            &r.namespace,
+            &r.version,
+        ));
+        if let Some(s) = self.shapes.get(&key)
+            && s.rpc_type == r.rpc_type
+            && *s.exchange == *m.exchange
+            && *s.routing_key == *m.routing_key
+            && *s.method == *r.method
+            && s.namespace.as_deref() == r.namespace.as_deref()
+            && s.version.as_deref() == r.version.as_deref()
+        {
+            return s.clone();
+        }
+        let (topic, server) = match r.rpc_type {
+            RpcType::Fanout => (self.get(m.exchange.trim_end_matches("_fanout")), None),
+            _ => {
+                let (t, s) = oslo::split_routing_key(&m.routing_key);
+                (self.get(t), s.map(Box::from))
+            }
+        };
+        let shape = Arc::new(Shape {
+            rpc_type: r.rpc_type,
+            exchange: self.get(&m.exchange),
+            routing_key: m.routing_key.as_str().into(),
+            topic,
+            server,
+            method: self.get(&r.method),
+            namespace: r.namespace.as_deref().map(Box::from),
+            version: r.version.as_deref().map(Box::from),
+        });
+        if self.shapes.len() < MAX_INTERNED {
+            self.shapes.insert(key, shape.clone());
+        }
+        shape
     }
 }
 
@@ -139,27 +189,24 @@ pub enum Signal {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
 enum Timer {
     /// The call's expiration (or max age) passed.
-    Deadline,
+    Deadline = 0,
     /// The late-reply window of a timed-out call closed.
-    LateWindow,
+    LateWindow = 1,
     /// A cast's settle window closed.
-    Settle,
+    Settle = 2,
 }
 
-struct Call {
-    ev: RpcEvent,
-    /// Who got a copy so far (see `consumer_key`): a second copy to the same consumer is
-    /// a re-read (a stream consumer re-attaching), not another delivery.
-    consumers: Vec<u64>,
-    first_seen: Ts,
-    expired: bool,
-    /// Its deadline passed while the view was partial: no timeout verdict (the reply may
-    /// have gone through a node this probe does not see).
-    unjudged: bool,
-    /// Failure from a legacy (≤ 2.x) payload reply, completed by the empty ending reply.
-    legacy_failure: Option<RemoteError>,
+impl Timer {
+    fn of(tag: u8) -> Timer {
+        match tag {
+            0 => Timer::Deadline,
+            1 => Timer::LateWindow,
+            _ => Timer::Settle,
+        }
+    }
 }
 
 /// Consumers remembered per message; a fanout to more queues than this counts every
@@ -180,8 +227,8 @@ fn consumer_key(p: &Process, conn: &ConnId) -> u64 {
 
 /// Ids already reported, so that retries and duplicates are recognised. Bounded FIFO.
 struct Recent {
-    set: HashSet<String>,
-    order: VecDeque<String>,
+    set: HashSet<Id>,
+    order: VecDeque<Id>,
     cap: usize,
 }
 
@@ -193,8 +240,8 @@ impl Recent {
             cap,
         }
     }
-    fn insert(&mut self, id: String) {
-        if self.set.insert(id.clone()) {
+    fn insert(&mut self, id: Id) {
+        if self.set.insert(id) {
             self.order.push_back(id);
             if self.order.len() > self.cap
                 && let Some(old) = self.order.pop_front()
@@ -203,7 +250,7 @@ impl Recent {
             }
         }
     }
-    fn contains(&self, id: &str) -> bool {
+    fn contains(&self, id: &Id) -> bool {
         self.set.contains(id)
     }
 }
@@ -215,19 +262,18 @@ pub struct Correlator {
     conns: HashMap<ConnId, Arc<Process>>,
     /// Named processes by address, for REST callers.
     addresses: AddressBook,
-    calls: HashMap<String, Call>,
+    /// Calls by `_msg_id`.
+    calls: Table,
     /// Casts and fanouts by `_unique_id`.
-    casts: HashMap<String, Call>,
-    /// Insertion order, for evicting the oldest when a table is full (lazy: ids may be gone).
-    call_order: VecDeque<String>,
-    cast_order: VecDeque<String>,
-    timers: BinaryHeap<Reverse<(Ts, Timer, String)>>,
+    casts: Table,
+    /// Deadlines (lazy: a handle may be stale; pruned when stale ones outnumber the live).
+    timers: BinaryHeap<Reverse<(Ts, u64)>>,
     done_calls: Recent,
     done_messages: Recent,
     view: View,
     /// Calls past their deadline while the view was undecided, and replies without a
     /// call seen meanwhile: judged once the view is (see `decide`).
-    pending_calls: Vec<String>,
+    pending_calls: Vec<Handle>,
     pending_orphans: u64,
     pub now: Ts,
 }
@@ -239,10 +285,8 @@ impl Correlator {
             names: Names::default(),
             conns: HashMap::default(),
             addresses: AddressBook::new(cfg.max_known_addresses.max(1)),
-            calls: HashMap::default(),
-            casts: HashMap::default(),
-            call_order: VecDeque::new(),
-            cast_order: VecDeque::new(),
+            calls: Table::new(Field::MsgId),
+            casts: Table::new(Field::UniqueId),
             timers: BinaryHeap::new(),
             done_calls: Recent::new(recent),
             done_messages: Recent::new(recent),
@@ -259,12 +303,13 @@ impl Correlator {
         if now > self.now {
             self.now = now;
         }
-        while let Some(Reverse((at, _, _))) = self.timers.peek() {
+        while let Some(Reverse((at, _))) = self.timers.peek() {
             if *at > self.now {
                 break;
             }
-            let Reverse((at, timer, id)) = self.timers.pop().expect("peeked");
-            self.fire(at, timer, id, out);
+            let Reverse((at, packed)) = self.timers.pop().expect("peeked");
+            let (h, timer) = Handle::unpack(packed);
+            self.fire(at, Timer::of(timer), h, out);
         }
         self.decide(false, health, out);
     }
@@ -280,18 +325,18 @@ impl Correlator {
         if seen == Seen::Undecided {
             return;
         }
-        for id in std::mem::take(&mut self.pending_calls) {
-            let Some(call) = self.calls.get_mut(&id).filter(|c| c.unjudged) else {
+        for h in std::mem::take(&mut self.pending_calls) {
+            let Some((id, call)) = self.calls.at(h).filter(|(_, c)| c.unjudged) else {
                 continue;
             };
             if seen == Seen::Complete {
                 call.unjudged = false;
                 out.push(Signal::TimedOut {
-                    topic: call.ev.topic.clone(),
-                    method: call.ev.method.clone(),
+                    topic: call.shape.topic.clone(),
+                    method: call.shape.method.clone(),
                 });
-            } else if call.ev.t_reply_publish.is_some() {
-                let outcome = answered(&call.ev);
+            } else if call.seen(When::ReplyPublish) {
+                let outcome = answered(call);
                 self.finish_call(&id, outcome, out);
             }
         }
@@ -313,32 +358,33 @@ impl Correlator {
         }
     }
 
-    fn fire(&mut self, at: Ts, timer: Timer, id: String, out: &mut Vec<Signal>) {
+    fn fire(&mut self, at: Ts, timer: Timer, h: Handle, out: &mut Vec<Signal>) {
         match timer {
             Timer::Deadline => {
                 let late_window = self.cfg.late_reply_window_s;
-                let Some(call) = self.calls.get_mut(&id) else {
+                let Some((id, call)) = self.calls.at(h) else {
                     return;
                 };
                 if call.expired {
                     return;
                 }
-                if call.ev.timeout_s.is_none() {
+                if call.timeout_s().is_none() {
                     // not an oslo call (no expiration): give it up without a timeout verdict
                     self.finish_call(&id, Outcome::NoReply, out);
                     return;
                 }
-                let split = call.ev.t_publish.is_some()
-                    && call.ev.t_deliver.is_none()
-                    && call.ev.t_reply_publish.is_some();
+                let split = call.seen(When::Publish)
+                    && !call.seen(When::Deliver)
+                    && call.seen(When::ReplyPublish);
                 if split {
                     self.view.evidence("split_call", at);
                 }
-                let call = self.calls.get_mut(&id).expect("present");
-                match self.view.seen(at, false) {
-                    Seen::Partial if call.ev.t_reply_publish.is_some() => {
+                let seen = self.view.seen(at, false);
+                let (_, call) = self.calls.at(h).expect("present");
+                match seen {
+                    Seen::Partial if call.seen(When::ReplyPublish) => {
                         // answered in time; its delivery went by elsewhere
-                        let outcome = answered(&call.ev);
+                        let outcome = answered(call);
                         self.finish_call(&id, outcome, out);
                         return;
                     }
@@ -346,30 +392,29 @@ impl Correlator {
                     Seen::Partial => call.unjudged = true,
                     Seen::Undecided => {
                         call.unjudged = true;
-                        self.pending_calls.push(id.clone());
+                        self.pending_calls.push(h);
                     }
                     Seen::Complete => out.push(Signal::TimedOut {
-                        topic: call.ev.topic.clone(),
-                        method: call.ev.method.clone(),
+                        topic: call.shape.topic.clone(),
+                        method: call.shape.method.clone(),
                     }),
                 }
                 call.expired = true;
                 out.push(Signal::InFlight {
-                    topic: call.ev.topic.clone(),
+                    topic: call.shape.topic.clone(),
                     delta: -1,
                 });
-                self.timers
-                    .push(Reverse((at.plus_secs(late_window), Timer::LateWindow, id)));
+                self.timer(at.plus_secs(late_window), Timer::LateWindow, h);
             }
             Timer::LateWindow => {
-                if let Some(c) = self.calls.get(&id).filter(|c| c.expired) {
+                if let Some((id, c)) = self.calls.at(h).filter(|(_, c)| c.expired) {
                     let outcome = expired_outcome(c);
                     self.finish_call(&id, outcome, out);
                 }
             }
             Timer::Settle => {
-                if let Some(c) = self.casts.get(&id) {
-                    let outcome = self.cast_outcome(c, at);
+                if let Some((id, _)) = self.casts.at(h) {
+                    let outcome = self.cast_outcome(&id, at);
                     self.finish_cast(&id, outcome, out);
                 }
             }
@@ -471,40 +516,45 @@ impl Correlator {
             }
             (AmqpKind::Publish { .. }, Oslo::Reply(r)) => {
                 let publisher = self.process(&m.conn);
-                let Some(call) = self.calls.get_mut(&r.msg_id) else {
-                    if !self.done_calls.contains(&r.msg_id) {
+                let id = Id::of(&r.msg_id);
+                let Some(call) = self.calls.get_mut(&id) else {
+                    if !self.done_calls.contains(&id) {
                         self.orphan_reply(t, health);
                     }
                     return;
                 };
                 match r.part {
                     ReplyPart::Heartbeat => {
-                        call.ev.heartbeats += 1;
+                        call.add_heartbeat();
                         out.push(Signal::Heartbeat {
-                            topic: call.ev.topic.clone(),
-                            method: call.ev.method.clone(),
+                            topic: call.shape.topic.clone(),
+                            method: call.shape.method.clone(),
                         });
                     }
-                    ReplyPart::LegacyPayload => call.legacy_failure = r.failure.clone(),
+                    ReplyPart::LegacyPayload => call.rare().legacy_failure = r.failure.clone(),
                     ReplyPart::Final => {
-                        if call.ev.t_reply_publish.is_none() {
-                            call.ev.t_reply_publish = Some(t.as_secs_f64());
-                            call.ev.error = r.failure.clone().or(call.legacy_failure.take());
+                        if !call.seen(When::ReplyPublish) {
+                            call.set(When::ReplyPublish, t);
+                            let legacy = call.rare_ref().and_then(|x| x.legacy_failure.clone());
+                            if let Some(e) = r.failure.clone().or(legacy) {
+                                call.rare().error = Some(e);
+                            }
                         }
                         // answered, and published, but its delivery went by elsewhere
-                        if call.ev.t_publish.is_some() && call.ev.t_deliver.is_none() {
+                        if call.seen(When::Publish) && !call.seen(When::Deliver) {
                             self.view.evidence("split_call", t);
                         }
                         // the server that answered (a redelivered call may have gone to two)
-                        if call.ev.callee.is_none() || publisher.service.is_some() {
-                            call.ev.callee = Some(publisher);
+                        if call.callee.is_none() || publisher.service.is_some() {
+                            call.callee = Some(publisher);
                         }
                     }
                 }
             }
             (AmqpKind::Deliver { .. } | AmqpKind::GetOk { .. }, Oslo::Reply(r)) => {
-                let Some(call) = self.calls.get_mut(&r.msg_id) else {
-                    if !self.done_calls.contains(&r.msg_id) {
+                let id = Id::of(&r.msg_id);
+                let Some(call) = self.calls.get_mut(&id) else {
+                    if !self.done_calls.contains(&id) {
                         // a reply queue consumed since the capture began: every call
                         // answered there was published since, and should have been seen
                         if m.queue.is_some() {
@@ -517,33 +567,37 @@ impl Correlator {
                 match r.part {
                     ReplyPart::Heartbeat => {}
                     ReplyPart::LegacyPayload => {
-                        if call.legacy_failure.is_none() {
-                            call.legacy_failure = r.failure.clone();
+                        if call.rare_ref().is_none_or(|x| x.legacy_failure.is_none())
+                            && let Some(f) = r.failure.clone()
+                        {
+                            call.rare().legacy_failure = Some(f);
                         }
                     }
                     ReplyPart::Final => {
-                        call.ev.t_reply_deliver = Some(t.as_secs_f64());
-                        if call.ev.error.is_none() {
-                            call.ev.error = r.failure.clone().or(call.legacy_failure.take());
+                        call.set(When::ReplyDeliver, t);
+                        if call.error().is_none() {
+                            let legacy = call.rare_ref().and_then(|x| x.legacy_failure.clone());
+                            if let Some(e) = r.failure.clone().or(legacy) {
+                                call.rare().error = Some(e);
+                            }
                         }
                         let outcome = if call.expired {
                             if call.unjudged {
                                 // the caller did time out: counted now that it is known
                                 out.push(Signal::TimedOut {
-                                    topic: call.ev.topic.clone(),
-                                    method: call.ev.method.clone(),
+                                    topic: call.shape.topic.clone(),
+                                    method: call.shape.method.clone(),
                                 });
                             }
                             Outcome::LateReply
                         } else {
-                            answered(&call.ev)
+                            answered(call)
                         };
-                        let split = (call.ev.t_publish.is_some() && call.ev.t_deliver.is_none())
-                            || (call.ev.t_deliver.is_some() && call.ev.t_reply_publish.is_none());
+                        let split = (call.seen(When::Publish) && !call.seen(When::Deliver))
+                            || (call.seen(When::Deliver) && !call.seen(When::ReplyPublish));
                         if split {
                             self.view.evidence("split_call", t);
                         }
-                        let id = r.msg_id.clone();
                         self.finish_call(&id, outcome, out);
                     }
                 }
@@ -554,28 +608,29 @@ impl Correlator {
                 });
                 match oslo {
                     Oslo::Reply(r) => {
-                        if let Some(call) = self.calls.get_mut(&r.msg_id) {
-                            call.ev.returns += 1;
+                        let id = Id::of(&r.msg_id);
+                        if let Some(call) = self.calls.get_mut(&id) {
+                            call.add_return();
                             if r.part == ReplyPart::Final {
-                                if call.ev.t_reply_publish.is_none() {
-                                    call.ev.t_reply_publish = Some(t.as_secs_f64());
+                                if !call.seen(When::ReplyPublish) {
+                                    call.set(When::ReplyPublish, t);
                                 }
-                                if call.ev.error.is_none() {
-                                    call.ev.error = r.failure.clone();
+                                if call.error().is_none()
+                                    && let Some(f) = r.failure.clone()
+                                {
+                                    call.rare().error = Some(f);
                                 }
-                                let id = r.msg_id.clone();
                                 self.finish_call(&id, Outcome::Unroutable, out);
                             }
                         }
                     }
                     Oslo::Request(r) => {
-                        if let Some(id) = r.msg_id.clone().filter(|id| self.calls.contains_key(id))
-                        {
-                            self.finish_call(&id, Outcome::Unroutable, out);
-                        } else if let Some(id) =
-                            r.unique_id.clone().filter(|id| self.casts.contains_key(id))
-                        {
-                            self.finish_cast(&id, Outcome::Unroutable, out);
+                        let call = Id::of_opt(r.msg_id.as_deref());
+                        let cast = Id::of_opt(r.unique_id.as_deref());
+                        if r.msg_id.is_some() && self.calls.contains(&call) {
+                            self.finish_call(&call, Outcome::Unroutable, out);
+                        } else if r.unique_id.is_some() && self.casts.contains(&cast) {
+                            self.finish_cast(&cast, Outcome::Unroutable, out);
                         }
                     }
                     Oslo::Notification(_) => {}
@@ -586,12 +641,12 @@ impl Correlator {
                 Oslo::Notification(n),
             ) => {
                 // one publish, delivered to every listener queue: report it once
-                let key = n.unique_id.clone().or(n.message_id.clone());
-                if let Some(k) = &key {
-                    if self.done_messages.contains(k) {
+                let key = n.unique_id.as_deref().or(n.message_id.as_deref());
+                if let Some(k) = key.map(Id::of) {
+                    if self.done_messages.contains(&k) {
                         return;
                     }
-                    self.done_messages.insert(k.clone());
+                    self.done_messages.insert(k);
                 }
                 let publisher =
                     matches!(m.kind, AmqpKind::Publish { .. }).then(|| self.process(&m.conn));
@@ -620,19 +675,14 @@ impl Correlator {
         health: &mut Health,
         out: &mut Vec<Signal>,
     ) {
-        let t = ts.as_secs_f64();
         let proc_ = self.process(&m.conn);
         let redelivered = matches!(
             m.kind,
             AmqpKind::Deliver { redelivered: true } | AmqpKind::GetOk { redelivered: true }
         );
         let is_call = r.rpc_type == RpcType::Call;
-        let key = if is_call {
-            r.msg_id.clone()
-        } else {
-            r.unique_id.clone()
-        };
-        let Some(key) = key else {
+        let key = if is_call { &r.msg_id } else { &r.unique_id };
+        let Some(key) = key.as_deref().map(Id::of) else {
             health.anomaly("oslo", "request_without_id");
             return;
         };
@@ -648,14 +698,14 @@ impl Correlator {
         };
         if let Some(c) = table.get_mut(&key) {
             if published {
-                if c.ev.t_publish.is_none() {
-                    c.ev.t_publish = Some(t);
-                    c.ev.caller = Some(proc_);
+                if !c.seen(When::Publish) {
+                    c.set(When::Publish, ts);
+                    c.caller = Some(proc_);
                 } else {
                     health.anomaly("oslo", "duplicate_publish");
                 }
             } else {
-                Self::delivered(c, t, (proc_, &m.conn, &m.queue), redelivered, out);
+                Self::delivered(c, ts, (proc_, &m.conn, &m.queue), redelivered, out);
             }
             return;
         }
@@ -666,21 +716,15 @@ impl Correlator {
             return;
         }
         // first sighting
-        let (topic, server) = match r.rpc_type {
-            RpcType::Fanout => (self.names.get(m.exchange.trim_end_matches("_fanout")), None),
-            _ => {
-                let (t, s) = oslo::split_routing_key(&m.routing_key);
-                (self.names.get(t), s.map(str::to_owned))
-            }
-        };
-        let timeout_s = if is_call {
+        let timeout_ms = if is_call {
             m.expiration
                 .as_deref()
                 .and_then(|e| e.trim().parse::<u64>().ok())
-                .map(|ms| ms as f64 / 1000.0)
+                .map(|ms| ms.min(u32::MAX as u64) as u32)
         } else {
             None
         };
+        let timeout_s = timeout_ms.map(|ms| ms as f64 / 1000.0);
         // delivered, never seen published, though the broker would have dropped it had it
         // waited longer than its timeout: it was published in the capture, elsewhere
         if !published
@@ -689,54 +733,30 @@ impl Correlator {
         {
             self.view.evidence("delivery_without_publish", ts);
         }
-        let mut call = Call {
-            ev: RpcEvent {
-                rpc_type: r.rpc_type,
-                exchange: self.names.get(&m.exchange),
-                routing_key: m.routing_key.clone(),
-                topic,
-                server,
-                method: self.names.get(&r.method),
-                namespace: r.namespace.clone(),
-                version: r.version.clone(),
-                msg_id: r.msg_id.clone(),
-                unique_id: r.unique_id.clone(),
-                reply_q: r.reply_q.clone(),
-                timeout_s,
-                caller: None,
-                callee: None,
-                request_id: r.request_id.clone(),
-                global_request_id: r.global_request_id.clone(),
-                trace_context: r.trace_context,
-                t_publish: None,
-                t_deliver: None,
-                t_reply_publish: None,
-                t_reply_deliver: None,
-                outcome: Outcome::NoReply,
-                error: None,
-                deliveries: 0,
-                redeliveries: 0,
-                heartbeats: 0,
-                returns: 0,
-                copies: Vec::new(),
-            },
-            consumers: Vec::new(),
-            first_seen: ts,
-            expired: false,
-            unjudged: false,
-            legacy_failure: None,
-        };
+        let mut call = Record::new(self.names.shape(m, r), ts, timeout_ms);
+        for (f, v) in [
+            (Field::MsgId, &r.msg_id),
+            (Field::UniqueId, &r.unique_id),
+            (Field::ReplyQ, &r.reply_q),
+            (Field::RequestId, &r.request_id),
+            (Field::GlobalRequestId, &r.global_request_id),
+        ] {
+            call.set_id(f, v.as_deref());
+        }
+        if let Some(tc) = r.trace_context {
+            call.rare().trace_context = Some(tc);
+        }
         out.push(Signal::Seen {
-            exchange: call.ev.exchange.clone(),
-            topic: call.ev.topic.clone(),
-            method: call.ev.method.clone(),
-            rpc_type: call.ev.rpc_type,
+            exchange: call.shape.exchange.clone(),
+            topic: call.shape.topic.clone(),
+            method: call.shape.method.clone(),
+            rpc_type: call.shape.rpc_type,
         });
         if published {
-            call.ev.t_publish = Some(t);
-            call.ev.caller = Some(proc_);
+            call.set(When::Publish, ts);
+            call.caller = Some(proc_);
         } else {
-            Self::delivered(&mut call, t, (proc_, &m.conn, &m.queue), redelivered, out);
+            Self::delivered(&mut call, ts, (proc_, &m.conn, &m.queue), redelivered, out);
         }
         if is_call {
             if self.calls.len() >= self.cfg.max_pending_calls {
@@ -747,25 +767,35 @@ impl Correlator {
                 Some(s) => ts.plus_secs(s),
                 None => ts.plus_secs(self.cfg.call_max_age_s),
             };
-            self.timers
-                .push(Reverse((deadline, Timer::Deadline, key.clone())));
             out.push(Signal::InFlight {
-                topic: call.ev.topic.clone(),
+                topic: call.shape.topic.clone(),
                 delta: 1,
             });
-            self.call_order.push_back(key.clone());
-            self.calls.insert(key, call);
+            let h = self.calls.insert(call);
+            self.timer(deadline, Timer::Deadline, h);
         } else {
             if self.casts.len() >= self.cfg.max_pending_messages {
                 self.evict_cast(health, out);
             }
-            self.timers.push(Reverse((
-                ts.plus_secs(self.cfg.cast_settle_s),
-                Timer::Settle,
-                key.clone(),
-            )));
-            self.cast_order.push_back(key.clone());
-            self.casts.insert(key, call);
+            let h = self.casts.insert(call);
+            self.timer(ts.plus_secs(self.cfg.cast_settle_s), Timer::Settle, h);
+        }
+    }
+
+    /// Sets a timer; the heap is pruned of stale ones when they outnumber the live ones
+    /// (a call evicted long before its deadline leaves one behind).
+    fn timer(&mut self, at: Ts, timer: Timer, h: Handle) {
+        self.timers.push(Reverse((at, h.pack(timer as u8))));
+        let live = self.calls.len() + self.casts.len();
+        if self.timers.len() > 2 * live + 1024 {
+            let (calls, casts) = (&self.calls, &self.casts);
+            self.timers.retain(|Reverse((_, packed))| {
+                let (h, t) = Handle::unpack(*packed);
+                match Timer::of(t) {
+                    Timer::Settle => casts.live(h),
+                    Timer::Deadline | Timer::LateWindow => calls.live(h),
+                }
+            });
         }
     }
 
@@ -775,115 +805,78 @@ impl Correlator {
     /// consumer (a stream consumer re-reading after it re-attached) is only counted as
     /// redelivered. A call's delivery is the one to the server that got it last.
     fn delivered(
-        c: &mut Call,
-        t: f64,
+        c: &mut Record,
+        t: Ts,
         (consumer, conn, queue): (Arc<Process>, &ConnId, &Option<String>),
         redelivered: bool,
         out: &mut Vec<Signal>,
     ) {
         let who = consumer_key(&consumer, conn);
-        let again = c.consumers.contains(&who);
-        let moved = redelivered && !again && !c.consumers.is_empty();
-        if !again && c.consumers.len() < MAX_CONSUMERS_KEPT {
-            c.consumers.push(who);
-        }
+        let (again, any) = c.consumer_seen(who, MAX_CONSUMERS_KEPT);
+        let moved = redelivered && !again && any;
         if again || moved {
-            c.ev.redeliveries += 1;
-            if moved && c.ev.rpc_type == RpcType::Call {
-                c.ev.t_deliver = Some(t);
-                c.ev.callee = Some(consumer);
+            c.add_redelivery();
+            if moved && c.shape.rpc_type == RpcType::Call {
+                c.set(When::Deliver, t);
+                c.callee = Some(consumer);
             }
             out.push(Signal::Redelivered {
-                topic: c.ev.topic.clone(),
-                method: c.ev.method.clone(),
+                topic: c.shape.topic.clone(),
+                method: c.shape.method.clone(),
             });
             return;
         }
-        c.ev.deliveries += 1;
+        c.add_delivery();
         // a call has one server (its callee); a cast or fanout, one consumer per copy
-        if c.ev.rpc_type != RpcType::Call && c.ev.copies.len() < MAX_CONSUMERS_KEPT {
-            c.ev.copies.push(Delivery {
+        if c.shape.rpc_type != RpcType::Call
+            && c.rare_ref().map_or(0, |r| r.copies.len()) < MAX_CONSUMERS_KEPT
+        {
+            c.rare().copies.push(Delivery {
                 queue: queue.clone(),
                 consumer: consumer.clone(),
                 connection: conn.client,
-                t,
+                t: t.as_secs_f64(),
             });
         }
-        if c.ev.t_deliver.is_none() {
-            c.ev.t_deliver = Some(t);
-            c.ev.callee = Some(consumer);
+        if !c.seen(When::Deliver) {
+            c.set(When::Deliver, t);
+            c.callee = Some(consumer);
         }
         out.push(Signal::Delivered {
-            exchange: c.ev.exchange.clone(),
-            topic: c.ev.topic.clone(),
-            method: c.ev.method.clone(),
-            rpc_type: c.ev.rpc_type,
+            exchange: c.shape.exchange.clone(),
+            topic: c.shape.topic.clone(),
+            method: c.shape.method.clone(),
+            rpc_type: c.shape.rpc_type,
             redelivered,
         });
     }
 
-    fn finish_call(&mut self, id: &str, outcome: Outcome, out: &mut Vec<Signal>) {
-        let Some(mut call) = self.calls.remove(id) else {
+    fn finish_call(&mut self, id: &Id, outcome: Outcome, out: &mut Vec<Signal>) {
+        let Some(call) = self.calls.remove(id) else {
             return;
         };
         if !call.expired {
             out.push(Signal::InFlight {
-                topic: call.ev.topic.clone(),
+                topic: call.shape.topic.clone(),
                 delta: -1,
             });
         }
-        self.done_calls.insert(id.to_owned());
-        call.ev.outcome = outcome;
-        out.push(Signal::Event(Event::Rpc(Box::new(call.ev))));
+        self.done_calls.insert(*id);
+        out.push(Signal::Event(Event::Rpc(Box::new(call.event(outcome)))));
     }
 
-    fn finish_cast(&mut self, id: &str, outcome: Outcome, out: &mut Vec<Signal>) {
-        let Some(mut cast) = self.casts.remove(id) else {
+    fn finish_cast(&mut self, id: &Id, outcome: Outcome, out: &mut Vec<Signal>) {
+        let Some(cast) = self.casts.remove(id) else {
             return;
         };
-        self.done_messages.insert(id.to_owned());
-        cast.ev.outcome = outcome;
-        out.push(Signal::Event(Event::Rpc(Box::new(cast.ev))));
+        self.done_messages.insert(*id);
+        out.push(Signal::Event(Event::Rpc(Box::new(cast.event(outcome)))));
     }
 
     fn evict_call(&mut self, health: &mut Health, out: &mut Vec<Signal>) {
-        while let Some(id) = self.call_order.pop_front() {
-            if self.calls.contains_key(&id) {
-                health.evict("rpc_calls", 1);
-                let c = &self.calls[&id];
-                let outcome = if c.expired {
-                    expired_outcome(c)
-                } else {
-                    Outcome::NoReply
-                };
-                self.finish_call(&id, outcome, out);
-                return;
-            }
-        }
-    }
-
-    fn evict_cast(&mut self, health: &mut Health, out: &mut Vec<Signal>) {
-        while let Some(id) = self.cast_order.pop_front() {
-            if let Some(c) = self.casts.get(&id) {
-                health.evict("rpc_messages", 1);
-                let outcome = self.cast_outcome(c, self.now);
-                self.finish_cast(&id, outcome, out);
-                return;
-            }
-        }
-    }
-
-    /// End of input: everything still open is reported, oldest first.
-    pub fn finish_all(&mut self, health: &mut Health, out: &mut Vec<Signal>) {
-        self.decide(true, health, out);
-        let mut calls: Vec<(Ts, String)> = self
-            .calls
-            .iter()
-            .map(|(k, c)| (c.first_seen, k.clone()))
-            .collect();
-        calls.sort();
-        for (_, id) in calls {
-            let c = &self.calls[&id];
+        if let Some(id) = self.calls.oldest() {
+            health.evict("rpc_calls", 1);
+            let c = self.calls.get(&id).expect("oldest is present");
             let outcome = if c.expired {
                 expired_outcome(c)
             } else {
@@ -891,25 +884,41 @@ impl Correlator {
             };
             self.finish_call(&id, outcome, out);
         }
-        let mut casts: Vec<(Ts, String)> = self
-            .casts
-            .iter()
-            .map(|(k, c)| (c.first_seen, k.clone()))
-            .collect();
-        casts.sort();
-        for (_, id) in casts {
-            let outcome = self.cast_outcome(&self.casts[&id], self.now);
+    }
+
+    fn evict_cast(&mut self, health: &mut Health, out: &mut Vec<Signal>) {
+        if let Some(id) = self.casts.oldest() {
+            health.evict("rpc_messages", 1);
+            let outcome = self.cast_outcome(&id, self.now);
+            self.finish_cast(&id, outcome, out);
+        }
+    }
+
+    /// End of input: everything still open is reported, oldest first.
+    pub fn finish_all(&mut self, health: &mut Health, out: &mut Vec<Signal>) {
+        self.decide(true, health, out);
+        for id in self.calls.ids_by_age() {
+            let c = self.calls.get(&id).expect("listed");
+            let outcome = if c.expired {
+                expired_outcome(c)
+            } else {
+                Outcome::NoReply
+            };
+            self.finish_call(&id, outcome, out);
+        }
+        for id in self.casts.ids_by_age() {
+            let outcome = self.cast_outcome(&id, self.now);
             self.finish_cast(&id, outcome, out);
         }
         self.timers.clear();
-        self.call_order.clear();
-        self.cast_order.clear();
+        self.calls.clear();
+        self.casts.clear();
     }
 
     /// A cast or fanout whose time to be delivered is up: delivered, or (no copy seen)
     /// undelivered, unless the view is partial and its consumers may be elsewhere.
-    fn cast_outcome(&self, c: &Call, now: Ts) -> Outcome {
-        if c.ev.deliveries > 0 {
+    fn cast_outcome(&self, id: &Id, now: Ts) -> Outcome {
+        if self.casts.get(id).is_some_and(|c| c.deliveries > 0) {
             Outcome::Ok
         } else if self.view.seen(now, true) == Seen::Partial {
             Outcome::Unknown
@@ -925,8 +934,8 @@ impl Correlator {
 }
 
 /// A call whose final reply was seen: its answer.
-fn answered(ev: &RpcEvent) -> Outcome {
-    if ev.error.is_some() {
+fn answered(c: &Record) -> Outcome {
+    if c.error().is_some() {
         Outcome::RemoteError
     } else {
         Outcome::Ok
@@ -935,7 +944,7 @@ fn answered(ev: &RpcEvent) -> Outcome {
 
 /// A call past its deadline with no answer seen: timed out, or unknown where the view
 /// could not tell.
-fn expired_outcome(c: &Call) -> Outcome {
+fn expired_outcome(c: &Record) -> Outcome {
     if c.unjudged {
         Outcome::Unknown
     } else {
@@ -946,7 +955,7 @@ fn expired_outcome(c: &Call) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::contract::{Endpoint, Observation};
+    use crate::contract::{Endpoint, Observation, RpcEvent};
 
     fn body(inner: serde_json::Value) -> Arc<Result<Oslo, crate::contract::NotOslo>> {
         let b = serde_json::to_vec(
