@@ -128,28 +128,26 @@ fn a_real_three_node_cluster_through_four_live_probes_and_one_collector() {
             "the probes did not reach the collector:\n{m}"
         );
         for (n, p) in &mut probes {
-            assert!(p.0.try_wait().unwrap().is_none(), "probe {n} exited early");
+            assert!(
+                p.0.try_wait().unwrap().is_none(),
+                "probe {n} exited early:\n{}",
+                log_tail(&d.join(format!("probe-{n}.log")), 20)
+            );
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let status = Command::new(python())
-        .arg(repo().join("sampledata/generator/minicloud.py"))
-        .args(["record", "cluster", "--out"])
-        .arg(d)
-        .status()
-        .expect("run the generator");
-    assert!(
-        status.success(),
-        "generator failed for the cluster scenario; see {}",
-        d.join("cluster.log").display()
-    );
+    record_scenario("cluster", d);
     for (n, p) in &mut probes {
         signal(p, libc::SIGINT);
-        assert_eq!(exit_code(p, n), 0, "probe {n}");
+        let code = exit_code(p, n);
+        let log = log_tail(&d.join(format!("probe-{n}.log")), 20);
+        assert_eq!(code, 0, "probe {n}:\n{log}");
     }
     std::thread::sleep(Duration::from_secs(2));
     signal(&collector, libc::SIGTERM);
-    assert_eq!(exit_code(&mut collector, "the collector"), 0);
+    let code = exit_code(&mut collector, "the collector");
+    let log = log_tail(&d.join("collector.log"), 20);
+    assert_eq!(code, 0, "the collector:\n{log}");
 
     let truth = read_truth(&d.join("cluster.truth.jsonl"));
     let text = std::fs::read_to_string(&events).unwrap();

@@ -10,48 +10,48 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn record(scenario: &str, out: &Path) {
-    let status = Command::new(python())
-        .arg(repo().join("sampledata/generator/minicloud.py"))
-        .args(["record", scenario, "--out"])
-        .arg(out)
-        .status()
-        .expect("run the generator");
-    assert!(status.success(), "generator failed for {scenario}");
-}
-
 #[test]
 fn live_capture_on_the_real_broker_matches_the_truth() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let events = dir.path().join("live.jsonl");
-    let mut stacktap = Command::new(env!("CARGO_BIN_EXE_stacktap"))
-        .args([
-            "capture", "-i", "lo",
-            // the default filter: AMQP and the OpenStack API ports
-            "--listen",
-        ])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--events-out")
-        .arg(&events)
-        .arg("--json")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start stacktap capture");
+    let log = dir.path().join("stacktap.log");
+    // killed when the test fails, so no capture outlives it
+    let mut stacktap = Killed(
+        Command::new(env!("CARGO_BIN_EXE_stacktap"))
+            .args([
+                "capture", "-i", "lo",
+                // the default filter: AMQP and the OpenStack API ports
+                "--listen",
+            ])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--events-out")
+            .arg(&events)
+            .arg("--json")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start stacktap capture"),
+    );
     // the listener comes up once the capture handle is open
     let deadline = Instant::now() + Duration::from_secs(20);
     while http_get(port, "/healthz").map(|r| r.1).is_none() {
-        assert!(Instant::now() < deadline, "stacktap capture did not start");
         assert!(
-            stacktap.try_wait().unwrap().is_none(),
-            "stacktap capture exited early"
+            Instant::now() < deadline,
+            "stacktap capture did not start:\n{}",
+            log_tail(&log, 20)
+        );
+        assert!(
+            stacktap.0.try_wait().unwrap().is_none(),
+            "stacktap capture exited early:\n{}",
+            log_tail(&log, 20)
         );
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    record("healthy", dir.path());
-    record("dead_consumer", dir.path());
-    record("rest", dir.path());
+    for scenario in ["healthy", "dead_consumer", "rest"] {
+        record_scenario(scenario, dir.path());
+    }
 
     // the 2 s timeouts were decided live, on the packet clock, while stacktap still runs
     std::thread::sleep(Duration::from_secs(2));
@@ -77,7 +77,7 @@ fn live_capture_on_the_real_broker_matches_the_truth() {
     );
 
     // SIGINT: a clean stop, with the summary and the events written
-    let pid = stacktap.id().to_string();
+    let pid = stacktap.0.id().to_string();
     assert!(
         Command::new("kill")
             .args(["-INT", &pid])
@@ -85,13 +85,15 @@ fn live_capture_on_the_real_broker_matches_the_truth() {
             .unwrap()
             .success()
     );
-    let out = stacktap.wait_with_output().unwrap();
+    let mut stdout = Vec::new();
+    std::io::Read::read_to_end(&mut stacktap.0.stdout.take().unwrap(), &mut stdout).unwrap();
+    let status = stacktap.0.wait().unwrap();
     assert!(
-        out.status.success(),
-        "stacktap capture exit status {:?}",
-        out.status
+        status.success(),
+        "stacktap capture exit status {status:?}:\n{}",
+        log_tail(&log, 20)
     );
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json summary");
+    let summary: serde_json::Value = serde_json::from_slice(&stdout).expect("--json summary");
     assert!(summary["calls"].as_u64().unwrap() > 40, "{summary}");
 
     let text = std::fs::read_to_string(&events).unwrap();

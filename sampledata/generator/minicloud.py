@@ -1003,6 +1003,54 @@ def serve_requests(work, service, hosts_procs, procs):
         done("kill-host1")
 
 
+API_PORTS_LOCK = "/tmp/stacktap-minicloud-api-ports.lock"
+
+
+def hold_api_ports(timeout=900):
+    """The APIs listen on their fixed, well-known ports (stacktap knows services by port), so
+    two recordings with REST at once would collide: the second waits for the first here. The
+    lock is released by the kernel when this process ends, however it ends."""
+    import fcntl
+    lock = open(API_PORTS_LOCK, "a")
+    deadline = time.time() + timeout
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.time() > deadline:
+                raise SystemExit("another recording held %s for %d s" % (API_PORTS_LOCK, timeout))
+            time.sleep(0.2)
+    import restapis
+    for service, port in restapis.PORTS.items():
+        holder = port_holder(port, wait=20)
+        if holder:
+            raise SystemExit("port %d (%s) is busy: %s" % (port, service, holder))
+    return lock
+
+
+def port_holder(port, wait):
+    """Who listens on loopback `port` (None once it is free), waiting up to `wait` s for a
+    previous run's server to go away."""
+    import socket
+    deadline = time.time() + wait
+    while True:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return None
+        except OSError as e:
+            err = e
+        finally:
+            s.close()
+        if time.time() > deadline:
+            ss = subprocess.run(["ss", "-Hltnp", "sport = :%d" % port],
+                                capture_output=True, text=True)
+            return "%s; ss says: %s" % (err, ss.stdout.strip() or ss.stderr.strip() or "nothing")
+        time.sleep(0.2)
+
+
 def record(args):
     scenario = args.scenario
     if scenario not in SCENARIOS:
@@ -1062,13 +1110,14 @@ def record(args):
 
     try:
         midstream = scenario == "midstream"
+        failures = scenario in ("failures", "cluster")
+        rest = scenario == "rest" or failures
+        ports_lock = hold_api_ports() if rest else None  # noqa: F841 (held while we run)
         if not midstream:
             start_capture()
         hosts = "host1,host2"
         faults = {"remote_error": {"host2": "port_binding,value_error"}}.get(scenario, {})
         readies = []
-        failures = scenario in ("failures", "cluster")
-        rest = scenario == "rest" or failures
         if rest:
             # keystone first: every other service logs in to it when it starts
             r = service("keystone", "api")

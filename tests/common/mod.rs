@@ -578,6 +578,42 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// Records a generator scenario into `out`: the real oslo.messaging (and REST) processes
+/// against the live broker. On failure the test fails with the cause: the generator's own
+/// message and the tail of the processes' log, read before the temp dir goes away.
+pub fn record_scenario(scenario: &str, out: &Path) {
+    let ran = std::process::Command::new(python())
+        .arg(repo().join("sampledata/generator/minicloud.py"))
+        .args(["record", scenario, "--out"])
+        .arg(out)
+        .output()
+        .expect("run the generator (STACKTAP_PYTHON)");
+    if ran.status.success() {
+        print!("{}", String::from_utf8_lossy(&ran.stdout));
+        return;
+    }
+    let log = out.join(format!("{scenario}.log"));
+    panic!(
+        "the generator failed for {scenario} ({}):\n{}\n--- last lines of {} ---\n{}",
+        ran.status,
+        String::from_utf8_lossy(&ran.stderr).trim_end(),
+        log.display(),
+        log_tail(&log, 40)
+    );
+}
+
+/// The last `n` lines of a child's log, for a failure message.
+pub fn log_tail(path: &Path, n: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        }
+        Err(e) => format!("(no log: {e})"),
+    }
+}
+
 /// A child process killed when this goes out of scope (also when a test fails).
 pub struct Killed(pub std::process::Child);
 
