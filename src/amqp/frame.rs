@@ -186,6 +186,13 @@ impl FrameReader {
                 at += 1;
                 continue;
             }
+            if kind == FRAME_METHOD && size < 4 {
+                // no room for its class and method ids: not a frame boundary after all
+                health.anomaly("amqp", "short_method_frame");
+                self.lose_sync(health, out);
+                at += 1;
+                continue;
+            }
             let total = HEADER_LEN + size + 1;
             if rest.len() < total {
                 return at;
@@ -258,6 +265,20 @@ mod tests {
             );
             assert_eq!(got, vec!["P", "1@0:7", "8@0:0", "3@1:300"], "cut at {cut}");
         }
+    }
+
+    /// Found by the amqp_conn fuzz target: a method frame too short for its ids, on a
+    /// stream read from its start, reached the connection, which indexes those ids.
+    #[test]
+    fn a_method_frame_without_its_ids_is_no_frame() {
+        let mut bytes = b"AMQP\x00\x00\x09\x01".to_vec();
+        bytes.extend(frame(1, 0, &[0, 10]));
+        bytes.extend(frame(8, 0, &[]));
+        bytes.extend(frame(8, 0, &[]));
+        let mut r = FrameReader::new(true, 1 << 17);
+        let got = kinds(&mut r, &[Chunk::Data(&bytes)]);
+        // resynced on the two heartbeats after it
+        assert_eq!(got, vec!["P", "D", "8@0:0", "8@0:0"]);
     }
 
     #[test]

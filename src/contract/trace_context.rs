@@ -5,7 +5,6 @@
 //! (a tap has no key); the ids only decide where stacktap's spans hang in a trace.
 
 use serde::Serialize;
-use std::fmt::Write;
 
 /// Who made the context.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -109,10 +108,18 @@ impl Serialize for TraceContext {
 /// Lower-case hex of `b`.
 pub fn hex(b: &[u8]) -> String {
     let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        let _ = write!(s, "{x:02x}");
-    }
+    push_hex(&mut s, b);
     s
+}
+
+/// Appends `b` as lower-case hex digits. Ids are rebuilt from bytes for every event, so
+/// this stays off `fmt`'s per-digit machinery.
+pub fn push_hex(s: &mut String, b: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for x in b {
+        s.push(DIGITS[usize::from(x >> 4)] as char);
+        s.push(DIGITS[usize::from(x & 15)] as char);
+    }
 }
 
 /// Exactly `N` bytes from `2N` hex digits (either case).

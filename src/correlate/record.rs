@@ -43,21 +43,41 @@ pub struct Id {
     bytes: [u8; 16],
 }
 
-fn hex16(s: &str) -> Option<[u8; 16]> {
-    let b = s.as_bytes();
-    if b.len() != 32 || !b.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
-        return None;
+/// The value of a lower-case hex digit (ids are compared by text, so `A` is not `a`).
+fn nibble(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
     }
-    crate::contract::hex_bytes(s)
 }
 
+/// 16 bytes from 32 lower-case hex digits, skipping nothing.
+fn hex16(s: &str) -> Option<[u8; 16]> {
+    let b = s.as_bytes();
+    if b.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (o, pair) in out.iter_mut().zip(b.chunks_exact(2)) {
+        *o = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(out)
+}
+
+/// 16 bytes from a hyphenated lower-case UUID (8-4-4-4-12).
 fn uuid16(s: &str) -> Option<[u8; 16]> {
     let b = s.as_bytes();
     if b.len() != 36 || [8, 13, 18, 23].iter().any(|&i| b[i] != b'-') {
         return None;
     }
-    let plain: String = s.chars().filter(|&c| c != '-').collect();
-    hex16(&plain)
+    let mut digits = b.iter().copied().filter(|&c| c != b'-');
+    let mut out = [0u8; 16];
+    for o in &mut out {
+        *o = nibble(digits.next()?)? << 4 | nibble(digits.next()?)?;
+    }
+    // a hyphen anywhere else leaves fewer than 32 digits: None above
+    Some(out)
 }
 
 impl Id {
@@ -93,24 +113,31 @@ impl Id {
 
     /// The id's text (`other` holds it when it is not spelled the usual way).
     fn text(&self, other: Option<&str>) -> Option<String> {
-        let hex = |b: &[u8]| crate::contract::hex(b);
+        use crate::contract::push_hex;
+        let b = &self.bytes;
+        let mut s = String::with_capacity(40);
         match self.kind {
-            IdKind::None => None,
-            IdKind::Hex => Some(hex(&self.bytes)),
-            IdKind::Reply => Some(format!("reply_{}", hex(&self.bytes))),
-            IdKind::Req => {
-                let h = hex(&self.bytes);
-                Some(format!(
-                    "req-{}-{}-{}-{}-{}",
-                    &h[..8],
-                    &h[8..12],
-                    &h[12..16],
-                    &h[16..20],
-                    &h[20..]
-                ))
+            IdKind::None => return None,
+            IdKind::Hex => push_hex(&mut s, b),
+            IdKind::Reply => {
+                s.push_str("reply_");
+                push_hex(&mut s, b);
             }
-            IdKind::Other => other.map(str::to_owned),
+            IdKind::Req => {
+                s.push_str("req-");
+                for (i, group) in [&b[..4], &b[4..6], &b[6..8], &b[8..10], &b[10..]]
+                    .into_iter()
+                    .enumerate()
+                {
+                    if i > 0 {
+                        s.push('-');
+                    }
+                    push_hex(&mut s, group);
+                }
+            }
+            IdKind::Other => return other.map(str::to_owned),
         }
+        Some(s)
     }
 }
 
@@ -377,6 +404,27 @@ mod tests {
             (e.t_publish, e.t_deliver, e.timeout_s),
             (Some(1.5), None, Some(60.0))
         );
+    }
+
+    #[test]
+    fn only_the_usual_spellings_are_compacted() {
+        let kind = |s: &str| Id::of(s).kind;
+        assert_eq!(
+            kind("req-0a1b2c3d-4e5f-6789-abcd-ef0123456789"),
+            IdKind::Req
+        );
+        for odd in [
+            "req-0A1B2C3D-4e5f-6789-abcd-ef0123456789",
+            "req-0a1b2c3d-4e5f-6789-abcd-ef012345678-",
+            "req-0a1b2c3d-4e5f-6789-abcdef-0123456789",
+            "req-0a1b2c3d4e5f6789abcdef0123456789",
+            "0a1b2c3d4e5f6789abcdef012345678g",
+            "reply_0a1b2c3d4e5f6789abcdef01234567",
+        ] {
+            assert_eq!(kind(odd), IdKind::Other, "{odd}");
+        }
+        let id = "req-0a1b2c3d-4e5f-6789-abcd-ef0123456789";
+        assert_eq!(Id::of(id).text(None).as_deref(), Some(id));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use std::borrow::Cow;
 use std::io::Read;
 
-mod scan;
+pub mod scan;
 
 pub use crate::contract::{
     NotOslo, Notification, Oslo, RemoteError, Reply, ReplyPart, Request, RpcType, TraceContext,
