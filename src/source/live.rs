@@ -6,6 +6,11 @@
 //! quiet interval becomes an idle tick (the only place the wall clock enters the pipeline:
 //! timeouts still fire) and a chance to notice SIGINT/SIGTERM.
 //!
+//! Not in immediate mode: the kernel hands over a block of packets when it is full or
+//! `IDLE_MS` after its first packet, not each packet as it comes. Waking per packet cost
+//! a context switch every other packet and ~3x the CPU under load (perf stat: 20k
+//! switches for 40k packets); packets keep their kernel stamps, so only the delivery waits.
+//!
 //! The kernel stamps packets with the host's real-time clock, which NTP may step. Between
 //! reads the monotonic clock says how much time really passed; a packet stamped more
 //! than `capture.max_clock_jump_s` away from that is a step, and every later stamp is
@@ -114,7 +119,7 @@ impl LiveCapture {
                 c.promisc(false)
                     .snaplen(262_144)
                     .timeout(IDLE_MS as i32)
-                    .immediate_mode(true)
+                    .immediate_mode(false)
                     .buffer_size(i32::try_from(cfg.buffer_mb << 20).unwrap_or(i32::MAX))
                     .open()
             })
