@@ -12,6 +12,34 @@ const VENDORED: &[&str] = &[
 ];
 
 fn main() {
+    commit();
+    ui();
+}
+
+/// `stacktap --version` names the commit it was built from ("unknown" outside a git
+/// checkout, e.g. from a source tarball).
+fn commit() {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let commit = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    println!("cargo::rustc-env=STACKTAP_COMMIT={commit}");
+    if let Some(head) = git(&["rev-parse", "--git-path", "HEAD"]) {
+        println!("cargo::rerun-if-changed={head}");
+    }
+    if let Some(reference) = git(&["symbolic-ref", "-q", "HEAD"])
+        && let Some(path) = git(&["rev-parse", "--git-path", &reference])
+    {
+        println!("cargo::rerun-if-changed={path}");
+    }
+}
+
+fn ui() {
     let ui = Path::new("ui");
     for f in [
         "package.json",

@@ -17,12 +17,30 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(
     name = "stacktap",
-    version,
+    version = VERSION,
     about = "OpenStack RPC and REST, rebuilt from packets"
 )]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Log lines as text or as one JSON object per line (journald, ELK); the level and
+    /// targets come from RUST_LOG (default: info)
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// The version and the commit it was built from (build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("STACKTAP_COMMIT"),
+    ")"
+);
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(clap::Args, Clone)]
@@ -252,6 +270,7 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
             speed,
             otlp_endpoint,
         } => {
+            announce("demo", None, Some(&listen));
             let out = Outputs {
                 listen: Some(listen.clone()),
                 graph_window_s: Some(DEMO_WINDOW_S),
@@ -276,6 +295,8 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
             common,
             fleet,
         } => {
+            let what = format!("replay of {} file(s)", files.len());
+            announce(&what, common.config.as_deref(), common.listen.as_deref());
             let cfg = load_config(&common.config)?;
             let mut out = outputs(&common, &cfg)?;
             // a file can wait for the backend: a replay exports every span
@@ -305,6 +326,8 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
             common,
             fleet,
         } => {
+            let what = format!("capture on {interface}");
+            announce(&what, common.config.as_deref(), common.listen.as_deref());
             let mut cfg = load_config(&common.config)?;
             if let Some(mb) = buffer_size {
                 cfg.capture.buffer_mb = mb;
@@ -345,6 +368,8 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
             ingest_plaintext,
             common,
         } => {
+            let what = format!("collector, probes in on {ingest}");
+            announce(&what, common.config.as_deref(), common.listen.as_deref());
             let cfg = load_config(&common.config)?;
             let out = Outputs {
                 graph_window_s: Some(cfg.requests.graph_window_s),
@@ -381,8 +406,20 @@ fn rca(
     json: bool,
     config: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    use stacktap::rca::{fetch, parse_duration, render_report, render_tree};
+    use stacktap::rca::{fetch, parse_duration, render_report, render_tree, shell_word};
     let since = since.as_deref().map(parse_duration).transpose()?;
+    // what names this input again, for the example command the report prints
+    let mut input: Vec<String> = match &from {
+        Some(base) => vec!["--from".into(), shell_word(base)],
+        None => files
+            .iter()
+            .map(|f| shell_word(&f.to_string_lossy()))
+            .collect(),
+    };
+    if let Some(c) = &config {
+        input.extend(["--config".into(), shell_word(&c.to_string_lossy())]);
+    }
+    let input = input.join(" ");
     if let Some(base) = from {
         if let Some(id) = request_id {
             let body = fetch(&base, &format!("/api/requests/{id}"))?;
@@ -396,7 +433,7 @@ fn rca(
                     .map_err(|e| anyhow::anyhow!("--from {base}: bad answer: {e}"))?;
             let report: stacktap::api::RcaReport = serde_json::from_value(body["rca"].clone())
                 .map_err(|e| anyhow::anyhow!("--from {base}: bad answer: {e}"))?;
-            print_rca(json, &report, || render_report(&report))?;
+            print_rca(json, &report, || render_report(&report, &input))?;
         }
         return Ok(());
     }
@@ -424,10 +461,33 @@ fn rca(
                 _ => f64::MIN,
             };
             let report = requests.rca(from);
-            print_rca(json, &report, || render_report(&report))?;
+            print_rca(json, &report, || render_report(&report, &input))?;
         }
     }
     Ok(())
+}
+
+/// The one line every start logs: what runs, from which build, with which config, and
+/// where it listens.
+fn announce(what: &str, config: Option<&Path>, listen: Option<&str>) {
+    let config = config.map_or("built-in defaults".to_string(), |p| p.display().to_string());
+    let listen = listen.map_or("no HTTP listener".to_string(), |l| format!("HTTP on {l}"));
+    tracing::info!("stacktap {VERSION}: {what}; config: {config}; {listen}");
+}
+
+/// Logs to stderr, filtered by RUST_LOG (default info), as text or JSON lines.
+fn init_logs(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
 }
 
 fn print_rca<T: serde::Serialize + ?Sized>(
@@ -444,11 +504,8 @@ fn print_rca<T: serde::Serialize + ?Sized>(
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
     let cli = Cli::parse(); // usage errors exit 2
+    init_logs(cli.log_format);
     match main_inner(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

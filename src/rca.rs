@@ -173,8 +173,20 @@ impl TreeText<'_> {
     }
 }
 
+/// `s` as one shell word: as is when it is plainly safe, else single-quoted.
+pub fn shell_word(s: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-./:=@%+,".contains(c);
+    if !s.is_empty() && s.chars().all(plain) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
 /// The ranking: root causes by user requests broken, with where users saw them.
-pub fn render_report(r: &RcaReport) -> String {
+/// `input` is the command-line words that name what was analysed (`--from URL`, or the
+/// capture files), so that the example command is one that works as printed.
+pub fn render_report(r: &RcaReport, input: &str) -> String {
     let mut out = String::new();
     if r.roots.is_empty() {
         let _ = writeln!(
@@ -228,10 +240,10 @@ pub fn render_report(r: &RcaReport) -> String {
         let _ = writeln!(out, "             path: {}", root.path.join(" → "));
         let _ = writeln!(
             out,
-            "             {}–{}, e.g. stacktap rca --request-id {}",
+            "             {}–{}, e.g. stacktap rca {input} --request-id {}",
             clock(root.first_seen),
             clock(root.last_seen),
-            root.example_request_id
+            shell_word(&root.example_request_id)
         );
     }
     out
@@ -240,6 +252,15 @@ pub fn render_report(r: &RcaReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shell_words_paste_back_as_they_were() {
+        assert_eq!(shell_word("req-0a1b"), "req-0a1b");
+        assert_eq!(shell_word("http://127.0.0.1:9465"), "http://127.0.0.1:9465");
+        assert_eq!(shell_word("my capture.pcap"), "'my capture.pcap'");
+        assert_eq!(shell_word("it's"), "'it'\\''s'");
+        assert_eq!(shell_word(""), "''");
+    }
 
     #[test]
     fn durations() {

@@ -135,6 +135,20 @@ fn a_running_stacktap_serves_chains_trees_and_the_graph() {
     let (code, tree, _) = stacktap(&["rca", "--from", &from, "--request-id", example]);
     assert_eq!(code, 0);
     assert!(tree.contains("ROOT CAUSE"));
+    // the example command the text report prints works as printed
+    let (_, text, _) = stacktap(&["rca", "--from", &from]);
+    let hint = text
+        .lines()
+        .find_map(|l| {
+            l.split_once("e.g. stacktap ")
+                .map(|(_, cmd)| cmd.to_string())
+        })
+        .expect("an example command");
+    let words: Vec<&str> = hint.split_whitespace().collect();
+    assert_eq!(words[..3], ["rca", "--from", from.as_str()], "{hint}");
+    let (code, tree, err) = stacktap(&words);
+    assert_eq!(code, 0, "{hint}: {err}");
+    assert!(tree.contains("ROOT CAUSE"), "{hint}");
     assert_eq!(http_get(port, "/api/requests/req-nope").unwrap().0, 404);
     let (code, out, _) = stacktap(&["rca", "--from", &from, "--since", "1s", "--json"]);
     assert_eq!(code, 0);
