@@ -48,6 +48,9 @@ struct Common {
     /// Serve /metrics and /api/* on this address (e.g. 127.0.0.1:9465)
     #[arg(long)]
     listen: Option<String>,
+    /// Let --listen bind off loopback: what it serves names requests, hosts and faults
+    #[arg(long)]
+    allow_remote: bool,
     /// Write one JSON event per line ("-" for stdout)
     #[arg(long)]
     events_out: Option<PathBuf>,
@@ -106,6 +109,9 @@ enum Cmd {
         /// Export the demo's requests as OTLP spans to this endpoint (see replay)
         #[arg(long)]
         otlp_endpoint: Option<String>,
+        /// Let --listen bind off loopback
+        #[arg(long)]
+        allow_remote: bool,
     },
     /// Replay pcap/pcapng files (several are merged in time order)
     Replay {
@@ -242,6 +248,13 @@ fn file_name(p: &Path) -> String {
         .unwrap_or_else(|| "replay".into())
 }
 
+/// `--config`, with what the common flags say over it.
+fn common_config(c: &Common) -> anyhow::Result<Config> {
+    let mut cfg = load_config(&c.config)?;
+    cfg.listen.allow_remote |= c.allow_remote;
+    Ok(cfg)
+}
+
 fn outputs(c: &Common, cfg: &Config) -> anyhow::Result<Outputs> {
     Ok(Outputs {
         listen: c.listen.clone(),
@@ -269,15 +282,18 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
             listen,
             speed,
             otlp_endpoint,
+            allow_remote,
         } => {
             announce("demo", None, Some(&listen));
+            let mut cfg = Config::default();
+            cfg.listen.allow_remote = allow_remote;
             let out = Outputs {
                 listen: Some(listen.clone()),
                 graph_window_s: Some(DEMO_WINDOW_S),
                 otlp: otlp(&Config::default(), otlp_endpoint.as_deref())?,
                 ..Default::default()
             };
-            let mut run = Run::new(Config::default(), &out)?;
+            let mut run = Run::new(cfg, &out)?;
             // once at full speed, so that the first picture is complete
             run::replay(&mut demo_files()?, &mut run, None, &out, &stop)?;
             run.end_pass();
@@ -295,9 +311,12 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
             common,
             fleet,
         } => {
-            let what = format!("replay of {} file(s)", files.len());
-            announce(&what, common.config.as_deref(), common.listen.as_deref());
-            let cfg = load_config(&common.config)?;
+            // a batch replay keeps stderr for its one-line errors; a serving one announces
+            if common.listen.is_some() {
+                let what = format!("replay of {} file(s)", files.len());
+                announce(&what, common.config.as_deref(), common.listen.as_deref());
+            }
+            let cfg = common_config(&common)?;
             let mut out = outputs(&common, &cfg)?;
             // a file can wait for the backend: a replay exports every span
             if let Some(x) = out.otlp.as_mut() {
@@ -328,7 +347,7 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
         } => {
             let what = format!("capture on {interface}");
             announce(&what, common.config.as_deref(), common.listen.as_deref());
-            let mut cfg = load_config(&common.config)?;
+            let mut cfg = common_config(&common)?;
             if let Some(mb) = buffer_size {
                 cfg.capture.buffer_mb = mb;
                 cfg.validate()
@@ -370,7 +389,7 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
         } => {
             let what = format!("collector, probes in on {ingest}");
             announce(&what, common.config.as_deref(), common.listen.as_deref());
-            let cfg = load_config(&common.config)?;
+            let cfg = common_config(&common)?;
             let out = Outputs {
                 graph_window_s: Some(cfg.requests.graph_window_s),
                 ..outputs(&common, &cfg)?
@@ -467,7 +486,7 @@ fn rca(
     Ok(())
 }
 
-/// The one line every start logs: what runs, from which build, with which config, and
+/// The one line every service logs when it starts: what runs, from which build, with which config, and
 /// where it listens.
 fn announce(what: &str, config: Option<&Path>, listen: Option<&str>) {
     let config = config.map_or("built-in defaults".to_string(), |p| p.display().to_string());

@@ -34,6 +34,10 @@ pub struct ListenConfig {
     /// `localhost` (a DNS-rebinding guard: a browser page cannot reach it through a name
     /// of its own).
     pub allowed_hosts: Vec<String>,
+    /// Bind off loopback (`--allow-remote`). Off by default: `/metrics`, `/api/*` and the
+    /// UI show request ids, fault messages and host names, so serving them beyond this
+    /// host is a decision, not a default.
+    pub allow_remote: bool,
 }
 
 impl Default for ListenConfig {
@@ -43,6 +47,7 @@ impl Default for ListenConfig {
             header_timeout_s: 10.0,
             idle_timeout_s: 60.0,
             allowed_hosts: Vec::new(),
+            allow_remote: false,
         }
     }
 }
@@ -191,6 +196,13 @@ pub fn spawn(addr: &str, shared: Shared, cfg: &ListenConfig) -> anyhow::Result<S
     let addr: SocketAddr = addr
         .parse()
         .map_err(|e| anyhow::anyhow!("--listen {addr}: {e}"))?;
+    if !addr.ip().is_loopback() && !cfg.allow_remote {
+        anyhow::bail!(
+            "--listen {addr}: off loopback; /metrics, /api and the UI show request ids, \
+             host names and fault messages: pass --allow-remote (or [listen] allow_remote = \
+             true) to serve them beyond this host"
+        );
+    }
     let listener =
         std::net::TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("--listen {addr}: {e}"))?;
     listener.set_nonblocking(true)?;
