@@ -123,7 +123,20 @@ impl LiveCapture {
                     .buffer_size(i32::try_from(cfg.buffer_mb << 20).unwrap_or(i32::MAX))
                     .open()
             })
-            .map_err(|e| anyhow::anyhow!("-i {iface}: cannot capture: {e}"))?;
+            .map_err(|e| {
+                let e = e.to_string();
+                let denied = ["Operation not permitted", "ermission denied", "permission"]
+                    .iter()
+                    .any(|m| e.contains(m));
+                let hint = if denied {
+                    " (capturing needs CAP_NET_RAW and CAP_NET_ADMIN: run as root, or give \
+                     the binary both, e.g. setcap cap_net_raw,cap_net_admin=eip, or the \
+                     service AmbientCapabilities=CAP_NET_RAW CAP_NET_ADMIN)"
+                } else {
+                    ""
+                };
+                anyhow::anyhow!("-i {iface}: cannot capture: {e}{hint}")
+            })?;
         cap.filter(filter, true)
             .map_err(|e| anyhow::anyhow!("--filter {filter:?}: {e}"))?;
         let linktype = cap.get_datalink().0;
