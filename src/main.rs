@@ -146,6 +146,11 @@ enum Cmd {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Write the man pages (stacktap.1 and one per command) into DIR, for packages
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
+    /// Print shell completions for SHELL (bash, zsh, fish, elvish, powershell)
+    Completions { shell: clap_complete::Shell },
     /// Capture live from an interface (a sidecar on a broker or API node)
     Capture {
         #[arg(short = 'i', long = "interface")]
@@ -412,8 +417,22 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
             json,
             config,
         } => rca(files, from, request_id, since, json, config)?,
+        Cmd::Manpages { dir } => manpages(&dir)?,
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "stacktap", &mut std::io::stdout());
+        }
     }
     Ok(())
+}
+
+/// The man pages, generated from the command line's own definitions so they never drift.
+fn manpages(dir: &Path) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    clap_mangen::generate_to(Cli::command(), dir)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))
 }
 
 /// `stacktap rca`: on capture files (replayed here) or on a running stacktap's API.

@@ -216,3 +216,29 @@ fn capture_without_the_capabilities_says_which_it_needs() {
         "{err}"
     );
 }
+
+#[test]
+fn man_pages_and_completions_come_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = stacktap(&["manpages", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    for cmd in ["replay", "capture", "collect", "rca", "demo"] {
+        let page = dir.path().join(format!("stacktap-{cmd}.1"));
+        let text = std::fs::read_to_string(&page).unwrap_or_default();
+        assert!(text.contains(".TH"), "{}: not a man page", page.display());
+    }
+    let capture = std::fs::read_to_string(dir.path().join("stacktap-capture.1")).unwrap();
+    assert!(capture.contains("interface") && capture.contains("allow\\-remote"));
+    let (code, script, _) = stacktap(&["completions", "bash"]);
+    assert_eq!(code, 0);
+    assert!(script.contains("capture") && script.contains("--request-id"));
+    // the script is valid bash
+    let file = dir.path().join("stacktap.bash");
+    std::fs::write(&file, script).unwrap();
+    let ok = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(&file)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
