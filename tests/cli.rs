@@ -190,12 +190,8 @@ fn every_design_metric_family_is_declared_from_the_start() {
 
 #[test]
 fn capture_without_the_capabilities_says_which_it_needs() {
-    // as nobody, with no capability: the message names the two it needs. A copy in /tmp,
-    // as the checkout may sit in a directory nobody cannot enter.
-    use std::os::unix::fs::PermissionsExt;
-    let bin = std::env::temp_dir().join(format!("stacktap-nocaps-{}", std::process::id()));
-    std::fs::copy(env!("CARGO_BIN_EXE_stacktap"), &bin).unwrap();
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // as nobody, with no capability: the message names the two it needs
+    let bin = common::BinaryForAnyUser::new("nocaps");
     let out = std::process::Command::new("setpriv")
         .args([
             "--reuid=65534",
@@ -203,11 +199,10 @@ fn capture_without_the_capabilities_says_which_it_needs() {
             "--clear-groups",
             "--inh-caps=-all",
         ])
-        .arg(&bin)
+        .arg(&bin.0)
         .args(["capture", "-i", "lo", "--duration", "1"])
         .output()
         .expect("setpriv (util-linux)");
-    let _ = std::fs::remove_file(&bin);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     let last = err.lines().last().unwrap_or("");

@@ -162,30 +162,24 @@ fn a_corrupt_record_mid_file_costs_that_record_and_nothing_else() {
     }
 }
 
-#[test]
-fn passwords_an_api_echoes_never_leave_the_process() {
-    let secrets = &crafted().1;
-    let (password, token) = (
-        secrets["password"].as_str().unwrap(),
-        secrets["token"].as_str().unwrap(),
-    );
-    let f = input("secrets_echo.pcap");
+/// Everything stacktap writes about capture `f`: stdout and stderr of a replay that also
+/// writes events and metrics, then of each `more` command (the file after its
+/// subcommand), then the events and the metrics files, each named.
+fn every_output(f: &Path, more: &[&[&str]]) -> Vec<(String, Vec<u8>)> {
     let dir = tempfile::tempdir().unwrap();
     let (events, metrics) = (dir.path().join("e.jsonl"), dir.path().join("m.prom"));
+    let file = f.to_str().unwrap();
+    let mut runs = vec![vec![
+        "replay",
+        file,
+        "--events-out",
+        events.to_str().unwrap(),
+        "--metrics-out",
+        metrics.to_str().unwrap(),
+    ]];
+    runs.extend(more.iter().map(|m| [&[m[0], file], &m[1..]].concat()));
     let mut outputs = Vec::new();
-    for args in [
-        vec![
-            "replay",
-            f.to_str().unwrap(),
-            "--events-out",
-            events.to_str().unwrap(),
-            "--metrics-out",
-            metrics.to_str().unwrap(),
-        ],
-        vec!["replay", f.to_str().unwrap(), "--json"],
-        vec!["rca", f.to_str().unwrap()],
-        vec!["rca", f.to_str().unwrap(), "--json"],
-    ] {
+    for args in runs {
         let r = stacktap(&args);
         assert_eq!(r.code, 0, "{args:?}: {}", r.stderr);
         outputs.push((format!("{args:?} stdout"), r.stdout));
@@ -193,13 +187,30 @@ fn passwords_an_api_echoes_never_leave_the_process() {
     }
     outputs.push(("events".into(), std::fs::read(&events).unwrap()));
     outputs.push(("metrics".into(), std::fs::read(&metrics).unwrap()));
-    let events_text = String::from_utf8_lossy(&outputs[outputs.len() - 2].1).into_owned();
+    outputs
+}
+
+fn named<'a>(outputs: &'a [(String, Vec<u8>)], name: &str) -> std::borrow::Cow<'a, str> {
+    let (_, bytes) = outputs.iter().find(|(n, _)| n == name).unwrap();
+    String::from_utf8_lossy(bytes)
+}
+
+#[test]
+fn passwords_an_api_echoes_never_leave_the_process() {
+    let secrets = &crafted().1;
+    let (password, token) = (
+        secrets["password"].as_str().unwrap(),
+        secrets["token"].as_str().unwrap(),
+    );
+    let more: &[&[&str]] = &[&["replay", "--json"], &["rca"], &["rca", "--json"]];
+    let outputs = every_output(&input("secrets_echo.pcap"), more);
+    let events_text = named(&outputs, "events");
     assert!(
         events_text.contains("redacted"),
         "the faults are still reported: {events_text}"
     );
-    for (what, bytes) in outputs {
-        let text = String::from_utf8_lossy(&bytes);
+    for (what, bytes) in &outputs {
+        let text = String::from_utf8_lossy(bytes);
         assert!(!text.contains(password), "the password reached {what}");
         assert!(!text.contains(token), "the token reached {what}");
     }
@@ -207,33 +218,13 @@ fn passwords_an_api_echoes_never_leave_the_process() {
 
 #[test]
 fn escape_sequences_from_the_wire_are_shown_not_obeyed() {
-    let f = input("escapes.pcap");
-    let dir = tempfile::tempdir().unwrap();
-    let (events, metrics) = (dir.path().join("e.jsonl"), dir.path().join("m.prom"));
-    let mut seen = Vec::new();
-    for args in [
-        vec![
-            "replay",
-            f.to_str().unwrap(),
-            "--events-out",
-            events.to_str().unwrap(),
-            "--metrics-out",
-            metrics.to_str().unwrap(),
-        ],
-        vec!["rca", f.to_str().unwrap()],
-    ] {
-        let r = stacktap(&args);
-        assert_eq!(r.code, 0, "{}", r.stderr);
-        seen.push((format!("{args:?} stdout"), r.stdout));
-    }
-    seen.push(("events".into(), std::fs::read(&events).unwrap()));
-    seen.push(("metrics".into(), std::fs::read(&metrics).unwrap()));
-    let text = String::from_utf8_lossy(&seen[0].1).into_owned();
+    let outputs = every_output(&input("escapes.pcap"), &[&["rca"]]);
+    let text = String::from_utf8_lossy(&outputs[0].1).into_owned();
     assert!(
         text.contains("\\x1b[2J"),
         "the escape is shown as text: {text}"
     );
-    for (what, bytes) in seen {
+    for (what, bytes) in outputs {
         assert!(!bytes.contains(&0x1b), "an ESC byte reached {what}");
         assert!(!bytes.contains(&0x07), "a BEL byte reached {what}");
     }

@@ -50,11 +50,7 @@ fn http_server() -> u16 {
 
 #[test]
 fn a_capture_runs_as_nobody_with_only_the_two_capabilities() {
-    use std::os::unix::fs::PermissionsExt;
-    // a copy in /tmp: the checkout may sit in a directory nobody cannot enter
-    let bin = std::env::temp_dir().join(format!("stacktap-caps-{}", std::process::id()));
-    std::fs::copy(env!("CARGO_BIN_EXE_stacktap"), &bin).unwrap();
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = common::BinaryForAnyUser::new("caps");
     let server = http_server();
     let listen = free_port();
     let child = Command::new("setpriv")
@@ -66,7 +62,7 @@ fn a_capture_runs_as_nobody_with_only_the_two_capabilities() {
             "--ambient-caps=-all,+net_raw,+net_admin",
             "--bounding-set=-all,+net_raw,+net_admin",
         ])
-        .arg(&bin)
+        .arg(&bin.0)
         .args(["capture", "-i", "lo", "--duration", "4", "--json"])
         .args(["--filter", &format!("tcp port {server}")])
         .args(["--listen", &format!("127.0.0.1:{listen}")])
@@ -87,7 +83,6 @@ fn a_capture_runs_as_nobody_with_only_the_two_capabilities() {
         let _ = s.read_to_end(&mut reply);
     }
     let out = child.wait_with_output().unwrap();
-    let _ = std::fs::remove_file(&bin);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json summary");

@@ -124,14 +124,23 @@ pub fn push_hex(s: &mut String, b: &[u8]) {
 
 /// Exactly `N` bytes from `2N` hex digits (either case).
 pub fn hex_bytes<const N: usize>(s: &str) -> Option<[u8; N]> {
-    let b = s.as_bytes();
+    decode_hex(s.as_bytes())
+}
+
+fn decode_hex<const N: usize>(b: &[u8]) -> Option<[u8; N]> {
+    // on the correlator's path for every id: a match, not char::to_digit
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    };
     if b.len() != 2 * N {
         return None;
     }
     let mut out = [0u8; N];
-    for (i, o) in out.iter_mut().enumerate() {
-        let digit = |c: u8| (c as char).to_digit(16);
-        *o = (digit(b[2 * i])? * 16 + digit(b[2 * i + 1])?) as u8;
+    for (o, pair) in out.iter_mut().zip(b.chunks_exact(2)) {
+        *o = (digit(pair[0])? << 4) | digit(pair[1])?;
     }
     Some(out)
 }
@@ -139,19 +148,24 @@ pub fn hex_bytes<const N: usize>(s: &str) -> Option<[u8; N]> {
 /// A UUID's 16 bytes, hyphenated or not (`req-` and other prefixes are the caller's to
 /// strip).
 pub fn uuid_bytes(s: &str) -> Option<[u8; 16]> {
-    let s = s.trim();
-    let plain: String = match s.len() {
-        32 => s.to_string(),
+    let b = s.trim().as_bytes();
+    match b.len() {
+        32 => decode_hex(b),
         36 => {
-            let b = s.as_bytes();
             if [8, 13, 18, 23].iter().any(|&i| b[i] != b'-') {
                 return None;
             }
-            s.chars().filter(|&c| c != '-').collect()
+            let mut plain = [0u8; 32];
+            let mut n = 0;
+            for &c in b.iter().filter(|&&c| c != b'-') {
+                // 32 at most: four of the 36 are the hyphens checked above
+                plain[n] = c;
+                n += 1;
+            }
+            decode_hex(&plain[..n])
         }
-        _ => return None,
-    };
-    hex_bytes(&plain)
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -43,41 +43,24 @@ pub struct Id {
     bytes: [u8; 16],
 }
 
-/// The value of a lower-case hex digit (ids are compared by text, so `A` is not `a`).
-fn nibble(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    }
+/// Ids are compared by their text, so only lower-case spellings are compacted (the bytes
+/// give the text back in lower case).
+fn lower_case(s: &str) -> bool {
+    !s.bytes().any(|c| c.is_ascii_uppercase())
 }
 
-/// 16 bytes from 32 lower-case hex digits, skipping nothing.
+/// 16 bytes from 32 lower-case hex digits.
 fn hex16(s: &str) -> Option<[u8; 16]> {
-    let b = s.as_bytes();
-    if b.len() != 32 {
-        return None;
-    }
-    let mut out = [0u8; 16];
-    for (o, pair) in out.iter_mut().zip(b.chunks_exact(2)) {
-        *o = nibble(pair[0])? << 4 | nibble(pair[1])?;
-    }
-    Some(out)
+    (s.len() == 32 && lower_case(s))
+        .then(|| crate::contract::hex_bytes(s))
+        .flatten()
 }
 
 /// 16 bytes from a hyphenated lower-case UUID (8-4-4-4-12).
 fn uuid16(s: &str) -> Option<[u8; 16]> {
-    let b = s.as_bytes();
-    if b.len() != 36 || [8, 13, 18, 23].iter().any(|&i| b[i] != b'-') {
-        return None;
-    }
-    let mut digits = b.iter().copied().filter(|&c| c != b'-');
-    let mut out = [0u8; 16];
-    for o in &mut out {
-        *o = nibble(digits.next()?)? << 4 | nibble(digits.next()?)?;
-    }
-    // a hyphen anywhere else leaves fewer than 32 digits: None above
-    Some(out)
+    (s.len() == 36 && lower_case(s))
+        .then(|| crate::contract::uuid_bytes(s))
+        .flatten()
 }
 
 impl Id {

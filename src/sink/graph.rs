@@ -622,30 +622,15 @@ mod tests {
     use std::sync::Arc;
 
     fn http(client: &str, service: &str, status: u16, d: f64) -> Event {
-        Event::Http(Box::new(HttpEvent {
-            client: Process {
-                service: Some(client.into()),
-                pid: None,
-                host: "10.0.0.1".into(),
-            },
-            user_agent: None,
-            service: Some(Arc::from(service)),
-            server: "10.0.0.2:9696".into(),
-            method: "PUT",
-            route: Arc::from("/v2.0/ports/{id}"),
-            path: "/v2.0/ports/x".into(),
-            status: Some(status),
-            t_request: 0.0,
-            t_response: Some(d),
-            t_response_end: Some(d),
-            duration_s: Some(d),
-            request_id: None,
-            global_request_id: None,
-            trace_context: None,
-            outcome: HttpOutcome::Ok,
-            truncated: false,
-            error: None,
-        }))
+        let caller = Arc::new(Process {
+            service: Some(client.into()),
+            pid: None,
+            host: "10.0.0.1".into(),
+        });
+        let mut e = crate::testing::http_event(caller, service, "PUT", "/v2.0/ports/{id}");
+        e.status = Some(status);
+        (e.t_response, e.t_response_end, e.duration_s) = (Some(d), Some(d), Some(d));
+        Event::Http(Box::new(e))
     }
 
     #[test]

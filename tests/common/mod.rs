@@ -614,6 +614,27 @@ pub fn log_tail(path: &Path, n: usize) -> String {
     }
 }
 
+/// A copy of the stacktap binary that any user may run (the checkout may sit in a
+/// directory an unprivileged user cannot enter), removed when this goes out of scope.
+pub struct BinaryForAnyUser(pub PathBuf);
+
+impl BinaryForAnyUser {
+    pub fn new(tag: &str) -> BinaryForAnyUser {
+        use std::os::unix::fs::PermissionsExt;
+        let name = format!("stacktap-{tag}-{}", std::process::id());
+        let bin = std::env::temp_dir().join(name);
+        std::fs::copy(env!("CARGO_BIN_EXE_stacktap"), &bin).unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        BinaryForAnyUser(bin)
+    }
+}
+
+impl Drop for BinaryForAnyUser {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// A child process killed when this goes out of scope (also when a test fails).
 pub struct Killed(pub std::process::Child);
 
