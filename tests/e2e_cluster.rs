@@ -169,9 +169,7 @@ fn a_real_three_node_cluster_through_four_live_probes_and_one_collector() {
     };
     // the probes share this host's clock: no event is stamped before its cause, so the
     // collector corrects nothing and the wire times are the processes' own
-    let mut bad = check_against_truth_within(&r, &truth, 0.001);
-    bad.extend(check_rest_against_truth(&r, &truth));
-    bad.extend(check_chains_against_truth(&r, &truth));
+    let bad = check_all_against_truth(&r, &truth, 0.001);
     let offsets: Vec<&str> = r
         .metrics
         .lines()

@@ -316,9 +316,7 @@ fn four_probes_with_skewed_clocks_into_one_collector_match_the_truth() {
         health: Default::default(),
     };
     // in probe a's clock, corrected to within a millisecond
-    let mut bad = check_against_truth_within(&r, &truth, 0.001);
-    bad.extend(check_rest_against_truth(&r, &truth));
-    bad.extend(check_chains_against_truth(&r, &truth));
+    let bad = check_all_against_truth(&r, &truth, 0.001);
     assert!(
         bad.is_empty(),
         "{} mismatches:\n{}",

@@ -542,9 +542,7 @@ fn a_cluster_seen_whole_matches_the_truth() {
     let files: Vec<_> = ["a", "b", "c", "api"].map(cluster_capture).into();
     let r = replay_with(&files, cluster_config());
     let truth = read_truth(&repo().join("sampledata/cluster/cluster.truth.jsonl"));
-    let mut bad = check_against_truth(&r, &truth);
-    bad.extend(check_rest_against_truth(&r, &truth));
-    bad.extend(check_chains_against_truth(&r, &truth));
+    let bad = check_all_against_truth(&r, &truth, 0.0);
     assert!(
         bad.is_empty(),
         "{} mismatches:\n{}",

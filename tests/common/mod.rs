@@ -474,6 +474,14 @@ pub fn root_of(t: &Value) -> &str {
         .unwrap_or("")
 }
 
+/// Every check against the truth at once: RPC (times within `slack` s), REST and chains.
+pub fn check_all_against_truth(r: &Replayed, truth: &[Value], slack: f64) -> Vec<String> {
+    let mut bad = check_against_truth_within(r, truth, slack);
+    bad.extend(check_rest_against_truth(r, truth));
+    bad.extend(check_chains_against_truth(r, truth));
+    bad
+}
+
 /// Every failure the processes saw surface to a user has exactly one chain, whose root
 /// is the fault the processes recorded at the bottom; nothing else is a chain; every
 /// request rescheduled away from a failure that then succeeded counts as masked.
