@@ -7,7 +7,7 @@
 use serde::Deserialize;
 use std::path::Path;
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub amqp: crate::amqp::AmqpConfig,
@@ -25,7 +25,7 @@ pub struct Config {
 }
 
 /// `[metrics]`: the Prometheus families.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MetricsConfig {
     /// Distinct label sets per family (and edges in the call graph) before new ones fold
@@ -311,5 +311,42 @@ mod tests {
             .to_string();
         assert!(e.contains("max_flows"), "{e}");
         Config::default().validate().unwrap();
+    }
+
+    /// The file the packages install (/etc/stacktap/stacktap.toml) shows every key with
+    /// its default, commented out: as shipped it changes nothing, and uncommented it reads
+    /// as exactly the defaults, so it cannot drift from the code.
+    #[test]
+    fn the_packaged_config_is_the_defaults_commented_out() {
+        let text = include_str!("../packaging/stacktap.toml");
+        let as_shipped: toml::Value = toml::from_str(text).unwrap();
+        let sections = as_shipped.as_table().unwrap();
+        assert!(sections.values().all(|s| s.as_table().unwrap().is_empty()));
+        Config::from_toml(text).unwrap();
+
+        let uncommented = text
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest)
+                    if rest.starts_with(|c: char| c.is_alphanumeric() || "[\"".contains(c)) =>
+                {
+                    rest
+                }
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let read: toml::Value = toml::from_str(&uncommented).unwrap();
+        let mut defaults = toml::Value::try_from(Config::default()).unwrap();
+        // an empty table (no OTLP headers, no users) is shown by an example instead
+        for (_, section) in defaults.as_table_mut().unwrap().iter_mut() {
+            let keys = section.as_table_mut().unwrap();
+            keys.retain(|_, v| v.as_table().is_none_or(|t| !t.is_empty()));
+        }
+        assert_eq!(
+            read, defaults,
+            "packaging/stacktap.toml differs from the defaults"
+        );
+        Config::from_toml(&uncommented).unwrap();
     }
 }

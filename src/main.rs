@@ -269,6 +269,7 @@ fn outputs(c: &Common, cfg: &Config) -> anyhow::Result<Outputs> {
         graph_window_s: None,
         store: c.store.clone(),
         otlp: otlp(cfg, c.otlp_endpoint.as_deref())?,
+        config: c.config.clone(),
     })
 }
 

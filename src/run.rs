@@ -32,6 +32,8 @@ pub struct Outputs {
     pub store: Option<PathBuf>,
     /// Where spans go (`--otlp-endpoint`, the OTEL_* variables, `[otlp]`), resolved.
     pub otlp: Option<crate::otlp::config::Export>,
+    /// `--config`: where a SIGHUP re-reads the listener's TLS and credentials from.
+    pub config: Option<PathBuf>,
 }
 
 /// Where an analysis goes: the sinks, the HTTP listener, the files and the store.
@@ -72,8 +74,8 @@ impl Outlet {
                     graph_window_s: out.graph_window_s,
                     requests: requests.clone(),
                 };
-                let bound = serve::spawn(addr, shared.clone(), &cfg.listen)?;
-                eprintln!("stacktap: serving http://{bound}/metrics and /api/summary");
+                let bound = serve::spawn(addr, shared.clone(), &cfg.listen, out.config.clone())?;
+                eprintln!("stacktap: serving {}/metrics and /api/summary", bound.url());
                 Some(shared)
             }
             None => None,
@@ -339,12 +341,18 @@ impl Run {
     }
 }
 
-/// Installs SIGINT/SIGTERM handlers that set the returned flag.
+/// Installs SIGINT/SIGTERM handlers that set the returned flag, and makes SIGHUP harmless.
 pub fn stop_flag() -> Arc<AtomicBool> {
     let flag = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         let _ = signal_hook::flag::register(sig, flag.clone());
     }
+    // SIGHUP reloads what can be reloaded (the listener's TLS and credentials, see serve);
+    // it must never end a run, listener or not
+    let _ = signal_hook::flag::register(
+        signal_hook::consts::SIGHUP,
+        Arc::new(AtomicBool::new(false)),
+    );
     flag
 }
 

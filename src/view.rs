@@ -22,7 +22,7 @@ use crate::time::Ts;
 use std::collections::BTreeMap;
 
 /// `[view]`: how much of the broker the analyser sees.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ViewConfig {
     /// How long one piece of evidence keeps the view partial (packet time).

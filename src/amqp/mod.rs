@@ -10,7 +10,7 @@ pub mod names;
 pub use conn::{AmqpConnection, AmqpEvent, BodyBudget, Message, MessageKind, Props};
 
 /// `[amqp]`: which ports are AMQP and what one connection may hold.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AmqpConfig {
     /// The broker's AMQP ports (a cluster's nodes may listen on several).

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use table::{Handle, Table};
 
 /// `[rpc]`: pairing RPC messages.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CorrelatorConfig {
     /// Calls waiting for a reply, at most; the oldest is reported (`no_reply`) past this.

@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::contract::Observation;
 use crate::health::Health;
 use crate::run::{Outlet, Outputs};
+use crate::serve::access::constant_time_eq;
 use crate::sink::summary::Report;
 use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{
     LogsService, LogsServiceServer,
@@ -125,10 +126,6 @@ impl LogsService for Ingest {
             }),
         }))
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Binds the OTLP/gRPC receiver on its own thread; returns the bound address.

@@ -20,16 +20,19 @@ use std::sync::Arc;
 
 /// `[http]`: which ports and path prefixes are which OpenStack API, and what one HTTP
 /// connection may hold.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RestConfig {
     /// Port → service type, merged over the defaults (`"8780" = "placement"`); `""`
     /// removes a default.
-    #[serde(deserialize_with = "ports_over_defaults")]
+    #[serde(deserialize_with = "ports_over_defaults", serialize_with = "as_table")]
     pub ports: Vec<(u16, String)>,
     /// Path prefix → service type, tried before the ports (`"/compute" = "nova"`), merged
     /// over the defaults; `""` removes a default.
-    #[serde(deserialize_with = "prefixes_over_defaults")]
+    #[serde(
+        deserialize_with = "prefixes_over_defaults",
+        serialize_with = "as_table"
+    )]
     pub prefixes: Vec<(String, String)>,
     /// Detect HTTP by content on ports not in `ports` (a listening port we don't know).
     pub sniff_other_ports: bool,
@@ -41,6 +44,14 @@ pub struct RestConfig {
     pub max_head_bytes: usize,
     /// Of a 4xx/5xx body, the bytes kept to read the fault.
     pub max_error_body_bytes: usize,
+}
+
+/// Pairs written the way they are read: a table of `key = service`.
+fn as_table<K: std::fmt::Display, S: serde::Serializer>(
+    list: &[(K, String)],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(list.iter().map(|(k, v)| (k.to_string(), v)))
 }
 
 /// `key = service` pairs merged over a default list; an empty service removes the key.

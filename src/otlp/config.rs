@@ -8,7 +8,7 @@ use std::time::Duration;
 
 /// `[otlp]`: OTLP span export. Every key optional; nothing is exported without an
 /// endpoint.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OtlpConfig {
     /// Where spans go, used as is: `http://jaeger:4317` (gRPC) or

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// `[store]`: what `--store` keeps.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
     /// Rows older than this (packet time, before the newest) are deleted.

@@ -31,7 +31,7 @@ pub struct SourceStats {
 }
 
 /// `[capture]`: reading packets.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CaptureConfig {
     /// A packet stamped this much later than the packets before it is a clock jump

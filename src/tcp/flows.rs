@@ -51,7 +51,7 @@ pub trait App {
 }
 
 /// `[tcp]`: the flow table and reassembly.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FlowConfig {
     /// Connections followed at once; the least recently seen is closed past this.

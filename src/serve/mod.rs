@@ -8,19 +8,27 @@
 //! or slow clients cannot lock `/healthz` out. On a loopback address only loopback names
 //! (and `listen.allowed_hosts`) are answered: a web page cannot reach it by rebinding a
 //! name of its own to 127.0.0.1.
+//!
+//! Off loopback it also needs credentials (a bearer token or basic-auth users) and TLS,
+//! both from files `access` reads, again on SIGHUP.
+
+pub mod access;
 
 use crate::sink::graph::Graph;
 use crate::sink::metrics::Metrics;
 use crate::sink::requests::Requests;
+use access::{Access, AccessHandle, Verdict};
 use axum::extract::{Path, Query};
 use axum::http::StatusCode;
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
 use prometheus_client::registry::Registry;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 /// `[listen]`: the HTTP listener (`--listen`).
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ListenConfig {
     /// Connections served at once; more wait to be accepted (below the fd limit, so the
@@ -38,6 +46,22 @@ pub struct ListenConfig {
     /// UI show request ids, fault messages and host names, so serving them beyond this
     /// host is a decision, not a default.
     pub allow_remote: bool,
+    /// TLS certificate chain (PEM). Re-read on SIGHUP.
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM). Re-read on SIGHUP.
+    pub tls_key: Option<PathBuf>,
+    /// A file holding the token clients send as `Authorization: Bearer <token>` (one line,
+    /// at least 16 characters). Re-read on SIGHUP.
+    pub token_file: Option<PathBuf>,
+    /// HTTP basic-auth users: name = bcrypt hash (`htpasswd -nbB NAME PASSWORD` prints
+    /// one). Re-read from the config file on SIGHUP.
+    pub basic_auth_users: BTreeMap<String, String>,
+    /// `/metrics` answers without credentials (a Prometheus that scrapes without them);
+    /// `/healthz` always does.
+    pub metrics_open: bool,
+    /// Off loopback without TLS: only behind something that terminates TLS for it (a
+    /// mesh sidecar, a reverse proxy on the same host).
+    pub plaintext_remote: bool,
 }
 
 impl Default for ListenConfig {
@@ -48,6 +72,12 @@ impl Default for ListenConfig {
             idle_timeout_s: 60.0,
             allowed_hosts: Vec::new(),
             allow_remote: false,
+            tls_cert: None,
+            tls_key: None,
+            token_file: None,
+            basic_auth_users: BTreeMap::new(),
+            metrics_open: false,
+            plaintext_remote: false,
         }
     }
 }
@@ -183,31 +213,48 @@ pub fn router(shared: Shared) -> Router {
 }
 
 /// Every response is what its content type says (a text body is never sniffed as HTML).
-async fn no_sniff(mut r: axum::response::Response) -> axum::response::Response {
-    r.headers_mut().insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        header::HeaderValue::from_static("nosniff"),
-    );
-    r
+async fn no_sniff(r: axum::response::Response) -> axum::response::Response {
+    nosniff(r)
 }
 
-/// Binds `addr` and serves on a background thread; returns the bound address.
-pub fn spawn(addr: &str, shared: Shared, cfg: &ListenConfig) -> anyhow::Result<SocketAddr> {
+/// Where the listener ended up.
+pub struct Bound {
+    pub addr: SocketAddr,
+    /// It speaks TLS.
+    pub tls: bool,
+}
+
+impl Bound {
+    /// `http://addr` or `https://addr`.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+}
+
+/// Binds `addr` and serves on a background thread. `config_file` is where SIGHUP re-reads
+/// `[listen]` from (without one, the same files are re-read).
+pub fn spawn(
+    addr: &str,
+    shared: Shared,
+    cfg: &ListenConfig,
+    config_file: Option<PathBuf>,
+) -> anyhow::Result<Bound> {
     let addr: SocketAddr = addr
         .parse()
         .map_err(|e| anyhow::anyhow!("--listen {addr}: {e}"))?;
-    if !addr.ip().is_loopback() && !cfg.allow_remote {
-        anyhow::bail!(
-            "--listen {addr}: off loopback; /metrics, /api and the UI show request ids, \
-             host names and fault messages: pass --allow-remote (or [listen] allow_remote = \
-             true) to serve them beyond this host"
-        );
-    }
+    let access = Access::load(cfg)?;
+    exposure_allowed(addr, cfg, &access)?;
     let listener =
         std::net::TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("--listen {addr}: {e}"))?;
     listener.set_nonblocking(true)?;
-    let bound = listener.local_addr()?;
+    let bound = Bound {
+        addr: listener.local_addr()?,
+        tls: access.tls.is_some(),
+    };
+    let handle = AccessHandle::new(access);
     let cfg = cfg.clone();
+    let at = bound.addr;
     std::thread::Builder::new()
         .name("http".into())
         .spawn(move || {
@@ -217,10 +264,88 @@ pub fn spawn(addr: &str, shared: Shared, cfg: &ListenConfig) -> anyhow::Result<S
                 .expect("tokio runtime");
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-                serve(listener, router(shared), cfg, bound).await;
+                tokio::spawn(reload_on_hangup(
+                    handle.clone(),
+                    cfg.clone(),
+                    config_file,
+                    at,
+                ));
+                serve(listener, router(shared), cfg, at, handle).await;
             });
         })?;
     Ok(bound)
+}
+
+/// Off loopback, serving is a decision (`allow_remote`), behind credentials and over TLS
+/// (or, said so, plaintext behind something that terminates TLS).
+fn exposure_allowed(addr: SocketAddr, cfg: &ListenConfig, access: &Access) -> anyhow::Result<()> {
+    if addr.ip().is_loopback() {
+        return Ok(());
+    }
+    if !cfg.allow_remote {
+        anyhow::bail!(
+            "--listen {addr}: off loopback; /metrics, /api and the UI show request ids, \
+             host names and fault messages: pass --allow-remote (or [listen] allow_remote = \
+             true) to serve them beyond this host"
+        );
+    }
+    if !access.has_credentials() {
+        anyhow::bail!(
+            "--listen {addr}: off loopback the API and UI need credentials: [listen] \
+             token_file (a bearer token) or [listen.basic_auth_users] (see docs/deploy.md)"
+        );
+    }
+    if access.tls.is_none() && !cfg.plaintext_remote {
+        anyhow::bail!(
+            "--listen {addr}: off loopback credentials travel over TLS: [listen] tls_cert and \
+             tls_key (or plaintext_remote = true behind a proxy that terminates TLS)"
+        );
+    }
+    Ok(())
+}
+
+/// On each SIGHUP, re-reads `[listen]` (from the config file when there is one) and the
+/// certificate, key and token files it names; keeps the old ones when anything fails.
+async fn reload_on_hangup(
+    handle: AccessHandle,
+    mut cfg: ListenConfig,
+    config_file: Option<PathBuf>,
+    bound: SocketAddr,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("http: cannot watch SIGHUP; TLS and credentials reload at restart");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        match reloaded(&mut cfg, config_file.as_deref(), bound) {
+            Ok(access) => {
+                handle.replace(access);
+                tracing::info!(
+                    "SIGHUP: [listen] TLS and credentials reloaded; other settings take \
+                     effect at restart"
+                );
+            }
+            Err(e) => tracing::error!("SIGHUP: kept the previous TLS and credentials: {e:#}"),
+        }
+    }
+}
+
+fn reloaded(
+    cfg: &mut ListenConfig,
+    config_file: Option<&std::path::Path>,
+    bound: SocketAddr,
+) -> anyhow::Result<Access> {
+    let mut next = match config_file {
+        Some(p) => crate::config::Config::load(p)?.listen,
+        None => cfg.clone(),
+    };
+    // the socket is bound: what allowed it stays
+    next.allow_remote = cfg.allow_remote;
+    let access = Access::load(&next)?;
+    exposure_allowed(bound, &next, &access)?;
+    *cfg = next;
+    Ok(access)
 }
 
 /// One connection being served.
@@ -243,15 +368,44 @@ fn connection_cap(cfg: &ListenConfig) -> usize {
     cfg.max_connections.min(soft.saturating_sub(64).max(8))
 }
 
+/// What every request on a connection goes through before the router.
+#[derive(Clone)]
+struct Gate {
+    app: Router,
+    hosts: Arc<HostCheck>,
+    access: AccessHandle,
+}
+
+impl Gate {
+    async fn answer(
+        self,
+        req: hyper::Request<hyper::body::Incoming>,
+    ) -> Result<axum::response::Response, std::convert::Infallible> {
+        use tower::ServiceExt;
+        if !self.hosts.allows(&req) {
+            return Ok(misdirected());
+        }
+        let access = self.access.current();
+        if access.judge(req.uri().path(), req.headers()) == Verdict::Unauthorized {
+            return Ok(nosniff(access::unauthorized(&access)));
+        }
+        self.app.oneshot(req.map(axum::body::Body::new)).await
+    }
+}
+
 async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     cfg: ListenConfig,
     bound: SocketAddr,
+    access: AccessHandle,
 ) {
-    use std::sync::atomic::Ordering;
     let cap = connection_cap(&cfg);
-    let hosts = Arc::new(HostCheck::new(bound, &cfg.allowed_hosts));
+    let gate = Gate {
+        app,
+        hosts: Arc::new(HostCheck::new(bound, &cfg.allowed_hosts)),
+        access,
+    };
     let header_timeout = std::time::Duration::from_secs_f64(cfg.header_timeout_s);
     let idle_timeout = std::time::Duration::from_secs_f64(cfg.idle_timeout_s);
     let mut slots: std::collections::VecDeque<Slot> = std::collections::VecDeque::new();
@@ -272,37 +426,59 @@ async fn serve(
             evict_idle(&mut slots, over);
         }
         let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (app, hosts, flag) = (app.clone(), hosts.clone(), busy.clone());
-        let service =
-            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let (app, hosts, flag) = (app.clone(), hosts.clone(), flag.clone());
-                async move {
-                    flag.store(true, Ordering::Relaxed);
-                    let resp = if hosts.allows(&req) {
-                        use tower::ServiceExt;
-                        app.oneshot(req.map(axum::body::Body::new)).await
-                    } else {
-                        Ok(misdirected())
-                    };
-                    flag.store(false, Ordering::Relaxed);
-                    resp
-                }
-            });
+        let tls = gate.access.current().tls.clone();
+        let (gate, flag) = (gate.clone(), busy.clone());
         let task = tokio::spawn(async move {
-            let mut b =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            b.http1()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(header_timeout);
-            let conn = b.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             // a connection lives until its client is done, or until it idles too long
-            let _ = tokio::time::timeout(idle_timeout, conn).await;
+            let _ = tokio::time::timeout(idle_timeout, async move {
+                match tls {
+                    None => connection(stream, gate, flag, header_timeout).await,
+                    Some(tls) => {
+                        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+                        // the handshake is part of the request head's time
+                        match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                            Ok(Ok(s)) => connection(s, gate, flag, header_timeout).await,
+                            Ok(Err(e)) => tracing::debug!("http: TLS handshake: {e}"),
+                            Err(_) => tracing::debug!("http: TLS handshake timed out"),
+                        }
+                    }
+                }
+            })
+            .await;
         });
         slots.push_back(Slot {
             busy,
             task: task.abort_handle(),
         });
     }
+}
+
+/// Serves HTTP/1 on one connection (plain or TLS), marking it busy while it answers.
+async fn connection<I>(
+    io: I,
+    gate: Gate,
+    busy: Arc<std::sync::atomic::AtomicBool>,
+    header_timeout: std::time::Duration,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use std::sync::atomic::Ordering;
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let (gate, busy) = (gate.clone(), busy.clone());
+        async move {
+            busy.store(true, Ordering::Relaxed);
+            let resp = gate.answer(req).await;
+            busy.store(false, Ordering::Relaxed);
+            resp
+        }
+    });
+    let mut b = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    b.http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let _ = b
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+        .await;
 }
 
 /// Closes up to `n` connections that are waiting for a request, oldest first.
@@ -319,11 +495,17 @@ fn evict_idle(slots: &mut std::collections::VecDeque<Slot>, mut n: usize) {
 }
 
 fn misdirected() -> axum::response::Response {
-    let mut r = (
-        StatusCode::MISDIRECTED_REQUEST,
-        "this listener answers its own address and loopback names only ([listen] allowed_hosts adds names)\n",
+    nosniff(
+        (
+            StatusCode::MISDIRECTED_REQUEST,
+            "this listener answers its own address and loopback names only ([listen] allowed_hosts adds names)\n",
+        )
+            .into_response(),
     )
-        .into_response();
+}
+
+/// Answers made before the router get the header the router adds to its own.
+fn nosniff(mut r: axum::response::Response) -> axum::response::Response {
     r.headers_mut().insert(
         header::X_CONTENT_TYPE_OPTIONS,
         header::HeaderValue::from_static("nosniff"),
