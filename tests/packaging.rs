@@ -1,26 +1,196 @@
-//! What an installation relies on: the systemd units are valid (`systemd-analyze verify`)
-//! and a capture works as an unprivileged user holding only the two capabilities the
-//! probe's unit grants (CAP_NET_RAW, CAP_NET_ADMIN). Needs root (to hand out the
-//! capabilities) and systemd's tools; .ci/run runs as root on Debian.
+//! What an installation relies on, checked on the packages `scripts/package` built into
+//! target/dist (.ci/run builds them first): the .deb installs into a clean root and keeps
+//! local edits to its config across a reinstall, lintian finds nothing, the .rpm holds the
+//! same files, the installed units are valid (`systemd-analyze verify`), and the installed
+//! binary captures as an unprivileged user holding only the two capabilities the probe's
+//! unit grants (CAP_NET_RAW, CAP_NET_ADMIN). Needs root (to hand out the capabilities),
+//! dpkg, lintian, rpm and systemd's tools; .ci/run runs as root on Debian.
 
 mod common;
 use common::{free_port, repo};
 use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The one package of `ext` in target/dist.
+fn package(ext: &str) -> PathBuf {
+    let dist = repo().join("target/dist");
+    let found: Vec<PathBuf> = std::fs::read_dir(&dist)
+        .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == ext))
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "want one .{ext} in {}: run `PROFILE=ci scripts/package` first (.ci/run does)",
+        dist.display()
+    );
+    found.into_iter().next().unwrap()
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An empty root with a dpkg database, any user may enter it.
+struct Root(tempfile::TempDir);
+
+impl Root {
+    fn new() -> Root {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        for d in ["var/lib/dpkg/info", "var/lib/dpkg/updates", "var/log"] {
+            std::fs::create_dir_all(dir.path().join(d)).unwrap();
+        }
+        std::fs::write(dir.path().join("var/lib/dpkg/status"), "").unwrap();
+        Root(dir)
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+
+    /// `dpkg --root` the .deb: its maintainer script runs outside the root, told where
+    /// it is (DPKG_ROOT); the root has no libc or systemd package to depend on.
+    fn install(&self, deb: &Path) -> String {
+        ok(Command::new("dpkg")
+            .arg(format!("--root={}", self.path().display()))
+            .arg(format!(
+                "--log={}",
+                self.path().join("var/log/dpkg.log").display()
+            ))
+            .args([
+                "--force-script-chrootless",
+                "--force-depends",
+                "--force-confold",
+                "-i",
+            ])
+            .arg(deb))
+    }
+
+    fn installed(deb: &Path) -> Root {
+        let root = Root::new();
+        root.install(deb);
+        root
+    }
+}
+
+const INSTALLED: &[&str] = &[
+    "/usr/bin/stacktap",
+    "/etc/stacktap/stacktap.toml",
+    "/lib/systemd/system/stacktap-capture@.service",
+    "/lib/systemd/system/stacktap-collect.service",
+    "/usr/lib/sysusers.d/stacktap.conf",
+    "/usr/share/stacktap/dashboards/rpc-overview.json",
+    "/usr/share/stacktap/dashboards/provisioning/stacktap.yml",
+    "/usr/share/stacktap/rules/stacktap.rules.yml",
+    "/usr/share/man/man1/stacktap.1.gz",
+    "/usr/share/man/man1/stacktap-capture.1.gz",
+    "/usr/share/bash-completion/completions/stacktap",
+];
+
 #[test]
-fn the_units_verify() {
+fn the_deb_installs_into_a_clean_root_and_keeps_local_config() {
+    let deb = package("deb");
+    let root = Root::installed(&deb);
+    let r = root.path();
+    let status = ok(Command::new("dpkg")
+        .arg(format!("--root={}", r.display()))
+        .args(["-s", "stacktap"]));
+    assert!(status.contains("Status: install ok installed"), "{status}");
+    let conffiles = ok(Command::new("dpkg-deb")
+        .arg("-I")
+        .arg(&deb)
+        .arg("conffiles"));
+    assert_eq!(conffiles.trim(), "/etc/stacktap/stacktap.toml");
+    let listed = ok(Command::new("dpkg")
+        .arg(format!("--root={}", r.display()))
+        .args(["-L", "stacktap"]));
+    for f in INSTALLED {
+        assert!(
+            listed.lines().any(|l| l == *f),
+            "{f} not installed: {listed}"
+        );
+        assert!(r.join(&f[1..]).is_file(), "{f}");
+    }
+    let passwd = std::fs::read_to_string(r.join("etc/passwd")).unwrap_or_default();
+    assert!(
+        passwd.lines().any(|l| l.starts_with("stacktap:")),
+        "no stacktap user: {passwd}"
+    );
+
+    // the installed binary runs, with the installed config
+    let bin = r.join("usr/bin/stacktap");
+    let version = ok(Command::new(&bin).arg("--version"));
+    assert!(version.starts_with("stacktap 0."), "{version}");
+    let conf = r.join("etc/stacktap/stacktap.toml");
+    ok(Command::new(&bin)
+        .arg("replay")
+        .arg(repo().join("sampledata/healthy.pcap"))
+        .arg("--config")
+        .arg(&conf));
+
+    // an operator's edit survives reinstalling (a conffile)
+    let edited = format!(
+        "{}\n# edited here\n",
+        std::fs::read_to_string(&conf).unwrap()
+    );
+    std::fs::write(&conf, &edited).unwrap();
+    root.install(&deb);
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), edited);
+}
+
+#[test]
+fn lintian_finds_nothing_to_warn_about() {
+    let out = Command::new("lintian")
+        .args(["--fail-on", "warning", "--tag-display-limit", "0"])
+        .arg(package("deb"))
+        .output()
+        .expect("lintian (apt install lintian; scripts/setup-deps does)");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+}
+
+#[test]
+fn the_rpm_holds_what_the_deb_holds() {
+    let rpm = package("rpm");
+    let files = ok(Command::new("rpm").arg("-qlp").arg(&rpm));
+    for f in INSTALLED {
+        // Fedora and EL keep units under /usr/lib
+        let f = f.replace("/lib/systemd", "/usr/lib/systemd");
+        assert!(files.lines().any(|l| l == f), "{f} not in the rpm: {files}");
+    }
+    let config = ok(Command::new("rpm").args(["-qp", "--configfiles"]).arg(&rpm));
+    assert_eq!(config.trim(), "/etc/stacktap/stacktap.toml");
+    let requires = ok(Command::new("rpm").args(["-qp", "--requires"]).arg(&rpm));
+    assert!(requires.contains("libpcap"), "{requires}");
+}
+
+#[test]
+fn the_installed_units_verify() {
+    let root = Root::installed(&package("deb"));
+    let installed = root.path().join("usr/bin/stacktap");
     let dir = tempfile::tempdir().unwrap();
     let mut units = Vec::new();
     for (file, instance) in [
         ("stacktap-capture@.service", "stacktap-capture@lo.service"),
         ("stacktap-collect.service", "stacktap-collect.service"),
     ] {
-        let text = std::fs::read_to_string(repo().join("packaging/systemd").join(file)).unwrap();
-        // verify checks that ExecStart's binary exists: point it at the one just built
-        let text = text.replace("/usr/bin/stacktap", env!("CARGO_BIN_EXE_stacktap"));
-        std::fs::write(dir.path().join(file), &text).unwrap();
+        let text =
+            std::fs::read_to_string(root.path().join("lib/systemd/system").join(file)).unwrap();
+        // verify checks that ExecStart's binary exists: point it at the one in the root
+        let text = text.replace("/usr/bin/stacktap", installed.to_str().unwrap());
         std::fs::write(dir.path().join(instance), &text).unwrap();
         units.push(dir.path().join(instance));
     }
@@ -49,8 +219,9 @@ fn http_server() -> u16 {
 }
 
 #[test]
-fn a_capture_runs_as_nobody_with_only_the_two_capabilities() {
-    let bin = common::BinaryForAnyUser::new("caps");
+fn the_installed_binary_captures_as_nobody_with_only_the_two_capabilities() {
+    let root = Root::installed(&package("deb"));
+    let bin = root.path().join("usr/bin/stacktap");
     let server = http_server();
     let listen = free_port();
     let child = Command::new("setpriv")
@@ -62,7 +233,7 @@ fn a_capture_runs_as_nobody_with_only_the_two_capabilities() {
             "--ambient-caps=-all,+net_raw,+net_admin",
             "--bounding-set=-all,+net_raw,+net_admin",
         ])
-        .arg(&bin.0)
+        .arg(&bin)
         .args(["capture", "-i", "lo", "--duration", "4", "--json"])
         .args(["--filter", &format!("tcp port {server}")])
         .args(["--listen", &format!("127.0.0.1:{listen}")])
