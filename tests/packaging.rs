@@ -260,3 +260,28 @@ fn the_installed_binary_captures_as_nobody_with_only_the_two_capabilities() {
     assert!(summary["packets"].as_u64().unwrap() > 0, "{summary}");
     assert_eq!(summary["http_requests"], 5, "{summary}");
 }
+
+/// The Kubernetes manifests against the Kubernetes schemas (kubernetes-validate, strict),
+/// and against what stacktap needs (tests/manifests.py: least privilege, limits, health
+/// checks, flags that exist, configs that load, the Containerfile's runtime user and
+/// capabilities).
+#[test]
+fn the_kubernetes_manifests_and_the_containerfile_hold() {
+    let python = common::python();
+    let validator = python.with_file_name("kubernetes-validate");
+    let manifests: Vec<PathBuf> = std::fs::read_dir(repo().join("packaging/kubernetes"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    assert!(manifests.len() >= 3, "{manifests:?}");
+    let said = ok(Command::new(&validator)
+        .args(["--strict", "--no-warn"])
+        .args(&manifests));
+    assert!(!said.contains("ERROR"), "{said}");
+    ok(Command::new(&python)
+        .arg(repo().join("tests/manifests.py"))
+        .arg(env!("CARGO_BIN_EXE_stacktap"))
+        .arg(repo()));
+}
