@@ -22,6 +22,7 @@ pub struct Config {
     pub otlp: crate::otlp::OtlpConfig,
     pub capture: crate::source::CaptureConfig,
     pub listen: crate::serve::ListenConfig,
+    pub ui: crate::serve::source::UiConfig,
 }
 
 /// `[metrics]`: the Prometheus families.

@@ -260,8 +260,9 @@ fn common_config(c: &Common) -> anyhow::Result<Config> {
     Ok(cfg)
 }
 
-fn outputs(c: &Common, cfg: &Config) -> anyhow::Result<Outputs> {
+fn outputs(c: &Common, cfg: &Config, source: String) -> anyhow::Result<Outputs> {
     Ok(Outputs {
+        source,
         listen: c.listen.clone(),
         events_out: c.events_out.clone(),
         metrics_out: c.metrics_out.clone(),
@@ -297,6 +298,7 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 listen: Some(listen.clone()),
                 graph_window_s: Some(DEMO_WINDOW_S),
                 otlp: otlp(&Config::default(), otlp_endpoint.as_deref())?,
+                source: format!("demo: {} replayed in a loop", DEMO_SAMPLE.0),
                 ..Default::default()
             };
             let mut run = Run::new(cfg, &out)?;
@@ -323,7 +325,8 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 announce(&what, common.config.as_deref(), common.listen.as_deref());
             }
             let cfg = common_config(&common)?;
-            let mut out = outputs(&common, &cfg)?;
+            let names: Vec<String> = files.iter().map(|f| file_name(f)).collect();
+            let mut out = outputs(&common, &cfg, format!("replay of {}", names.join(", ")))?;
             // a file can wait for the backend: a replay exports every span
             if let Some(x) = out.otlp.as_mut() {
                 x.wait_when_full = true;
@@ -361,7 +364,7 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
             }
             let out = Outputs {
                 graph_window_s: Some(cfg.requests.graph_window_s),
-                ..outputs(&common, &cfg)?
+                ..outputs(&common, &cfg, format!("capture on {interface}"))?
             };
             let mut cap = LiveCapture::open(
                 &interface,
@@ -398,7 +401,7 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
             let cfg = common_config(&common)?;
             let out = Outputs {
                 graph_window_s: Some(cfg.requests.graph_window_s),
-                ..outputs(&common, &cfg)?
+                ..outputs(&common, &cfg, format!("collector, probes on {ingest}"))?
             };
             let cc = stacktap::fleet::collector::CollectConfig {
                 ingest,

@@ -34,6 +34,8 @@ pub struct Outputs {
     pub otlp: Option<crate::otlp::config::Export>,
     /// `--config`: where a SIGHUP re-reads the listener's TLS and credentials from.
     pub config: Option<PathBuf>,
+    /// What the data comes from, in words, for the UI's header.
+    pub source: String,
 }
 
 /// Where an analysis goes: the sinks, the HTTP listener, the files and the store.
@@ -73,6 +75,7 @@ impl Outlet {
                     graph: graph.clone(),
                     graph_window_s: out.graph_window_s,
                     requests: requests.clone(),
+                    source: Arc::new(Mutex::new(serve::source::Source::new(&out.source, &cfg.ui))),
                 };
                 let bound = serve::spawn(addr, shared.clone(), &cfg.listen, out.config.clone())?;
                 eprintln!("stacktap: serving {}/metrics and /api/summary", bound.url());
@@ -107,6 +110,11 @@ impl Outlet {
     pub fn refresh(&mut self, health: &Health, force: bool) {
         self.sinks.sync(health);
         if let Some(shared) = &self.shared
+            && let Ok(mut s) = shared.source.lock()
+        {
+            s.update(health);
+        }
+        if let Some(shared) = &self.shared
             && (force || self.last_publish.elapsed() >= Duration::from_secs(1))
         {
             self.last_publish = Instant::now();
@@ -123,6 +131,15 @@ impl Outlet {
             {
                 self.store_error = Some(e);
             }
+        }
+    }
+
+    /// The probes feeding a collector, for the UI's header.
+    pub fn set_probes(&self, probes: &[crate::fleet::merge::ProbeInfo]) {
+        if let Some(shared) = &self.shared
+            && let Ok(mut s) = shared.source.lock()
+        {
+            s.set_probes(probes);
         }
     }
 

@@ -7,7 +7,15 @@ const REFRESH_MS = 2000;
 // more nodes than this on the first load: start grouped by project
 const GROUP_ABOVE = 80;
 const WINDOWS = [[60, "1 min"], [300, "5 min"], [900, "15 min"], [3600, "1 h"]];
-const RED = "#d62728", AMBER = "#ff9f1a", GREEN = "#2ca02c", GREY = "#9aa3b5";
+// Okabe-Ito colours, which people with the common colour-vision deficiencies tell apart;
+// health is also carried by shape (a failing node's border is doubled, a degraded one's
+// dashed; a failing edge is thick and its label starts with a mark), never by hue alone
+const RED = "#d55e00", AMBER = "#e69f00", GREEN = "#009e73", GREY = "#8a93a6";
+// node labels are never drawn smaller than this many pixels at the initial zoom
+const MIN_LABEL_PX = 11;
+const NODE_FONT = 15;
+// edge labels shown in full: the failing ones and this many of the busiest
+const FULL_LABELS = 12;
 
 const state = {
   window: null,        // seconds, "all", or null: the server's default
@@ -21,6 +29,7 @@ const state = {
   chain: null,         // {key, requestId, tree}
   structure: "",       // ids of the drawn elements: a change means a new layout
   lastOk: 0,
+  source: null,        // the latest /api/source: where the data comes from, the links
 };
 
 // ---------- formatting (every string from the wire goes through esc) ----------
@@ -59,6 +68,11 @@ function health(s) {
 function cls(s) {
   const h = health(s);
   return h === RED ? "bad" : h === AMBER ? "warn" : "";
+}
+/// The border pattern that says what the colour says.
+function borderStyle(s) {
+  const h = health(s);
+  return h === RED ? "double" : h === AMBER ? "dashed" : "solid";
 }
 
 // ---------- the model: report edges folded into what is drawn ----------
@@ -189,12 +203,12 @@ const cy = cytoscape({
   style: [
     { selector: "node", style: {
       "label": "data(label)", "text-valign": "center", "text-halign": "center",
-      "font-size": 15, "min-zoomed-font-size": 5, "text-wrap": "wrap", "text-max-width": 170,
-      "background-color": "#fff", "border-width": 3, "border-color": "data(color)",
+      "font-size": NODE_FONT, "min-zoomed-font-size": 5, "text-wrap": "wrap", "text-max-width": 170,
+      "background-color": "#fff", "border-width": "data(border)", "border-color": "data(color)", "border-style": "data(pattern)",
       "width": "label", "height": "label", "padding": 7, "shape": "round-rectangle", "color": "#1d2330" } },
     { selector: "node[kind = 'client']", style: { "shape": "ellipse", "background-color": "#f3f5fa", "padding": 14 } },
-    { selector: "node[kind = 'queue']", style: { "shape": "barrel", "background-color": "#eef1f6", "font-size": 13 } },
-    { selector: "node[kind = 'exchange']", style: { "shape": "diamond", "background-color": "#eef1f6", "font-size": 12, "padding": 20 } },
+    { selector: "node[kind = 'queue']", style: { "shape": "barrel", "background-color": "#eef1f6", "font-size": 14 } },
+    { selector: "node[kind = 'exchange']", style: { "shape": "diamond", "background-color": "#eef1f6", "font-size": 13, "padding": 20 } },
     { selector: "edge", style: {
       "curve-style": "bezier", "target-arrow-shape": "triangle", "arrow-scale": 1.1,
       "width": "data(width)", "line-color": "data(color)", "target-arrow-color": "data(color)",
@@ -225,7 +239,17 @@ function edgeLabel(e, s) {
   if (e.style !== "deliver") parts.push(pct(s.errors, s.requests));
   if (s.p99) parts.push("p99 " + secs(s.p99));
   if (s.timeouts) parts.push(`${s.timeouts} timeout${s.timeouts > 1 ? "s" : ""}`);
-  return parts.join(" · ");
+  return (health(s) === RED ? "✖ " : health(s) === AMBER ? "▲ " : "") + parts.join(" · ");
+}
+/// What a crowded edge still says: its errors, or nothing.
+function shortLabel(e, s) {
+  if (health(s) === RED) return `✖ ${pct(s.errors, s.requests)}${s.timeouts ? ` · ${s.timeouts} t/o` : ""}`;
+  if (health(s) === AMBER) return `▲ ${pct(s.errors, s.requests)}`;
+  return "";
+}
+function nodeData(n) {
+  const h = health(n.stats);
+  return { label: nodeLabel(n), color: h, border: h === RED ? 6 : 3, pattern: borderStyle(n.stats) };
 }
 
 function draw() {
@@ -240,27 +264,31 @@ function draw() {
   const structure = nodes.map((n) => n.id).sort().join(",") + "|" + edges.map((e) => e.id).sort().join(",");
   const sums = new Map(edges.map((e) => [e.id, sum(e.ops)]));
   const maxRate = Math.max(1e-9, ...[...sums.values()].map((s) => s.rate));
+  // the edges that matter get their whole label: failing ones first, then the busiest
+  const ranked = edges.slice().sort((a, b) => priority(sums.get(b.id)) - priority(sums.get(a.id)));
+  const rank = new Map(ranked.map((e, i) => [e.id, i]));
   const data = (e) => {
     const s = sums.get(e.id);
-    return { color: health(s), label: edgeLabel(e, s), width: 1.5 + 4 * Math.sqrt(s.rate / maxRate) };
+    const bad = health(s) === RED;
+    return {
+      color: health(s), full: edgeLabel(e, s), short: shortLabel(e, s), rank: rank.get(e.id),
+      width: (bad ? 3 : 1.5) + 4 * Math.sqrt(s.rate / maxRate),
+    };
   };
   if (structure === state.structure) {
     // numbers only: update in place, nothing moves
-    for (const n of nodes) cy.getElementById(n.id).data({ label: nodeLabel(n), color: health(n.stats) });
+    for (const n of nodes) cy.getElementById(n.id).data(nodeData(n));
     for (const e of edges) cy.getElementById(e.id).data(data(e));
+    placeLabels();
   } else {
     state.structure = structure;
     cy.batch(() => {
       cy.elements().remove();
-      cy.add(nodes.map((n) => ({ group: "nodes", data: { id: n.id, kind: n.kind, label: nodeLabel(n), color: health(n.stats) } })));
-      cy.add(edges.map((e) => ({ group: "edges", data: { id: e.id, source: e.source, target: e.target, style: e.style, ...data(e) } })));
+      cy.add(nodes.map((n) => ({ group: "nodes", data: { id: n.id, kind: n.kind, ...nodeData(n) } })));
+      cy.add(edges.map((e) => ({ group: "edges", data: { id: e.id, source: e.source, target: e.target, style: e.style, label: "", ...data(e) } })));
     });
-    cy.layout({ name: "dagre", rankDir: "LR", nodeSep: 40, rankSep: 50, edgeSep: 10, animate: false, fit: true, padding: 20 }).run();
-    // a handful of nodes would be blown up to fill the screen
-    if (cy.zoom() > 1.2) {
-      cy.zoom(1.2);
-      cy.center();
-    }
+    layout();
+    placeLabels();
     const names = document.getElementById("names");
     names.replaceChildren(...nodes.map((n) => Object.assign(document.createElement("option"), { value: n.name })));
   }
@@ -269,6 +297,171 @@ function draw() {
     const el = cy.getElementById(state.selected.id);
     if (el.nonempty()) showElement(state.selected);
   }
+}
+
+/// Failing edges first (timeouts, then error share), then by traffic.
+function priority(s) {
+  const h = health(s);
+  return (h === RED ? 2e9 : h === AMBER ? 1e9 : 0) + (s.timeouts ? 1e8 : 0) + s.rate;
+}
+
+/// Lays the graph out to use the canvas it has: dagre left-to-right or top-to-bottom,
+/// whichever lets it be drawn larger, then the positions spread along the short side
+/// until the drawing has the canvas's proportions, then fitted.
+function layout() {
+  const W = Math.max(1, cy.width()), H = Math.max(1, cy.height());
+  // compact first (the drawing's size sets the zoom, so the labels' size), then the
+  // gaps grow to the canvas's proportions
+  const opts = (rankDir) => ({ name: "dagre", rankDir, animate: false, fit: false, nodeSep: 22, rankSep: 48, edgeSep: 8 });
+  const fitted = () => {
+    const bb = cy.nodes().boundingBox();
+    return Math.min(W / Math.max(1, bb.w), H / Math.max(1, bb.h));
+  };
+  cy.layout(opts("LR")).run();
+  const lr = fitted();
+  cy.layout(opts("TB")).run();
+  if (fitted() < lr) cy.layout(opts("LR")).run();
+  stretch(W / H);
+  cy.fit(cy.elements(), 24);
+  // a handful of nodes would be blown up to fill the screen; a graph meant to be read
+  // whole keeps its labels readable (what does not fit is a pan away); a big one is
+  // shown whole, its labels appearing as one zooms in
+  const smallest = Math.min(...cy.nodes().map((n) => n.pstyle("font-size").pfValue));
+  const readable = cy.nodes().length <= GROUP_ABOVE ? MIN_LABEL_PX / smallest : 0;
+  if (cy.zoom() > 1.6 || cy.zoom() < readable) {
+    cy.zoom(Math.min(1.6, Math.max(readable, cy.zoom())));
+    cy.center();
+  }
+}
+
+/// Spreads node positions along the short side of their bounding box until it has the
+/// canvas's aspect ratio (node sizes stay: only the gaps grow).
+function stretch(aspect) {
+  const nodes = cy.nodes();
+  if (nodes.length < 2) return;
+  const bb = nodes.boundingBox();
+  const ratio = bb.w / Math.max(1, bb.h);
+  const sx = ratio < aspect ? Math.min(4, aspect / ratio) : 1;
+  const sy = ratio > aspect ? Math.min(4, ratio / aspect) : 1;
+  const cx = (bb.x1 + bb.x2) / 2, cyy = (bb.y1 + bb.y2) / 2;
+  nodes.positions((node) => {
+    const p = node.position();
+    return { x: cx + (p.x - cx) * sx, y: cyy + (p.y - cyy) * sy };
+  });
+}
+
+/// Edge labels that never overlap each other: in rank order, each edge shows its full
+/// label if it fits where no label is yet, else its short one, else none. The full text
+/// is in the hover tip and the side panel. Boxes are in model coordinates, so the
+/// answer holds at any zoom.
+function placeLabels() {
+  const placed = [];
+  const fits = (b) => !placed.some((o) => b.x1 < o.x2 && o.x1 < b.x2 && b.y1 < o.y2 && o.y1 < b.y2);
+  const edges = cy.edges().sort((a, b) => a.data("rank") - b.data("rank"));
+  {
+    edges.forEach((e, i) => {
+      const tries = i < FULL_LABELS || e.data("short") ? [e.data("full"), e.data("short")] : [e.data("short")];
+      let chosen = "";
+      for (const text of tries.filter(Boolean)) {
+        e.data("label", text);
+        const b = e.boundingBox({ includeNodes: false, includeEdges: false, includeLabels: true, includeOverlays: false });
+        if (b.w > 0 && fits(b)) {
+          placed.push(b);
+          chosen = text;
+          break;
+        }
+      }
+      e.data("label", chosen);
+    });
+  }
+}
+
+// ---------- trends: the graph's slots as small time series ----------
+
+/// Edge series summed slot by slot: [{t, requests, errors, timeouts, p99_s}], oldest first.
+function seriesOf(ops) {
+  const by = new Map();
+  for (const op of ops) {
+    for (const p of op.series || []) {
+      const q = by.get(p.t) || { t: p.t, requests: 0, errors: 0, timeouts: 0, p99_s: 0 };
+      q.requests += p.requests;
+      q.errors += p.errors;
+      q.timeouts += p.timeouts;
+      q.p99_s = Math.max(q.p99_s, p.p99_s);
+      by.set(p.t, q);
+    }
+  }
+  return [...by.values()].sort((a, b) => a.t - b.t);
+}
+
+/// An inline SVG sparkline of values at times `ts` over the report's window.
+function spark(points, value, colour, label) {
+  const w = 150, h = 26, report = state.graph;
+  const end = report.latest ?? 0, slot = report.slot_s || 1;
+  const start = end - Math.max(report.window_s, slot);
+  const max = Math.max(1e-12, ...points.map(value));
+  const x = (t) => ((t + slot / 2 - start) / Math.max(slot, end - start)) * w;
+  const y = (v) => h - 2 - (v / max) * (h - 4);
+  const path = points.map((p, i) => `${i ? "L" : "M"}${x(p.t).toFixed(1)},${y(value(p)).toFixed(1)}`).join("");
+  const dots = points.length === 1 ? `<circle cx="${x(points[0].t)}" cy="${y(value(points[0]))}" r="2" fill="${colour}"/>` : "";
+  return `<svg class="spark" width="${w}" height="${h}" role="img" aria-label="${esc(label)}"><title>${esc(label)}</title><line x1="0" y1="${h - 1}" x2="${w}" y2="${h - 1}" stroke="#d9dde5"/><path d="${path}" fill="none" stroke="${colour}" stroke-width="1.6"/>${dots}</svg>`;
+}
+
+function trends(ops, withLatency) {
+  const pts = seriesOf(ops);
+  if (!pts.length) return `<p class="hint">no traffic in this window</p>`;
+  const slot = state.graph.slot_s || 1;
+  const last = pts[pts.length - 1];
+  const rows = [
+    ["rate", spark(pts, (p) => p.requests / slot, "#0072b2", "requests per second, slot by slot"), rate(last.requests / slot)],
+    ["errors", spark(pts, (p) => p.errors + p.timeouts, RED, "errors and timeouts per slot"), `${last.errors + last.timeouts}`],
+  ];
+  if (withLatency) rows.push(["p99", spark(pts, (p) => p.p99_s, "#cc79a7", "p99 latency per slot"), secs(last.p99_s)]);
+  return `<div class="sparks">${rows.map(([k, svg, v]) => `<span>${k}</span>${svg}<span class="v">${v}</span>`).join("")}</div>
+    <p class="hint">over the window, one point per ${slot} s; the value is the newest slot's</p>`;
+}
+
+/// A queue's reply wait as a histogram per part (queue wait, server, reply transit).
+function splitHistogram(ops) {
+  const hs = ops.map((op) => op.reply_wait_split?.histogram).filter(Boolean);
+  if (!hs.length) return "";
+  const bounds = hs[0].bounds_s;
+  const add = (k) => bounds.concat([Infinity]).map((_, i) => hs.reduce((a, h) => a + (h[k][i] || 0), 0));
+  const parts = [["queue wait", add("queue_wait"), "#e69f00"], ["server", add("server"), "#0072b2"], ["reply transit", add("reply_transit"), "#009e73"]];
+  const max = Math.max(1, ...parts.flatMap(([, c]) => c));
+  const labels = bounds.map((b) => "≤" + secs(b)).concat([">" + secs(bounds[bounds.length - 1])]);
+  const bw = 8, gap = 6, group = parts.length * bw + gap, h = 60;
+  const bars = labels.map((_, i) => parts.map(([name, c, colour], j) => {
+    const bh = (c[i] / max) * h;
+    return `<rect x="${i * group + j * bw}" y="${h - bh}" width="${bw - 1}" height="${bh}" fill="${colour}"><title>${name} ${labels[i]}: ${c[i]}</title></rect>`;
+  }).join("")).join("");
+  const ticks = labels.map((l, i) => i % 2 ? "" : `<text x="${i * group}" y="${h + 11}" font-size="9" fill="#4a536a">${esc(l)}</text>`).join("");
+  const legend = parts.map(([n, , c]) => `<span><span class="sw" style="background:${c}"></span>${n}</span>`).join(" ");
+  return `<h3>Reply wait, split</h3><svg class="hist" viewBox="0 0 ${labels.length * group} ${h + 14}" role="img" aria-label="reply wait histogram: queue wait, server time, reply transit">${bars}${ticks}</svg><div class="meta">${legend}</div>`;
+}
+
+// ---------- links to the evidence ----------
+
+function fill(template, vars) {
+  return template.replace(/\{(\w+)\}/g, (m, k) => (k in vars ? encodeURIComponent(vars[k] ?? "") : m));
+}
+/// Links for a service/queue/edge: the Grafana dashboard, when configured.
+function grafanaLink(vars) {
+  const t = state.source?.links?.grafana_url;
+  if (!t) return "";
+  return `<a href="${esc(fill(t, vars))}" target="_blank" rel="noopener">Grafana dashboard ↗</a>`;
+}
+function copyButton(text, what) {
+  return `<button class="copy" data-copy="${esc(text)}" aria-label="copy ${esc(what)}">copy</button>`;
+}
+/// The request id to copy, its trace, and the rca command that prints the same tree.
+function requestEvidence(tree) {
+  const links = [];
+  const t = state.source?.links?.trace_url;
+  if (t && tree.trace_id) links.push(`<a href="${esc(fill(t, { trace_id: tree.trace_id, request_id: tree.request_id }))}" target="_blank" rel="noopener">trace ↗</a>`);
+  const cmd = `stacktap rca --from ${location.origin}/ --request-id ${tree.request_id}`;
+  return `<div class="evidence"><span>request id <code>${esc(tree.request_id)}</code>${copyButton(tree.request_id, "request id")}</span>${links.join("")}</div>
+    <div class="meta">the same tree in a terminal:</div><code class="cmd">${esc(cmd)}</code>${copyButton(cmd, "command")}`;
 }
 
 // ---------- the side panel ----------
@@ -300,7 +493,7 @@ function errorsList(ops) {
   if (!errs.length) return `<p class="hint">no failures in this window</p>`;
   return `<ul class="errors">${errs.slice(0, 10).map((r) => `<li><span class="bad">${esc(r.error)}</span> on ${esc(r.op)}
     ${r.message ? `<div>${esc(r.message)}</div>` : ""}
-    <div class="when">${when(r.t)}${r.request_id ? ` · <a class="req" data-req="${esc(r.request_id)}">${esc(r.request_id)}</a>` : ""}</div></li>`).join("")}</ul>`;
+    <div class="when">${when(r.t)}${r.request_id ? ` · <button class="link req" data-req="${esc(r.request_id)}">${esc(r.request_id)}</button>${copyButton(r.request_id, "request id")}` : ""}${r.msg_id ? ` · msg_id <code>${esc(r.msg_id)}</code>${copyButton(r.msg_id, "msg_id")}` : ""}</div></li>`).join("")}</ul>`;
 }
 
 function showElement(sel) {
@@ -321,7 +514,9 @@ function showElement(sel) {
       <dl class="kv"><dt>handled</dt><dd>${rate(n.stats.rate)} · ${n.stats.requests} requests</dd>
       <dt>errors</dt><dd class="${cls(n.stats)}">${n.stats.errors} (${pct(n.stats.errors, n.stats.requests)})</dd>
       <dt>timeouts</dt><dd class="${n.stats.timeouts ? "bad" : ""}">${n.stats.timeouts}</dd></dl>
-      <p><button id="focus-here">focus on its neighbourhood</button></p>
+      <p><button id="focus-here">focus on its neighbourhood</button> ${grafanaLink({ service: n.kind === "service" ? n.name : "", queue: waits ? n.name : "", operation: "" })}</p>
+      <h3>Trend</h3>${trends(failing.length ? failing : inbound, true)}
+      ${n.kind === "queue" ? splitHistogram(failing) : ""}
       <h3>${titles[0]}</h3>${opsTable(inbound, report, true)}
       <h3>${titles[1]}</h3>${opsTable(outbound, report, false)}
       <h3>Recent errors</h3>${errorsList(failing)}`);
@@ -337,6 +532,10 @@ function showElement(sel) {
       <dl class="kv"><dt>rate</dt><dd>${rate(carried.rate)} · ${carried.requests} requests</dd>
       <dt>errors</dt><dd class="${cls(s)}">${s.errors} (${pct(s.errors, s.requests)})</dd>
       <dt>timeouts</dt><dd class="${s.timeouts ? "bad" : ""}">${s.timeouts}</dd></dl>
+      <p>${grafanaLink({ service: name(e.target), queue: m.nodes.get(e.target)?.kind === "queue" ? name(e.target) : "", operation: e.ops[0]?.operation ?? "" })}</p>
+      <div class="meta">${esc(edgeLabel(e, s))}</div>
+      <h3>Trend</h3>${trends(calls, e.style !== "deliver")}
+      ${e.style === "call" ? splitHistogram(e.ops) : ""}
       <h3>Operations</h3>${opsTable(e.ops, report, false)}
       <h3>Recent errors</h3>${errorsList(calls)}`);
   }
@@ -356,8 +555,41 @@ document.addEventListener("keydown", (ev) => {
   if (state.focus) document.getElementById("unfocus").click();
 });
 document.getElementById("panel").addEventListener("click", (ev) => {
-  const a = ev.target.closest("a.req");
+  const a = ev.target.closest(".req");
   if (a) openRequest(a.dataset.req, null);
+  const c = ev.target.closest("button[data-copy]");
+  if (c) {
+    navigator.clipboard?.writeText(c.dataset.copy).then(() => { c.textContent = "copied"; }, () => { c.textContent = "select it"; });
+  }
+});
+
+// the full label of an edge whose label was shortened or hidden, on hover
+const tip = document.getElementById("tip");
+cy.on("mouseover", "edge", (ev) => {
+  const p = ev.renderedPosition || ev.target.renderedMidpoint();
+  tip.textContent = ev.target.data("full");
+  tip.style.left = `${p.x + 12}px`;
+  tip.style.top = `${p.y + 12}px`;
+  tip.hidden = false;
+});
+cy.on("mouseout", "edge", () => { tip.hidden = true; });
+
+// the graph by keyboard: arrows walk the nodes (failing first), Enter focuses on one
+const graphEl = document.getElementById("graph");
+graphEl.addEventListener("keydown", (ev) => {
+  const order = cy.nodes().sort((a, b) => (a.data("color") === RED ? 0 : 1) - (b.data("color") === RED ? 0 : 1) || a.position().x - b.position().x);
+  if (!order.length) return;
+  const at = state.selected?.kind === "node" ? order.toArray().findIndex((n) => n.id() === state.selected.id) : -1;
+  let next = null;
+  if (ev.key === "ArrowRight" || ev.key === "ArrowDown") next = order[(at + 1) % order.length];
+  else if (ev.key === "ArrowLeft" || ev.key === "ArrowUp") next = order[(at - 1 + order.length) % order.length];
+  else if (ev.key === "Enter" && at >= 0) { setFocus(order[at].id()); ev.preventDefault(); return; }
+  if (!next) return;
+  ev.preventDefault();
+  cy.elements().unselect();
+  next.select();
+  state.selected = { kind: "node", id: next.id() };
+  showElement(state.selected);
 });
 
 // ---------- chains: root causes ranked, one request's path ----------
@@ -380,7 +612,7 @@ function renderRoots() {
   ol.innerHTML = roots.map((r, i) => {
     const seen = Object.entries(r.seen_as || {}).map(([k, v]) => `${v}× ${k}`).join("; ");
     const key = rootKey(r);
-    return `<li data-i="${i}" class="${state.chain?.key === key ? "selected" : ""}">
+    return `<li data-i="${i}" class="${state.chain?.key === key ? "selected" : ""}"><button class="pick" aria-label="root cause ${esc(r.service)} ${esc(r.operation)} ${esc(r.error)}, ${r.requests} requests: show its path">show</button>
       <span class="count">${r.requests}×</span> <span class="what">${esc(r.service)}</span> ${esc(r.operation)}
       <div class="bad">${esc(r.error)}</div>
       ${r.message ? `<div class="msg">${esc(r.message)}</div>` : ""}
@@ -391,6 +623,7 @@ function renderRoots() {
       const r = roots[Number(li.dataset.i)];
       openRequest(r.example_request_id, rootKey(r));
     };
+
   }
 }
 
@@ -529,6 +762,7 @@ function showTree(tree) {
   panel(`<h2>Request <small>${esc(tree.request_id)}</small></h2>
     <dl class="kv"><dt>symptom</dt><dd class="bad">${esc(tree.symptom || "none")}</dd>
     <dt>started</dt><dd>${when(tree.t_first)}</dd><dt>spans</dt><dd>${tree.spans.length}</dd></dl>${outside}
+    ${requestEvidence(tree)}
     <p class="hint">The failing path is marked; the root cause is the deepest failure nothing retried away.</p>
     <ul class="tree">${tops.map(item).join("")}</ul>`);
 }
@@ -589,10 +823,13 @@ async function refresh() {
   const since = w == null || w === "all" ? "" : `?since=${encodeURIComponent(w)}`;
   const status = document.getElementById("status");
   try {
-    const [g, c] = await Promise.all([fetch("/api/graph" + q), fetch("/api/chains" + since)]);
+    const [g, c, src] = await Promise.all([fetch("/api/graph" + q), fetch("/api/chains" + since), fetch("/api/source")]);
     if (!g.ok || !c.ok) throw new Error(`HTTP ${g.status}/${c.status}`);
     state.graph = await g.json();
     state.chains = await c.json();
+    if (src.ok) state.source = await src.json();
+    renderSource();
+    renderTrend();
     fillWindows(state.graph);
     if (!state.groupChosen && !state.group && state.graph.nodes.length > GROUP_ABOVE) {
       // a big cloud opens folded into projects; unticking the box shows every process
@@ -614,6 +851,40 @@ async function refresh() {
   }
 }
 
+/// The header's second line: where the data comes from, and a warning when it is partial
+/// or lossy (a quiet graph must not pass for a healthy one).
+function renderSource() {
+  const el = document.getElementById("source");
+  const s = state.source;
+  if (!s) return;
+  const parts = [`<b>${esc(s.what || "stacktap")}</b>`];
+  const warn = [];
+  if (s.drops) warn.push(`${s.drops} packets dropped by the capture`);
+  if (s.partial_view) warn.push("this probe sees only part of the broker's traffic: timeouts and chains are judged where every node is seen");
+  const now = Date.now() / 1000;
+  for (const p of s.probes || []) {
+    const age = Math.max(0, now - p.last_seen);
+    const state_ = p.ended ? "ended" : p.silent ? "SILENT" : "live";
+    parts.push(`${esc(p.name)}${p.host ? "@" + esc(p.host) : ""}: ${state_}, seen ${age < 2 ? "now" : age.toFixed(0) + " s ago"}${p.drops ? `, ${p.drops} dropped` : ""}`);
+    if (p.silent) warn.push(`probe ${esc(p.name)} is silent`);
+    if (p.drops || p.unsent) warn.push(`probe ${esc(p.name)} lost ${p.drops + p.unsent} packets or observations`);
+  }
+  el.innerHTML = parts.join(" · ") + (warn.length ? ` <span class="warn-box" role="alert">⚠ ${warn.join("; ")}</span>` : "");
+}
+
+/// In the header: failing requests over the last minutes (user-facing edges' errors).
+function renderTrend() {
+  const el = document.getElementById("trend");
+  const r = state.graph;
+  if (!r) return;
+  const users = r.edges.filter((e) => e.source.startsWith("client:") || e.protocol === "http");
+  const pts = seriesOf(users);
+  if (!pts.length) { el.hidden = true; return; }
+  const failing = pts.reduce((a, p) => a + p.errors + p.timeouts, 0);
+  el.innerHTML = `failing requests ${spark(pts, (p) => p.errors + p.timeouts, "#ffb07a", "failing REST requests per slot over the window")} <b>${failing}</b>`;
+  el.hidden = false;
+}
+
 refresh();
 setInterval(refresh, REFRESH_MS);
-window.stacktap = { cy, state };
+window.stacktap = { cy, state, colours: { RED, AMBER, GREEN, GREY }, MIN_LABEL_PX };

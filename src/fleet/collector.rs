@@ -248,6 +248,7 @@ pub fn run(
         if last_refresh.elapsed() >= Duration::from_millis(500) {
             last_refresh = Instant::now();
             outlet.sinks.metrics.sync_probes(merge.probes());
+            outlet.set_probes(merge.probes());
             outlet.refresh(&health(&analyser, &merge, &stats), false);
         }
         if !got {

@@ -1,5 +1,5 @@
 //! The HTTP listener: the graph UI at `/`, `/metrics` for Prometheus, `/api/summary`,
-//! `/api/graph`, `/api/chains`, `/api/requests/{id}`, `/healthz`.
+//! `/api/graph`, `/api/chains`, `/api/requests/{id}`, `/api/source`, `/healthz`.
 //!
 //! It must keep answering whoever connects: a connection gets `listen.header_timeout_s`
 //! to send its request head and is closed after `listen.idle_timeout_s` without one; at
@@ -13,6 +13,7 @@
 //! both from files `access` reads, again on SIGHUP.
 
 pub mod access;
+pub mod source;
 
 use crate::sink::graph::Graph;
 use crate::sink::metrics::Metrics;
@@ -91,6 +92,8 @@ pub struct Shared {
     /// The window `/api/graph` covers when none is asked for (None: everything).
     pub graph_window_s: Option<f64>,
     pub requests: Arc<Mutex<Requests>>,
+    /// Where the data comes from, for the UI's header.
+    pub source: Arc<Mutex<source::Source>>,
 }
 
 fn json(body: String) -> impl IntoResponse {
@@ -164,7 +167,18 @@ async fn chains(State(s): State<Shared>, Query(q): Query<Since>) -> impl IntoRes
 async fn request(State(s): State<Shared>, Path(id): Path<String>) -> impl IntoResponse {
     let tree = s.requests.lock().ok().and_then(|r| r.tree(&id));
     match tree {
-        Some(t) => json(serde_json::to_string(&t).unwrap_or_default()).into_response(),
+        Some(t) => {
+            // the id its spans carry in an OTLP backend, for the UI's trace link
+            let trace: String = crate::otlp::ids::trace_id(&t.request_id)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            let mut v = serde_json::to_value(&t).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.insert("trace_id".into(), trace.into());
+            }
+            json(v.to_string()).into_response()
+        }
         None => (StatusCode::NOT_FOUND, format!("no request {id}\n")).into_response(),
     }
 }
@@ -178,6 +192,15 @@ async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
         )],
         body,
     )
+}
+
+async fn source(State(s): State<Shared>) -> impl IntoResponse {
+    let body = s
+        .source
+        .lock()
+        .map(|g| serde_json::to_string(&*g).unwrap_or_default())
+        .unwrap_or_default();
+    json(body)
 }
 
 async fn summary(State(s): State<Shared>) -> impl IntoResponse {
@@ -204,6 +227,7 @@ pub fn router(shared: Shared) -> Router {
     }
     r.route("/metrics", get(metrics))
         .route("/api/summary", get(summary))
+        .route("/api/source", get(source))
         .route("/api/graph", get(graph))
         .route("/api/chains", get(chains))
         .route("/api/requests/{id}", get(request))

@@ -85,6 +85,9 @@ pub struct RecentError {
     pub message: Option<String>,
     /// The request's root id, to open its tree.
     pub request_id: Option<String>,
+    /// An RPC's msg_id, to find it in the broker's or the services' logs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub msg_id: Option<String>,
 }
 
 /// What one observation adds to an edge.
@@ -104,6 +107,10 @@ fn cut(m: &str) -> String {
 
 /// The failure an event shows, if it failed.
 fn recent_error(ev: &Event, t: f64) -> Option<RecentError> {
+    let msg_id = match ev {
+        Event::Rpc(e) => e.msg_id.as_deref().map(str::to_string),
+        _ => None,
+    };
     let (error, message, ids) = match ev {
         Event::Http(e) if http_failed(e) => {
             let fault = e.error.as_ref().and_then(|f| f.kind.clone());
@@ -130,6 +137,7 @@ fn recent_error(ev: &Event, t: f64) -> Option<RecentError> {
         error,
         message: message.map(cut),
         request_id: ids.0.clone().or_else(|| ids.1.clone()),
+        msg_id,
     })
 }
 
@@ -290,6 +298,20 @@ pub struct EdgeReport {
     /// The newest failures in the window, newest first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub recent_errors: Vec<RecentError>,
+    /// Slot by slot over the window, oldest first (slots with no traffic left out): the
+    /// trends the UI draws.
+    pub series: Vec<Point>,
+}
+
+/// One slot of an edge.
+#[derive(Debug, Serialize)]
+pub struct Point {
+    /// The slot's start, seconds since the epoch.
+    pub t: f64,
+    pub requests: u64,
+    pub errors: u64,
+    pub timeouts: u64,
+    pub p99_s: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -297,7 +319,21 @@ pub struct Split {
     pub queue_wait_s: Quantiles,
     pub server_s: Quantiles,
     pub reply_transit_s: Quantiles,
+    /// The three parts' distributions over `HISTOGRAM_BOUNDS_S` (one more count for
+    /// what lies past the last bound).
+    pub histogram: SplitHistogram,
 }
+
+#[derive(Debug, Serialize)]
+pub struct SplitHistogram {
+    pub bounds_s: &'static [f64],
+    pub queue_wait: Vec<u64>,
+    pub server: Vec<u64>,
+    pub reply_transit: Vec<u64>,
+}
+
+/// Where a reply wait's parts are cut for the panel's histogram.
+const HISTOGRAM_BOUNDS_S: &[f64] = &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0];
 
 #[derive(Debug, Serialize)]
 pub struct GraphReport {
@@ -560,11 +596,19 @@ impl Graph {
                     error_ratio: slot.errors as f64 / slot.requests as f64,
                     rate_per_s: slot.requests as f64 / covered,
                     latency_s: slot.latency.summary(),
-                    reply_wait_split: slot.split.as_ref().map(|p| Split {
-                        queue_wait_s: p[0].summary(),
-                        server_s: p[1].summary(),
-                        reply_transit_s: p[2].summary(),
-                    }),
+                    reply_wait_split: slot.split.as_deref().map(split),
+                    series: st
+                        .slots
+                        .iter()
+                        .filter(|s| s.index >= oldest)
+                        .map(|s| Point {
+                            t: s.index as f64 * self.slot_ns as f64 / 1e9,
+                            requests: s.requests,
+                            errors: s.errors,
+                            timeouts: s.timeouts,
+                            p99_s: s.latency.quantile(0.99),
+                        })
+                        .collect(),
                     recent_errors: st
                         .recent_errors
                         .iter()
@@ -612,6 +656,22 @@ impl Graph {
             _ => return None,
         };
         self.nodes[k as usize].get(name).map(|&i| &self.graph[i])
+    }
+}
+
+/// A call edge's reply wait in its three parts: quantiles and distributions.
+fn split(parts: &[Sketch; 3]) -> Split {
+    let hist = |s: &Sketch| s.histogram(HISTOGRAM_BOUNDS_S);
+    Split {
+        queue_wait_s: parts[0].summary(),
+        server_s: parts[1].summary(),
+        reply_transit_s: parts[2].summary(),
+        histogram: SplitHistogram {
+            bounds_s: HISTOGRAM_BOUNDS_S,
+            queue_wait: hist(&parts[0]),
+            server: hist(&parts[1]),
+            reply_transit: hist(&parts[2]),
+        },
     }
 }
 

@@ -92,6 +92,19 @@ impl Sketch {
         self.max
     }
 
+    /// Observations per interval of `bounds` (ascending upper bounds, seconds), plus one
+    /// past the last: the distribution drawn as a histogram. A bucket straddling a bound
+    /// counts below it (the sketch's ~5 % resolution).
+    pub fn histogram(&self, bounds: &[f64]) -> Vec<u64> {
+        let mut out = vec![0u64; bounds.len() + 1];
+        for (i, &c) in self.counts.iter().enumerate() {
+            let lower = MIN * GROWTH.powi((self.base + i) as i32 - 1);
+            let at = bounds.partition_point(|&b| b < lower);
+            out[at] += c as u64;
+        }
+        out
+    }
+
     pub fn summary(&self) -> Quantiles {
         Quantiles {
             count: self.count,
@@ -111,6 +124,16 @@ impl Sketch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_histogram_counts_each_observation_once_in_its_interval() {
+        let mut s = Sketch::default();
+        for v in [0.0005, 0.002, 0.003, 0.05, 2.0, 100.0] {
+            s.observe(v);
+        }
+        assert_eq!(s.histogram(&[0.001, 0.01, 0.1, 1.0]), vec![1, 2, 1, 0, 2]);
+        assert_eq!(Sketch::default().histogram(&[1.0]), vec![0, 0]);
+    }
 
     #[test]
     fn quantiles_within_error() {

@@ -40,6 +40,57 @@ function bigGraph(projects, size) {
   }
   return { window_s: 60, requested_window_s: 60, max_window_s: 900, slot_s: 10, latest: 1.8e9, nodes, edges };
 }
+/// What a newcomer sees at `width`×`height`: the graph fills the canvas, node labels are
+/// readable at the initial zoom, no two edge labels overlap, failing edges keep a label.
+async function legibility(page, width, height, shot) {
+  await page.setViewportSize({ width, height });
+  await page.reload({ waitUntil: "load" });
+  await page.waitForSelector("body[data-ready='1']", { timeout: 20000 });
+  await page.waitForFunction(() => window.stacktap.cy.nodes().length > 0, null, { timeout: 20000 });
+  await page.waitForTimeout(500);
+  const got = await page.evaluate(() => {
+    const { cy, colours, MIN_LABEL_PX } = window.stacktap;
+    const bb = cy.elements().renderedBoundingBox();
+    const labels = cy.edges().filter((e) => e.data("label")).map((e) => ({
+      id: e.id(),
+      b: e.renderedBoundingBox({ includeNodes: false, includeEdges: false, includeLabels: true, includeOverlays: false }),
+    }));
+    const overlaps = [];
+    for (let i = 0; i < labels.length; i++) {
+      for (let j = i + 1; j < labels.length; j++) {
+        const a = labels[i].b, b = labels[j].b;
+        if (a.x1 < b.x2 && b.x1 < a.x2 && a.y1 < b.y2 && b.y1 < a.y2) overlaps.push(`${labels[i].id} × ${labels[j].id}`);
+      }
+    }
+    const nodePx = cy.nodes().map((n) => n.pstyle("font-size").pfValue * cy.zoom());
+    return {
+      W: cy.width(), H: cy.height(), bb, overlaps, minNodePx: Math.min(...nodePx), MIN_LABEL_PX,
+      shown: labels.length, edges: cy.edges().length,
+      unlabelledFailing: cy.edges().filter((e) => e.data("color") === colours.RED && !e.data("label")).map((e) => e.id()),
+    };
+  });
+  const at = `${width}×${height}`;
+  check(got.bb.w / got.W >= 0.75 && got.bb.h / got.H >= 0.6,
+    `${at}: the graph fills the canvas (${(got.bb.w / got.W * 100).toFixed(0)} % × ${(got.bb.h / got.H * 100).toFixed(0)} % of ${got.W}×${got.H})`);
+  check(got.minNodePx >= got.MIN_LABEL_PX, `${at}: node labels ≥ ${got.MIN_LABEL_PX} px at the initial zoom (smallest ${got.minNodePx.toFixed(1)} px)`);
+  check(got.overlaps.length === 0, `${at}: no two edge labels overlap (${got.overlaps.slice(0, 5).join(", ")})`);
+  check(got.shown > 0 && got.unlabelledFailing.length === 0, `${at}: ${got.shown} of ${got.edges} edges labelled, every failing one among them (missing: ${got.unlabelledFailing.join(", ")})`);
+  await page.screenshot({ path: path.join(artifacts, shot) });
+}
+
+/// axe-core (from npm, injected into the page): no serious or critical violation.
+async function accessibility(page, what) {
+  await page.addScriptTag({ path: path.join(path.dirname(new URL(import.meta.url).pathname), "..", "node_modules", "axe-core", "axe.min.js") });
+  const result = await page.evaluate(async () => {
+    const r = await window.axe.run(document, { resultTypes: ["violations"] });
+    return r.violations.map((v) => ({ id: v.id, impact: v.impact, nodes: v.nodes.length, help: v.help,
+      where: v.nodes.slice(0, 3).map((n) => `${n.target.join(" ")}: ${n.failureSummary.split("\n").slice(1, 2).join("")}`) }));
+  });
+  const bad = result.filter((v) => v.impact === "serious" || v.impact === "critical");
+  check(bad.length === 0, `${what}: axe-core finds no serious violation (${bad.map((v) => `${v.id} ×${v.nodes}: ${v.help} [${v.where.join(" | ")}]`).join("; ")})`);
+  for (const v of result.filter((x) => !bad.includes(x))) console.log(`     note: axe ${v.impact} ${v.id}: ${v.help}`);
+}
+
 function check(ok, what) {
   console.log(`${ok ? "ok  " : "FAIL"} ${what}`);
   if (!ok) failures.push(what);
@@ -68,7 +119,7 @@ try {
   const drawn = await page.evaluate(() => ({
     nodes: window.stacktap.cy.nodes().map((n) => n.id()),
     edges: window.stacktap.cy.edges().map((e) => [e.source().id(), e.target().id(), e.data("style")]),
-    labels: window.stacktap.cy.edges().map((e) => e.data("label")),
+    labels: window.stacktap.cy.edges().map((e) => e.data("full")),
   }));
   for (const id of expected.nodes) check(drawn.nodes.includes(id), `node ${id} is drawn`);
   for (const [s, t] of expected.edges) {
@@ -77,22 +128,25 @@ try {
   check(drawn.nodes.some((id) => id.startsWith("client:")), "a user/client node is drawn");
   check(drawn.edges.some((e) => e[2] === "rest") && drawn.edges.some((e) => e[2] === "call"),
     "REST and RPC-call edges are both drawn (as different styles)");
-  check(drawn.labels.every((l) => /\/s/.test(l)), "every edge is labelled with its rate");
+  check(drawn.labels.every((l) => /\/s/.test(l)), "every edge's full label (hover, panel) has its rate");
   check(drawn.labels.some((l) => /p99/.test(l)) && drawn.labels.some((l) => /%/.test(l)),
     "edge labels carry error % and p99");
   // health colours: the failing edges red or amber, some healthy ones green
   const colours = await page.evaluate(() => window.stacktap.cy.edges().map((e) => e.data("color")));
-  check(colours.includes("#d62728") && colours.includes("#2ca02c"), "edges are coloured by health");
+  const palette = await page.evaluate(() => window.stacktap.colours);
+  check(colours.includes(palette.RED) && colours.includes(palette.GREEN), "edges are coloured by health");
+  const patterns = await page.evaluate(() => window.stacktap.cy.nodes().map((n) => [n.data("color"), n.pstyle("border-style").value]));
+  check(patterns.every(([c, b]) => (c === palette.RED) === (b === "double")), "failing nodes are told by a double border, not by colour alone");
 
   // 2. live refresh: numbers change (the demo loops), positions do not
   const before = await page.evaluate(() => ({
     pos: Object.fromEntries(window.stacktap.cy.nodes().map((n) => [n.id(), n.position()])),
-    labels: window.stacktap.cy.elements().map((e) => e.data("label")).join("|"),
+    labels: window.stacktap.cy.elements().map((e) => e.data("full") ?? e.data("label")).join("|"),
   }));
   let changed = false;
   for (let i = 0; i < 20 && !changed; i++) {
     await page.waitForTimeout(1000);
-    changed = await page.evaluate((l) => window.stacktap.cy.elements().map((e) => e.data("label")).join("|") !== l, before.labels);
+    changed = await page.evaluate((l) => window.stacktap.cy.elements().map((e) => e.data("full") ?? e.data("label")).join("|") !== l, before.labels);
   }
   check(changed, "labels change as the demo replays");
   const moved = await page.evaluate((pos) => window.stacktap.cy.nodes().filter((n) => {
@@ -170,6 +224,37 @@ try {
   // 7. zoomed far out, labels are hidden (cytoscape skips text under min-zoomed-font-size)
   const minFont = await page.evaluate(() => window.stacktap.cy.edges()[0].pstyle("min-zoomed-font-size").value);
   check(minFont > 0, "edge labels hide when zoomed out (min-zoomed-font-size set)");
+
+  // 7b. legible at first sight, at two window sizes; accessible, also at 200 % zoom
+  await legibility(page, 1280, 720, "first-screen-1280x720.png");
+  await legibility(page, 2560, 1440, "first-screen-2560x1440.png");
+  await accessibility(page, "first screen");
+  await page.keyboard.press("Tab");
+  const focusable = [];
+  for (let i = 0; i < 40; i++) {
+    focusable.push(await page.evaluate(() => document.activeElement?.id || document.activeElement?.tagName));
+    await page.keyboard.press("Tab");
+  }
+  check(["window", "group", "search", "graph"].every((id) => focusable.includes(id)), `controls reachable by Tab (${[...new Set(focusable)].join(", ")})`);
+  await page.focus("#graph");
+  await page.keyboard.press("ArrowRight");
+  await page.waitForTimeout(200);
+  check(/handled/.test(await page.innerText("#panel")), "arrow keys on the graph open a node's panel");
+  check(/<svg class="spark"/.test(await page.innerHTML("#panel")), "a node's panel shows its trends");
+  await page.focus("#roots li[data-i] button.pick");
+  await page.keyboard.press("Enter");
+  await page.waitForSelector("#panel .tree", { timeout: 5000 });
+  const tree = await page.innerText("#panel");
+  check(/stacktap rca --from \S+ --request-id \S+/.test(tree) && /copy/.test(tree), "a request shows its id to copy and the rca command");
+  await accessibility(page, "request panel");
+  const zoomed = await browser.newPage({ viewport: { width: 640, height: 540 }, deviceScaleFactor: 2 });
+  await zoomed.goto(base + "/", { waitUntil: "load" });
+  await zoomed.waitForSelector("body[data-ready='1']", { timeout: 20000 });
+  const layout = await zoomed.evaluate(() => ({ graph: document.getElementById("graph").getBoundingClientRect().width, scroll: document.documentElement.scrollWidth }));
+  check(layout.graph >= 600 && layout.scroll <= 640, `at 200 % zoom (640 CSS px wide) the graph keeps the width (${layout.graph} px) without sideways scrolling`);
+  await zoomed.screenshot({ path: path.join(artifacts, "zoom-200.png") });
+  await zoomed.close();
+  await page.setViewportSize({ width: 1920, height: 1080 });
 
   // 8. a big cloud: 240 services in 24 projects, each with a queue; the graph served to
   // this page is generated here (the UI's input contract, /api/graph), to see that
