@@ -817,7 +817,19 @@ function fillWindows(report) {
 
 // ---------- refresh ----------
 
+let refreshing = false;
 async function refresh() {
+  // on a slow link or a busy host a refresh can outlast the interval: never two at once
+  if (refreshing) return;
+  refreshing = true;
+  try {
+    await refreshOnce();
+  } finally {
+    refreshing = false;
+  }
+}
+
+async function refreshOnce() {
   const w = state.window;
   const q = w == null ? "" : `?window=${encodeURIComponent(w)}`;
   const since = w == null || w === "all" ? "" : `?since=${encodeURIComponent(w)}`;

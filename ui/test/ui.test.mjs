@@ -42,9 +42,10 @@ function bigGraph(projects, size) {
 }
 /// What a newcomer sees at `width`×`height`: the graph fills the canvas, node labels are
 /// readable at the initial zoom, no two edge labels overlap, failing edges keep a label.
-async function legibility(page, width, height, shot) {
-  await page.setViewportSize({ width, height });
-  await page.reload({ waitUntil: "load" });
+async function legibility(browser, width, height, shot) {
+  const page = await browser.newPage({ viewport: { width, height } });
+  page.on("crash", () => console.log(`FAIL the ${width}×${height} page crashed`));
+  await page.goto(base + "/", { waitUntil: "load" });
   await page.waitForSelector("body[data-ready='1']", { timeout: 20000 });
   await page.waitForFunction(() => window.stacktap.cy.nodes().length > 0, null, { timeout: 20000 });
   await page.waitForTimeout(500);
@@ -76,6 +77,7 @@ async function legibility(page, width, height, shot) {
   check(got.overlaps.length === 0, `${at}: no two edge labels overlap (${got.overlaps.slice(0, 5).join(", ")})`);
   check(got.shown > 0 && got.unlabelledFailing.length === 0, `${at}: ${got.shown} of ${got.edges} edges labelled, every failing one among them (missing: ${got.unlabelledFailing.join(", ")})`);
   await page.screenshot({ path: path.join(artifacts, shot) });
+  await page.close();
 }
 
 /// axe-core (from npm, injected into the page): no serious or critical violation.
@@ -98,12 +100,13 @@ function check(ok, what) {
 
 const browser = await chromium.launch({
   executablePath,
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--disable-background-networking",
     "--disable-component-update", "--disable-sync"],
 });
 try {
   const page = await browser.newPage({ viewport: { width: 1920, height: 1080 } });
   const consoleErrors = [];
+  page.on("crash", () => console.log("FAIL the main page's renderer crashed"));
   page.on("pageerror", (e) => consoleErrors.push(String(e)));
   page.on("console", (m) => { if (m.type() === "error") consoleErrors.push(m.text()); });
   // the page must work offline: every request it makes goes to stacktap itself
@@ -226,8 +229,8 @@ try {
   check(minFont > 0, "edge labels hide when zoomed out (min-zoomed-font-size set)");
 
   // 7b. legible at first sight, at two window sizes; accessible, also at 200 % zoom
-  await legibility(page, 1280, 720, "first-screen-1280x720.png");
-  await legibility(page, 2560, 1440, "first-screen-2560x1440.png");
+  await legibility(browser, 1280, 720, "first-screen-1280x720.png");
+  await legibility(browser, 2560, 1440, "first-screen-2560x1440.png");
   await accessibility(page, "first screen");
   await page.keyboard.press("Tab");
   const focusable = [];
@@ -247,6 +250,24 @@ try {
   const tree = await page.innerText("#panel");
   check(/stacktap rca --from \S+ --request-id \S+/.test(tree) && /copy/.test(tree), "a request shows its id to copy and the rca command");
   await accessibility(page, "request panel");
+  // with [ui] links configured (as /api/source reports them), the evidence is one click away
+  const source = await (await page.request.get(base + "/api/source")).json();
+  check(/demo/.test(source.what) && typeof source.drops === "number", `/api/source names the source (${source.what})`);
+  check(/demo/.test(await page.innerText("#source")), "the header names the source");
+  source.links = { trace_url: "https://tempo.example/trace/{trace_id}?r={request_id}", grafana_url: "https://grafana.example/d/stacktap-queues?var-queue={queue}" };
+  await page.route("**/api/source", (r) => r.fulfill({ contentType: "application/json", body: JSON.stringify(source) }));
+  await page.waitForTimeout(2500);
+  await page.click("#roots li[data-i] button.pick");
+  await page.waitForSelector("#panel .tree", { timeout: 5000 });
+  const traceHref = await page.getAttribute("#panel .evidence a", "href");
+  check(/^https:\/\/tempo\.example\/trace\/[0-9a-f]{32}\?r=/.test(traceHref || ""), `a request links to its trace (${traceHref})`);
+  await page.evaluate(() => window.stacktap.cy.getElementById("queue:compute").emit("tap"));
+  await page.waitForTimeout(300);
+  const grafanaHref = await page.getAttribute("#panel a[href*='grafana.example']", "href");
+  check(grafanaHref === "https://grafana.example/d/stacktap-queues?var-queue=compute", `a queue links to its Grafana dashboard (${grafanaHref})`);
+  check(/Reply wait, split/.test(await page.innerText("#panel")), "a queue's panel shows its reply-wait histogram");
+  await page.screenshot({ path: path.join(artifacts, "queue-panel.png") });
+  await page.unroute("**/api/source");
   const zoomed = await browser.newPage({ viewport: { width: 640, height: 540 }, deviceScaleFactor: 2 });
   await zoomed.goto(base + "/", { waitUntil: "load" });
   await zoomed.waitForSelector("body[data-ready='1']", { timeout: 20000 });
@@ -254,7 +275,6 @@ try {
   check(layout.graph >= 600 && layout.scroll <= 640, `at 200 % zoom (640 CSS px wide) the graph keeps the width (${layout.graph} px) without sideways scrolling`);
   await zoomed.screenshot({ path: path.join(artifacts, "zoom-200.png") });
   await zoomed.close();
-  await page.setViewportSize({ width: 1920, height: 1080 });
 
   // 8. a big cloud: 240 services in 24 projects, each with a queue; the graph served to
   // this page is generated here (the UI's input contract, /api/graph), to see that
