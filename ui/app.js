@@ -407,7 +407,7 @@ function spark(points, value, colour, label) {
   return `<svg class="spark" width="${w}" height="${h}" role="img" aria-label="${esc(label)}"><title>${esc(label)}</title><line x1="0" y1="${h - 1}" x2="${w}" y2="${h - 1}" stroke="#d9dde5"/><path d="${path}" fill="none" stroke="${colour}" stroke-width="1.6"/>${dots}</svg>`;
 }
 
-function trends(ops, withLatency) {
+function trends(ops, withLatency, load) {
   const pts = seriesOf(ops);
   if (!pts.length) return `<p class="hint">no traffic in this window</p>`;
   const slot = state.graph.slot_s || 1;
@@ -417,6 +417,7 @@ function trends(ops, withLatency) {
     ["errors", spark(pts, (p) => p.errors + p.timeouts, RED, "errors and timeouts per slot"), `${last.errors + last.timeouts}`],
   ];
   if (withLatency) rows.push(["p99", spark(pts, (p) => p.p99_s, "#cc79a7", "p99 latency per slot"), secs(last.p99_s)]);
+  if (load && load.length) rows.push(["in flight", spark(load, (p) => p.peak, "#56b4e9", "calls waiting for a reply: the most in each slot"), `${load[load.length - 1].peak}`]);
   return `<div class="sparks">${rows.map(([k, svg, v]) => `<span>${k}</span>${svg}<span class="v">${v}</span>`).join("")}</div>
     <p class="hint">over the window, one point per ${slot} s; the value is the newest slot's</p>`;
 }
@@ -515,7 +516,7 @@ function showElement(sel) {
       <dt>errors</dt><dd class="${cls(n.stats)}">${n.stats.errors} (${pct(n.stats.errors, n.stats.requests)})</dd>
       <dt>timeouts</dt><dd class="${n.stats.timeouts ? "bad" : ""}">${n.stats.timeouts}</dd></dl>
       <p><button id="focus-here">focus on its neighbourhood</button> ${grafanaLink({ service: n.kind === "service" ? n.name : "", queue: waits ? n.name : "", operation: "" })}</p>
-      <h3>Trend</h3>${trends(failing.length ? failing : inbound, true)}
+      <h3>Trend</h3>${trends(failing.length ? failing : inbound, true, (report.in_flight || {})[n.id])}
       ${n.kind === "queue" ? splitHistogram(failing) : ""}
       <h3>${titles[0]}</h3>${opsTable(inbound, report, true)}
       <h3>${titles[1]}</h3>${opsTable(outbound, report, false)}

@@ -276,6 +276,23 @@ pub struct Graph {
     now: Ts,
     max_edges: usize,
     pub folded: u64,
+    /// Calls waiting for a reply, per topic: now, and the peak of each slot.
+    in_flight: HashMap<Box<str>, QueueLoad>,
+}
+
+/// One topic's calls in flight.
+#[derive(Default)]
+struct QueueLoad {
+    now: i64,
+    /// (slot index, the most in flight during it), oldest first.
+    peaks: VecDeque<(u64, i64)>,
+}
+
+/// A queue's most calls in flight during one slot.
+#[derive(Debug, Serialize)]
+pub struct LoadPoint {
+    pub t: f64,
+    pub peak: i64,
 }
 
 #[derive(Debug, Serialize)]
@@ -348,6 +365,8 @@ pub struct GraphReport {
     pub latest: Option<f64>,
     pub nodes: Vec<Node>,
     pub edges: Vec<EdgeReport>,
+    /// Per queue node id: calls waiting for a reply, the peak of each slot in the window.
+    pub in_flight: std::collections::BTreeMap<String, Vec<LoadPoint>>,
 }
 
 impl Graph {
@@ -368,6 +387,7 @@ impl Graph {
             now: Ts::ZERO,
             max_edges,
             folded: 0,
+            in_flight: HashMap::default(),
         }
     }
 
@@ -463,6 +483,25 @@ impl Graph {
                     }
                 }
             }
+        }
+    }
+
+    /// A topic's calls in flight went up or down by `delta` (at the newest event's time).
+    /// Topics past the edge cap are not tracked (the metric still counts them).
+    pub fn on_in_flight(&mut self, topic: &str, delta: i64) {
+        let index = self.slot_index(self.now);
+        let kept = self.slots;
+        if !self.in_flight.contains_key(topic) && self.in_flight.len() >= self.max_edges {
+            return;
+        }
+        let load = self.in_flight.entry(topic.into()).or_default();
+        load.now = (load.now + delta).max(0);
+        match load.peaks.back_mut() {
+            Some((i, peak)) if *i == index => *peak = (*peak).max(load.now),
+            _ => load.peaks.push_back((index, load.now)),
+        }
+        while load.peaks.front().is_some_and(|(i, _)| i + kept <= index) {
+            load.peaks.pop_front();
         }
     }
 
@@ -634,7 +673,25 @@ impl Graph {
             .filter_map(|id| self.node_by_id(id))
             .map(|n| (n.id.as_str(), n))
             .collect();
-        let nodes = used.into_values().cloned().collect();
+        let nodes: Vec<Node> = used.into_values().cloned().collect();
+        let slot_s = self.slot_ns as f64 / 1e9;
+        let in_flight = self
+            .in_flight
+            .iter()
+            .filter_map(|(topic, load)| {
+                let id = format!("queue:{topic}");
+                let points: Vec<LoadPoint> = load
+                    .peaks
+                    .iter()
+                    .filter(|(i, _)| *i >= oldest)
+                    .map(|&(i, peak)| LoadPoint {
+                        t: i as f64 * slot_s,
+                        peak,
+                    })
+                    .collect();
+                nodes.iter().any(|n| n.id == id).then_some((id, points))
+            })
+            .collect();
         GraphReport {
             window_s: covered,
             requested_window_s: window_s,
@@ -643,6 +700,7 @@ impl Graph {
             latest: self.latest(),
             nodes,
             edges,
+            in_flight,
         }
     }
 

@@ -72,6 +72,11 @@ impl Sinks {
                     g.on_event(ev);
                 }
             }
+            Signal::InFlight { topic, delta } => {
+                if let Ok(mut g) = self.graph.lock() {
+                    g.on_in_flight(topic, *delta);
+                }
+            }
             Signal::Request(t) => {
                 if let Ok(mut r) = self.requests.lock() {
                     r.add_tree(t.clone());

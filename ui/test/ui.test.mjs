@@ -188,12 +188,14 @@ try {
   check(await page.evaluate(() => window.stacktap.cy.elements(".path, .faded").length) === 0, "Escape clears the highlighted path");
 
   // 4. a node's side panel: operations, reply-wait split, timeouts, recent errors
-  await page.evaluate(() => window.stacktap.cy.getElementById("queue:compute").emit("tap"));
+  // (in braces: returning the collection emit() gives would have playwright serialise the
+  // whole cytoscape graph, gigabytes, and the page would run out of memory)
+  await page.evaluate(() => { window.stacktap.cy.getElementById("queue:compute").emit("tap"); });
   await page.waitForTimeout(300);
   const qpanel = await page.innerText("#panel");
   check(/get_console_output/.test(qpanel), "queue panel lists its methods");
   check(/Recent errors/.test(qpanel) && /MessagingTimeout|timeout/.test(qpanel), "queue panel shows the timeouts among recent errors");
-  await page.evaluate(() => window.stacktap.cy.getElementById("queue:scheduler").emit("tap"));
+  await page.evaluate(() => { window.stacktap.cy.getElementById("queue:scheduler").emit("tap"); });
   await page.waitForTimeout(300);
   check(/reply wait p99 split: queue .* server .* transit/.test(await page.innerText("#panel")),
     "an RPC call's reply wait is split into queue / server / transit");
@@ -261,11 +263,13 @@ try {
   await page.waitForSelector("#panel .tree", { timeout: 5000 });
   const traceHref = await page.getAttribute("#panel .evidence a", "href");
   check(/^https:\/\/tempo\.example\/trace\/[0-9a-f]{32}\?r=/.test(traceHref || ""), `a request links to its trace (${traceHref})`);
-  await page.evaluate(() => window.stacktap.cy.getElementById("queue:compute").emit("tap"));
+  await page.evaluate(() => { window.stacktap.cy.getElementById("queue:compute").emit("tap"); });
   await page.waitForTimeout(300);
   const grafanaHref = await page.getAttribute("#panel a[href*='grafana.example']", "href");
   check(grafanaHref === "https://grafana.example/d/stacktap-queues?var-queue=compute", `a queue links to its Grafana dashboard (${grafanaHref})`);
-  check(/Reply wait, split/.test(await page.innerText("#panel")), "a queue's panel shows its reply-wait histogram");
+  const qtext = await page.innerText("#panel");
+  check(/Reply wait, split/.test(qtext), "a queue's panel shows its reply-wait histogram");
+  check(/in flight/.test(qtext), "a queue's panel shows its calls in flight over time");
   await page.screenshot({ path: path.join(artifacts, "queue-panel.png") });
   await page.unroute("**/api/source");
   const zoomed = await browser.newPage({ viewport: { width: 640, height: 540 }, deviceScaleFactor: 2 });
