@@ -137,6 +137,24 @@ fn a_real_three_node_cluster_through_four_live_probes_and_one_collector() {
         std::thread::sleep(Duration::from_millis(200));
     }
     record_scenario("cluster", d);
+    // the UI's header: the collector names each probe feeding it, all live
+    let source: serde_json::Value = http_get(listen, "/api/source")
+        .and_then(|r| serde_json::from_str(&r.1).ok())
+        .expect("/api/source");
+    assert!(
+        source["what"].as_str().unwrap().contains("collector"),
+        "{source}"
+    );
+    let live: Vec<&str> = source["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["silent"] == false && p["last_seen"].as_f64() > Some(0.0))
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    for n in ["a", "b", "c", "api"] {
+        assert!(live.contains(&n), "probe {n} not live in {source}");
+    }
     for (n, p) in &mut probes {
         signal(p, libc::SIGINT);
         let code = exit_code(p, n);
