@@ -105,19 +105,17 @@ impl Outlet {
         })
     }
 
-    /// Brings health metrics and the served summary up to date (the summary at most once a
-    /// second of wall time, unless forced).
+    /// Brings health metrics and the served summary and source up to date (those at most
+    /// once a second of wall time, unless forced).
     pub fn refresh(&mut self, health: &Health, force: bool) {
         self.sinks.sync(health);
-        if let Some(shared) = &self.shared
-            && let Ok(mut s) = shared.source.lock()
-        {
-            s.update(health);
-        }
         if let Some(shared) = &self.shared
             && (force || self.last_publish.elapsed() >= Duration::from_secs(1))
         {
             self.last_publish = Instant::now();
+            if let Ok(mut s) = shared.source.lock() {
+                s.update(health);
+            }
             let json = serde_json::to_string(&self.sinks.report(health)).unwrap_or_default();
             if let Ok(mut g) = shared.summary.lock() {
                 *g = json;

@@ -224,6 +224,16 @@ mod tests {
         ListenConfig::default()
     }
 
+    /// A config whose token file holds `token` (the directory lives as long as the guard).
+    fn with_token(token: &str) -> (ListenConfig, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("token");
+        std::fs::write(&f, token).unwrap();
+        let mut c = cfg();
+        c.token_file = Some(f);
+        (c, dir)
+    }
+
     fn headers(auth: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert(header::AUTHORIZATION, auth.parse().unwrap());
@@ -238,11 +248,7 @@ mod tests {
 
     #[test]
     fn a_bearer_token_guards_the_api_but_not_healthz() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("token");
-        std::fs::write(&f, "s3cr3t-t0ken-0123456789\n").unwrap();
-        let mut c = cfg();
-        c.token_file = Some(f);
+        let (c, _dir) = with_token("s3cr3t-t0ken-0123456789\n");
         let a = Access::load(&c).unwrap();
         let none = HeaderMap::new();
         assert_eq!(a.judge("/api/graph", &none), Verdict::Unauthorized);
@@ -256,11 +262,7 @@ mod tests {
 
     #[test]
     fn metrics_can_be_left_open() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("token");
-        std::fs::write(&f, "s3cr3t-t0ken-0123456789").unwrap();
-        let mut c = cfg();
-        c.token_file = Some(f);
+        let (mut c, _dir) = with_token("s3cr3t-t0ken-0123456789");
         c.metrics_open = true;
         let a = Access::load(&c).unwrap();
         assert_eq!(a.judge("/metrics", &HeaderMap::new()), Verdict::Allowed);
@@ -292,11 +294,7 @@ mod tests {
         c.basic_auth_users.insert("ops".into(), "plaintext".into());
         let e = Access::load(&c).err().unwrap().to_string();
         assert!(e.contains("bcrypt"), "{e}");
-        let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("token");
-        std::fs::write(&f, "short").unwrap();
-        let mut c = cfg();
-        c.token_file = Some(f);
+        let (c, dir) = with_token("short");
         let e = Access::load(&c).err().unwrap().to_string();
         assert!(e.contains("token_file"), "{e}");
         let mut c = cfg();

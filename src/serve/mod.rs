@@ -169,10 +169,7 @@ async fn request(State(s): State<Shared>, Path(id): Path<String>) -> impl IntoRe
     match tree {
         Some(t) => {
             // the id its spans carry in an OTLP backend, for the UI's trace link
-            let trace: String = crate::otlp::ids::trace_id(&t.request_id)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
+            let trace = crate::contract::hex(&crate::otlp::ids::trace_id(&t.request_id));
             let mut v = serde_json::to_value(&t).unwrap_or_default();
             if let Some(o) = v.as_object_mut() {
                 o.insert("trace_id".into(), trace.into());
