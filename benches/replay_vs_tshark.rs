@@ -8,7 +8,8 @@
 //! * target/bench/rest.pcap: `minicloud.py record rest --calls 4000` (~85 MB of REST, the
 //!   RPCs the boots cause, and keystone token traffic).
 //!
-//! Prints wall-clock and CPU-time throughput of `stacktap replay FILE` and of
+//! Prints wall-clock and CPU-time throughput of `stacktap replay --threads 1 FILE`, of the
+//! same on every core (`--threads` = the cores), and of
 //! `tshark -r FILE -2 -Y 'amqp or http'` (the API ports decoded as HTTP), and their ratios.
 //! Throughput is reported, never asserted: a timed assertion would flake on a shared machine.
 
@@ -91,13 +92,25 @@ fn bench(bin: &Path, file: &Path) {
     // warm the page cache so that both tools read from memory
     let _ = std::fs::read(file);
     // best of 5: on a shared VM the minimum is the least disturbed run. CPU time (user +
-    // system; the pipeline runs on one core) is not inflated by steal or waiting.
+    // system, over every thread) is not inflated by steal or waiting.
     let best = |f: &mut dyn FnMut() -> (f64, f64)| {
         (0..5)
             .map(|_| f())
             .fold((f64::MAX, f64::MAX), |a, b| (a.0.min(b.0), a.1.min(b.1)))
     };
-    let ours = best(&mut || time(Command::new(bin).arg("replay").arg(file)));
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let ours = |threads: usize| {
+        let threads = threads.to_string();
+        best(&mut || {
+            time(
+                Command::new(bin)
+                    .args(["replay", "--threads", &threads])
+                    .arg(file),
+            )
+        })
+    };
+    let one = ours(1);
+    let all = ours(cores);
     // tshark decodes AMQP on 5672 by itself; the OpenStack API ports must be named
     let mut decode_as = Vec::new();
     for port in [5000, 8774, 8778, 9292, 9696] {
@@ -118,19 +131,27 @@ fn bench(bin: &Path, file: &Path) {
         "{:<20} {:>9} {:>9} {:>9} {:>9}",
         "", "wall s", "MB/s", "cpu s", "MB/s"
     );
+    let on_all = format!("stacktap --threads {cores}");
     for (name, (wall, cpu)) in [
-        ("stacktap replay", ours),
+        ("stacktap --threads 1", one),
+        (on_all.as_str(), all),
         ("tshark -2 -Y amqp|http", theirs),
     ] {
         println!(
-            "{name:<20} {wall:9.3} {:9.1} {cpu:9.3} {:9.1}",
+            "{name:<24} {wall:9.3} {:9.1} {cpu:9.3} {:9.1}",
             size / wall,
             size / cpu
         );
     }
     println!(
-        "ratio stacktap/tshark: wall {:.1}x, cpu {:.1}x",
-        theirs.0 / ours.0,
-        theirs.1 / ours.1
+        "ratio stacktap/tshark, one thread: wall {:.1}x, cpu {:.1}x",
+        theirs.0 / one.0,
+        theirs.1 / one.1
+    );
+    println!(
+        "{cores} threads against one: wall {:.2}x (cpu {:.2}x as much); against tshark: wall {:.1}x",
+        one.0 / all.0,
+        all.1 / one.1,
+        theirs.0 / all.0
     );
 }

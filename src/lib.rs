@@ -16,6 +16,7 @@ pub mod identity;
 pub mod openstack;
 pub mod oslo;
 pub mod otlp;
+pub mod parallel;
 pub mod pipeline;
 pub mod probe;
 pub mod protocols;

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use stacktap::config::Config;
+use stacktap::parallel::Parallel;
 use stacktap::run::{self, Outputs, Run};
 use stacktap::source::file::{MergedFiles, PcapFile};
 use stacktap::source::live::{DEFAULT_FILTER, LiveCapture};
@@ -71,6 +72,19 @@ struct Common {
     /// [otlp] in --config work too
     #[arg(long)]
     otlp_endpoint: Option<String>,
+    /// Threads the per-connection work (decoding, reassembly, AMQP, HTTP, oslo) is sharded
+    /// over, by connection, joined in one analyser; the output is the same for any number
+    /// (default: the machine's cores; 1: all in one thread)
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: Option<u16>,
+}
+
+impl Common {
+    fn threads(&self) -> usize {
+        self.threads
+            .map(usize::from)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
 }
 
 /// Shipping observations to a collector instead of analysing here.
@@ -339,8 +353,16 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             let mut run = Run::new(cfg, &out)?;
-            run::replay(&mut merged, &mut run, speed, &out, &stop)?;
-            print_report(&run.finish(&out)?, common.json)?;
+            if common.threads() > 1 {
+                // paced, the analyser must not wait for a full chunk
+                let mut par = Parallel::new(run, common.threads(), speed.is_some())?;
+                run::replay(&mut merged, &mut par, speed, &out, &stop)?;
+                run = par.finish()?;
+                print_report(&run.write_out(&out)?, common.json)?;
+            } else {
+                run::replay(&mut merged, &mut run, speed, &out, &stop)?;
+                print_report(&run.finish(&out)?, common.json)?;
+            }
             if out.listen.is_some() && !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 eprintln!("stacktap: replay done; serving until Ctrl-C");
                 run::wait_for_stop(&stop);
@@ -385,8 +407,15 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
             }
             let mut run = Run::new(cfg, &out)?;
             eprintln!("stacktap: capturing on {interface}");
-            run::capture(&mut cap, &mut run, duration, &stop)?;
-            print_report(&run.finish(&out)?, common.json)?;
+            if common.threads() > 1 {
+                let mut par = Parallel::new(run, common.threads(), true)?;
+                run::capture(&mut cap, &mut par, duration, &stop)?;
+                run = par.finish()?;
+                print_report(&run.write_out(&out)?, common.json)?;
+            } else {
+                run::capture(&mut cap, &mut run, duration, &stop)?;
+                print_report(&run.finish(&out)?, common.json)?;
+            }
         }
         Cmd::Collect {
             ingest,

@@ -19,14 +19,16 @@ pub struct Pipeline {
     pub probe: Probe,
     pub analyser: Analyser,
     observed: Vec<Observation>,
+    cfg: Config,
 }
 
 impl Pipeline {
     pub fn new(cfg: Config) -> Pipeline {
         Pipeline {
             probe: Probe::new(cfg.clone()),
-            analyser: Analyser::new(cfg),
+            analyser: Analyser::new(cfg.clone()),
             observed: Vec::new(),
+            cfg,
         }
     }
 
@@ -56,6 +58,30 @@ impl Pipeline {
             self.analyser.observe(o);
         }
         self.analyser.flush(sink);
+    }
+
+    /// Observations a probe made elsewhere (the shards of `src/parallel.rs`) up to
+    /// `clock`, analysed as `packet` analyses its own.
+    pub fn analyse_observed(
+        &mut self,
+        clock: Ts,
+        observed: &mut Vec<Observation>,
+        sink: &mut dyn FnMut(&Signal),
+    ) {
+        self.analyser.advance(clock);
+        for o in observed.drain(..) {
+            self.analyser.observe(o);
+        }
+        self.analyser.flush(sink);
+    }
+
+    /// The end of input after the last observations came through `analyse_observed`.
+    pub fn finish_observed(&mut self, sink: &mut dyn FnMut(&Signal)) {
+        self.analyser.finish(sink);
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
     }
 
     /// Forgets every connection, call and open request, keeping the clock and the health

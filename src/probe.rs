@@ -22,8 +22,259 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 pub struct Probe {
-    cfg: Config,
     pub health: Health,
+    clock: Clock,
+    shard: Shard,
+    /// Sweep keys of the shard's last step: one shard needs no merging, so unused.
+    groups: Vec<(u64, usize)>,
+}
+
+impl Probe {
+    pub fn new(cfg: Config) -> Probe {
+        Probe {
+            clock: Clock::new(&cfg),
+            shard: Shard::new(&cfg, 1),
+            health: Health::default(),
+            groups: Vec::new(),
+        }
+    }
+
+    /// Forgets every connection, keeping the clock and the health counters (see
+    /// `Pipeline::restart`).
+    pub fn restart(&mut self) {
+        self.shard = Shard::new(&self.shard.cfg, 1);
+        self.clock.held.clear();
+    }
+
+    /// The packet time reached (the newest packet's, or a live tick's).
+    pub fn clock(&self) -> Ts {
+        self.clock.now
+    }
+
+    /// One captured packet; what it completed goes to `out`.
+    pub fn packet(&mut self, pkt: &Packet, out: &mut Vec<Observation>) {
+        let Probe {
+            health,
+            clock,
+            shard,
+            groups,
+        } = self;
+        clock.packet(pkt, health, &mut |step, health| {
+            shard.step(&step, health, out, groups);
+        });
+    }
+
+    /// Live capture with no packet for a while: idle connections close. Held packets the
+    /// wall clock has caught up with were real time passing.
+    pub fn tick(&mut self, now: Ts, out: &mut Vec<Observation>) {
+        let Probe {
+            health,
+            clock,
+            shard,
+            groups,
+        } = self;
+        clock.tick(now, health, &mut |step, health| {
+            shard.step(&step, health, out, groups);
+        });
+    }
+
+    /// End of input: every connection is flushed (held packets nothing confirmed were
+    /// stamped wrong).
+    pub fn finish(&mut self, out: &mut Vec<Observation>) {
+        let Probe {
+            health,
+            clock,
+            shard,
+            groups,
+        } = self;
+        clock.finish(health, &mut |step, health| {
+            shard.step(&step, health, out, groups);
+        });
+    }
+}
+
+/// One captured frame, as the link layer gave it.
+#[derive(Clone, Copy)]
+pub struct Frame<'a> {
+    pub linktype: i32,
+    pub data: &'a [u8],
+}
+
+/// One unit of a probe's work, in order: a packet at the time it counts for, or none (a
+/// live tick, the end of input); then, maybe, a sweep of every connection or their close.
+#[derive(Clone, Copy)]
+pub struct Step<'a> {
+    /// Numbers the steps from 1; a connection is named by the step that opened it, so
+    /// that connections sharded over several tables keep the ids one table gives them.
+    pub seq: u64,
+    pub frame: Option<Frame<'a>>,
+    /// The time the packet is processed at (its own, or the clock's if stamped wrong).
+    pub ts: Ts,
+    /// The probe's clock after this step.
+    pub clock: Ts,
+    pub sweep: bool,
+    pub end: bool,
+}
+
+/// The probe's time: which time each packet counts for, when the connections are swept,
+/// how steps are numbered. It sees every packet before any per-connection work, so it can
+/// run ahead of the shards (`src/parallel.rs`) and keep them in step.
+///
+/// A packet stamped more than `capture.max_clock_jump_s` after the clock is held: if the
+/// next `capture.clock_jump_confirm_packets` packets agree, time really passed (a quiet
+/// link) and they go in order; if a packet near the clock comes first, the held ones were
+/// stamped wrong (a corrupt record, a clock stepped and back) and go at the clock's time,
+/// counted. One bad stamp never turns hours of calls into timeouts.
+pub struct Clock {
+    jump_ns: u64,
+    confirm: usize,
+    now: Ts,
+    held: Vec<Packet>,
+    last_sweep: Ts,
+    seq: u64,
+}
+
+/// How often connections are swept for idleness and timed-out holes, in packet time.
+const SWEEP_EVERY_NS: u64 = 1_000_000_000;
+
+impl Clock {
+    pub fn new(cfg: &Config) -> Clock {
+        Clock {
+            jump_ns: crate::time::secs_to_ns(cfg.capture.max_clock_jump_s),
+            confirm: cfg.capture.clock_jump_confirm_packets.max(1),
+            now: Ts::ZERO,
+            held: Vec::new(),
+            last_sweep: Ts::ZERO,
+            seq: 0,
+        }
+    }
+
+    pub fn now(&self) -> Ts {
+        self.now
+    }
+
+    pub fn packet(
+        &mut self,
+        pkt: &Packet,
+        health: &mut Health,
+        each: &mut dyn FnMut(Step, &mut Health),
+    ) {
+        health.packets += 1;
+        health.bytes += pkt.orig_len.max(pkt.data.len() as u32) as u64;
+        let started = self.now != Ts::ZERO;
+        if started && pkt.ts.0 > self.now.0.saturating_add(self.jump_ns) {
+            let agrees = self
+                .held
+                .first()
+                .is_none_or(|h| pkt.ts.0.abs_diff(h.ts.0) <= self.jump_ns);
+            if !agrees {
+                self.release_held(false, health, each);
+            }
+            self.held.push(pkt.clone());
+            if self.held.len() >= self.confirm {
+                self.release_held(true, health, each);
+            }
+            return;
+        }
+        self.release_held(false, health, each);
+        let ts = if started && pkt.ts.0.saturating_add(self.jump_ns) < self.now.0 {
+            // far in the past: stamped wrong; it happened now, as far as we can tell
+            health.anomaly("capture", "clock_jump_back");
+            self.now
+        } else {
+            pkt.ts
+        };
+        self.step(Some(pkt), ts, health, each);
+    }
+
+    /// The held packets: time really jumped (`real`), or their stamps were wrong and they
+    /// are processed at the clock's time.
+    fn release_held(
+        &mut self,
+        real: bool,
+        health: &mut Health,
+        each: &mut dyn FnMut(Step, &mut Health),
+    ) {
+        for p in std::mem::take(&mut self.held) {
+            let ts = if real {
+                p.ts
+            } else {
+                health.anomaly("capture", "clock_jump");
+                self.now
+            };
+            self.step(Some(&p), ts, health, each);
+        }
+    }
+
+    fn step(
+        &mut self,
+        pkt: Option<&Packet>,
+        ts: Ts,
+        health: &mut Health,
+        each: &mut dyn FnMut(Step, &mut Health),
+    ) {
+        // the clock never goes back; a packet stamped earlier is processed at its own time
+        if ts < self.now {
+            health.anomaly("capture", "clock_regression");
+        } else {
+            self.now = ts;
+        }
+        self.emit(pkt, ts, false, health, each);
+    }
+
+    fn emit(
+        &mut self,
+        pkt: Option<&Packet>,
+        ts: Ts,
+        end: bool,
+        health: &mut Health,
+        each: &mut dyn FnMut(Step, &mut Health),
+    ) {
+        self.seq += 1;
+        let sweep = self.now.0 >= self.last_sweep.0.saturating_add(SWEEP_EVERY_NS);
+        if sweep {
+            self.last_sweep = self.now;
+        }
+        each(
+            Step {
+                seq: self.seq,
+                frame: pkt.map(|p| Frame {
+                    linktype: p.linktype,
+                    data: &p.data,
+                }),
+                ts,
+                clock: self.now,
+                sweep: sweep && !end,
+                end,
+            },
+            health,
+        );
+    }
+
+    pub fn tick(&mut self, now: Ts, health: &mut Health, each: &mut dyn FnMut(Step, &mut Health)) {
+        if self
+            .held
+            .first()
+            .is_some_and(|h| now.0.saturating_add(self.jump_ns) >= h.ts.0)
+        {
+            self.release_held(true, health, each);
+        }
+        if now > self.now {
+            self.now = now;
+        }
+        self.emit(None, self.now, false, health, each);
+    }
+
+    pub fn finish(&mut self, health: &mut Health, each: &mut dyn FnMut(Step, &mut Health)) {
+        self.release_held(false, health, each);
+        self.emit(None, self.now, true, health, each);
+    }
+}
+
+/// The per-connection half of a probe: decoding, the flow table, the parsers, oslo
+/// bodies and REST routes. One probe has one; `--threads N` shards connections over N.
+pub struct Shard {
+    cfg: Config,
     flows: FlowTable<Conn>,
     found: Found,
     bodies: DecodeCache,
@@ -31,102 +282,66 @@ pub struct Probe {
     /// Body bytes held by every AMQP connection's message assembly, against one cap.
     budget: BodyBudget,
     http: crate::http::HttpConfig,
-    clock: Ts,
-    /// Packets stamped far after the clock, until the next packets say whether time
-    /// really jumped.
-    held: Vec<Packet>,
 }
 
-impl Probe {
-    pub fn new(cfg: Config) -> Probe {
-        Probe {
-            flows: FlowTable::new(cfg.tcp.clone()),
+impl Shard {
+    /// One of `of` shards: the table caps (connections, held body bytes) are split.
+    pub fn new(cfg: &Config, of: usize) -> Shard {
+        let of = of.max(1);
+        let mut tcp = cfg.tcp.clone();
+        tcp.max_flows = tcp.max_flows.div_ceil(of);
+        Shard {
+            flows: FlowTable::new(tcp),
             rest: Rest::new(cfg.http.clone()),
             bodies: DecodeCache::new(cfg.amqp.decode_cache_entries),
-            budget: BodyBudget::new(cfg.amqp.max_held_bytes),
+            budget: BodyBudget::new(cfg.amqp.max_held_bytes.div_ceil(of)),
             http: cfg.http.http(),
-            held: Vec::new(),
             found: Found::default(),
-            health: Health::default(),
-            clock: Ts::ZERO,
-            cfg,
+            cfg: cfg.clone(),
         }
     }
 
-    /// Forgets every connection, keeping the clock and the health counters (see
-    /// `Pipeline::restart`).
-    pub fn restart(&mut self) {
-        let health = std::mem::take(&mut self.health);
-        let clock = self.clock;
-        *self = Probe::new(self.cfg.clone());
-        self.health = health;
-        self.clock = clock;
-    }
-
-    /// The packet time reached (the newest packet's, or a live tick's).
-    pub fn clock(&self) -> Ts {
-        self.clock
-    }
-
-    /// One captured packet; what it completed goes to `out`.
-    ///
-    /// A packet stamped more than `capture.max_clock_jump_s` after the clock is held: if
-    /// the next `capture.clock_jump_confirm_packets` packets agree, time really passed (a
-    /// quiet link) and they go in order; if a packet near the clock comes first, the held
-    /// ones were stamped wrong (a corrupt record, a clock stepped and back) and go at the
-    /// clock's time, counted. One bad stamp never turns hours of calls into timeouts.
-    pub fn packet(&mut self, pkt: &Packet, out: &mut Vec<Observation>) {
-        self.health.packets += 1;
-        self.health.bytes += pkt.orig_len.max(pkt.data.len() as u32) as u64;
-        let jump = crate::time::secs_to_ns(self.cfg.capture.max_clock_jump_s);
-        let started = self.clock != Ts::ZERO;
-        if started && pkt.ts.0 > self.clock.0.saturating_add(jump) {
-            let agrees = self
-                .held
-                .first()
-                .is_none_or(|h| pkt.ts.0.abs_diff(h.ts.0) <= jump);
-            if !agrees {
-                self.release_held(false, out);
-            }
-            self.held.push(pkt.clone());
-            if self.held.len() >= self.cfg.capture.clock_jump_confirm_packets.max(1) {
-                self.release_held(true, out);
-            }
-            return;
+    /// One step; its observations go to `out`. A sweep's or the end's come in groups,
+    /// one per connection, each recorded in `groups` as (sweep key, end of group in `out`)
+    /// for merging with other shards' (see `FlowTable::sweep`). Returns where the
+    /// packet's own observations end in `out`.
+    pub fn step(
+        &mut self,
+        step: &Step,
+        health: &mut Health,
+        out: &mut Vec<Observation>,
+        groups: &mut Vec<(u64, usize)>,
+    ) -> usize {
+        groups.clear();
+        if let Some(frame) = step.frame {
+            self.frame(frame, step.ts, step.seq, health);
+            self.drain(step.clock, out);
         }
-        self.release_held(false, out);
-        let ts = if started && pkt.ts.0.saturating_add(jump) < self.clock.0 {
-            // far in the past: stamped wrong; it happened now, as far as we can tell
-            self.health.anomaly("capture", "clock_jump_back");
-            self.clock
-        } else {
-            pkt.ts
+        let lead = out.len();
+        if !(step.sweep || step.end) {
+            return lead;
+        }
+        let Shard {
+            flows,
+            found,
+            bodies,
+            rest,
+            ..
+        } = self;
+        let mut each = |key: u64, found: &mut Found| {
+            drain(found, step.clock, bodies, rest, out);
+            groups.push((key, out.len()));
         };
-        self.process(pkt, ts, out);
-    }
-
-    /// The held packets: time really jumped (`real`), or their stamps were wrong and they
-    /// are processed at the clock's time.
-    fn release_held(&mut self, real: bool, out: &mut Vec<Observation>) {
-        for p in std::mem::take(&mut self.held) {
-            let ts = if real {
-                p.ts
-            } else {
-                self.health.anomaly("capture", "clock_jump");
-                self.clock
-            };
-            self.process(&p, ts, out);
-        }
-    }
-
-    fn process(&mut self, pkt: &Packet, ts: Ts, out: &mut Vec<Observation>) {
-        // the clock never goes back; a packet stamped earlier is processed at its own time
-        if ts < self.clock {
-            self.health.anomaly("capture", "clock_regression");
+        if step.end {
+            flows.close_all(step.clock, health, found, &mut each);
         } else {
-            self.clock = ts;
+            flows.sweep(step.clock, health, found, &mut each);
         }
-        match decode::decode(pkt.linktype, &pkt.data) {
+        lead
+    }
+
+    fn frame(&mut self, frame: Frame, ts: Ts, seq: u64, health: &mut Health) {
+        match decode::decode(frame.linktype, frame.data) {
             Decoded::Tcp(seg) => {
                 let cfg = &self.cfg;
                 let choice = Choice {
@@ -137,62 +352,56 @@ impl Probe {
                     sniff_other_ports: cfg.http.sniff_other_ports,
                     http: &self.http,
                 };
-                self.flows
-                    .segment(&seg, ts, &mut self.health, &mut self.found, |f| {
-                        protocols::choose(f, &choice)
-                    });
+                self.flows.name_next(seq);
+                self.flows.segment(&seg, ts, health, &mut self.found, |f| {
+                    protocols::choose(f, &choice)
+                });
             }
             Decoded::NotTcp => {}
-            Decoded::Fragment => self.health.anomaly("ip", "fragment"),
-            Decoded::UnsupportedLinktype => self.health.anomaly("link", "unsupported_linktype"),
-            Decoded::Malformed(kind) => self.health.anomaly("decode", kind),
+            Decoded::Fragment => health.anomaly("ip", "fragment"),
+            Decoded::UnsupportedLinktype => health.anomaly("link", "unsupported_linktype"),
+            Decoded::Malformed(kind) => health.anomaly("decode", kind),
         }
-        self.drain(out);
     }
 
-    /// Live capture with no packet for a while: idle connections close. Held packets the
-    /// wall clock has caught up with were real time passing.
-    pub fn tick(&mut self, now: Ts, out: &mut Vec<Observation>) {
-        let jump = crate::time::secs_to_ns(self.cfg.capture.max_clock_jump_s);
-        if self
-            .held
-            .first()
-            .is_some_and(|h| now.0.saturating_add(jump) >= h.ts.0)
-        {
-            self.release_held(true, out);
-        }
-        if now > self.clock {
-            self.clock = now;
-        }
-        self.flows
-            .tick(self.clock, &mut self.health, &mut self.found);
-        self.drain(out);
+    fn drain(&mut self, clock: Ts, out: &mut Vec<Observation>) {
+        drain(&mut self.found, clock, &mut self.bodies, &self.rest, out);
     }
+}
 
-    /// End of input: every connection is flushed (held packets nothing confirmed were
-    /// stamped wrong).
-    pub fn finish(&mut self, out: &mut Vec<Observation>) {
-        self.release_held(false, out);
-        self.flows
-            .close_all(self.clock, &mut self.health, &mut self.found);
-        self.drain(out);
+/// Which of `n` shards a frame's connection belongs to: both directions of a connection
+/// go to the same one (anything not TCP to the first, which counts it).
+pub fn shard_of(frame: Frame, n: usize) -> usize {
+    if n <= 1 {
+        return 0;
     }
+    match decode::decode(frame.linktype, frame.data) {
+        Decoded::Tcp(seg) => {
+            // fixed seeds: the same connection goes to the same shard in every run
+            let key = crate::tcp::FlowKey::new(seg.src, seg.dst);
+            (ahash::RandomState::with_seeds(1, 2, 3, 4).hash_one(key) % n as u64) as usize
+        }
+        _ => 0,
+    }
+}
 
-    /// What the parsers found, as observations: AMQP first, then REST (their order within
-    /// one packet or tick does not matter: one packet is one connection).
-    fn drain(&mut self, out: &mut Vec<Observation>) {
-        for ev in self.found.amqp.drain(..) {
-            if let Some(o) = amqp_observation(ev, self.clock, &mut self.bodies) {
-                out.push(o);
-            }
+/// What the parsers found, as observations: AMQP first, then REST (their order within
+/// one packet or connection does not matter: one packet is one connection).
+fn drain(
+    found: &mut Found,
+    clock: Ts,
+    bodies: &mut DecodeCache,
+    rest: &Rest,
+    out: &mut Vec<Observation>,
+) {
+    for ev in found.amqp.drain(..) {
+        if let Some(o) = amqp_observation(ev, clock, bodies) {
+            out.push(o);
         }
-        for ex in self.found.http.drain(..) {
-            let what = Obs::Http(Box::new(self.rest.observe(ex)));
-            out.push(Observation {
-                t: self.clock,
-                what,
-            });
-        }
+    }
+    for ex in found.http.drain(..) {
+        let what = Obs::Http(Box::new(rest.observe(ex)));
+        out.push(Observation { t: clock, what });
     }
 }
 

@@ -111,12 +111,14 @@ pub struct NewFlow<'a> {
     pub from_client: bool,
 }
 
+/// Set in a sweep key: the hole-timeout pass, after every close.
+pub const HOLES: u64 = 1 << 63;
+
 pub struct FlowTable<A> {
     cfg: FlowConfig,
     stream: StreamConfig,
     flows: HashMap<FlowKey, Flow<A>>,
     next_id: u64,
-    last_sweep: Ts,
 }
 
 impl<A: App> FlowTable<A> {
@@ -126,7 +128,6 @@ impl<A: App> FlowTable<A> {
             cfg,
             flows: HashMap::default(),
             next_id: 1,
-            last_sweep: Ts::ZERO,
         }
     }
 
@@ -136,6 +137,12 @@ impl<A: App> FlowTable<A> {
 
     pub fn is_empty(&self) -> bool {
         self.flows.is_empty()
+    }
+
+    /// The id the next new connection gets (ids only grow; a caller sharding flows over
+    /// several tables numbers them from one counter, e.g. the packet's sequence number).
+    pub fn name_next(&mut self, id: u64) {
+        self.next_id = self.next_id.max(id);
     }
 
     /// Feeds one segment. `make` builds the app for a connection not seen before and says
@@ -231,20 +238,22 @@ impl<A: App> FlowTable<A> {
             let mut flow = self.flows.remove(&key).expect("present");
             Self::close_flow(&mut flow, ts, health, out);
         }
-        self.maybe_sweep(ts, health, out);
     }
 
-    /// Advances the clock with no packet (live idle tick): times out holes and connections.
-    pub fn tick(&mut self, now: Ts, health: &mut Health, out: &mut A::Out) {
-        self.maybe_sweep(now, health, out);
-    }
-
-    /// End of input: every connection is flushed and closed, oldest first.
-    pub fn close_all(&mut self, ts: Ts, health: &mut Health, out: &mut A::Out) {
+    /// End of input: every connection is flushed and closed, oldest first. `each` is
+    /// called after each connection with its id (see `sweep`).
+    pub fn close_all(
+        &mut self,
+        ts: Ts,
+        health: &mut Health,
+        out: &mut A::Out,
+        each: &mut dyn FnMut(u64, &mut A::Out),
+    ) {
         let mut flows: Vec<Flow<A>> = self.flows.drain().map(|(_, f)| f).collect();
         flows.sort_by_key(|f| f.id);
         for mut f in flows {
             Self::close_flow(&mut f, ts, health, out);
+            each(f.id, out);
         }
     }
 
@@ -256,11 +265,19 @@ impl<A: App> FlowTable<A> {
         app.on_close(ts, health, out);
     }
 
-    fn maybe_sweep(&mut self, now: Ts, health: &mut Health, out: &mut A::Out) {
-        if now.0 < self.last_sweep.0.saturating_add(1_000_000_000) {
-            return;
-        }
-        self.last_sweep = now;
+    /// The clock reached `now` (the caller decides how often: see `probe::Clock`): idle
+    /// connections close, then holes that timed out in quiet connections are given up.
+    /// `each` is called after each connection touched, with a key that orders the whole
+    /// sweep: closes first, then holes, each by connection id. Tables that shard one
+    /// probe's flows sweep at the same points, and their outputs merged by that key are
+    /// what one table would have produced.
+    pub fn sweep(
+        &mut self,
+        now: Ts,
+        health: &mut Health,
+        out: &mut A::Out,
+        each: &mut dyn FnMut(u64, &mut A::Out),
+    ) {
         let idle = crate::time::secs_to_ns(self.cfg.idle_timeout_s);
         let mut expired: Vec<(u64, FlowKey)> = self
             .flows
@@ -274,6 +291,7 @@ impl<A: App> FlowTable<A> {
             // not a parse problem: the idle timeout bounds the table like its size cap
             health.evict("tcp_flows_idle", 1);
             Self::close_flow(&mut f, now, health, out);
+            each(f.id, out);
         }
         // holes that timed out in connections that went quiet
         let mut waiting: Vec<(u64, FlowKey)> = self
@@ -283,13 +301,14 @@ impl<A: App> FlowTable<A> {
             .map(|(k, f)| (f.id, *k))
             .collect();
         waiting.sort();
-        for (_, k) in waiting {
+        for (id, k) in waiting {
             let Flow { streams, app, .. } = self.flows.get_mut(&k).expect("present");
             for d in Dir::BOTH {
                 streams[d as usize].on_clock(&self.stream, health, now, &mut |c, h| {
                     app.on_chunk(d, now, c, h, out)
                 });
             }
+            each(HOLES | id, out);
         }
     }
 

@@ -37,6 +37,12 @@ pub fn replay(files: &[PathBuf]) -> Replayed {
 }
 
 pub fn replay_with(files: &[PathBuf], cfg: Config) -> Replayed {
+    replay_threads(files, cfg, 1)
+}
+
+/// A replay with the per-connection work sharded over `threads` workers (1: one thread,
+/// no workers), as `stacktap replay --threads N` runs it.
+pub fn replay_threads(files: &[PathBuf], cfg: Config, threads: usize) -> Replayed {
     let dir = tempfile::tempdir().unwrap();
     let out = Outputs {
         events_out: Some(dir.path().join("events.jsonl")),
@@ -46,8 +52,16 @@ pub fn replay_with(files: &[PathBuf], cfg: Config) -> Replayed {
     let mut merged = MergedFiles::open(files).expect("open capture");
     let (first_ts, last_ts) = capture_bounds(files);
     let mut run = Run::new(cfg, &out).unwrap();
-    run::replay(&mut merged, &mut run, None, &out, &AtomicBool::new(false)).unwrap();
-    let summary = run.finish(&out).unwrap();
+    let stop = AtomicBool::new(false);
+    let summary = if threads > 1 {
+        let mut par = stacktap::parallel::Parallel::new(run, threads, false).unwrap();
+        run::replay(&mut merged, &mut par, None, &out, &stop).unwrap();
+        run = par.finish().unwrap();
+        run.write_out(&out).unwrap()
+    } else {
+        run::replay(&mut merged, &mut run, None, &out, &stop).unwrap();
+        run.finish(&out).unwrap()
+    };
     let health = run.health().clone();
     let events_text = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
     let events = events_text

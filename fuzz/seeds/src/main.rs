@@ -73,7 +73,7 @@ fn streams(capture: &Path) -> Vec<Recorder> {
             });
         }
     }
-    table.close_all(Ts(u64::MAX / 2), &mut health, &mut out);
+    table.close_all(Ts(u64::MAX / 2), &mut health, &mut out, &mut |_, _| {});
     out.0
 }
 
