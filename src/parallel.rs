@@ -23,7 +23,7 @@
 
 use crate::contract::Observation;
 use crate::health::Health;
-use crate::probe::{self, Clock, Frame, Shard, Step};
+use crate::probe::{self, Clock, Each, Frame, Shard, Step};
 use crate::run::{Run, Tap};
 use crate::source::Packet;
 use crate::time::Ts;
@@ -142,17 +142,22 @@ impl Parallel {
         })
     }
 
-    /// End of input: every connection closed, every call judged; the run comes back for
-    /// its files and report.
-    pub fn finish(mut self) -> anyhow::Result<Run> {
+    /// The steps the clock makes of one input, placed in the chunk.
+    fn place(&mut self, input: impl FnOnce(&mut Clock, &mut Health, Each)) {
         let Parallel {
             clock,
             health,
             shards,
             merge,
             ..
-        } = &mut self;
-        clock.finish(health, &mut |step, _| place(&step, shards, merge));
+        } = self;
+        input(clock, health, &mut |step, _| place(&step, shards, merge));
+    }
+
+    /// End of input: every connection closed, every call judged; the run comes back for
+    /// its files and report.
+    pub fn finish(mut self) -> anyhow::Result<Run> {
+        self.place(|clock, health, each| clock.finish(health, each));
         self.merge.end = true;
         self.end_call(true);
         self.to_shards.clear();
@@ -230,26 +235,12 @@ fn place(step: &Step, shards: &mut [ShardChunk], merge: &mut MergeChunk) {
 
 impl Tap for Parallel {
     fn packet(&mut self, pkt: &Packet) {
-        let Parallel {
-            clock,
-            health,
-            shards,
-            merge,
-            ..
-        } = self;
-        clock.packet(pkt, health, &mut |step, _| place(&step, shards, merge));
+        self.place(|clock, health, each| clock.packet(pkt, health, each));
         self.end_call(false);
     }
 
     fn tick(&mut self, now: Ts) {
-        let Parallel {
-            clock,
-            health,
-            shards,
-            merge,
-            ..
-        } = self;
-        clock.tick(now, health, &mut |step, _| place(&step, shards, merge));
+        self.place(|clock, health, each| clock.tick(now, health, each));
         self.end_call(true);
     }
 
@@ -285,7 +276,8 @@ fn work(mut shard: Shard, rx: Receiver<ShardChunk>, tx: SyncSender<ShardOut>) {
                 seq: s.seq,
                 obs,
                 lead,
-                groups: groups.clone(),
+                // the shard clears it at the next step
+                groups: std::mem::take(&mut groups),
             });
         }
         let out = ShardOut {

@@ -53,45 +53,41 @@ impl Probe {
 
     /// One captured packet; what it completed goes to `out`.
     pub fn packet(&mut self, pkt: &Packet, out: &mut Vec<Observation>) {
-        let Probe {
-            health,
-            clock,
-            shard,
-            groups,
-        } = self;
-        clock.packet(pkt, health, &mut |step, health| {
-            shard.step(&step, health, out, groups);
-        });
+        self.run(out, |clock, health, each| clock.packet(pkt, health, each));
     }
 
     /// Live capture with no packet for a while: idle connections close. Held packets the
     /// wall clock has caught up with were real time passing.
     pub fn tick(&mut self, now: Ts, out: &mut Vec<Observation>) {
-        let Probe {
-            health,
-            clock,
-            shard,
-            groups,
-        } = self;
-        clock.tick(now, health, &mut |step, health| {
-            shard.step(&step, health, out, groups);
-        });
+        self.run(out, |clock, health, each| clock.tick(now, health, each));
     }
 
     /// End of input: every connection is flushed (held packets nothing confirmed were
     /// stamped wrong).
     pub fn finish(&mut self, out: &mut Vec<Observation>) {
+        self.run(out, |clock, health, each| clock.finish(health, each));
+    }
+
+    /// The steps the clock makes of one input, each through the shard.
+    fn run(
+        &mut self,
+        out: &mut Vec<Observation>,
+        input: impl FnOnce(&mut Clock, &mut Health, Each),
+    ) {
         let Probe {
             health,
             clock,
             shard,
             groups,
         } = self;
-        clock.finish(health, &mut |step, health| {
+        input(clock, health, &mut |step, health| {
             shard.step(&step, health, out, groups);
         });
     }
 }
+
+/// What a `Clock` hands each step to, with the counters to count in.
+pub type Each<'e> = &'e mut dyn FnMut(Step, &mut Health);
 
 /// One captured frame, as the link layer gave it.
 #[derive(Clone, Copy)]
@@ -153,12 +149,7 @@ impl Clock {
         self.now
     }
 
-    pub fn packet(
-        &mut self,
-        pkt: &Packet,
-        health: &mut Health,
-        each: &mut dyn FnMut(Step, &mut Health),
-    ) {
+    pub fn packet(&mut self, pkt: &Packet, health: &mut Health, each: Each) {
         health.packets += 1;
         health.bytes += pkt.orig_len.max(pkt.data.len() as u32) as u64;
         let started = self.now != Ts::ZERO;
@@ -189,12 +180,7 @@ impl Clock {
 
     /// The held packets: time really jumped (`real`), or their stamps were wrong and they
     /// are processed at the clock's time.
-    fn release_held(
-        &mut self,
-        real: bool,
-        health: &mut Health,
-        each: &mut dyn FnMut(Step, &mut Health),
-    ) {
+    fn release_held(&mut self, real: bool, health: &mut Health, each: Each) {
         for p in std::mem::take(&mut self.held) {
             let ts = if real {
                 p.ts
@@ -206,13 +192,7 @@ impl Clock {
         }
     }
 
-    fn step(
-        &mut self,
-        pkt: Option<&Packet>,
-        ts: Ts,
-        health: &mut Health,
-        each: &mut dyn FnMut(Step, &mut Health),
-    ) {
+    fn step(&mut self, pkt: Option<&Packet>, ts: Ts, health: &mut Health, each: Each) {
         // the clock never goes back; a packet stamped earlier is processed at its own time
         if ts < self.now {
             health.anomaly("capture", "clock_regression");
@@ -222,14 +202,7 @@ impl Clock {
         self.emit(pkt, ts, false, health, each);
     }
 
-    fn emit(
-        &mut self,
-        pkt: Option<&Packet>,
-        ts: Ts,
-        end: bool,
-        health: &mut Health,
-        each: &mut dyn FnMut(Step, &mut Health),
-    ) {
+    fn emit(&mut self, pkt: Option<&Packet>, ts: Ts, end: bool, health: &mut Health, each: Each) {
         self.seq += 1;
         let sweep = self.now.0 >= self.last_sweep.0.saturating_add(SWEEP_EVERY_NS);
         if sweep {
@@ -251,7 +224,7 @@ impl Clock {
         );
     }
 
-    pub fn tick(&mut self, now: Ts, health: &mut Health, each: &mut dyn FnMut(Step, &mut Health)) {
+    pub fn tick(&mut self, now: Ts, health: &mut Health, each: Each) {
         if self
             .held
             .first()
@@ -265,7 +238,7 @@ impl Clock {
         self.emit(None, self.now, false, health, each);
     }
 
-    pub fn finish(&mut self, health: &mut Health, each: &mut dyn FnMut(Step, &mut Health)) {
+    pub fn finish(&mut self, health: &mut Health, each: Each) {
         self.release_held(false, health, each);
         self.emit(None, self.now, true, health, each);
     }

@@ -8,23 +8,7 @@ use serde_json::Value;
 use std::path::PathBuf;
 
 fn all_captures() -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![foreign_dir()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if matches!(
-                p.extension().and_then(|x| x.to_str()),
-                Some("pcap" | "pcapng")
-            ) {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
-    out
+    captures_under(foreign_dir())
 }
 
 #[test]

@@ -12,26 +12,6 @@ use stacktap::source::Packet;
 use stacktap::time::Ts;
 use std::path::PathBuf;
 
-fn captures_under(dir: PathBuf) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if matches!(
-                p.extension().and_then(|x| x.to_str()),
-                Some("pcap" | "pcapng")
-            ) {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 fn assert_same_for_any_threads(files: &[PathBuf], cfg: &Config) {
     let one = replay_threads(files, cfg.clone(), 1);
     for n in [2, 3, 8] {

@@ -276,6 +276,27 @@ pub fn check_against_truth_within(r: &Replayed, truth: &[Value], slack: f64) -> 
 }
 
 /// The shared test data beside the repository (CI clones main with shared/ next to it).
+/// Every .pcap and .pcapng under `dir`, sorted.
+pub fn captures_under(dir: PathBuf) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if matches!(
+                p.extension().and_then(|x| x.to_str()),
+                Some("pcap" | "pcapng")
+            ) {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 pub fn foreign_dir() -> PathBuf {
     let dir = std::env::var_os("STACKTAP_SHARED")
         .map(PathBuf::from)
