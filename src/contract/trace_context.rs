@@ -116,9 +116,16 @@ pub fn hex(b: &[u8]) -> String {
 /// this stays off `fmt`'s per-digit machinery.
 pub fn push_hex(s: &mut String, b: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for x in b {
-        s.push(DIGITS[usize::from(x >> 4)] as char);
-        s.push(DIGITS[usize::from(x & 15)] as char);
+    // every id of every event passes here: digits written to a buffer and appended once,
+    // not a char push (capacity check, UTF-8 encoding) per digit
+    for part in b.chunks(16) {
+        let mut buf = [0u8; 32];
+        for (pair, x) in buf.chunks_exact_mut(2).zip(part) {
+            pair[0] = DIGITS[usize::from(x >> 4)];
+            pair[1] = DIGITS[usize::from(x & 15)];
+        }
+        let digits = &buf[..2 * part.len()];
+        s.push_str(std::str::from_utf8(digits).unwrap_or_default());
     }
 }
 
@@ -127,22 +134,40 @@ pub fn hex_bytes<const N: usize>(s: &str) -> Option<[u8; N]> {
     decode_hex(s.as_bytes())
 }
 
+/// Each byte's value as a hex digit, `INVALID` for the rest.
+const HEX_DIGIT: [u8; 256] = {
+    let mut t = [INVALID; 256];
+    let mut c = 0;
+    while c < 256 {
+        t[c] = match c as u8 {
+            d @ b'0'..=b'9' => d - b'0',
+            d @ b'a'..=b'f' => d - b'a' + 10,
+            d @ b'A'..=b'F' => d - b'A' + 10,
+            _ => INVALID,
+        };
+        c += 1;
+    }
+    t
+};
+const INVALID: u8 = 0x10;
+
 fn decode_hex<const N: usize>(b: &[u8]) -> Option<[u8; N]> {
-    // on the correlator's path for every id: a match, not char::to_digit
-    let digit = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    };
+    // on the correlator's path for every id: a table and one check at the end, not a
+    // branch per digit
     if b.len() != 2 * N {
         return None;
     }
     let mut out = [0u8; N];
+    let mut seen = 0u8;
     for (o, pair) in out.iter_mut().zip(b.chunks_exact(2)) {
-        *o = (digit(pair[0])? << 4) | digit(pair[1])?;
+        let (hi, lo) = (
+            HEX_DIGIT[usize::from(pair[0])],
+            HEX_DIGIT[usize::from(pair[1])],
+        );
+        seen |= hi | lo;
+        *o = (hi << 4) | (lo & 15);
     }
-    Some(out)
+    (seen & INVALID == 0).then_some(out)
 }
 
 /// A UUID's 16 bytes, hyphenated or not (`req-` and other prefixes are the caller's to
@@ -216,5 +241,19 @@ mod tests {
         assert_eq!(hex(&c.parent_span_id), "5555666677778888");
         assert_eq!(c.origin, ContextOrigin::Osprofiler);
         assert_eq!(TraceContext::from_osprofiler("not-a-uuid", "x"), None);
+    }
+
+    #[test]
+    fn every_pair_of_bytes_decodes_as_from_str_radix_does() {
+        for a in 0..=255u8 {
+            for b in 0..=255u8 {
+                let pair = [a, b];
+                let want = std::str::from_utf8(&pair)
+                    .ok()
+                    .filter(|s| s.bytes().all(|c| c.is_ascii_hexdigit()))
+                    .and_then(|s| u8::from_str_radix(s, 16).ok());
+                assert_eq!(decode_hex::<1>(&pair).map(|[x]| x), want, "{pair:?}");
+            }
+        }
     }
 }

@@ -20,7 +20,7 @@ pub use crate::contract::{
 #[derive(Default)]
 struct Fields<'a> {
     envelope_version: Option<Cow<'a, str>>,
-    /// Raw JSON string literal: JSON inside JSON, unescaped on demand.
+    /// Raw JSON string literal: JSON inside JSON, walked as the inner message's fields.
     envelope_message: Option<&'a str>,
     method: Option<Cow<'a, str>>,
     namespace: Option<Cow<'a, str>>,
@@ -55,21 +55,21 @@ fn string(raw: &str) -> Option<Cow<'_, str>> {
     }
 }
 
-fn fields(json: &str) -> Option<Fields<'_>> {
-    let mut f = Fields::default();
-    scan::members(json, |key, raw| f.set(&key, raw, string))?;
-    Some(f)
-}
-
-/// The fields of an inner message still inside its envelope's string literal: walked
-/// escaped, with only the kept values unescaped.
-fn escaped_fields(literal: &str) -> Option<Fields<'_>> {
-    let mut f = Fields {
+/// The members of a body, and of the inner message when the body is an envelope (walked
+/// in the same pass, escaped, with only the kept values unescaped).
+fn fields(json: &str) -> Option<(Fields<'_>, Fields<'_>)> {
+    let mut outer = Fields::default();
+    let mut inner = Fields {
         escaped: true,
         ..Fields::default()
     };
-    scan::escaped_members(literal, |key, raw| f.set(&key, raw, scan::escaped_value))?;
-    Some(f)
+    scan::members_nesting(
+        json,
+        "oslo.message",
+        |key, raw| outer.set(&key, raw, string),
+        |key, raw| inner.set(&key, raw, scan::escaped_value),
+    )?;
+    Some((outer, inner))
 }
 
 impl<'a> Fields<'a> {
@@ -198,13 +198,13 @@ pub fn decode(exchange: &str, props: &Props, body: &[u8]) -> Result<Oslo, NotOsl
         Some(_) => return Err(NotOslo::CompressedUnsupported),
     };
     let text = std::str::from_utf8(body).map_err(|_| NotOslo::NotJson)?;
-    let outer = fields(text).ok_or(NotOslo::NotJson)?;
+    let (outer, inner) = fields(text).ok_or(NotOslo::NotJson)?;
     match (&outer.envelope_version, outer.envelope_message) {
-        (Some(v), Some(raw)) => {
+        (Some(v), Some(_)) => {
             if !v.starts_with("2.") {
                 return Err(NotOslo::UnsupportedEnvelope);
             }
-            classify(exchange, escaped_fields(raw).ok_or(NotOslo::NotJson)?)
+            classify(exchange, inner)
         }
         // no envelope: the 1.0 format, still used by the `messaging` notification driver
         _ => classify(exchange, outer),

@@ -2,8 +2,8 @@
 //!
 //! oslo.messaging bodies are mostly values we never read (`args`, twenty `_context_*`
 //! keys). serde would tokenize and validate all of them; this walks the top-level members
-//! only and skips each value by its structure (strings by memchr to the closing quote,
-//! containers by depth). It does not validate skipped values: it only needs to find
+//! only and skips each value by its structure (strings by a word-at-a-time search for
+//! the closing quote, containers by depth). It does not validate skipped values: it only needs to find
 //! where they end. Malformed input gives None, never a panic.
 
 use std::borrow::Cow;
@@ -57,16 +57,33 @@ impl Dialect for Escaped {
     }
 }
 
-/// Walks the members of the object spelled in `text`, in dialect `D`.
+/// Walks the members of the object spelled in `text`, in dialect `D`, which must be all
+/// of `text` (whitespace aside).
 fn walk<'a, D: Dialect>(text: &'a str, mut f: impl FnMut(Cow<'a, str>, &'a str)) -> Option<()> {
     let b = text.as_bytes();
-    let mut i = D::skip_ws(b, 0);
+    let end = walk_at::<D>(text, D::skip_ws(b, 0), |key, start| {
+        let end = D::value_end(b, start)?;
+        f(key, &text[start..end]);
+        Some(end)
+    })?;
+    (D::skip_ws(b, end) == b.len()).then_some(())
+}
+
+/// Walks the object whose `{` is at `i` and returns the index just past its `}`. For each
+/// member, `value(key, start)` gets the key and where the value starts, reads or skips the
+/// value, and returns the index just past it.
+fn walk_at<'a, D: Dialect>(
+    text: &'a str,
+    mut i: usize,
+    mut value: impl FnMut(Cow<'a, str>, usize) -> Option<usize>,
+) -> Option<usize> {
+    let b = text.as_bytes();
     if b.get(i) != Some(&b'{') {
         return None;
     }
     i = D::skip_ws(b, i + 1);
     if b.get(i) == Some(&b'}') {
-        return (D::skip_ws(b, i + 1) == b.len()).then_some(());
+        return Some(i + 1);
     }
     loop {
         if !D::at_quote(b, i) {
@@ -78,13 +95,11 @@ fn walk<'a, D: Dialect>(text: &'a str, mut f: impl FnMut(Cow<'a, str>, &'a str))
         if b.get(i) != Some(&b':') {
             return None;
         }
-        let start = D::skip_ws(b, i + 1);
-        let end = D::value_end(b, start)?;
-        f(key, &text[start..end]);
+        let end = value(key, D::skip_ws(b, i + 1))?;
         i = D::skip_ws(b, end);
         match b.get(i) {
             Some(b',') => i = D::skip_ws(b, i + 1),
-            Some(b'}') => return (D::skip_ws(b, i + 1) == b.len()).then_some(()),
+            Some(b'}') => return Some(i + 1),
             _ => return None,
         }
     }
@@ -94,6 +109,56 @@ fn walk<'a, D: Dialect>(text: &'a str, mut f: impl FnMut(Cow<'a, str>, &'a str))
 /// `key` is unescaped; `raw_value` is the value's JSON text. None if `json` is not an object.
 pub fn members<'a>(json: &'a str, f: impl FnMut(Cow<'a, str>, &'a str)) -> Option<()> {
     walk::<Plain>(json, f)
+}
+
+/// Like `members`, but the member named `nested`, when its value is a string literal
+/// holding an object (oslo.messaging's `oslo.message`: JSON inside JSON), is walked in the
+/// same pass, escaped as it is: its members go to `inner` (raw values still escaped, as
+/// `escaped_value` reads them), then `outer` gets the member with the literal. One
+/// pass, not a scan to the literal's end and a second through it. None (not an object we
+/// read) if that literal does not hold an object, or if the member comes twice: which one
+/// counts would be a guess.
+pub fn members_nesting<'a>(
+    json: &'a str,
+    nested: &str,
+    mut outer: impl FnMut(Cow<'a, str>, &'a str),
+    mut inner: impl FnMut(Cow<'a, str>, &'a str),
+) -> Option<()> {
+    let b = json.as_bytes();
+    let mut seen = false;
+    let end = walk_at::<Plain>(json, skip_ws(b, 0), |key, start| {
+        if key == nested && b.get(start) == Some(&b'"') {
+            if std::mem::replace(&mut seen, true) {
+                return None;
+            }
+            let end = escaped_literal_end(json, start, &mut inner)?;
+            outer(key, &json[start..end]);
+            return Some(end);
+        }
+        let end = value_end(b, start)?;
+        outer(key, &json[start..end]);
+        Some(end)
+    })?;
+    (skip_ws(b, end) == b.len()).then_some(())
+}
+
+/// The literal at `start` (its opening quote) walked as an escaped object, its members
+/// handed to `f`; the index just past its closing quote. None if it does not hold exactly
+/// one object.
+fn escaped_literal_end<'a>(
+    text: &'a str,
+    start: usize,
+    f: &mut impl FnMut(Cow<'a, str>, &'a str),
+) -> Option<usize> {
+    let b = text.as_bytes();
+    let from = eskip_ws(b, start + 1);
+    let end = walk_at::<Escaped>(text, from, |key, start| {
+        let end = inner_value_end(b, start)?;
+        f(key, &text[start..end]);
+        Some(end)
+    })?;
+    let end = eskip_ws(b, end);
+    (b.get(end) == Some(&b'"')).then_some(end + 1)
 }
 
 fn skip_ws(b: &[u8], mut i: usize) -> usize {
@@ -107,7 +172,7 @@ fn skip_ws(b: &[u8], mut i: usize) -> usize {
 fn string_end(b: &[u8], start: usize) -> Option<usize> {
     let mut i = start + 1;
     loop {
-        let k = memchr::memchr2(b'"', b'\\', b.get(i..)?)? + i;
+        let k = find2(b, i, b'"', b'\\')?;
         if b[k] == b'"' {
             return Some(k + 1);
         }
@@ -154,19 +219,8 @@ fn value_end(b: &[u8], start: usize) -> Option<usize> {
     }
 }
 
-/// Like `members`, but for an object that is itself the content of a JSON string literal
-/// (oslo.messaging's `oslo.message`: JSON inside JSON). `literal` is the outer string
-/// literal, quotes included. Inner quotes are `\"` in it and structure characters are never
-/// escaped, so the object can be walked without unescaping it first; only the values the
-/// caller keeps are unescaped (twice), by `escaped_value`.
-/// `raw_value` is handed over still escaped. None if this is not an object.
-pub fn escaped_members<'a>(literal: &'a str, f: impl FnMut(Cow<'a, str>, &'a str)) -> Option<()> {
-    let lit = literal.strip_prefix('"')?.strip_suffix('"')?;
-    walk::<Escaped>(lit, f)
-}
-
 /// Like `members`, for an object nested in an inner message (a raw value
-/// `escaped_members` handed out): still escaped, walked as such.
+/// `members_nesting` handed to `inner`): still escaped, walked as such.
 pub fn nested_escaped_members<'a>(
     raw: &'a str,
     f: impl FnMut(Cow<'a, str>, &'a str),
@@ -178,13 +232,37 @@ pub fn nested_escaped_members<'a>(
 /// not a string). Values without inner escapes (ids, names) are borrowed as they are.
 pub fn escaped_value(raw: &str) -> Option<Cow<'_, str>> {
     let inner = raw.strip_prefix("\\\"")?.strip_suffix("\\\"")?;
-    if !inner.contains('\\') {
+    if find2(inner.as_bytes(), 0, b'\\', b'\\').is_none() {
         return Some(Cow::Borrowed(inner));
     }
     // undo the outer escaping, then the inner
     let quoted = format!("\"{raw}\"");
     let once = super::unescape(&quoted)?.into_owned();
     super::unescape(&once).map(|v| Cow::Owned(v.into_owned()))
+}
+
+/// The first index at or after `from` where `b` holds `x` or `y`. What this module
+/// searches is short (keys, ids, names: tens of bytes), where memchr's setup costs more
+/// than the search itself; this tests eight bytes per step in plain integer code (a byte
+/// equal to `x` is a zero byte of the word xor `x`).
+fn find2(b: &[u8], from: usize, x: u8, y: u8) -> Option<usize> {
+    const LO: u64 = u64::from_le_bytes([1; 8]);
+    const HI: u64 = u64::from_le_bytes([0x80; 8]);
+    let zero_bytes = |w: u64| w.wrapping_sub(LO) & !w & HI;
+    let (xs, ys) = (LO * u64::from(x), LO * u64::from(y));
+    let mut i = from;
+    while let Some(chunk) = b.get(i..i + 8) {
+        let w = u64::from_le_bytes(chunk.try_into().ok()?);
+        // the lowest flagged byte is exact (only bytes above a true match can be flagged
+        // falsely, by the borrow), so the first match is the lowest flag of either
+        let hits = zero_bytes(w ^ xs) | zero_bytes(w ^ ys);
+        if hits != 0 {
+            return Some(i + (hits.trailing_zeros() / 8) as usize);
+        }
+        i += 8;
+    }
+    let tail = b.get(i..)?;
+    tail.iter().position(|&c| c == x || c == y).map(|k| i + k)
 }
 
 fn is_inner_quote(b: &[u8], i: usize) -> bool {
@@ -206,7 +284,7 @@ fn eskip_ws(b: &[u8], mut i: usize) -> usize {
 fn inner_string_end(b: &[u8], start: usize) -> Option<usize> {
     let mut i = start + 2;
     loop {
-        let k = memchr::memchr(b'\\', b.get(i..)?)? + i;
+        let k = find2(b, i, b'\\', b'\\')?;
         match *b.get(k + 1)? {
             b'"' => return Some(k + 2),
             // an inner escape: an escaped backslash, then the escaped character, which is
@@ -297,6 +375,13 @@ mod tests {
     }
 
     proptest! {
+        /// The word-at-a-time search finds what a byte loop finds, at every offset.
+        #[test]
+        fn find2_agrees(b in proptest::collection::vec(prop_oneof![Just(b'"'), Just(b'\\'), Just(0x80u8), Just(0u8), Just(0xffu8), any::<u8>()], 0..40), from in 0usize..44) {
+            let naive = b.get(from..).and_then(|t| t.iter().position(|&c| c == b'"' || c == b'\\')).map(|k| k + from);
+            prop_assert_eq!(find2(&b, from, b'"', b'\\'), naive);
+        }
+
         /// Every object serde_json writes (compact or pretty) scans to the same members.
         #[test]
         fn agrees_with_serde(obj in proptest::collection::btree_map("\\PC{0,8}", arb_json(), 0..8), pretty in any::<bool>()) {
@@ -318,6 +403,35 @@ mod tests {
         }
     }
 
+    /// The members of the object inside `literal`, as `members_nesting` walks them inside
+    /// an envelope; the envelope sees the whole literal.
+    fn escaped_members(literal: &str, f: &mut dyn FnMut(Cow<'_, str>, &str)) -> Option<()> {
+        let json = format!("{{\"oslo.version\": \"2.0\", \"oslo.message\": {literal}}}");
+        let mut outer_saw = None;
+        let keep = |k: Cow<'_, str>, raw: &str| {
+            if k == "oslo.message" {
+                outer_saw = Some(raw.len());
+            }
+        };
+        members_nesting(&json, "oslo.message", keep, |k, v| f(k, v))?;
+        assert_eq!(outer_saw, Some(literal.len()));
+        Some(())
+    }
+
+    #[test]
+    fn nesting_reads_one_object_literal_only() {
+        let nest = |json: &str| {
+            let mut n = 0;
+            members_nesting(json, "m", |_, _| {}, |_, _| n += 1).map(|()| n)
+        };
+        assert_eq!(nest(r#"{"m": "{\"a\": 1, \"b\": [2]}", "x": 3}"#), Some(2));
+        assert_eq!(nest(r#"{"m": null, "x": "{}"}"#), Some(0));
+        assert_eq!(nest(r#"{"m": "hello"}"#), None);
+        assert_eq!(nest(r#"{"m": "{} x"}"#), None);
+        assert_eq!(nest(r#"{"m": "{}", "m": "{}"}"#), None);
+        assert_eq!(nest(r#"{"m": "{\n}\n" }"#), Some(0));
+    }
+
     proptest! {
         /// Walking the escaped text finds the same members as unescaping first.
         #[test]
@@ -326,7 +440,7 @@ mod tests {
             let inner = serde_json::to_string(&v).unwrap();
             let literal = serde_json::to_string(&inner).unwrap();
             let mut got = Vec::new();
-            escaped_members(&literal, |k, raw| {
+            escaped_members(&literal, &mut |k: Cow<'_, str>, raw: &str| {
                 // a raw escaped value is the inner JSON text escaped once
                 let text = crate::oslo::unescape(&format!("\"{raw}\"")).unwrap().into_owned();
                 got.push((k.into_owned(), serde_json::from_str::<serde_json::Value>(&text).unwrap()));
@@ -334,7 +448,7 @@ mod tests {
             let want: Vec<(String, serde_json::Value)> = obj.into_iter().collect();
             prop_assert_eq!(&got, &want);
             // strings come back whole through escaped_value
-            escaped_members(&literal, |k, raw| {
+            escaped_members(&literal, &mut |k: Cow<'_, str>, raw: &str| {
                 if let Some(serde_json::Value::String(s)) = v.get(k.as_ref()) {
                     assert_eq!(escaped_value(raw).unwrap(), s.as_str());
                 } else {
@@ -345,8 +459,8 @@ mod tests {
 
         #[test]
         fn escaped_walk_never_panics(s in "\\PC{0,80}") {
-            let _ = escaped_members(&format!("\"{s}\""), |_, _| {});
-            let _ = escaped_members(&serde_json::to_string(&s).unwrap(), |_, _| {});
+            let _ = members_nesting(&format!("{{\"m\": \"{s}\"}}"), "m", |_, _| {}, |_, _| {});
+            let _ = members_nesting(&format!("{{\"m\": {}}}", serde_json::to_string(&s).unwrap()), "m", |_, _| {}, |_, _| {});
         }
     }
 

@@ -143,7 +143,10 @@ impl PcapFile {
                     learn_format(&mut self.format, &block);
                     let got = take_block(&mut self.interfaces, block, pkt);
                     self.bytes_read += len as u64;
-                    self.reader.consume(len);
+                    // no shift here: `consume` moves the unread half of the buffer to its
+                    // front whenever the read position passes the middle (a copy of up to
+                    // half a MiB, over and over); `refill` shifts the few bytes left instead
+                    self.reader.consume_noshift(len);
                     if got {
                         if let Format::Legacy { last_sec, .. } = &mut self.format {
                             *last_sec = (pkt.ts.0 / 1_000_000_000) as u32;
