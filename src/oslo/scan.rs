@@ -413,7 +413,7 @@ mod tests {
                 outer_saw = Some(raw.len());
             }
         };
-        members_nesting(&json, "oslo.message", keep, |k, v| f(k, v))?;
+        members_nesting(&json, "oslo.message", keep, f)?;
         assert_eq!(outer_saw, Some(literal.len()));
         Some(())
     }
