@@ -23,7 +23,7 @@
 
 use crate::contract::Observation;
 use crate::health::Health;
-use crate::probe::{self, Clock, Each, Frame, Shard, Step};
+use crate::probe::{self, Clock, DecodeCache, Each, Frame, Shard, Step};
 use crate::run::{Run, Tap};
 use crate::source::Packet;
 use crate::time::Ts;
@@ -112,10 +112,11 @@ impl Parallel {
         let mut to_shards = Vec::new();
         let mut outs = Vec::new();
         let mut workers = Vec::new();
+        let bodies = DecodeCache::new(cfg.amqp.decode_cache_entries);
         for i in 0..n {
             let (tx, rx) = sync_channel::<ShardChunk>(IN_FLIGHT);
             let (otx, orx) = sync_channel::<ShardOut>(IN_FLIGHT);
-            let shard = Shard::new(&cfg, n);
+            let shard = Shard::new(&cfg, n, bodies.clone());
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("stacktap-shard-{i}"))
@@ -188,8 +189,14 @@ impl Parallel {
     fn send(&mut self) {
         self.started = Instant::now();
         for (tx, chunk) in self.to_shards.iter().zip(self.shards.iter_mut()) {
+            // the next chunk starts at the size of this one: grown by doubling, the bytes
+            // of every chunk were copied over and over
+            let next = ShardChunk {
+                bytes: Vec::with_capacity(chunk.bytes.capacity()),
+                steps: Vec::with_capacity(chunk.steps.capacity()),
+            };
             // a worker gone is a worker that panicked: the join reports it
-            let _ = tx.send(std::mem::take(chunk));
+            let _ = tx.send(std::mem::replace(chunk, next));
         }
         let mut chunk = std::mem::take(&mut self.merge);
         chunk.health = Some(self.health.clone());

@@ -19,7 +19,7 @@ use crate::source::Packet;
 use crate::tcp::FlowTable;
 use crate::time::Ts;
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 pub struct Probe {
     pub health: Health,
@@ -33,7 +33,7 @@ impl Probe {
     pub fn new(cfg: Config) -> Probe {
         Probe {
             clock: Clock::new(&cfg),
-            shard: Shard::new(&cfg, 1),
+            shard: Shard::new(&cfg, 1, DecodeCache::new(cfg.amqp.decode_cache_entries)),
             health: Health::default(),
             groups: Vec::new(),
         }
@@ -42,7 +42,9 @@ impl Probe {
     /// Forgets every connection, keeping the clock and the health counters (see
     /// `Pipeline::restart`).
     pub fn restart(&mut self) {
-        self.shard = Shard::new(&self.shard.cfg, 1);
+        // the bodies' readings stay: they do not depend on any connection
+        let bodies = self.shard.bodies.clone();
+        self.shard = Shard::new(&self.shard.cfg, 1, bodies);
         self.clock.held.clear();
     }
 
@@ -250,7 +252,7 @@ pub struct Shard {
     cfg: Config,
     flows: FlowTable<Conn>,
     found: Found,
-    bodies: DecodeCache,
+    bodies: Arc<DecodeCache>,
     rest: Rest,
     /// Body bytes held by every AMQP connection's message assembly, against one cap.
     budget: BodyBudget,
@@ -258,15 +260,16 @@ pub struct Shard {
 }
 
 impl Shard {
-    /// One of `of` shards: the table caps (connections, held body bytes) are split.
-    pub fn new(cfg: &Config, of: usize) -> Shard {
+    /// One of `of` shards: the table caps (connections, held body bytes) are split; the
+    /// oslo readings of bodies are shared (`bodies`).
+    pub fn new(cfg: &Config, of: usize, bodies: Arc<DecodeCache>) -> Shard {
         let of = of.max(1);
         let mut tcp = cfg.tcp.clone();
         tcp.max_flows = tcp.max_flows.div_ceil(of);
         Shard {
             flows: FlowTable::new(tcp),
             rest: Rest::new(cfg.http.clone()),
-            bodies: DecodeCache::new(cfg.amqp.decode_cache_entries),
+            bodies,
             budget: BodyBudget::new(cfg.amqp.max_held_bytes.div_ceil(of)),
             http: cfg.http.http(),
             found: Found::default(),
@@ -338,7 +341,7 @@ impl Shard {
     }
 
     fn drain(&mut self, clock: Ts, out: &mut Vec<Observation>) {
-        drain(&mut self.found, clock, &mut self.bodies, &self.rest, out);
+        drain(&mut self.found, clock, &self.bodies, &self.rest, out);
     }
 }
 
@@ -363,7 +366,7 @@ pub fn shard_of(frame: Frame, n: usize) -> usize {
 fn drain(
     found: &mut Found,
     clock: Ts,
-    bodies: &mut DecodeCache,
+    bodies: &DecodeCache,
     rest: &Rest,
     out: &mut Vec<Observation>,
 ) {
@@ -379,7 +382,7 @@ fn drain(
 }
 
 /// An AMQP parser's event as an observation (None: nothing the analyser uses).
-fn amqp_observation(ev: AmqpEvent, now: Ts, bodies: &mut DecodeCache) -> Option<Observation> {
+fn amqp_observation(ev: AmqpEvent, now: Ts, bodies: &DecodeCache) -> Option<Observation> {
     let (t, what) = match ev {
         AmqpEvent::Identified { conn, identity } => (
             now,
@@ -456,24 +459,35 @@ fn amqp_observation(ev: AmqpEvent, now: Ts, bodies: &mut DecodeCache) -> Option<
 /// Recently decoded bodies. A deliver carries the exact bytes of its publish, so each
 /// message's JSON is parsed once, not once per copy. Keyed by a 64-bit hash of exchange,
 /// compression and body (a collision among the last few thousand bodies is ~1e-12).
-struct DecodeCache {
+pub struct DecodeCache {
     seed: u64,
+    cap: usize,
+    /// Shared by every shard of a run: a message's publish and its deliveries cross
+    /// different connections, so different shards, and one reading serves them all.
+    table: Mutex<Remembered>,
+}
+
+#[derive(Default)]
+struct Remembered {
     map: HashMap<u64, Arc<Result<Oslo, NotOslo>>>,
     order: VecDeque<u64>,
-    cap: usize,
 }
 
 impl DecodeCache {
-    fn new(cap: usize) -> DecodeCache {
-        DecodeCache {
+    pub fn new(cap: usize) -> Arc<DecodeCache> {
+        Arc::new(DecodeCache {
             seed: ahash::RandomState::new().hash_one(0x5eed_u64),
-            map: HashMap::default(),
-            order: VecDeque::new(),
             cap: cap.max(1),
-        }
+            table: Mutex::default(),
+        })
     }
 
-    fn decode(&mut self, m: &Message) -> Arc<Result<Oslo, NotOslo>> {
+    fn table(&self) -> std::sync::MutexGuard<'_, Remembered> {
+        // a shard that panicked holding it left a whole table: keep using it
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn decode(&self, m: &Message) -> Arc<Result<Oslo, NotOslo>> {
         // xxh3 over the body (GB/s on any x86-64), salted per process so that crafted
         // bodies cannot be made to collide on purpose
         use xxhash_rust::xxh3::xxh3_64_with_seed;
@@ -483,17 +497,22 @@ impl DecodeCache {
                 self.seed.rotate_left(17),
             );
         let key = xxh3_64_with_seed(&m.body, self.seed ^ meta);
-        if let Some(hit) = self.map.get(&key) {
+        if let Some(hit) = self.table().map.get(&key) {
             return hit.clone();
         }
+        // read without the lock held: other shards do not wait for this one's decoding
+        // (two shards reading one body at once both decode it; the reading is the same)
         let decoded = Arc::new(oslo::decode(&m.exchange, &m.props, &m.body));
-        if self.order.len() >= self.cap
-            && let Some(old) = self.order.pop_front()
-        {
-            self.map.remove(&old);
+        let mut t = self.table();
+        if !t.map.contains_key(&key) {
+            if t.order.len() >= self.cap
+                && let Some(old) = t.order.pop_front()
+            {
+                t.map.remove(&old);
+            }
+            t.order.push_back(key);
+            t.map.insert(key, decoded.clone());
         }
-        self.order.push_back(key);
-        self.map.insert(key, decoded.clone());
         decoded
     }
 }

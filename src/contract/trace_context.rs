@@ -134,24 +134,37 @@ pub fn hex_bytes<const N: usize>(s: &str) -> Option<[u8; N]> {
     decode_hex(s.as_bytes())
 }
 
-/// Each byte's value as a hex digit, `INVALID` for the rest.
-const HEX_DIGIT: [u8; 256] = {
+/// Each byte's value as a hex digit, `INVALID` for the rest; `LOWER` takes lower case only.
+const HEX_DIGIT: [u8; 256] = digit_table(true);
+const LOWER_HEX_DIGIT: [u8; 256] = digit_table(false);
+const INVALID: u8 = 0x10;
+
+const fn digit_table(upper_too: bool) -> [u8; 256] {
     let mut t = [INVALID; 256];
     let mut c = 0;
     while c < 256 {
         t[c] = match c as u8 {
             d @ b'0'..=b'9' => d - b'0',
             d @ b'a'..=b'f' => d - b'a' + 10,
-            d @ b'A'..=b'F' => d - b'A' + 10,
+            d @ b'A'..=b'F' if upper_too => d - b'A' + 10,
             _ => INVALID,
         };
         c += 1;
     }
     t
-};
-const INVALID: u8 = 0x10;
+}
+
+/// Exactly `N` bytes from `2N` lower-case hex digits (ids kept as bytes must give their
+/// text back exactly, and it comes back in lower case).
+pub fn lower_hex_bytes<const N: usize>(s: &str) -> Option<[u8; N]> {
+    decode_with(&LOWER_HEX_DIGIT, s.as_bytes())
+}
 
 fn decode_hex<const N: usize>(b: &[u8]) -> Option<[u8; N]> {
+    decode_with(&HEX_DIGIT, b)
+}
+
+fn decode_with<const N: usize>(table: &[u8; 256], b: &[u8]) -> Option<[u8; N]> {
     // on the correlator's path for every id: a table and one check at the end, not a
     // branch per digit
     if b.len() != 2 * N {
@@ -160,14 +173,35 @@ fn decode_hex<const N: usize>(b: &[u8]) -> Option<[u8; N]> {
     let mut out = [0u8; N];
     let mut seen = 0u8;
     for (o, pair) in out.iter_mut().zip(b.chunks_exact(2)) {
-        let (hi, lo) = (
-            HEX_DIGIT[usize::from(pair[0])],
-            HEX_DIGIT[usize::from(pair[1])],
-        );
+        let (hi, lo) = (table[usize::from(pair[0])], table[usize::from(pair[1])]);
         seen |= hi | lo;
         *o = (hi << 4) | (lo & 15);
     }
     (seen & INVALID == 0).then_some(out)
+}
+
+/// A hyphenated UUID (8-4-4-4-12) as its 32 digits, hyphens checked and left out.
+fn uuid_digits(b: &[u8]) -> Option<[u8; 32]> {
+    if b.len() != 36 || [8, 13, 18, 23].iter().any(|&i| b[i] != b'-') {
+        return None;
+    }
+    let mut plain = [0u8; 32];
+    for (to, from) in [
+        (0..8, 0),
+        (8..12, 9),
+        (12..16, 14),
+        (16..20, 19),
+        (20..32, 24),
+    ] {
+        let n = to.len();
+        plain[to].copy_from_slice(&b[from..from + n]);
+    }
+    Some(plain)
+}
+
+/// 16 bytes from a hyphenated lower-case UUID.
+pub fn lower_uuid_bytes(s: &str) -> Option<[u8; 16]> {
+    decode_with(&LOWER_HEX_DIGIT, &uuid_digits(s.as_bytes())?)
 }
 
 /// A UUID's 16 bytes, hyphenated or not (`req-` and other prefixes are the caller's to
@@ -176,19 +210,7 @@ pub fn uuid_bytes(s: &str) -> Option<[u8; 16]> {
     let b = s.trim().as_bytes();
     match b.len() {
         32 => decode_hex(b),
-        36 => {
-            if [8, 13, 18, 23].iter().any(|&i| b[i] != b'-') {
-                return None;
-            }
-            let mut plain = [0u8; 32];
-            let mut n = 0;
-            for &c in b.iter().filter(|&&c| c != b'-') {
-                // 32 at most: four of the 36 are the hyphens checked above
-                plain[n] = c;
-                n += 1;
-            }
-            decode_hex(&plain[..n])
-        }
+        36 => decode_hex(&uuid_digits(b)?),
         _ => None,
     }
 }
@@ -253,6 +275,11 @@ mod tests {
                     .filter(|s| s.bytes().all(|c| c.is_ascii_hexdigit()))
                     .and_then(|s| u8::from_str_radix(s, 16).ok());
                 assert_eq!(decode_hex::<1>(&pair).map(|[x]| x), want, "{pair:?}");
+                let lower = want.filter(|_| !pair.iter().any(u8::is_ascii_uppercase));
+                assert_eq!(
+                    decode_with::<1>(&LOWER_HEX_DIGIT, &pair).map(|[x]| x),
+                    lower
+                );
             }
         }
     }

@@ -45,22 +45,13 @@ pub struct Id {
 
 /// Ids are compared by their text, so only lower-case spellings are compacted (the bytes
 /// give the text back in lower case).
-fn lower_case(s: &str) -> bool {
-    !s.bytes().any(|c| c.is_ascii_uppercase())
-}
-
-/// 16 bytes from 32 lower-case hex digits.
 fn hex16(s: &str) -> Option<[u8; 16]> {
-    (s.len() == 32 && lower_case(s))
-        .then(|| crate::contract::hex_bytes(s))
-        .flatten()
+    crate::contract::lower_hex_bytes(s)
 }
 
 /// 16 bytes from a hyphenated lower-case UUID (8-4-4-4-12).
 fn uuid16(s: &str) -> Option<[u8; 16]> {
-    (s.len() == 36 && lower_case(s))
-        .then(|| crate::contract::uuid_bytes(s))
-        .flatten()
+    crate::contract::lower_uuid_bytes(s)
 }
 
 impl Id {

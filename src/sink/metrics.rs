@@ -43,31 +43,39 @@ const MAX_MEMO: usize = 1 << 16;
 
 struct Memo<M> {
     map: HashMap<(&'static str, String), M>,
+    /// The key being looked up, reused: a hit costs no allocation.
+    key: String,
 }
 
 impl<M> Default for Memo<M> {
     fn default() -> Self {
         Memo {
             map: HashMap::default(),
+            key: String::new(),
         }
     }
 }
 
 impl<M: Clone> Memo<M> {
     fn get(&mut self, family: &'static str, parts: &[&str], resolve: impl FnOnce() -> M) -> M {
-        let mut key = String::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+        let mut key = std::mem::take(&mut self.key);
+        key.clear();
         for p in parts {
             key.push_str(p);
             key.push('\u{1f}');
         }
         let key = (family, key);
         if let Some(m) = self.map.get(&key) {
-            return m.clone();
+            let m = m.clone();
+            self.key = key.1;
+            return m;
         }
         let m = resolve();
         // the caps bound the series, not the raw label values seen: bound the memo too
         if self.map.len() < MAX_MEMO {
             self.map.insert(key, m.clone());
+        } else {
+            self.key = key.1;
         }
         m
     }
