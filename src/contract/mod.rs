@@ -8,7 +8,7 @@ mod observation;
 mod oslo;
 mod trace_context;
 
-pub use endpoint::Endpoint;
+pub use endpoint::{Endpoint, ip_text};
 pub use event::*;
 pub use observation::*;
 pub use oslo::*;

@@ -265,7 +265,7 @@ impl RestEvents {
             client,
             user_agent: o.user_agent,
             service: o.service,
-            server: o.server.to_string(),
+            server: o.server.text(),
             method: o.method,
             route,
             path: o.path,
@@ -308,7 +308,7 @@ pub fn valid_request_id(id: &str) -> bool {
 /// 4. the client library or tool;
 /// 5. `external`.
 fn caller(ua: Option<&str>, ip: &std::net::IpAddr, book: &mut AddressBook) -> Process {
-    let host = ip.to_string();
+    let host = crate::contract::ip_text(ip);
     let named = |service: &str| Process {
         service: Some(service.to_string()),
         pid: None,
