@@ -4,6 +4,7 @@
 use super::frame::{
     FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD, FrameEvent, FrameReader, RawFrame,
 };
+use super::hot::HotMethod;
 use crate::FastMap as HashMap;
 use crate::contract::{ConnId, Endpoint};
 use crate::health::Health;
@@ -204,6 +205,33 @@ enum Pending {
     },
 }
 
+impl From<HotMethod> for Pending {
+    fn from(m: HotMethod) -> Pending {
+        match m {
+            HotMethod::Publish {
+                exchange,
+                routing_key,
+                mandatory,
+            } => Pending::Publish {
+                exchange,
+                routing_key,
+                mandatory,
+            },
+            HotMethod::Deliver {
+                consumer_tag,
+                redelivered,
+                exchange,
+                routing_key,
+            } => Pending::Deliver {
+                consumer_tag,
+                redelivered,
+                exchange,
+                routing_key,
+            },
+        }
+    }
+}
+
 pub struct AmqpConnection {
     conn: ConnId,
     readers: [FrameReader; 2],
@@ -315,6 +343,9 @@ impl AmqpConnection {
                 health.count_method(class, method);
                 if !acted_on(class, method) {
                     return; // acks, declares, qos…: counted, not decoded
+                }
+                if let Some(hot) = super::hot::method(f.payload) {
+                    return self.start_content(dir, f.channel, hot.into(), health);
                 }
                 match amq_protocol::protocol::parse_class(f.payload) {
                     Ok((_, parsed)) => self.on_method(dir, ts, f.channel, parsed, health, out),
