@@ -4,7 +4,7 @@
 use super::frame::{
     FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD, FrameEvent, FrameReader, RawFrame,
 };
-use super::hot::HotMethod;
+use super::hot::{HotHeader, HotMethod};
 use crate::FastMap as HashMap;
 use crate::contract::{ConnId, Endpoint};
 use crate::health::Health;
@@ -205,6 +205,18 @@ enum Pending {
     },
 }
 
+impl From<HotHeader> for Props {
+    fn from(h: HotHeader) -> Props {
+        Props {
+            expiration: h.expiration,
+            delivery_mode: h.delivery_mode,
+            compression: h.compression,
+            stream_offset: h.stream_offset,
+            delivery_count: h.delivery_count,
+        }
+    }
+}
+
 impl From<HotMethod> for Pending {
     fn from(m: HotMethod) -> Pending {
         match m {
@@ -357,21 +369,28 @@ impl AmqpConnection {
                     health.anomaly("amqp", "header_without_method");
                     return;
                 };
-                match parse_content_header(f.payload) {
-                    Ok((_, h)) => {
+                let header = super::hot::content_header(f.payload)
+                    .map(|h| (h.body_size, Props::from(h)))
+                    .ok_or(())
+                    .or_else(|()| {
+                        let (_, h) = parse_content_header(f.payload).map_err(|_| ())?;
+                        Ok((h.body_size, props_of(&h.properties)))
+                    });
+                match header {
+                    Ok((body_size, props)) => {
                         if asm.props.is_some() {
                             health.anomaly("amqp", "duplicate_header");
                         }
-                        asm.body_size = h.body_size;
-                        asm.props = Some(props_of(&h.properties));
-                        if h.body_size > self.cfg.max_body as u64 {
+                        asm.body_size = body_size;
+                        asm.props = Some(props);
+                        if body_size > self.cfg.max_body as u64 {
                             health.anomaly("amqp", "body_too_large");
                             self.forget(dir, f.channel);
-                        } else if h.body_size == 0 {
+                        } else if body_size == 0 {
                             self.finish(dir, ts, f.channel, out);
                         }
                     }
-                    Err(_) => {
+                    Err(()) => {
                         health.anomaly("amqp", "bad_content_header");
                         self.forget(dir, f.channel);
                     }
@@ -789,4 +808,135 @@ fn table_str(t: &FieldTable, key: &str) -> Option<String> {
         AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
         _ => None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Content headers as clients write them: any properties, header tables of every
+    /// value type amq-protocol reads (nested ones too), sometimes cut or with a bad byte.
+    fn header_payload() -> impl Strategy<Value = Vec<u8>> {
+        // mostly text, sometimes bytes that are not UTF-8
+        let short = || {
+            prop_oneof![
+                4 => "\\PC{0,8}".prop_map(String::into_bytes),
+                1 => proptest::collection::vec(any::<u8>(), 0..12),
+            ]
+        };
+        let key = prop_oneof![
+            Just(b"compression".to_vec()),
+            Just(b"x-stream-offset".to_vec()),
+            Just(b"x-delivery-count".to_vec()),
+            short(),
+        ];
+        let value = (
+            prop_oneof![
+                Just(b'S'),
+                Just(b'I'),
+                Just(b'l'),
+                Just(b'b'),
+                Just(b'B'),
+                Just(b's'),
+                Just(b'u'),
+                Just(b'i'),
+                Just(b'L'),
+                Just(b'U'),
+                Just(b't'),
+                Just(b'f'),
+                Just(b'd'),
+                Just(b'D'),
+                Just(b'T'),
+                Just(b'x'),
+                Just(b'V'),
+                Just(b'F'),
+                Just(b'A'),
+                any::<u8>(),
+            ],
+            proptest::collection::vec(any::<u8>(), 0..10),
+        );
+        let entries = proptest::collection::vec((key, value), 0..5);
+        let cut = proptest::bool::weighted(0.2);
+        (
+            any::<u16>(),
+            any::<u64>(),
+            short(),
+            entries,
+            any::<u8>(),
+            cut,
+        )
+            .prop_map(|(flags, size, text, entries, octet, cut)| {
+                let mut v = vec![0, 60, 0, 0];
+                v.extend(size.to_be_bytes());
+                v.extend(flags.to_be_bytes());
+                let short = |v: &mut Vec<u8>, b: &[u8]| {
+                    v.push(b.len() as u8);
+                    v.extend_from_slice(b);
+                };
+                for k in 0..14u16 {
+                    if flags & (1 << (15 - k)) == 0 {
+                        continue;
+                    }
+                    match k {
+                        2 => {
+                            let mut t = Vec::new();
+                            for (key, (ty, body)) in &entries {
+                                short(&mut t, key);
+                                t.push(*ty);
+                                let mut body = body.clone();
+                                // mostly the size the type has (a random one otherwise)
+                                let size = match ty {
+                                    b't' | b'b' | b'B' => Some(1),
+                                    b's' | b'u' | b'U' => Some(2),
+                                    b'I' | b'i' | b'f' => Some(4),
+                                    b'D' => Some(5),
+                                    b'l' | b'L' | b'd' | b'T' => Some(8),
+                                    b'V' => Some(0),
+                                    _ => None,
+                                };
+                                if let Some(n) = size.filter(|_| body.len() % 5 != 4) {
+                                    body.resize(n, 7);
+                                }
+                                // nested ones mostly well formed: an entry, a value
+                                match ty {
+                                    b'F' if body.len() % 3 != 2 => {
+                                        body = b"\x01kI\0\0\0\x05".to_vec()
+                                    }
+                                    b'A' if body.len() % 3 != 2 => body = b"S\0\0\0\x01zV".to_vec(),
+                                    _ => {}
+                                }
+                                if matches!(ty, b'S' | b'x' | b'F' | b'A') {
+                                    t.extend((body.len() as u32).to_be_bytes());
+                                }
+                                t.extend_from_slice(&body);
+                            }
+                            v.extend((t.len() as u32).to_be_bytes());
+                            v.extend(t);
+                        }
+                        3 | 4 => v.push(octet),
+                        9 => v.extend(size.to_be_bytes()),
+                        _ => short(&mut v, &text),
+                    }
+                }
+                if cut {
+                    v.truncate(v.len() * 3 / 4);
+                }
+                v
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        /// The hand reader keeps what amq-protocol's parse gives, and refuses what it refuses.
+        #[test]
+        fn content_headers_read_as_amq_protocol_reads_them(p in header_payload()) {
+            let reference = parse_content_header(&p[..])
+                .ok()
+                .map(|(_, h)| (h.body_size, props_of(&h.properties)));
+            let hot = super::super::hot::content_header(&p);
+            prop_assert_eq!(hot.map(|h| (h.body_size, Props::from(h))), reference);
+        }
+    }
 }

@@ -1,14 +1,15 @@
-//! basic.publish and basic.deliver read by hand: nearly every method frame of an
-//! oslo.messaging broker is one of the two, and each carries only short strings, a
-//! delivery tag and one octet of flags.
+//! basic.publish, basic.deliver and content headers read by hand: nearly every method
+//! frame of an oslo.messaging broker is one of the two methods, each followed by a content
+//! header, and they carry only short strings, integers and a small header table.
 //!
 //! Why not `amq-protocol` here (it reads every other method): its generated parsers go
-//! through nom combinators and collect each short string byte by byte, about a thousand
-//! instructions per method, several times what the layout needs. This module reads exactly
-//! the same fields; anything it does not read the way `amq-protocol` would (a truncated
-//! frame, a name that is not UTF-8, another method) gives None, and the caller hands the
-//! frame to `amq-protocol`, which then decides (and names the anomaly) as before. A
-//! property test holds the two to the same answers on arbitrary payloads.
+//! through nom combinators, collect each short string byte by byte and build every header
+//! table as a map, several times what the layout needs. This module reads exactly the
+//! fields the connection keeps; anything it does not read the way `amq-protocol` would (a
+//! truncated frame, a name that is not UTF-8, another method, header tables nested
+//! deeper than `MAX_DEPTH`) gives None, and the caller hands the frame to `amq-protocol`, which then
+//! decides (and names the anomaly) as before. Property tests (here and in `conn.rs`) hold
+//! the two to the same answers on arbitrary payloads.
 
 const BASIC: u16 = 60;
 const PUBLISH: u16 = 40;
@@ -64,11 +65,139 @@ pub fn method(payload: &[u8]) -> Option<HotMethod> {
     }
 }
 
+/// Nesting of header tables and arrays read here; deeper goes to amq-protocol.
+const MAX_DEPTH: usize = 8;
+
+/// What the connection keeps of a content header (the rest is checked, not kept).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct HotHeader {
+    pub body_size: u64,
+    pub expiration: Option<String>,
+    pub delivery_mode: Option<u8>,
+    /// The `compression` header, as text (lossy, like amq-protocol's long string).
+    pub compression: Option<String>,
+    pub stream_offset: Option<i64>,
+    pub delivery_count: Option<i64>,
+}
+
+/// A content header frame's payload; None for anything to leave to `amq-protocol`.
+pub fn content_header(payload: &[u8]) -> Option<HotHeader> {
+    let mut r = Reader(payload);
+    r.u16()?; // class
+    r.u16()?; // weight
+    let mut h = HotHeader {
+        body_size: r.u64()?,
+        ..HotHeader::default()
+    };
+    let flags = r.u16()?;
+    // property k is present when bit 15 - k is set, in this order
+    let has = |k: u16| flags & (1 << (15 - k)) != 0;
+    for k in 0..14 {
+        if !has(k) {
+            continue;
+        }
+        match k {
+            2 => r.headers(&mut h)?,
+            3 => h.delivery_mode = Some(r.u8()?),
+            4 => _ = r.u8()?, // priority
+            7 => h.expiration = Some(r.short_str()?.to_owned()),
+            9 => _ = r.u64()?, // timestamp
+            // content type and encoding, correlation id, reply-to, message id, type,
+            // user id, app id, cluster id
+            _ => _ = r.short_str()?,
+        }
+    }
+    Some(h)
+}
+
+/// A header table value, as far as the kept headers need it.
+enum Value<'a> {
+    Int(i64),
+    Text(&'a [u8]),
+    Other,
+}
+
 /// The unread rest of a payload.
 struct Reader<'a>(&'a [u8]);
 
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Option<&[u8]> {
+impl<'a> Reader<'a> {
+    fn headers(&mut self, h: &mut HotHeader) -> Option<()> {
+        let len = self.u32()? as usize;
+        let mut t = Reader(self.take(len)?);
+        while !t.0.is_empty() {
+            let key = t.short_str()?;
+            let value = t.value()?;
+            // a key given twice: the last one counts, as in amq-protocol's map
+            let int = || match value {
+                Value::Int(i) => Some(i),
+                _ => None,
+            };
+            match key {
+                "compression" => {
+                    h.compression = match value {
+                        Value::Text(b) => Some(String::from_utf8_lossy(b).into_owned()),
+                        _ => None,
+                    }
+                }
+                "x-stream-offset" => h.stream_offset = int(),
+                "x-delivery-count" => h.delivery_count = int(),
+                _ => {}
+            }
+        }
+        Some(())
+    }
+
+    /// A typed value (amq-protocol's type letters, RabbitMQ's reading of them).
+    fn value(&mut self) -> Option<Value<'a>> {
+        self.value_at(0)
+    }
+
+    fn value_at(&mut self, depth: usize) -> Option<Value<'a>> {
+        let tag = self.u8()?;
+        Some(match tag {
+            b'b' => Value::Int(i64::from(self.u8()? as i8)),
+            b'B' => Value::Int(i64::from(self.u8()?)),
+            b's' | b'U' => Value::Int(i64::from(self.u16()? as i16)),
+            b'u' => Value::Int(i64::from(self.u16()?)),
+            b'I' => Value::Int(i64::from(self.u32()? as i32)),
+            b'i' => Value::Int(i64::from(self.u32()?)),
+            b'L' | b'l' => Value::Int(self.u64()? as i64),
+            b'S' => {
+                let len = self.u32()? as usize;
+                Value::Text(self.take(len)?)
+            }
+            b't' => self.skip(1)?,
+            b'f' => self.skip(4)?,
+            b'D' => self.skip(5)?,
+            b'd' | b'T' => self.skip(8)?,
+            b'x' => {
+                let len = self.u32()? as usize;
+                self.skip(len)?
+            }
+            b'V' => Value::Other,
+            b'F' | b'A' if depth < MAX_DEPTH => {
+                // a nested table or array (RabbitMQ's x-death, …): checked, not kept
+                let len = self.u32()? as usize;
+                let mut inner = Reader(self.take(len)?);
+                while !inner.0.is_empty() {
+                    if tag == b'F' {
+                        inner.short_str()?;
+                    }
+                    inner.value_at(depth + 1)?;
+                }
+                Value::Other
+            }
+            // deeper nesting and unknown types: amq-protocol's to judge
+            _ => return None,
+        })
+    }
+
+    fn skip(&mut self, n: usize) -> Option<Value<'a>> {
+        self.take(n)?;
+        Some(Value::Other)
+    }
+
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         let (head, rest) = self.0.split_at_checked(n)?;
         self.0 = rest;
         Some(head)
@@ -82,15 +211,22 @@ impl Reader<'_> {
         Some(u16::from_be_bytes(self.take(2)?.try_into().ok()?))
     }
 
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_be_bytes(self.take(4)?.try_into().ok()?))
+    }
+
     fn u64(&mut self) -> Option<u64> {
         Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
     }
 
     /// A length octet and that many bytes of UTF-8.
-    fn short_string(&mut self) -> Option<String> {
+    fn short_str(&mut self) -> Option<&'a str> {
         let n = self.u8()?;
-        let bytes = self.take(usize::from(n))?;
-        std::str::from_utf8(bytes).ok().map(str::to_owned)
+        std::str::from_utf8(self.take(usize::from(n))?).ok()
+    }
+
+    fn short_string(&mut self) -> Option<String> {
+        self.short_str().map(str::to_owned)
     }
 }
 

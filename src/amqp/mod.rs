@@ -2,7 +2,8 @@
 //!
 //! Framing and resync are ours (a tap joins streams mid-way and must find frame boundaries
 //! itself); method and content-header decoding is `amq-protocol`'s, generated from the spec,
-//! except basic.publish and basic.deliver, the bulk of them, read by hand (`hot`).
+//! except basic.publish, basic.deliver and content headers, the bulk of them, read by
+//! hand (`hot`).
 
 pub mod conn;
 pub mod frame;
