@@ -19,9 +19,16 @@ fuzz_target!(|input: &[u8]| {
     if let Ok(text) = std::str::from_utf8(body) {
         let mut n = 0usize;
         let _ = stacktap::oslo::scan::members(text, |_, _| n += 1);
-        let _ = stacktap::oslo::scan::escaped_members(text, |_, v| {
-            let _ = stacktap::oslo::scan::escaped_value(v);
-        });
+        // any member may be the nested one: its inner values, still escaped, read back
+        let _ = stacktap::oslo::scan::members_nesting(
+            text,
+            "oslo.message",
+            |_, _| {},
+            |_, v| {
+                let _ = stacktap::oslo::scan::escaped_value(v);
+                let _ = stacktap::oslo::scan::nested_escaped_members(v, |_, _| {});
+            },
+        );
         let _ = stacktap::oslo::unescape(text);
         let _ = stacktap::oslo::parse_failure(text);
         // every member is at least one byte of text

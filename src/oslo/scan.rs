@@ -228,7 +228,7 @@ pub fn nested_escaped_members<'a>(
     walk::<Escaped>(raw, f)
 }
 
-/// An inner string value handed out by `escaped_members`, as its final text (None if it is
+/// An inner string value handed to `members_nesting`'s `inner`, as its final text (None if it is
 /// not a string). Values without inner escapes (ids, names) are borrowed as they are.
 pub fn escaped_value(raw: &str) -> Option<Cow<'_, str>> {
     let inner = raw.strip_prefix("\\\"")?.strip_suffix("\\\"")?;
