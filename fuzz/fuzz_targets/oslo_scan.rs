@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use stacktap::amqp::conn::Props;
+use stacktap::amqp::Props;
 
 fuzz_target!(|input: &[u8]| {
     let Some((&first, body)) = input.split_first() else {

@@ -4,7 +4,7 @@
 use super::frame::{
     FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD, FrameEvent, FrameReader, RawFrame,
 };
-use super::hot::{HotHeader, HotMethod};
+use super::kept::{Pending, Props};
 use crate::FastMap as HashMap;
 use crate::contract::{ConnId, Endpoint};
 use crate::health::Health;
@@ -23,19 +23,6 @@ pub struct ClientIdentity {
     /// oslo.messaging's `<argv0>:<pid>:<uuid>`, or whatever the client sent.
     pub connection_name: Option<String>,
     pub product: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Props {
-    pub expiration: Option<String>,
-    pub delivery_mode: Option<u8>,
-    /// The `compression` application header kombu sets when it compressed the body.
-    pub compression: Option<String>,
-    /// A stream queue's delivery: the message's offset in the stream (`x-stream-offset`,
-    /// oslo.messaging's `rabbit_stream_fanout`).
-    pub stream_offset: Option<i64>,
-    /// A quorum queue's redelivery count (`x-delivery-count`).
-    pub delivery_count: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,70 +167,6 @@ impl BodyBudget {
     }
 }
 
-enum Pending {
-    Publish {
-        exchange: String,
-        routing_key: String,
-        mandatory: bool,
-    },
-    Deliver {
-        consumer_tag: String,
-        redelivered: bool,
-        exchange: String,
-        routing_key: String,
-    },
-    GetOk {
-        redelivered: bool,
-        exchange: String,
-        routing_key: String,
-    },
-    Return {
-        reply_code: u16,
-        reply_text: String,
-        exchange: String,
-        routing_key: String,
-    },
-}
-
-impl From<HotHeader> for Props {
-    fn from(h: HotHeader) -> Props {
-        Props {
-            expiration: h.expiration,
-            delivery_mode: h.delivery_mode,
-            compression: h.compression,
-            stream_offset: h.stream_offset,
-            delivery_count: h.delivery_count,
-        }
-    }
-}
-
-impl From<HotMethod> for Pending {
-    fn from(m: HotMethod) -> Pending {
-        match m {
-            HotMethod::Publish {
-                exchange,
-                routing_key,
-                mandatory,
-            } => Pending::Publish {
-                exchange,
-                routing_key,
-                mandatory,
-            },
-            HotMethod::Deliver {
-                consumer_tag,
-                redelivered,
-                exchange,
-                routing_key,
-            } => Pending::Deliver {
-                consumer_tag,
-                redelivered,
-                exchange,
-                routing_key,
-            },
-        }
-    }
-}
-
 pub struct AmqpConnection {
     conn: ConnId,
     readers: [FrameReader; 2],
@@ -356,8 +279,8 @@ impl AmqpConnection {
                 if !acted_on(class, method) {
                     return; // acks, declares, qos…: counted, not decoded
                 }
-                if let Some(hot) = super::hot::method(f.payload) {
-                    return self.start_content(dir, f.channel, hot.into(), health);
+                if let Some(pending) = super::hot::method(f.payload) {
+                    return self.start_content(dir, f.channel, pending, health);
                 }
                 match amq_protocol::protocol::parse_class(f.payload) {
                     Ok((_, parsed)) => self.on_method(dir, ts, f.channel, parsed, health, out),
@@ -370,7 +293,6 @@ impl AmqpConnection {
                     return;
                 };
                 let header = super::hot::content_header(f.payload)
-                    .map(|h| (h.body_size, Props::from(h)))
                     .ok_or(())
                     .or_else(|()| {
                         let (_, h) = parse_content_header(f.payload).map_err(|_| ())?;
@@ -935,8 +857,7 @@ mod tests {
             let reference = parse_content_header(&p[..])
                 .ok()
                 .map(|(_, h)| (h.body_size, props_of(&h.properties)));
-            let hot = super::super::hot::content_header(&p);
-            prop_assert_eq!(hot.map(|h| (h.body_size, Props::from(h))), reference);
+            prop_assert_eq!(super::super::hot::content_header(&p), reference);
         }
     }
 }

@@ -11,29 +11,15 @@
 //! decides (and names the anomaly) as before. Property tests (here and in `conn.rs`) hold
 //! the two to the same answers on arbitrary payloads.
 
+use super::kept::{Pending, Props};
+
 const BASIC: u16 = 60;
 const PUBLISH: u16 = 40;
 const DELIVER: u16 = 60;
 
-/// One of the two methods, as the connection keeps it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HotMethod {
-    Publish {
-        exchange: String,
-        routing_key: String,
-        mandatory: bool,
-    },
-    Deliver {
-        consumer_tag: String,
-        redelivered: bool,
-        exchange: String,
-        routing_key: String,
-    },
-}
-
 /// A method frame's payload (class and method ids first) as basic.publish or
 /// basic.deliver; None for any other method and for anything to leave to `amq-protocol`.
-pub fn method(payload: &[u8]) -> Option<HotMethod> {
+pub(super) fn method(payload: &[u8]) -> Option<Pending> {
     let mut r = Reader(payload);
     let (class, method) = (r.u16()?, r.u16()?);
     match (class, method) {
@@ -42,7 +28,7 @@ pub fn method(payload: &[u8]) -> Option<HotMethod> {
             let exchange = r.short_string()?;
             let routing_key = r.short_string()?;
             let flags = r.u8()?;
-            Some(HotMethod::Publish {
+            Some(Pending::Publish {
                 exchange,
                 routing_key,
                 mandatory: flags & 1 != 0,
@@ -54,7 +40,7 @@ pub fn method(payload: &[u8]) -> Option<HotMethod> {
             let flags = r.u8()?;
             let exchange = r.short_string()?;
             let routing_key = r.short_string()?;
-            Some(HotMethod::Deliver {
+            Some(Pending::Deliver {
                 consumer_tag,
                 redelivered: flags & 1 != 0,
                 exchange,
@@ -68,27 +54,14 @@ pub fn method(payload: &[u8]) -> Option<HotMethod> {
 /// Nesting of header tables and arrays read here; deeper goes to amq-protocol.
 const MAX_DEPTH: usize = 8;
 
-/// What the connection keeps of a content header (the rest is checked, not kept).
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct HotHeader {
-    pub body_size: u64,
-    pub expiration: Option<String>,
-    pub delivery_mode: Option<u8>,
-    /// The `compression` header, as text (lossy, like amq-protocol's long string).
-    pub compression: Option<String>,
-    pub stream_offset: Option<i64>,
-    pub delivery_count: Option<i64>,
-}
-
-/// A content header frame's payload; None for anything to leave to `amq-protocol`.
-pub fn content_header(payload: &[u8]) -> Option<HotHeader> {
+/// A content header frame's payload: the body size and the properties kept; None for
+/// anything to leave to `amq-protocol`.
+pub(super) fn content_header(payload: &[u8]) -> Option<(u64, Props)> {
     let mut r = Reader(payload);
     r.u16()?; // class
     r.u16()?; // weight
-    let mut h = HotHeader {
-        body_size: r.u64()?,
-        ..HotHeader::default()
-    };
+    let body_size = r.u64()?;
+    let mut p = Props::default();
     let flags = r.u16()?;
     // property k is present when bit 15 - k is set, in this order
     let has = |k: u16| flags & (1 << (15 - k)) != 0;
@@ -97,17 +70,17 @@ pub fn content_header(payload: &[u8]) -> Option<HotHeader> {
             continue;
         }
         match k {
-            2 => r.headers(&mut h)?,
-            3 => h.delivery_mode = Some(r.u8()?),
+            2 => r.headers(&mut p)?,
+            3 => p.delivery_mode = Some(r.u8()?),
             4 => _ = r.u8()?, // priority
-            7 => h.expiration = Some(r.short_str()?.to_owned()),
+            7 => p.expiration = Some(r.short_str()?.to_owned()),
             9 => _ = r.u64()?, // timestamp
             // content type and encoding, correlation id, reply-to, message id, type,
             // user id, app id, cluster id
             _ => _ = r.short_str()?,
         }
     }
-    Some(h)
+    Some((body_size, p))
 }
 
 /// A header table value, as far as the kept headers need it.
@@ -121,7 +94,9 @@ enum Value<'a> {
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
-    fn headers(&mut self, h: &mut HotHeader) -> Option<()> {
+    /// The header table; `compression` (as text, lossy like amq-protocol's long string),
+    /// `x-stream-offset` and `x-delivery-count` are kept.
+    fn headers(&mut self, h: &mut Props) -> Option<()> {
         let len = self.u32()? as usize;
         let mut t = Reader(self.take(len)?);
         while !t.0.is_empty() {
@@ -237,14 +212,14 @@ mod tests {
     use proptest::prelude::*;
 
     /// What `amq-protocol` reads from the same payload, in this module's terms.
-    fn reference(payload: &[u8]) -> Option<HotMethod> {
+    fn reference(payload: &[u8]) -> Option<Pending> {
         match parse_class(payload).ok()?.1 {
-            AMQPClass::Basic(basic::AMQPMethod::Publish(p)) => Some(HotMethod::Publish {
+            AMQPClass::Basic(basic::AMQPMethod::Publish(p)) => Some(Pending::Publish {
                 exchange: p.exchange.to_string(),
                 routing_key: p.routing_key.to_string(),
                 mandatory: p.mandatory,
             }),
-            AMQPClass::Basic(basic::AMQPMethod::Deliver(d)) => Some(HotMethod::Deliver {
+            AMQPClass::Basic(basic::AMQPMethod::Deliver(d)) => Some(Pending::Deliver {
                 consumer_tag: d.consumer_tag.to_string(),
                 redelivered: d.redelivered,
                 exchange: d.exchange.to_string(),
@@ -283,7 +258,7 @@ mod tests {
         let p = publish(b"nova", b"compute.host1", 1);
         assert_eq!(
             method(&p),
-            Some(HotMethod::Publish {
+            Some(Pending::Publish {
                 exchange: "nova".into(),
                 routing_key: "compute.host1".into(),
                 mandatory: true,
@@ -294,7 +269,7 @@ mod tests {
         assert_eq!(method(&d), reference(&d));
         assert!(matches!(
             method(&d),
-            Some(HotMethod::Deliver {
+            Some(Pending::Deliver {
                 redelivered: true,
                 ..
             })

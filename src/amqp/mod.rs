@@ -7,10 +7,12 @@
 
 pub mod conn;
 pub mod frame;
-pub mod hot;
+mod hot;
+mod kept;
 pub mod names;
 
-pub use conn::{AmqpConnection, AmqpEvent, BodyBudget, Message, MessageKind, Props};
+pub use conn::{AmqpConnection, AmqpEvent, BodyBudget, Message, MessageKind};
+pub use kept::Props;
 
 /// `[amqp]`: which ports are AMQP and what one connection may hold.
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]

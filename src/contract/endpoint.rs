@@ -42,18 +42,8 @@ pub fn ip_text(ip: &IpAddr) -> String {
     }
 }
 
-fn push_decimal(s: &mut String, mut n: u32) {
-    let mut digits = [0u8; 10];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    s.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
+fn push_decimal(s: &mut String, n: u32) {
+    s.push_str(itoa::Buffer::new().format(n));
 }
 
 impl fmt::Debug for Endpoint {
