@@ -2,7 +2,9 @@
 //! Link types etherparse does not know (BSD null/loop, Linux SLL2) are unwrapped here.
 
 use crate::source::linktype;
-use etherparse::{EtherType, NetSlice, SlicedPacket, TransportSlice};
+use etherparse::{
+    EtherType, IpNumber, Ipv4Slice, NetSlice, SlicedPacket, TcpSlice, TransportSlice,
+};
 use std::net::IpAddr;
 
 pub use crate::contract::Endpoint;
@@ -37,6 +39,74 @@ pub enum Decoded<'a> {
 }
 
 pub fn decode(lt: i32, data: &[u8]) -> Decoded<'_> {
+    if let Some(d) = ipv4_start(lt, data).and_then(ipv4_tcp) {
+        return d;
+    }
+    sliced(lt, data)
+}
+
+/// Where the IPv4 header starts, when the link layer says the packet is IPv4.
+fn ipv4_start(lt: i32, data: &[u8]) -> Option<&[u8]> {
+    const IPV4: [u8; 2] = [0x08, 0x00];
+    match lt {
+        linktype::ETHERNET if data.get(12..14)? == IPV4 => data.get(14..),
+        linktype::LINUX_SLL if data.get(14..16)? == IPV4 => data.get(16..),
+        linktype::LINUX_SLL2 if data.get(..2)? == IPV4 => data.get(20..),
+        linktype::RAW | linktype::IPV4 => Some(data),
+        linktype::NULL | linktype::LOOP
+            if [[2, 0, 0, 0], [0, 0, 0, 2]].contains(data.get(..4)?.try_into().ok()?) =>
+        {
+            data.get(4..)
+        }
+        _ => None,
+    }
+}
+
+/// The common case (IPv4 carrying TCP), read with etherparse's IPv4 and TCP slicers
+/// directly: a whole-packet slice walks the link layer and every transport generically,
+/// and costs twice as much on the path every packet takes. Anything else, a fault
+/// included, is None and goes the general way (`sliced`), which names it.
+fn ipv4_tcp(ip: &[u8]) -> Option<Decoded<'_>> {
+    let v4 = Ipv4Slice::from_slice(ip).ok()?;
+    if v4.is_payload_fragmented() {
+        return Some(Decoded::Fragment);
+    }
+    if v4.payload_ip_number() != IpNumber::TCP {
+        return None;
+    }
+    let tcp = TcpSlice::from_slice(v4.payload().payload).ok()?;
+    let h = v4.header();
+    Some(segment(
+        h.source_addr().into(),
+        h.destination_addr().into(),
+        &tcp,
+    ))
+}
+
+fn segment<'a>(src_ip: IpAddr, dst_ip: IpAddr, tcp: &TcpSlice<'a>) -> Decoded<'a> {
+    Decoded::Tcp(TcpSegment {
+        src: Endpoint {
+            ip: src_ip,
+            port: tcp.source_port(),
+        },
+        dst: Endpoint {
+            ip: dst_ip,
+            port: tcp.destination_port(),
+        },
+        seq: tcp.sequence_number(),
+        ack: tcp.acknowledgment_number(),
+        flags: TcpFlags {
+            syn: tcp.syn(),
+            ack: tcp.ack(),
+            fin: tcp.fin(),
+            rst: tcp.rst(),
+        },
+        payload: tcp.payload(),
+    })
+}
+
+/// Any packet of any supported link type, sliced whole by etherparse.
+fn sliced(lt: i32, data: &[u8]) -> Decoded<'_> {
     let sliced = match lt {
         linktype::ETHERNET => SlicedPacket::from_ethernet(data),
         linktype::LINUX_SLL => {
@@ -95,25 +165,7 @@ pub fn decode(lt: i32, data: &[u8]) -> Decoded<'_> {
         _ => return Decoded::NotTcp,
     };
     match packet.transport {
-        Some(TransportSlice::Tcp(tcp)) => Decoded::Tcp(TcpSegment {
-            src: Endpoint {
-                ip: src_ip,
-                port: tcp.source_port(),
-            },
-            dst: Endpoint {
-                ip: dst_ip,
-                port: tcp.destination_port(),
-            },
-            seq: tcp.sequence_number(),
-            ack: tcp.acknowledgment_number(),
-            flags: TcpFlags {
-                syn: tcp.syn(),
-                ack: tcp.ack(),
-                fin: tcp.fin(),
-                rst: tcp.rst(),
-            },
-            payload: tcp.payload(),
-        }),
+        Some(TransportSlice::Tcp(tcp)) => segment(src_ip, dst_ip, &tcp),
         _ => Decoded::NotTcp,
     }
 }
@@ -171,5 +223,72 @@ mod tests {
             decode(linktype::RAW, &ipv4_tcp(b"abc")[..30]),
             Decoded::Malformed(_)
         ));
+    }
+
+    /// A packet as one link type frames it (the link header's own fields filled in).
+    fn framed(lt: i32, ip: &[u8], ether_type: [u8; 2]) -> Vec<u8> {
+        let mut out = match lt {
+            linktype::ETHERNET => {
+                let mut h = vec![0u8; 12];
+                h.extend_from_slice(&ether_type);
+                h
+            }
+            linktype::LINUX_SLL => {
+                let mut h = vec![0u8; 14];
+                h.extend_from_slice(&ether_type);
+                h
+            }
+            linktype::LINUX_SLL2 => {
+                let mut h = ether_type.to_vec();
+                h.extend_from_slice(&[0u8; 18]);
+                h
+            }
+            linktype::NULL => 2u32.to_le_bytes().to_vec(),
+            linktype::LOOP => 2u32.to_be_bytes().to_vec(),
+            _ => Vec::new(),
+        };
+        out.extend_from_slice(ip);
+        out
+    }
+
+    proptest::proptest! {
+        /// The IPv4/TCP fast path reads every packet exactly as the whole-packet slicer
+        /// does: valid ones, and ones with any bytes changed or cut.
+        #[test]
+        fn the_fast_path_agrees_with_the_slicer(
+            payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+            ports in (proptest::prelude::any::<u16>(), proptest::prelude::any::<u16>()),
+            seq in proptest::prelude::any::<u32>(),
+            lt in proptest::sample::select(vec![
+                linktype::ETHERNET, linktype::LINUX_SLL, linktype::LINUX_SLL2,
+                linktype::RAW, linktype::IPV4, linktype::NULL, linktype::LOOP,
+            ]),
+            udp in proptest::prelude::any::<bool>(),
+            edits in proptest::collection::vec((0usize..80, proptest::prelude::any::<u8>()), 0..4),
+            cut in proptest::option::of(0usize..100),
+            pad in 0usize..8,
+        ) {
+            let b = etherparse::PacketBuilder::ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64);
+            let mut ip = Vec::new();
+            if udp {
+                b.udp(ports.0, ports.1).write(&mut ip, &payload).unwrap();
+            } else {
+                b.tcp(ports.0, ports.1, seq, 1000).syn().write(&mut ip, &payload).unwrap();
+            }
+            let mut pkt = framed(lt, &ip, [0x08, 0x00]);
+            pkt.extend(std::iter::repeat_n(0u8, pad)); // Ethernet padding past the IP length
+            for (at, v) in edits {
+                if let Some(b) = pkt.get_mut(at) {
+                    *b = v;
+                }
+            }
+            if let Some(n) = cut {
+                pkt.truncate(n);
+            }
+            proptest::prop_assert_eq!(
+                format!("{:?}", decode(lt, &pkt)),
+                format!("{:?}", sliced(lt, &pkt))
+            );
+        }
     }
 }

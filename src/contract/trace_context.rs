@@ -115,17 +115,22 @@ pub fn hex(b: &[u8]) -> String {
 /// Appends `b` as lower-case hex digits. Ids are rebuilt from bytes for every event, so
 /// this stays off `fmt`'s per-digit machinery.
 pub fn push_hex(s: &mut String, b: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     // every id of every event passes here: digits written to a buffer and appended once,
     // not a char push (capacity check, UTF-8 encoding) per digit
     for part in b.chunks(16) {
         let mut buf = [0u8; 32];
-        for (pair, x) in buf.chunks_exact_mut(2).zip(part) {
-            pair[0] = DIGITS[usize::from(x >> 4)];
-            pair[1] = DIGITS[usize::from(x & 15)];
-        }
-        let digits = &buf[..2 * part.len()];
+        let digits = &mut buf[..2 * part.len()];
+        hex_into(digits, part);
         s.push_str(std::str::from_utf8(digits).unwrap_or_default());
+    }
+}
+
+/// `b` as lower-case hex digits into `out`, which holds exactly two bytes for each of `b`'s.
+pub fn hex_into(out: &mut [u8], b: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (pair, x) in out.chunks_exact_mut(2).zip(b) {
+        pair[0] = DIGITS[usize::from(x >> 4)];
+        pair[1] = DIGITS[usize::from(x & 15)];
     }
 }
 

@@ -87,31 +87,41 @@ impl Id {
 
     /// The id's text (`other` holds it when it is not spelled the usual way).
     fn text(&self, other: Option<&str>) -> Option<String> {
-        use crate::contract::push_hex;
+        use crate::contract::hex_into;
+        // five ids for every event: spelled into one buffer, allocated once at their size
         let b = &self.bytes;
-        let mut s = String::with_capacity(40);
-        match self.kind {
+        let mut buf = [0u8; 40];
+        let len = match self.kind {
             IdKind::None => return None,
-            IdKind::Hex => push_hex(&mut s, b),
+            IdKind::Other => return other.map(str::to_owned),
+            IdKind::Hex => {
+                hex_into(&mut buf[..32], b);
+                32
+            }
             IdKind::Reply => {
-                s.push_str("reply_");
-                push_hex(&mut s, b);
+                buf[..6].copy_from_slice(b"reply_");
+                hex_into(&mut buf[6..38], b);
+                38
             }
             IdKind::Req => {
-                s.push_str("req-");
+                buf[..4].copy_from_slice(b"req-");
+                // 8-4-4-4-12 digits: hyphens before bytes 4, 6, 8 and 10
+                let mut at = 4;
                 for (i, group) in [&b[..4], &b[4..6], &b[6..8], &b[8..10], &b[10..]]
                     .into_iter()
                     .enumerate()
                 {
                     if i > 0 {
-                        s.push('-');
+                        buf[at] = b'-';
+                        at += 1;
                     }
-                    push_hex(&mut s, group);
+                    hex_into(&mut buf[at..at + 2 * group.len()], group);
+                    at += 2 * group.len();
                 }
+                at
             }
-            IdKind::Other => return other.map(str::to_owned),
-        }
-        Some(s)
+        };
+        std::str::from_utf8(&buf[..len]).ok().map(str::to_owned)
     }
 }
 

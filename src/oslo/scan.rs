@@ -12,10 +12,11 @@ use std::borrow::Cow;
 trait Dialect {
     fn skip_ws(b: &[u8], i: usize) -> usize;
     fn at_quote(b: &[u8], i: usize) -> bool;
-    fn string_end(b: &[u8], start: usize) -> Option<usize>;
     fn value_end(b: &[u8], start: usize) -> Option<usize>;
-    /// The key's text from its raw (quoted) form.
-    fn key(raw: &str) -> Option<Cow<'_, str>>;
+    /// The key whose opening quote is at `start`: its text, and the index just past its
+    /// closing quote. Keys are short and almost never escaped: the search for the end
+    /// also tells whether there is anything to unescape, so the key is not read twice.
+    fn key_at(text: &str, start: usize) -> Option<(Cow<'_, str>, usize)>;
 }
 
 struct Plain;
@@ -28,14 +29,16 @@ impl Dialect for Plain {
     fn at_quote(b: &[u8], i: usize) -> bool {
         b.get(i) == Some(&b'"')
     }
-    fn string_end(b: &[u8], start: usize) -> Option<usize> {
-        string_end(b, start)
-    }
     fn value_end(b: &[u8], start: usize) -> Option<usize> {
         value_end(b, start)
     }
-    fn key(raw: &str) -> Option<Cow<'_, str>> {
-        super::unescape(raw)
+    fn key_at(text: &str, start: usize) -> Option<(Cow<'_, str>, usize)> {
+        let k = find2(text.as_bytes(), start + 1, b'"', b'\\')?;
+        if text.as_bytes()[k] == b'"' {
+            return Some((Cow::Borrowed(&text[start + 1..k]), k + 1));
+        }
+        let end = string_end(text.as_bytes(), start)?;
+        Some((super::unescape(&text[start..end])?, end))
     }
 }
 
@@ -46,14 +49,17 @@ impl Dialect for Escaped {
     fn at_quote(b: &[u8], i: usize) -> bool {
         is_inner_quote(b, i)
     }
-    fn string_end(b: &[u8], start: usize) -> Option<usize> {
-        inner_string_end(b, start)
-    }
     fn value_end(b: &[u8], start: usize) -> Option<usize> {
         inner_value_end(b, start)
     }
-    fn key(raw: &str) -> Option<Cow<'_, str>> {
-        escaped_value(raw)
+    fn key_at(text: &str, start: usize) -> Option<(Cow<'_, str>, usize)> {
+        let b = text.as_bytes();
+        let k = find2(b, start + 2, b'\\', b'\\')?;
+        if b.get(k + 1) == Some(&b'"') {
+            return Some((Cow::Borrowed(&text[start + 2..k]), k + 2));
+        }
+        let end = inner_string_end(b, start)?;
+        Some((escaped_value(&text[start..end])?, end))
     }
 }
 
@@ -89,8 +95,7 @@ fn walk_at<'a, D: Dialect>(
         if !D::at_quote(b, i) {
             return None;
         }
-        let key_end = D::string_end(b, i)?;
-        let key = D::key(&text[i..key_end])?;
+        let (key, key_end) = D::key_at(text, i)?;
         i = D::skip_ws(b, key_end);
         if b.get(i) != Some(&b':') {
             return None;
