@@ -97,6 +97,10 @@ pub struct Parallel {
     merge: MergeChunk,
     started: Instant,
     to_shards: Vec<SyncSender<ShardChunk>>,
+    /// Chunks the shards are done with, to be filled again: a new chunk's buffers would
+    /// be fresh memory, and the kernel zeroing fresh pages cost more than the copies
+    /// that fill them.
+    spare: Vec<Receiver<ShardChunk>>,
     to_merger: Option<SyncSender<MergeChunk>>,
     workers: Vec<JoinHandle<()>>,
     merger: Option<JoinHandle<anyhow::Result<Run>>>,
@@ -110,19 +114,22 @@ impl Parallel {
         let n = threads.max(1);
         let cfg = run.pipeline.config().clone();
         let mut to_shards = Vec::new();
+        let mut spare = Vec::new();
         let mut outs = Vec::new();
         let mut workers = Vec::new();
         let bodies = DecodeCache::new(cfg.amqp.decode_cache_entries);
         for i in 0..n {
             let (tx, rx) = sync_channel::<ShardChunk>(IN_FLIGHT);
+            let (back_tx, back_rx) = sync_channel::<ShardChunk>(IN_FLIGHT);
             let (otx, orx) = sync_channel::<ShardOut>(IN_FLIGHT);
             let shard = Shard::new(&cfg, n, bodies.clone());
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("stacktap-shard-{i}"))
-                    .spawn(move || work(shard, rx, otx))?,
+                    .spawn(move || work(shard, rx, back_tx, otx))?,
             );
             to_shards.push(tx);
+            spare.push(back_rx);
             outs.push(orx);
         }
         let (mtx, mrx) = sync_channel::<MergeChunk>(IN_FLIGHT);
@@ -136,6 +143,7 @@ impl Parallel {
             merge: MergeChunk::default(),
             started: Instant::now(),
             to_shards,
+            spare,
             to_merger: Some(mtx),
             workers,
             merger: Some(merger),
@@ -188,12 +196,19 @@ impl Parallel {
 
     fn send(&mut self) {
         self.started = Instant::now();
-        for (tx, chunk) in self.to_shards.iter().zip(self.shards.iter_mut()) {
-            // the next chunk starts at the size of this one: grown by doubling, the bytes
-            // of every chunk were copied over and over
-            let next = ShardChunk {
-                bytes: Vec::with_capacity(chunk.bytes.capacity()),
-                steps: Vec::with_capacity(chunk.steps.capacity()),
+        for ((tx, back), chunk) in self.to_shards.iter().zip(&self.spare).zip(&mut self.shards) {
+            // the next chunk is one the shard has finished with, else one at the size of
+            // this one (grown by doubling, its bytes would be copied over and over)
+            let next = match back.try_recv() {
+                Ok(mut used) => {
+                    used.bytes.clear();
+                    used.steps.clear();
+                    used
+                }
+                Err(_) => ShardChunk {
+                    bytes: Vec::with_capacity(chunk.bytes.capacity()),
+                    steps: Vec::with_capacity(chunk.steps.capacity()),
+                },
             };
             // a worker gone is a worker that panicked: the join reports it
             let _ = tx.send(std::mem::replace(chunk, next));
@@ -257,7 +272,12 @@ impl Tap for Parallel {
 }
 
 /// A shard worker: each chunk's steps in order, one answer per chunk.
-fn work(mut shard: Shard, rx: Receiver<ShardChunk>, tx: SyncSender<ShardOut>) {
+fn work(
+    mut shard: Shard,
+    rx: Receiver<ShardChunk>,
+    back: SyncSender<ShardChunk>,
+    tx: SyncSender<ShardOut>,
+) {
     let mut health = Health::default();
     let mut groups = Vec::new();
     for chunk in rx {
@@ -287,6 +307,8 @@ fn work(mut shard: Shard, rx: Receiver<ShardChunk>, tx: SyncSender<ShardOut>) {
                 groups: std::mem::take(&mut groups),
             });
         }
+        // back to the reader to fill again (dropped if it has enough spares)
+        let _ = back.try_send(chunk);
         let out = ShardOut {
             records,
             health: health.clone(),

@@ -162,7 +162,43 @@ const fn digit_table(upper_too: bool) -> [u8; 256] {
 /// Exactly `N` bytes from `2N` lower-case hex digits (ids kept as bytes must give their
 /// text back exactly, and it comes back in lower case).
 pub fn lower_hex_bytes<const N: usize>(s: &str) -> Option<[u8; N]> {
-    decode_with(&LOWER_HEX_DIGIT, s.as_bytes())
+    lower_hex_of(s.as_bytes())
+}
+
+fn lower_hex_of<const N: usize>(b: &[u8]) -> Option<[u8; N]> {
+    if b.len() != 2 * N {
+        return None;
+    }
+    // eight digits a step in integer arithmetic: every id of every message passes here
+    let mut out = [0u8; N];
+    let (words, rest) = b.as_chunks::<8>();
+    for (o, w) in out.chunks_exact_mut(4).zip(words) {
+        o.copy_from_slice(&lower_hex_word(u64::from_le_bytes(*w))?);
+    }
+    let done = 4 * words.len();
+    decode_into(&LOWER_HEX_DIGIT, rest, &mut out[done..]).then_some(out)
+}
+
+/// The four bytes eight lower-case hex digits spell (`w`'s bytes in text order), or None
+/// if any is not one. Each test is on all eight bytes at once: with the high bits clear,
+/// adding `0x80 - k` to a byte sets its high bit exactly when the byte is `>= k`.
+fn lower_hex_word(w: u64) -> Option<[u8; 4]> {
+    const ONES: u64 = u64::from_le_bytes([1; 8]);
+    const HIGH: u64 = ONES * 0x80;
+    let at_least = |k: u8| w.wrapping_add(ONES * u64::from(0x80 - k)) & HIGH;
+    let digit = at_least(b'0') & !at_least(b'9' + 1);
+    let letter = at_least(b'a') & !at_least(b'f' + 1);
+    if w & HIGH != 0 || (digit | letter) != HIGH {
+        return None;
+    }
+    // a digit's value is its low nibble; a letter's is its low nibble plus 9
+    let nibbles = (w & (ONES * 0x0f)) + (letter >> 7) * 9;
+    // each even byte takes its nibble high and the next byte's low, then the four
+    // even bytes close up
+    let pairs = ((nibbles << 4) | (nibbles >> 8)) & 0x00ff_00ff_00ff_00ff;
+    let halves = (pairs | (pairs >> 8)) & 0x0000_ffff_0000_ffff;
+    let packed = (halves | (halves >> 16)) as u32;
+    Some(packed.to_le_bytes())
 }
 
 fn decode_hex<const N: usize>(b: &[u8]) -> Option<[u8; N]> {
@@ -176,13 +212,18 @@ fn decode_with<const N: usize>(table: &[u8; 256], b: &[u8]) -> Option<[u8; N]> {
         return None;
     }
     let mut out = [0u8; N];
+    decode_into(table, b, &mut out).then_some(out)
+}
+
+/// Pairs of digits of `b` into `out`; false if any is not a digit in `table`.
+fn decode_into(table: &[u8; 256], b: &[u8], out: &mut [u8]) -> bool {
     let mut seen = 0u8;
     for (o, pair) in out.iter_mut().zip(b.chunks_exact(2)) {
         let (hi, lo) = (table[usize::from(pair[0])], table[usize::from(pair[1])]);
         seen |= hi | lo;
         *o = (hi << 4) | (lo & 15);
     }
-    (seen & INVALID == 0).then_some(out)
+    seen & INVALID == 0
 }
 
 /// A hyphenated UUID (8-4-4-4-12) as its 32 digits, hyphens checked and left out.
@@ -206,7 +247,7 @@ fn uuid_digits(b: &[u8]) -> Option<[u8; 32]> {
 
 /// 16 bytes from a hyphenated lower-case UUID.
 pub fn lower_uuid_bytes(s: &str) -> Option<[u8; 16]> {
-    decode_with(&LOWER_HEX_DIGIT, &uuid_digits(s.as_bytes())?)
+    lower_hex_of(&uuid_digits(s.as_bytes())?)
 }
 
 /// A UUID's 16 bytes, hyphenated or not (`req-` and other prefixes are the caller's to
@@ -268,6 +309,45 @@ mod tests {
         assert_eq!(hex(&c.parent_span_id), "5555666677778888");
         assert_eq!(c.origin, ContextOrigin::Osprofiler);
         assert_eq!(TraceContext::from_osprofiler("not-a-uuid", "x"), None);
+    }
+
+    #[test]
+    fn every_word_of_lower_hex_decodes_as_the_table_does() {
+        // every byte value in every position, against the per-byte table
+        for pos in 0..8 {
+            for c in 0..=255u8 {
+                let mut w = *b"0a1b2c3d";
+                w[pos] = c;
+                assert_eq!(
+                    lower_hex_word(u64::from_le_bytes(w)),
+                    decode_with::<4>(&LOWER_HEX_DIGIT, &w),
+                    "{w:?}"
+                );
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn lower_hex_ids_decode_as_the_table_does(
+            s in "[0-9a-fA-F\\x00-\\xff]{0,40}",
+            id in "[0-9a-f]{32}",
+        ) {
+            for s in [s.as_str(), id.as_str()] {
+                proptest::prop_assert_eq!(
+                    lower_hex_bytes::<16>(s),
+                    decode_with::<16>(&LOWER_HEX_DIGIT, s.as_bytes())
+                );
+                proptest::prop_assert_eq!(
+                    lower_hex_bytes::<8>(s),
+                    decode_with::<8>(&LOWER_HEX_DIGIT, s.as_bytes())
+                );
+                proptest::prop_assert_eq!(
+                    lower_hex_bytes::<1>(s),
+                    decode_with::<1>(&LOWER_HEX_DIGIT, s.as_bytes())
+                );
+            }
+        }
     }
 
     #[test]

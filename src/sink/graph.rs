@@ -510,6 +510,7 @@ impl Graph {
         self.first.map(|_| self.now.as_secs_f64())
     }
 
+    #[inline(never)] // a stage's entry: scripts/stage-cost counts it (one call per event)
     pub fn on_event(&mut self, ev: &Event) {
         let now = match ev {
             Event::Http(e) => e.t_response_end.unwrap_or(e.t_request),

@@ -506,6 +506,7 @@ impl Metrics {
             .collect()
     }
 
+    #[inline(never)] // a stage's entry: scripts/stage-cost counts it (one call per event)
     pub fn on_signal(&mut self, s: &Signal) {
         match s {
             Signal::Seen {

@@ -2,6 +2,7 @@
 //! and latency per service, anomalies. Also served live as `/api/summary`.
 
 use super::sketch::{Quantiles, Sketch};
+use crate::FastMap;
 use crate::contract::{Event, HttpEvent, Outcome, RpcEvent};
 use crate::correlate::{Name, Signal};
 use crate::health::Health;
@@ -35,8 +36,9 @@ struct RouteStats {
 
 #[derive(Default)]
 pub struct Summary {
-    queues: BTreeMap<String, QueueStats>,
-    messages: BTreeMap<(Name, Name, &'static str), (u64, u64)>,
+    /// Hashed, not ordered: two lookups for every message and call; the report sorts.
+    queues: FastMap<String, QueueStats>,
+    messages: FastMap<(Name, Name, &'static str), (u64, u64)>,
     errors: BTreeMap<(String, String), (u64, Option<String>)>,
     outcomes: BTreeMap<(&'static str, &'static str), u64>,
     notifications: BTreeMap<(String, String), u64>,
@@ -109,6 +111,7 @@ pub struct Report {
 }
 
 impl Summary {
+    #[inline(never)] // a stage's entry: scripts/stage-cost counts it (one call per event)
     pub fn on_signal(&mut self, s: &Signal) {
         match s {
             Signal::Seen {
@@ -235,12 +238,19 @@ impl Summary {
             return;
         }
         // bounded like the metrics: past MAX_QUEUES distinct queues, the rest share "other"
-        let name = if self.queues.len() < MAX_QUEUES || self.queues.contains_key(&e.routing_key) {
-            e.routing_key.clone()
-        } else {
-            "other".to_owned()
+        let name: &str =
+            if self.queues.len() < MAX_QUEUES || self.queues.contains_key(e.routing_key.as_str()) {
+                &e.routing_key
+            } else {
+                "other"
+            };
+        // the key is copied once per queue, not once per call
+        if !self.queues.contains_key(name) {
+            self.queues.insert(name.to_owned(), QueueStats::default());
+        }
+        let Some(q) = self.queues.get_mut(name) else {
+            return;
         };
-        let q = self.queues.entry(name).or_default();
         *q.outcomes.entry(e.outcome.as_str()).or_default() += 1;
         q.timeout_s = q.timeout_s.or(e.timeout_s);
         if matches!(e.outcome, Outcome::Ok | Outcome::RemoteError)
