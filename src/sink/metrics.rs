@@ -2,7 +2,7 @@
 //! label sets (excess folds into "other", counted) so cardinality stays bounded.
 
 use crate::contract::{Event, Outcome};
-use crate::correlate::Signal;
+use crate::correlate::{Name, Signal};
 use crate::health::Health;
 use crate::{FastMap as HashMap, FastSet as HashSet};
 use prometheus_client::encoding::text::encode;
@@ -81,6 +81,43 @@ impl<M: Clone> Memo<M> {
     }
 }
 
+/// In front of a `Memo`, for label values that are the correlator's interned names: the
+/// same handles keyed by the names' addresses, with the names held so that no address is
+/// reused while it is a key. A hit hashes a few words instead of spelling and hashing the
+/// label text. A miss goes to the `Memo`, so caps and folds count exactly as without it.
+struct ByName<M> {
+    map: HashMap<(&'static str, [usize; 3], u8), (M, [Option<Name>; 3])>,
+}
+
+impl<M> Default for ByName<M> {
+    fn default() -> Self {
+        ByName {
+            map: HashMap::default(),
+        }
+    }
+}
+
+impl<M: Clone> ByName<M> {
+    fn get(
+        &mut self,
+        family: &'static str,
+        names: [Option<&Name>; 3],
+        tag: u8,
+        resolve: impl FnOnce() -> M,
+    ) -> M {
+        let at = names.map(|n| n.map_or(0, |n| Arc::as_ptr(n) as *const u8 as usize));
+        if let Some((m, _)) = self.map.get(&(family, at, tag)) {
+            return m.clone();
+        }
+        let m = resolve();
+        if self.map.len() < MAX_MEMO {
+            self.map
+                .insert((family, at, tag), (m.clone(), names.map(|n| n.cloned())));
+        }
+        m
+    }
+}
+
 /// The series of one caller → server pair (see `on_hop`).
 #[derive(Clone)]
 struct HopHandles {
@@ -95,6 +132,8 @@ pub struct Metrics {
     pub registry: Arc<Registry>,
     memo_hops: Memo<HopHandles>,
     memo_counters: Memo<Counter>,
+    by_name_counters: ByName<Counter>,
+    by_name_histograms: ByName<Histogram>,
     memo_gauges: Memo<Gauge>,
     memo_histograms: Memo<Histogram>,
     max_series: usize,
@@ -179,6 +218,8 @@ impl Metrics {
         let m = Metrics {
             registry: Arc::new(Registry::default()),
             memo_counters: Memo::default(),
+            by_name_counters: ByName::default(),
+            by_name_histograms: ByName::default(),
             memo_hops: Memo::default(),
             memo_gauges: Memo::default(),
             memo_histograms: Memo::default(),
@@ -515,7 +556,7 @@ impl Metrics {
                 method,
                 rpc_type,
             } => {
-                self.message_counter("rpc_messages", exchange, topic, method, rpc_type.as_str())
+                self.message_counter("rpc_messages", [exchange, topic, method], *rpc_type)
                     .inc();
             }
             Signal::Delivered {
@@ -525,7 +566,7 @@ impl Metrics {
                 rpc_type,
                 ..
             } => {
-                self.message_counter("rpc_deliveries", exchange, topic, method, rpc_type.as_str())
+                self.message_counter("rpc_deliveries", [exchange, topic, method], *rpc_type)
                     .inc();
             }
             Signal::InFlight { topic, delta } => {
@@ -767,7 +808,7 @@ impl Metrics {
     fn on_rpc(&mut self, e: &crate::contract::RpcEvent) {
         let (topic, method) = (&*e.topic, &*e.method);
         if let Some(v) = e.queue_wait() {
-            self.topic_method_histogram("queue_wait", topic, method)
+            self.topic_method_histogram("queue_wait", &e.topic, &e.method)
                 .observe(v);
         }
         if e.rpc_type != crate::oslo::RpcType::Call {
@@ -785,29 +826,35 @@ impl Metrics {
             }
             return;
         }
-        let mut memo = std::mem::take(&mut self.memo_counters);
-        let replies = memo.get("rpc_replies", &[topic, method, e.outcome.as_str()], || {
-            let ls = self.cap(
-                "rpc_replies",
-                l([
-                    ("topic", topic),
-                    ("method", method),
-                    ("outcome", e.outcome.as_str()),
-                ]),
-                &["outcome"],
-            );
-            self.rpc_replies.get_or_create_owned(&ls)
+        let mut by_name = std::mem::take(&mut self.by_name_counters);
+        let names = [Some(&e.topic), Some(&e.method), None];
+        let replies = by_name.get("rpc_replies", names, e.outcome as u8, || {
+            let mut memo = std::mem::take(&mut self.memo_counters);
+            let c = memo.get("rpc_replies", &[topic, method, e.outcome.as_str()], || {
+                let ls = self.cap(
+                    "rpc_replies",
+                    l([
+                        ("topic", topic),
+                        ("method", method),
+                        ("outcome", e.outcome.as_str()),
+                    ]),
+                    &["outcome"],
+                );
+                self.rpc_replies.get_or_create_owned(&ls)
+            });
+            self.memo_counters = memo;
+            c
         });
-        self.memo_counters = memo;
+        self.by_name_counters = by_name;
         replies.inc();
         if let Some(v) = e.server_time() {
-            self.topic_method_histogram("server", topic, method)
+            self.topic_method_histogram("server", &e.topic, &e.method)
                 .observe(v);
         }
         match e.outcome {
             Outcome::Ok | Outcome::RemoteError => {
                 if let Some(v) = e.reply_wait() {
-                    self.topic_method_histogram("reply_wait", topic, method)
+                    self.topic_method_histogram("reply_wait", &e.topic, &e.method)
                         .observe(v);
                     let mut memo = std::mem::take(&mut self.memo_histograms);
                     let q = memo.get("rpc_queue", &[&e.routing_key], || {
@@ -853,55 +900,66 @@ impl Metrics {
     fn message_counter(
         &mut self,
         family: &'static str,
-        exchange: &str,
-        topic: &str,
-        method: &str,
-        kind: &str,
+        names: [&Name; 3],
+        kind: crate::oslo::RpcType,
     ) -> Counter {
-        let mut memo = std::mem::take(&mut self.memo_counters);
-        let c = memo.get(family, &[exchange, topic, method, kind], || {
-            let ls = self.cap(
-                family,
-                l([
-                    ("exchange", exchange),
-                    ("topic", topic),
-                    ("method", method),
-                    ("type", kind),
-                ]),
-                &["type"],
-            );
-            let fam = if family == "rpc_messages" {
-                &self.rpc_messages
-            } else {
-                &self.rpc_deliveries
-            };
-            fam.get_or_create_owned(&ls)
+        let mut by_name = std::mem::take(&mut self.by_name_counters);
+        let c = by_name.get(family, names.map(Some), kind as u8, || {
+            let [exchange, topic, method] = names.map(|n| &**n);
+            let kind = kind.as_str();
+            let mut memo = std::mem::take(&mut self.memo_counters);
+            let c = memo.get(family, &[exchange, topic, method, kind], || {
+                let ls = self.cap(
+                    family,
+                    l([
+                        ("exchange", exchange),
+                        ("topic", topic),
+                        ("method", method),
+                        ("type", kind),
+                    ]),
+                    &["type"],
+                );
+                let fam = if family == "rpc_messages" {
+                    &self.rpc_messages
+                } else {
+                    &self.rpc_deliveries
+                };
+                fam.get_or_create_owned(&ls)
+            });
+            self.memo_counters = memo;
+            c
         });
-        self.memo_counters = memo;
+        self.by_name_counters = by_name;
         c
     }
 
-    /// A (topic, method) histogram handle, memoized.
+    /// The histogram of one topic and method in family `which`.
     fn topic_method_histogram(
         &mut self,
         which: &'static str,
-        topic: &str,
-        method: &str,
+        topic: &Name,
+        method: &Name,
     ) -> Histogram {
-        let mut memo = std::mem::take(&mut self.memo_histograms);
-        let h = memo.get(which, &[topic, method], || {
-            let ls = self.cap(
-                "rpc_topic_method",
-                l([("topic", topic), ("method", method)]),
-                &[],
-            );
-            match which {
-                "queue_wait" => self.rpc_queue_wait.get_or_create_owned(&ls),
-                "server" => self.rpc_server.get_or_create_owned(&ls),
-                _ => self.rpc_reply_wait.get_or_create_owned(&ls),
-            }
+        let mut by_name = std::mem::take(&mut self.by_name_histograms);
+        let h = by_name.get(which, [Some(topic), Some(method), None], 0, || {
+            let (topic, method) = (&**topic, &**method);
+            let mut memo = std::mem::take(&mut self.memo_histograms);
+            let h = memo.get(which, &[topic, method], || {
+                let ls = self.cap(
+                    "rpc_topic_method",
+                    l([("topic", topic), ("method", method)]),
+                    &[],
+                );
+                match which {
+                    "queue_wait" => self.rpc_queue_wait.get_or_create_owned(&ls),
+                    "server" => self.rpc_server.get_or_create_owned(&ls),
+                    _ => self.rpc_reply_wait.get_or_create_owned(&ls),
+                }
+            });
+            self.memo_histograms = memo;
+            h
         });
-        self.memo_histograms = memo;
+        self.by_name_histograms = by_name;
         h
     }
 
