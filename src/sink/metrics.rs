@@ -86,8 +86,11 @@ impl<M: Clone> Memo<M> {
 /// reused while it is a key. A hit hashes a few words instead of spelling and hashing the
 /// label text. A miss goes to the `Memo`, so caps and folds count exactly as without it.
 struct ByName<M> {
-    map: HashMap<(&'static str, [usize; 3], u8), (M, [Option<Name>; 3])>,
+    map: HashMap<NamesKey, (M, [Option<Name>; 3])>,
 }
+
+/// A family, up to three names by address, and a small enumeration (type, outcome).
+type NamesKey = (&'static str, [usize; 3], u8);
 
 impl<M> Default for ByName<M> {
     fn default() -> Self {
