@@ -237,3 +237,38 @@ fn man_pages_and_completions_come_from_the_command_line() {
         .unwrap();
     assert!(ok.success());
 }
+
+#[test]
+fn stage_cost_splits_a_replay_into_stages_that_add_up() {
+    // the script names stage entries by symbol: one inlined away or one calling another
+    // it does not subtract fails here, not silently in a README table
+    let out = std::process::Command::new(repo().join("scripts/stage-cost"))
+        .arg(repo().join("sampledata/healthy.pcap"))
+        .arg("--binary")
+        .arg(env!("CARGO_BIN_EXE_stacktap"))
+        .output()
+        .expect("run scripts/stage-cost (needs python3 and valgrind)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let per_packet = |line: &str| -> f64 {
+        let n = line.split("per packet").next().unwrap_or_default();
+        let n = n.split_whitespace().last().unwrap_or_default();
+        n.replace(',', "").parse().unwrap_or(f64::NAN)
+    };
+    let mut lines = text.lines();
+    let total = lines
+        .next()
+        .map(|l| per_packet(l.split(", ").last().unwrap_or_default()));
+    let stages: Vec<f64> = lines.map(per_packet).collect();
+    assert_eq!(stages.len(), 13, "{text}");
+    let sum: f64 = stages.iter().sum();
+    let total = total.unwrap_or(f64::NAN);
+    assert!(
+        stages.iter().all(|v| *v >= 0.0) && (sum - total).abs() <= 13.0,
+        "stages {sum} against {total}:\n{text}"
+    );
+}
