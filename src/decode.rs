@@ -267,6 +267,7 @@ mod tests {
             edits in proptest::collection::vec((0usize..80, proptest::prelude::any::<u8>()), 0..4),
             cut in proptest::option::of(0usize..100),
             pad in 0usize..8,
+            ether_type in proptest::sample::select(vec![[0x08, 0x00], [0x86, 0xdd], [0x81, 0x00], [0x08, 0x06]]),
         ) {
             let b = etherparse::PacketBuilder::ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64);
             let mut ip = Vec::new();
@@ -275,7 +276,7 @@ mod tests {
             } else {
                 b.tcp(ports.0, ports.1, seq, 1000).syn().write(&mut ip, &payload).unwrap();
             }
-            let mut pkt = framed(lt, &ip, [0x08, 0x00]);
+            let mut pkt = framed(lt, &ip, ether_type);
             pkt.extend(std::iter::repeat_n(0u8, pad)); // Ethernet padding past the IP length
             for (at, v) in edits {
                 if let Some(b) = pkt.get_mut(at) {
