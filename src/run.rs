@@ -544,8 +544,8 @@ pub fn capture(
             LiveRead::Packet => run.packet(&pkt),
             LiveRead::Idle(now) => run.tick(now),
         }
-        if last_stats.elapsed() >= Duration::from_secs(1) {
-            last_stats = Instant::now();
+        if cap.last_read().saturating_duration_since(last_stats) >= Duration::from_secs(1) {
+            last_stats = cap.last_read();
             run.source_stats(&cap.stats());
             run.tick(cap.now());
         }

@@ -195,9 +195,10 @@ fn a_real_three_node_cluster_through_four_live_probes_and_one_collector() {
         .collect();
     assert!(
         bad.is_empty(),
-        "{} mismatches (estimated offsets: {offsets:?}):\n{}",
+        "{} mismatches (estimated offsets: {offsets:?}):\n{}\n{}",
         bad.len(),
-        bad.join("\n")
+        bad.join("\n"),
+        why_mismatched(&r.metrics, &pcaps, &truth, d)
     );
     assert!(r.metrics.contains("stacktap_partial_view 0"));
     // the collector's spans, received by the official OTLP protobufs
@@ -205,4 +206,35 @@ fn a_real_three_node_cluster_through_four_live_probes_and_one_collector() {
     assert!(!received.is_empty(), "the collector sent no spans");
     common::otlp::check_sample("live cluster", &received, &truth, &pcaps);
     assert!(!text.contains(TOKEN_PREFIX), "a token reached the events");
+}
+
+/// What tells the live path's losses from the capture's: the collector's view of each
+/// probe (drops, late observations, silence), the same capture replayed by one process
+/// and checked against the same truth, and the end of every log.
+fn why_mismatched(
+    metrics: &str,
+    pcaps: &[std::path::PathBuf],
+    truth: &[serde_json::Value],
+    d: &Path,
+) -> String {
+    let probes: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("stacktap_probe_") && !l.starts_with("stacktap_probe_last_seen"))
+        .collect();
+    let cfg = stacktap::config::Config::from_toml(CONFIG).unwrap();
+    let one = replay_with(pcaps, cfg);
+    let one_bad = check_all_against_truth(&one, truth, 0.001);
+    let logs: Vec<String> = ["a", "b", "c", "api"]
+        .iter()
+        .map(|n| format!("probe-{n}.log"))
+        .chain(["collector.log".to_string()])
+        .map(|f| format!("--- {f}\n{}", log_tail(&d.join(&f), 10)))
+        .collect();
+    format!(
+        "the collector's probes:\n{}\nthe recorded captures replayed by one process: {} mismatches\n{}\n{}",
+        probes.join("\n"),
+        one_bad.len(),
+        one_bad.join("\n"),
+        logs.join("\n")
+    )
 }

@@ -30,6 +30,7 @@ pub struct FleetMetrics {
     offset: FloatGauges,
     observations: Counters,
     duplicates: Counters,
+    late: Counters,
     packets: Counters,
     bytes: Counters,
     drops: Counters,
@@ -74,6 +75,11 @@ impl FleetMetrics {
                 "probe_duplicates",
                 "Observations dropped as another probe's duplicates",
                 &m.duplicates,
+            ),
+            (
+                "probe_late",
+                "Observations that came after the collector had released their packet time (the probe lagged by more than fleet.hold_s): analysed out of order, so a call may lose a part",
+                &m.late,
             ),
             ("probe_packets", "Packets a probe read", &m.packets),
             ("probe_bytes", "Bytes a probe read", &m.bytes),
@@ -120,6 +126,7 @@ impl FleetMetrics {
             for (what, family, value) in [
                 ("observations", &self.observations, p.observations),
                 ("duplicates", &self.duplicates, p.duplicates),
+                ("late", &self.late, p.late),
                 ("packets", &self.packets, s.packets),
                 ("bytes", &self.bytes, s.bytes),
                 ("drops", &self.drops, s.drops),

@@ -40,6 +40,9 @@ pub struct LiveCapture {
     reads: Arc<AtomicU64>,
     closed: Arc<AtomicBool>,
     steps: ClockSteps,
+    /// When the last read returned (monotonic): one clock read per packet serves the
+    /// step check and the caller's timers.
+    last_read: Instant,
 }
 
 /// Corrects real-time stamps by the steps the monotonic clock reveals.
@@ -65,16 +68,18 @@ impl ClockSteps {
         Ts((t.0 as i64).saturating_add(by).max(0) as u64)
     }
 
-    /// Where the monotonic clock says real time is now (None before the first stamp).
-    fn expected(&self) -> Option<Ts> {
+    /// Where the monotonic clock says real time was at `now` (None before the first
+    /// stamp).
+    fn expected(&self, now: Instant) -> Option<Ts> {
         let (at, t) = self.anchor?;
-        Some(Ts(t.0.saturating_add(at.elapsed().as_nanos() as u64)))
+        let passed = now.saturating_duration_since(at).as_nanos() as u64;
+        Some(Ts(t.0.saturating_add(passed)))
     }
 
-    /// A packet's stamp, corrected.
-    fn stamp(&mut self, raw: Ts) -> Ts {
+    /// A packet's stamp, corrected; `now`: when it was read (monotonic).
+    fn stamp(&mut self, raw: Ts, now: Instant) -> Ts {
         let mut t = Self::shifted(raw, self.correction_ns);
-        if let Some(expected) = self.expected()
+        if let Some(expected) = self.expected(now)
             && t.0.abs_diff(expected.0) > self.max_jump_ns
         {
             self.correction_ns += expected.0 as i64 - t.0 as i64;
@@ -85,13 +90,13 @@ impl ClockSteps {
             );
             t = expected;
         }
-        self.anchor = Some((Instant::now(), t));
+        self.anchor = Some((now, t));
         t
     }
 
     /// Now, on the corrected clock.
     fn now(&self) -> Ts {
-        self.expected()
+        self.expected(Instant::now())
             .unwrap_or_else(|| Self::shifted(wall_clock(), self.correction_ns))
     }
 }
@@ -166,17 +171,20 @@ impl LiveCapture {
             reads,
             closed,
             steps: ClockSteps::new(cfg.max_clock_jump_s),
+            last_read: Instant::now(),
         })
     }
 
     /// The next packet, or an idle tick after about IDLE_MS without one.
     pub fn read(&mut self, pkt: &mut Packet) -> anyhow::Result<LiveRead> {
-        match self.cap.next_packet() {
+        let got = self.cap.next_packet();
+        self.last_read = Instant::now();
+        match got {
             Ok(p) => {
                 let ts = p.header.ts;
                 let raw =
                     Ts::from_parts(ts.tv_sec.max(0) as u64, (ts.tv_usec.max(0) as u64) * 1000);
-                pkt.ts = self.steps.stamp(raw);
+                pkt.ts = self.steps.stamp(raw, self.last_read);
                 pkt.linktype = self.linktype;
                 pkt.orig_len = p.header.len;
                 pkt.data.clear();
@@ -206,6 +214,11 @@ impl LiveCapture {
         }
     }
 
+    /// When the last read returned (monotonic).
+    pub fn last_read(&self) -> Instant {
+        self.last_read
+    }
+
     /// Now, on the capture's (corrected) clock.
     pub fn now(&self) -> Ts {
         self.steps.now()
@@ -215,5 +228,43 @@ impl LiveCapture {
 impl Drop for LiveCapture {
     fn drop(&mut self) {
         self.closed.store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(s: f64) -> Ts {
+        Ts((s * 1e9) as u64)
+    }
+
+    #[test]
+    fn stamps_that_keep_pace_with_the_monotonic_clock_are_left_alone() {
+        let mut c = ClockSteps::new(30.0);
+        let t0 = Instant::now();
+        for i in 0..100 {
+            let at = t0 + Duration::from_millis(i * 500);
+            let raw = secs(1000.0 + i as f64 * 0.5);
+            assert_eq!(c.stamp(raw, at), raw);
+        }
+        assert_eq!(c.steps, 0);
+    }
+
+    #[test]
+    fn a_stepped_clock_is_corrected_from_the_step_on() {
+        let mut c = ClockSteps::new(30.0);
+        let t0 = Instant::now();
+        assert_eq!(c.stamp(secs(1000.0), t0), secs(1000.0));
+        // NTP steps the clock an hour ahead one second later
+        let at = t0 + Duration::from_secs(1);
+        assert_eq!(c.stamp(secs(4601.0), at), secs(1001.0));
+        assert_eq!(c.steps, 1);
+        // later packets keep the correction, and a quiet 20 s is not a step
+        let later = at + Duration::from_secs(20);
+        assert_eq!(c.stamp(secs(4621.0), later), secs(1021.0));
+        assert_eq!(c.steps, 1);
+        // a read that returns before the last anchor (reordered instants) passes no time
+        assert_eq!(c.stamp(secs(4621.5), at), secs(1021.5));
     }
 }
