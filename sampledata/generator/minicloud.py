@@ -1190,7 +1190,8 @@ def record(args):
             orphan = spawn("nova-api", ["orphan", "--truth",
                                         os.path.join(work, "truth-orphan.jsonl")] + common, log)
             orphan.wait(timeout=60)
-        deadline = time.time() + 600
+        # 6000 load calls take about a minute here: a bigger --calls gets longer
+        deadline = time.time() + 600 + 0.05 * args.calls
         while driver.poll() is None:
             if time.time() > deadline:
                 driver.kill()
