@@ -547,7 +547,7 @@ pub fn capture(
         if cap.last_read().saturating_duration_since(last_stats) >= Duration::from_secs(1) {
             last_stats = cap.last_read();
             run.source_stats(&cap.stats());
-            run.tick(cap.now());
+            run.tick(cap.settled());
         }
     }
     run.source_stats(&cap.stats());

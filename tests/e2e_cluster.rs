@@ -193,6 +193,14 @@ fn a_real_three_node_cluster_through_four_live_probes_and_one_collector() {
         .lines()
         .filter(|l| l.starts_with("stacktap_probe_clock_offset_seconds{"))
         .collect();
+    // shown by --no-capture: a probe's anomalies (a packet clock regression) warn early
+    for l in r.metrics.lines() {
+        if l.starts_with("stacktap_probe_anomalies_total")
+            || l.starts_with("stacktap_probe_late_total")
+        {
+            eprintln!("{l}");
+        }
+    }
     assert!(
         bad.is_empty(),
         "{} mismatches (estimated offsets: {offsets:?}):\n{}\n{}",

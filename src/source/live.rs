@@ -11,6 +11,12 @@
 //! a context switch every other packet and ~3x the CPU under load (perf stat: 20k
 //! switches for 40k packets); packets keep their kernel stamps, so only the delivery waits.
 //!
+//! So the ring may still hold packets stamped before a read that found it empty: an idle
+//! tick is dated `DELIVERY_LAG_MS` back, and a tick after a packet at that packet's stamp
+//! (more may wait behind it). A tick dated later would move the packet clock past
+//! packets not yet read: in one process they would be processed out of order; in a fleet
+//! the collector would judge calls before their publish arrived.
+//!
 //! The kernel stamps packets with the host's real-time clock, which NTP may step. Between
 //! reads the monotonic clock says how much time really passed; a packet stamped more
 //! than `capture.max_clock_jump_s` away from that is a step, and every later stamp is
@@ -33,6 +39,11 @@ pub const DEFAULT_FILTER: &str = "tcp and (port 5672 or port 5000 or port 8774 o
 /// A read with no packet for this long is interrupted and reported as idle.
 const IDLE_MS: u64 = 200;
 
+/// How long a captured packet may wait in the kernel's ring before a read can get it: the
+/// block timer retires a block within two of its periods (`IDLE_MS`), and the waker takes
+/// up to one more to notice the ring is empty.
+const DELIVERY_LAG_MS: u64 = 3 * IDLE_MS;
+
 pub struct LiveCapture {
     cap: pcap::Capture<pcap::Active>,
     linktype: i32,
@@ -43,6 +54,8 @@ pub struct LiveCapture {
     /// When the last read returned (monotonic): one clock read per packet serves the
     /// step check and the caller's timers.
     last_read: Instant,
+    /// The time before which every packet has been read, as far as the ring tells.
+    settled: Ts,
 }
 
 /// Corrects real-time stamps by the steps the monotonic clock reveals.
@@ -172,6 +185,7 @@ impl LiveCapture {
             closed,
             steps: ClockSteps::new(cfg.max_clock_jump_s),
             last_read: Instant::now(),
+            settled: Ts::ZERO,
         })
     }
 
@@ -185,6 +199,7 @@ impl LiveCapture {
                 let raw =
                     Ts::from_parts(ts.tv_sec.max(0) as u64, (ts.tv_usec.max(0) as u64) * 1000);
                 pkt.ts = self.steps.stamp(raw, self.last_read);
+                self.settled = self.settled.max(pkt.ts);
                 pkt.linktype = self.linktype;
                 pkt.orig_len = p.header.len;
                 pkt.data.clear();
@@ -195,7 +210,10 @@ impl LiveCapture {
             // a timeout, or our waker's pcap_breakloop (reported as "no more packets")
             Err(pcap::Error::TimeoutExpired) | Err(pcap::Error::NoMorePackets) => {
                 self.reads.fetch_add(1, Ordering::Relaxed);
-                Ok(LiveRead::Idle(self.steps.now()))
+                let lag = DELIVERY_LAG_MS * 1_000_000;
+                let quiet_since = Ts(self.steps.now().0.saturating_sub(lag));
+                self.settled = self.settled.max(quiet_since);
+                Ok(LiveRead::Idle(self.settled))
             }
             Err(e) => Err(anyhow::anyhow!("capture failed: {e}")),
         }
@@ -219,9 +237,11 @@ impl LiveCapture {
         self.last_read
     }
 
-    /// Now, on the capture's (corrected) clock.
-    pub fn now(&self) -> Ts {
-        self.steps.now()
+    /// The time every packet before has been read by: the last packet's stamp after a
+    /// packet, the wall clock less the ring's delivery lag after an empty read. The packet
+    /// clock may be moved on to it without passing a packet still to come.
+    pub fn settled(&self) -> Ts {
+        self.settled
     }
 }
 
