@@ -380,6 +380,7 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 eprintln!("stacktap: replay done; serving until Ctrl-C");
                 run::wait_for_stop(&stop);
             }
+            run.exit_unfreed();
         }
         Cmd::Capture {
             interface,

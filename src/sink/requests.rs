@@ -95,6 +95,11 @@ impl Requests {
         Ok(())
     }
 
+    /// Closes the store (its database file complete, no write-ahead log left behind).
+    pub fn close_store(&mut self) {
+        self.store = None;
+    }
+
     /// Keeps this request's tree however many others come after it.
     pub fn pin(&mut self, id: &str) {
         self.pinned = Some(id.to_string());
