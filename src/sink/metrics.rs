@@ -85,9 +85,15 @@ impl<M: Clone> Memo<M> {
 /// same handles keyed by the names' addresses, with the names held so that no address is
 /// reused while it is a key. A hit hashes a few words instead of spelling and hashing the
 /// label text. A miss goes to the `Memo`, so caps and folds count exactly as without it.
+///
+/// Its hasher has fixed keys: the keys are addresses, not text a sender chooses, and
+/// every lookup takes the map out of `Metrics` (`mem::take`), which with a random-keyed
+/// hasher drew new keys each time (1 % of a replay's instructions).
 struct ByName<M> {
-    map: HashMap<NamesKey, (M, [Option<Name>; 3])>,
+    map: std::collections::HashMap<NamesKey, (M, [Option<Name>; 3]), FixedKeys>,
 }
+
+type FixedKeys = std::hash::BuildHasherDefault<ahash::AHasher>;
 
 /// A family, up to three names by address, and a small enumeration (type, outcome).
 type NamesKey = (&'static str, [usize; 3], u8);
@@ -95,7 +101,7 @@ type NamesKey = (&'static str, [usize; 3], u8);
 impl<M> Default for ByName<M> {
     fn default() -> Self {
         ByName {
-            map: HashMap::default(),
+            map: Default::default(),
         }
     }
 }
