@@ -197,7 +197,7 @@ impl<'a> Reader<'a> {
     /// A length octet and that many bytes of UTF-8.
     fn short_str(&mut self) -> Option<&'a str> {
         let n = self.u8()?;
-        std::str::from_utf8(self.take(usize::from(n))?).ok()
+        crate::text::utf8(self.take(usize::from(n))?)
     }
 
     fn short_string(&mut self) -> Option<String> {

@@ -121,7 +121,7 @@ impl Id {
                 at
             }
         };
-        std::str::from_utf8(&buf[..len]).ok().map(str::to_owned)
+        crate::text::utf8(&buf[..len]).map(str::to_owned)
     }
 }
 

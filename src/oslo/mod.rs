@@ -197,7 +197,7 @@ pub fn decode(exchange: &str, props: &Props, body: &[u8]) -> Result<Oslo, NotOsl
         }
         Some(_) => return Err(NotOslo::CompressedUnsupported),
     };
-    let text = std::str::from_utf8(body).map_err(|_| NotOslo::NotJson)?;
+    let text = crate::text::utf8(body).ok_or(NotOslo::NotJson)?;
     let (outer, inner) = fields(text).ok_or(NotOslo::NotJson)?;
     match (&outer.envelope_version, outer.envelope_message) {
         (Some(v), Some(_)) => {
