@@ -75,16 +75,21 @@ struct MergeChunk {
     end: bool,
 }
 
-/// What one shard's step produced (steps that produced nothing are left out).
+/// What one shard's step produced (steps that produced nothing are left out), as
+/// indices into its chunk's `ShardOut::obs`.
 struct Record {
     seq: u64,
-    obs: Vec<Observation>,
-    /// `obs[..lead]` are the packet's; then sweep groups, each (key, end in `obs`).
+    /// `obs[start..lead]` are the packet's; then sweep groups, each (key, end in `obs`).
+    start: usize,
     lead: usize,
     groups: Vec<(u64, usize)>,
 }
 
+/// One shard's answer to a chunk: the observations of all its steps in one vector, made
+/// here and freed by the analyser once per chunk (a vector per step cost an allocation
+/// and a free from another thread each).
 struct ShardOut {
+    obs: Vec<Observation>,
     records: std::collections::VecDeque<Record>,
     health: Health,
 }
@@ -282,6 +287,7 @@ fn work(
     let mut groups = Vec::new();
     for chunk in rx {
         let mut records = std::collections::VecDeque::new();
+        let mut obs = Vec::new();
         for s in &chunk.steps {
             let step = Step {
                 seq: s.seq,
@@ -294,14 +300,14 @@ fn work(
                 sweep: s.sweep,
                 end: s.end,
             };
-            let mut obs = Vec::new();
+            let start = obs.len();
             let lead = shard.step(&step, &mut health, &mut obs, &mut groups);
-            if obs.is_empty() {
+            if obs.len() == start {
                 continue;
             }
             records.push_back(Record {
                 seq: s.seq,
-                obs,
+                start,
                 lead,
                 // the shard clears it at the next step
                 groups: std::mem::take(&mut groups),
@@ -310,6 +316,7 @@ fn work(
         // back to the reader to fill again (dropped if it has enough spares)
         let _ = back.try_send(chunk);
         let out = ShardOut {
+            obs,
             records,
             health: health.clone(),
         };
@@ -329,6 +336,9 @@ fn merge(
     let mut pending: Vec<std::collections::VecDeque<Record>> =
         (0..n).map(|_| Default::default()).collect();
     let mut shard_health = vec![Health::default(); n];
+    // each shard's observations for the chunk at hand, taken in step order
+    let mut shard_obs: Vec<std::vec::IntoIter<Observation>> =
+        (0..n).map(|_| Vec::new().into_iter()).collect();
     let mut observed: Vec<Observation> = Vec::new();
     let mut swept: Vec<(u64, usize, Observation)> = Vec::new();
     for chunk in rx {
@@ -336,37 +346,35 @@ fn merge(
             let out = orx
                 .recv()
                 .map_err(|_| anyhow::anyhow!("shard worker {i} stopped"))?;
+            // a chunk's records are all taken at its steps: nothing of the last is left
+            debug_assert!(pending[i].is_empty() && shard_obs[i].len() == 0);
             pending[i].extend(out.records);
+            shard_obs[i] = out.obs.into_iter();
             shard_health[i] = out.health;
         }
         for step in &chunk.steps {
-            let mut take = |i: usize| {
-                let at = pending[i].front().is_some_and(|r| r.seq == step.seq);
-                at.then(|| pending[i].pop_front().expect("present"))
-            };
-            let mut records: Vec<(usize, Record)> = Vec::new();
-            for i in 0..n {
-                if (step.all || step.shard == Some(i))
-                    && let Some(r) = take(i)
-                {
-                    records.push((i, r));
-                }
-            }
             // the packet's own observations, then the sweep's groups by key
-            for (i, r) in records {
-                let Record {
-                    obs, lead, groups, ..
-                } = r;
-                let mut it = obs.into_iter();
-                if step.shard == Some(i) {
-                    observed.extend(it.by_ref().take(lead));
+            for i in 0..n {
+                let mine = step.shard == Some(i);
+                let here = pending[i].front().is_some_and(|r| r.seq == step.seq);
+                if !((step.all || mine) && here) {
+                    continue;
                 }
-                let mut start = lead;
+                let Record {
+                    start,
+                    lead,
+                    groups,
+                    ..
+                } = pending[i].pop_front().expect("present");
+                let it = &mut shard_obs[i];
+                // the packet's (only its own shard has any)
+                observed.extend(it.take(lead - start));
+                let mut from = lead;
                 for (key, end) in groups {
-                    for o in it.by_ref().take(end - start) {
+                    for o in it.take(end - from) {
                         swept.push((key, i, o));
                     }
-                    start = end;
+                    from = end;
                 }
             }
             // stable: one connection's observations keep their order
