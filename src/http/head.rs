@@ -112,7 +112,7 @@ fn keep(v: &[u8]) -> Option<String> {
     let v = &v[..v.len().min(MAX_VALUE)];
     if v.iter().all(|b| (0x20..0x7f).contains(b)) {
         // printable ASCII, the usual case: one copy
-        return std::str::from_utf8(v).ok().map(str::to_owned);
+        return crate::text::utf8(v).map(str::to_owned);
     }
     Some(
         String::from_utf8_lossy(v)
@@ -124,10 +124,7 @@ fn keep(v: &[u8]) -> Option<String> {
 
 fn body_header(body: &mut BodyHeaders, name: &str, value: &[u8]) {
     if name.eq_ignore_ascii_case("content-length") {
-        match std::str::from_utf8(value)
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-        {
+        match crate::text::utf8(value).and_then(|s| s.trim().parse::<u64>().ok()) {
             Some(n) => {
                 if body.content_length.is_some_and(|old| old != n) {
                     body.conflicting_length = true;
@@ -243,9 +240,8 @@ fn request_head(
         } else if name.eq_ignore_ascii_case("upgrade") {
             head.upgrade = true;
         } else if name.eq_ignore_ascii_case("traceparent") {
-            head.trace_context = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(TraceContext::from_traceparent);
+            head.trace_context =
+                crate::text::utf8(h.value).and_then(TraceContext::from_traceparent);
         } else if name.eq_ignore_ascii_case("x-trace-info") {
             osprofiler = osprofiler_ids(h.value);
         }
