@@ -356,7 +356,7 @@ impl Run {
     /// The process is about to exit, its files written: the store is closed and the rest
     /// (request trees, call and flow tables: millions of small allocations, freed one by one
     /// from a thread that did not make them after `--threads`) is left to the kernel, which
-    /// takes the whole address space back at once. Freeing it cost 2–4 % of a replay.
+    /// takes the whole address space back at once.
     pub fn exit_unfreed(self) {
         if let Ok(mut r) = self.outlet.sinks.requests.lock() {
             r.close_store();

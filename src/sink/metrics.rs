@@ -88,7 +88,7 @@ impl<M: Clone> Memo<M> {
 ///
 /// Its hasher has fixed keys: the keys are addresses, not text a sender chooses, and
 /// every lookup takes the map out of `Metrics` (`mem::take`), which with a random-keyed
-/// hasher drew new keys each time (1 % of a replay's instructions).
+/// hasher drew new random keys each time.
 struct ByName<M> {
     map: std::collections::HashMap<NamesKey, (M, [Option<Name>; 3]), FixedKeys>,
 }
