@@ -265,16 +265,13 @@ fn is_loopback(iface: &str) -> bool {
 /// interface the sent copy is the only one. Older kernels refuse it: nothing changes.
 fn ignore_outgoing(cap: &pcap::Capture<pcap::Active>) {
     use std::os::unix::io::AsRawFd;
-    // linux/if_packet.h and bits/socket.h; the libc crate does not export them
-    const SOL_PACKET: libc::c_int = 263;
-    const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
     let on: libc::c_int = 1;
     // SAFETY: a valid socket descriptor libpcap owns, and an int option of the right size
     let rc = unsafe {
         libc::setsockopt(
             cap.as_raw_fd(),
-            SOL_PACKET,
-            PACKET_IGNORE_OUTGOING,
+            libc::SOL_PACKET,
+            libc::PACKET_IGNORE_OUTGOING,
             (&on as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
