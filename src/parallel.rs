@@ -1,25 +1,35 @@
 //! The pipeline over several threads (`--threads N`): the probe's per-connection work
-//! sharded by connection over N workers, joined in one analyser, with exactly the signals
+//! sharded by connection over N shards, joined in one analyser, with exactly the signals
 //! one thread gives.
 //!
 //! ```text
 //! reader (the caller's thread)   Clock: each packet's time, step numbers, sweep points
 //!   ├─ chunk of steps ─→ shard 0..N   decode, TCP, AMQP/HTTP, oslo, REST (probe::Shard)
 //!   └─ the chunk's step list ─────────────────────────┐
-//! merger thread   per step: the packet's shard's observations, then every shard's
-//!                 sweep groups merged by sweep key → the analyser → the outlet
+//! joiner   per step: the packet's shard's observations, then every shard's sweep
+//!          groups merged by sweep key → the analyser → the outlet
 //! ```
+//!
+//! The stages are not threads. Each shard and the joiner is state behind a lock with a
+//! queue of chunks in front of it, and N threads (the reader and N - 1 helpers) take
+//! whichever stage has a chunk ready, their own first (the first helper's is the joiner,
+//! the reader's and the others' a shard each), so a stage's tables mostly stay in one
+//! core's cache. A thread blocks only when no stage has work, so the cores stay busy
+//! however the work falls between the stages (a thread per stage left a core idle a
+//! fifth of the time while the reader, a busy shard and the joiner waited on each
+//! other, and switched threads at every hand-over).
 //!
 //! Why it is identical to one thread: the reader alone decides time (`probe::Clock`), so
 //! every shard processes its packets at the times and with the step numbers one probe
 //! would (connection ids are step numbers); sweeps happen at the same steps in every
 //! shard, and one table's sweep output is ordered by a key (`FlowTable::sweep`) that
-//! merging the shards' outputs reproduces; the analyser sees the observations in one
-//! probe's order and advances at the same points. Table caps are split over the shards,
-//! so only a run that hits them (an eviction, counted) can differ.
+//! merging the shards' outputs reproduces; each stage takes its chunks in order, so the
+//! analyser sees the observations in one probe's order and advances at the same points.
+//! Table caps are split over the shards, so only a run that hits them (an eviction,
+//! counted) can differ.
 //!
-//! Every channel is bounded, and the reader sends a chunk to every shard before its step
-//! list to the merger, so a slow analyser holds the reader back instead of growing queues.
+//! Memory is bounded: the reader keeps at most `IN_FLIGHT` chunks between itself and
+//! the joiner, and helps with the stages instead of reading on while it is that far ahead.
 
 use crate::contract::Observation;
 use crate::health::Health;
@@ -27,14 +37,18 @@ use crate::probe::{self, Clock, DecodeCache, Each, Frame, Shard, Step};
 use crate::run::{Run, Tap};
 use crate::source::Packet;
 use crate::time::Ts;
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Steps per chunk: large enough that the channels cost nothing per packet.
+/// Steps per chunk: large enough that handing chunks over costs nothing per packet.
 const CHUNK_STEPS: usize = 1024;
-/// Chunks in flight per channel.
+/// Chunks read and not yet analysed, at most.
 const IN_FLIGHT: usize = 8;
+/// Spare chunk buffers kept per shard for the reader to fill again.
+const SPARES: usize = 4;
 /// Live capture: a chunk waits for more packets at most this long.
 const CHUNK_WAIT: Duration = Duration::from_millis(50);
 
@@ -55,7 +69,14 @@ struct ShardChunk {
     steps: Vec<ShardStep>,
 }
 
-/// A step as the merger sees it.
+impl ShardChunk {
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.steps.clear();
+    }
+}
+
+/// A step as the joiner sees it.
 struct MergeStep {
     seq: u64,
     clock: Ts,
@@ -90,8 +111,338 @@ struct Record {
 /// and a free from another thread each).
 struct ShardOut {
     obs: Vec<Observation>,
-    records: std::collections::VecDeque<Record>,
+    records: VecDeque<Record>,
     health: Health,
+}
+
+/// A shard's state: the per-connection work of its connections.
+struct ShardStage {
+    shard: Shard,
+    health: Health,
+    /// Scratch for `Shard::step`'s sweep groups.
+    groups: Vec<(u64, usize)>,
+}
+
+impl ShardStage {
+    /// One chunk's steps in order: their observations and where each step's are.
+    fn answer(&mut self, chunk: &ShardChunk) -> ShardOut {
+        let mut records = VecDeque::new();
+        let mut obs = Vec::new();
+        for s in &chunk.steps {
+            let step = Step {
+                seq: s.seq,
+                frame: s.frame.as_ref().map(|(linktype, r)| Frame {
+                    linktype: *linktype,
+                    data: &chunk.bytes[r.clone()],
+                }),
+                ts: s.ts,
+                clock: s.clock,
+                sweep: s.sweep,
+                end: s.end,
+            };
+            let start = obs.len();
+            let lead = self
+                .shard
+                .step(&step, &mut self.health, &mut obs, &mut self.groups);
+            if obs.len() == start {
+                continue;
+            }
+            records.push_back(Record {
+                seq: s.seq,
+                start,
+                lead,
+                // the shard clears it at the next step
+                groups: std::mem::take(&mut self.groups),
+            });
+        }
+        ShardOut {
+            obs,
+            records,
+            health: self.health.clone(),
+        }
+    }
+}
+
+/// The joiner's state: the run, and what it has taken of the shards' answers.
+struct Joiner {
+    run: Run,
+    pending: Vec<VecDeque<Record>>,
+    shard_health: Vec<Health>,
+    /// Each shard's observations for the chunk at hand, taken in step order.
+    shard_obs: Vec<std::vec::IntoIter<Observation>>,
+    observed: Vec<Observation>,
+    swept: Vec<(u64, usize, Observation)>,
+    /// The end of input has been analysed.
+    ended: bool,
+}
+
+impl Joiner {
+    fn new(run: Run, shards: usize) -> Joiner {
+        Joiner {
+            run,
+            pending: (0..shards).map(|_| VecDeque::new()).collect(),
+            shard_health: vec![Health::default(); shards],
+            shard_obs: (0..shards).map(|_| Vec::new().into_iter()).collect(),
+            observed: Vec::new(),
+            swept: Vec::new(),
+            ended: false,
+        }
+    }
+
+    /// One chunk's steps in order, each shard's records at their steps, into the run.
+    fn join(&mut self, chunk: MergeChunk, outs: Vec<ShardOut>) {
+        for (i, out) in outs.into_iter().enumerate() {
+            // a chunk's records are all taken at its steps: nothing of the last is left
+            debug_assert!(self.pending[i].is_empty() && self.shard_obs[i].len() == 0);
+            self.pending[i].extend(out.records);
+            self.shard_obs[i] = out.obs.into_iter();
+            self.shard_health[i] = out.health;
+        }
+        for step in &chunk.steps {
+            self.take_step(step);
+        }
+        let mut health = chunk.health.unwrap_or_default();
+        for h in &self.shard_health {
+            health.add(h);
+        }
+        self.run.pipeline.probe.health = health;
+        if chunk.end {
+            self.run.end_pass_analysed();
+            self.ended = true;
+        } else {
+            self.run.refresh(false);
+        }
+    }
+
+    /// The packet's own observations, then the sweep's groups by key; the analyser runs
+    /// after the last step of a reader call.
+    fn take_step(&mut self, step: &MergeStep) {
+        for i in 0..self.pending.len() {
+            let mine = step.shard == Some(i);
+            let here = self.pending[i].front().is_some_and(|r| r.seq == step.seq);
+            if !((step.all || mine) && here) {
+                continue;
+            }
+            let Record {
+                start,
+                lead,
+                groups,
+                ..
+            } = self.pending[i].pop_front().expect("present");
+            let it = &mut self.shard_obs[i];
+            // the packet's (only its own shard has any)
+            self.observed.extend(it.take(lead - start));
+            let mut from = lead;
+            for (key, end) in groups {
+                for o in it.take(end - from) {
+                    self.swept.push((key, i, o));
+                }
+                from = end;
+            }
+        }
+        // stable: one connection's observations keep their order
+        self.swept.sort_by_key(|(key, _, _)| *key);
+        self.observed
+            .extend(self.swept.drain(..).map(|(_, _, o)| o));
+        if step.last {
+            let sinks = &mut self.run.outlet.sinks;
+            self.run
+                .pipeline
+                .analyse_observed(step.clock, &mut self.observed, &mut |s| sinks.on_signal(s));
+        }
+    }
+}
+
+/// A shard's queues: chunks to do, answers for the joiner, buffers to fill again.
+#[derive(Default)]
+struct Queues {
+    todo: VecDeque<ShardChunk>,
+    done: VecDeque<ShardOut>,
+    spare: Vec<ShardChunk>,
+}
+
+/// One shard: its state, taken by one thread at a time, and its queues, held only
+/// while a chunk is put in or taken out.
+struct Lane {
+    stage: Mutex<ShardStage>,
+    queues: Mutex<Queues>,
+}
+
+/// Everything the threads share.
+struct Stages {
+    lanes: Vec<Lane>,
+    joiner: Mutex<Joiner>,
+    /// Step lists read and not yet joined, in order.
+    merges: Mutex<VecDeque<MergeChunk>>,
+    bell: Bell,
+}
+
+/// Wakes threads that found nothing to do when work arrives.
+#[derive(Default)]
+struct Bell {
+    /// Bumped whenever work arrives: a thread that saw no work since its reading of it
+    /// may sleep.
+    rung: Mutex<u64>,
+    ring: Condvar,
+    sleepers: AtomicUsize,
+    /// The helpers should exit (the end was joined, or the reader gave up).
+    stop: AtomicBool,
+    /// A thread panicked inside a stage: its lock is poisoned, the run cannot go on.
+    failed: AtomicBool,
+}
+
+impl Bell {
+    fn reading(&self) -> u64 {
+        *relock(&self.rung)
+    }
+
+    fn ring(&self) {
+        let mut rung = relock(&self.rung);
+        *rung += 1;
+        // no waker is needed when nobody sleeps (the count changes under this lock)
+        if self.sleepers.load(Ordering::Relaxed) > 0 {
+            self.ring.notify_all();
+        }
+    }
+
+    /// Sleeps until the bell rings after `seen`, or the run stops.
+    fn sleep(&self, seen: u64) {
+        let mut rung = relock(&self.rung);
+        self.sleepers.fetch_add(1, Ordering::Relaxed);
+        while *rung == seen && !self.stopping() {
+            rung = self.ring.wait(rung).unwrap_or_else(|e| e.into_inner());
+        }
+        self.sleepers.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire) || self.failed.load(Ordering::Acquire)
+    }
+
+    fn halt(&self, failed: bool) {
+        let flag = if failed { &self.failed } else { &self.stop };
+        flag.store(true, Ordering::Release);
+        let _rung = relock(&self.rung);
+        self.ring.notify_all();
+    }
+}
+
+/// A queue's lock. Nothing panics while one is held, so a poisoned one still holds
+/// whole queues.
+fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A stage's lock if no other thread holds it (a poisoned one is a failed run: the bell
+/// says so).
+fn try_take<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+    match m.try_lock() {
+        Ok(g) => Some(g),
+        Err(TryLockError::WouldBlock | TryLockError::Poisoned(_)) => None,
+    }
+}
+
+impl Stages {
+    /// Does one chunk of some stage's work, if any is ready: true if it did. A thread
+    /// keeps to its own stages when it can (`home`: the joiner, or shard `home - 1` and
+    /// then the next): their tables stay in its core's cache.
+    fn work_once(&self, home: usize) -> bool {
+        let n = self.lanes.len();
+        let shards = |first: usize| (0..n).any(|k| self.shard_once((first + k) % n));
+        if home == 0 {
+            self.join_once() || shards(n - 1)
+        } else {
+            shards(home - 1) || self.join_once()
+        }
+    }
+
+    /// The next step list, if every shard has answered its chunk.
+    fn join_once(&self) -> bool {
+        let Some(mut joiner) = try_take(&self.joiner) else {
+            return false;
+        };
+        let chunk = {
+            let mut merges = relock(&self.merges);
+            // each shard answers its chunks in order, one answer per chunk, and only
+            // the joiner takes answers: present now, present when taken below
+            let answered = self
+                .lanes
+                .iter()
+                .all(|l| !relock(&l.queues).done.is_empty());
+            if merges.is_empty() || !answered {
+                return false;
+            }
+            merges.pop_front().expect("checked")
+        };
+        let outs = self
+            .lanes
+            .iter()
+            .map(|l| relock(&l.queues).done.pop_front().expect("checked"))
+            .collect();
+        joiner.join(chunk, outs);
+        drop(joiner);
+        self.bell.ring();
+        true
+    }
+
+    /// Shard `i`'s next chunk, if it has one and no other thread is in it.
+    fn shard_once(&self, i: usize) -> bool {
+        let lane = &self.lanes[i];
+        let Some(mut stage) = try_take(&lane.stage) else {
+            return false;
+        };
+        let Some(chunk) = relock(&lane.queues).todo.pop_front() else {
+            return false;
+        };
+        let out = stage.answer(&chunk);
+        drop(stage);
+        {
+            let mut q = relock(&lane.queues);
+            q.done.push_back(out);
+            if q.spare.len() < SPARES {
+                q.spare.push(chunk);
+            }
+        }
+        self.bell.ring();
+        true
+    }
+
+    /// Works, or sleeps when there is nothing to do, until `done` holds or the run
+    /// stops. False if it stopped on a failure.
+    fn help_until(&self, home: usize, done: impl Fn(&Stages) -> bool) -> bool {
+        loop {
+            if self.bell.failed.load(Ordering::Acquire) {
+                return false;
+            }
+            if done(self) {
+                return true;
+            }
+            let seen = self.bell.reading();
+            if !self.work_once(home) && !done(self) {
+                self.bell.sleep(seen);
+            }
+        }
+    }
+}
+
+/// A helper thread: whatever stage is ready, until the run stops.
+fn help(stages: Arc<Stages>, home: usize) {
+    // a panic in a stage poisons its lock: tell the others, or they would wait for it
+    struct FailOnUnwind<'a>(&'a Bell);
+    impl Drop for FailOnUnwind<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                self.0.halt(true);
+            }
+        }
+    }
+    let _guard = FailOnUnwind(&stages.bell);
+    while !stages.bell.stopping() {
+        let seen = stages.bell.reading();
+        if !stages.work_once(home) {
+            stages.bell.sleep(seen);
+        }
+    }
 }
 
 /// The reader side, driven like a `Run` (it is the `Tap` the sources feed).
@@ -101,57 +452,52 @@ pub struct Parallel {
     shards: Vec<ShardChunk>,
     merge: MergeChunk,
     started: Instant,
-    to_shards: Vec<SyncSender<ShardChunk>>,
-    /// Chunks the shards are done with, to be filled again: a new chunk's buffers would
-    /// be fresh memory, and the kernel zeroing fresh pages cost more than the copies
-    /// that fill them.
-    spare: Vec<Receiver<ShardChunk>>,
-    to_merger: Option<SyncSender<MergeChunk>>,
-    workers: Vec<JoinHandle<()>>,
-    merger: Option<JoinHandle<anyhow::Result<Run>>>,
+    stages: Arc<Stages>,
+    helpers: Vec<JoinHandle<()>>,
     /// Live capture: chunks also go out when they are `CHUNK_WAIT` old.
     live: bool,
 }
 
 impl Parallel {
-    /// Runs `run`'s pipeline over `threads` shard workers and one analyser thread.
+    /// Runs `run`'s pipeline sharded over `threads` shards, on the caller's thread and
+    /// `threads - 1` helpers.
     pub fn new(run: Run, threads: usize, live: bool) -> anyhow::Result<Parallel> {
         let n = threads.max(1);
         let cfg = run.pipeline.config().clone();
-        let mut to_shards = Vec::new();
-        let mut spare = Vec::new();
-        let mut outs = Vec::new();
-        let mut workers = Vec::new();
         let bodies = DecodeCache::new(cfg.amqp.decode_cache_entries);
-        for i in 0..n {
-            let (tx, rx) = sync_channel::<ShardChunk>(IN_FLIGHT);
-            let (back_tx, back_rx) = sync_channel::<ShardChunk>(IN_FLIGHT);
-            let (otx, orx) = sync_channel::<ShardOut>(IN_FLIGHT);
-            let shard = Shard::new(&cfg, n, bodies.clone());
-            workers.push(
+        let lanes = (0..n)
+            .map(|_| Lane {
+                stage: Mutex::new(ShardStage {
+                    shard: Shard::new(&cfg, n, bodies.clone()),
+                    health: Health::default(),
+                    groups: Vec::new(),
+                }),
+                queues: Mutex::new(Queues::default()),
+            })
+            .collect();
+        let stages = Arc::new(Stages {
+            lanes,
+            joiner: Mutex::new(Joiner::new(run, n)),
+            merges: Mutex::new(VecDeque::new()),
+            bell: Bell::default(),
+        });
+        let mut helpers = Vec::new();
+        for i in 1..n {
+            let stages = stages.clone();
+            helpers.push(
                 std::thread::Builder::new()
-                    .name(format!("stacktap-shard-{i}"))
-                    .spawn(move || work(shard, rx, back_tx, otx))?,
+                    .name(format!("stacktap-work-{i}"))
+                    .spawn(move || help(stages, if i == 1 { 0 } else { i }))?,
             );
-            to_shards.push(tx);
-            spare.push(back_rx);
-            outs.push(orx);
         }
-        let (mtx, mrx) = sync_channel::<MergeChunk>(IN_FLIGHT);
-        let merger = std::thread::Builder::new()
-            .name("stacktap-analyser".into())
-            .spawn(move || merge(run, mrx, outs))?;
         Ok(Parallel {
             clock: Clock::new(&cfg),
             health: Health::default(),
             shards: (0..n).map(|_| ShardChunk::default()).collect(),
             merge: MergeChunk::default(),
             started: Instant::now(),
-            to_shards,
-            spare,
-            to_merger: Some(mtx),
-            workers,
-            merger: Some(merger),
+            stages,
+            helpers,
             live,
         })
     }
@@ -174,17 +520,26 @@ impl Parallel {
         self.place(|clock, health, each| clock.finish(health, each));
         self.merge.end = true;
         self.end_call(true);
-        self.to_shards.clear();
-        self.to_merger = None;
-        for w in self.workers.drain(..) {
-            w.join()
-                .map_err(|_| anyhow::anyhow!("a shard worker panicked"))?;
+        let joined = self
+            .stages
+            .help_until(1, |s| try_take(&s.joiner).is_some_and(|j| j.ended));
+        self.stages.bell.halt(!joined);
+        let mut panicked = !joined;
+        for h in self.helpers.drain(..) {
+            panicked |= h.join().is_err();
         }
-        self.merger
-            .take()
-            .expect("joined once")
-            .join()
-            .map_err(|_| anyhow::anyhow!("the analyser thread panicked"))?
+        if panicked {
+            anyhow::bail!("a worker thread panicked");
+        }
+        let stages = Arc::clone(&self.stages);
+        drop(self);
+        let stages =
+            Arc::try_unwrap(stages).map_err(|_| anyhow::anyhow!("a worker thread still runs"))?;
+        let joiner = stages
+            .joiner
+            .into_inner()
+            .map_err(|_| anyhow::anyhow!("the analyser panicked"))?;
+        Ok(joiner.run)
     }
 
     /// Marks the end of one reader call and sends the chunk when it is full (or old).
@@ -199,35 +554,50 @@ impl Parallel {
         }
     }
 
+    /// Hands the chunk to the stages, after helping them until fewer than `IN_FLIGHT`
+    /// chunks wait to be joined.
     fn send(&mut self) {
         self.started = Instant::now();
-        for ((tx, back), chunk) in self.to_shards.iter().zip(&self.spare).zip(&mut self.shards) {
-            // the next chunk is one the shard has finished with, else one at the size of
-            // this one (grown by doubling, its bytes would be copied over and over)
-            let next = match back.try_recv() {
-                Ok(mut used) => {
-                    used.bytes.clear();
-                    used.steps.clear();
+        let stages = &self.stages;
+        if !stages.help_until(1, |s| relock(&s.merges).len() < IN_FLIGHT) {
+            // a stage failed (`finish` reports it): what is read is dropped, not kept
+            self.shards.iter_mut().for_each(ShardChunk::clear);
+            self.merge = MergeChunk::default();
+            return;
+        }
+        for (lane, chunk) in stages.lanes.iter().zip(&mut self.shards) {
+            let mut q = relock(&lane.queues);
+            // the next chunk is one a shard has finished with, else one at the size of
+            // this one (grown by doubling, its bytes would be copied over and over; and
+            // fresh memory costs the kernel's zeroing of its pages)
+            let next = match q.spare.pop() {
+                Some(mut used) => {
+                    used.clear();
                     used
                 }
-                Err(_) => ShardChunk {
+                None => ShardChunk {
                     bytes: Vec::with_capacity(chunk.bytes.capacity()),
                     steps: Vec::with_capacity(chunk.steps.capacity()),
                 },
             };
-            // a worker gone is a worker that panicked: the join reports it
-            let _ = tx.send(std::mem::replace(chunk, next));
+            q.todo.push_back(std::mem::replace(chunk, next));
         }
         let mut chunk = std::mem::take(&mut self.merge);
         chunk.health = Some(self.health.clone());
-        if let Some(tx) = &self.to_merger {
-            let _ = tx.send(chunk);
-        }
+        relock(&stages.merges).push_back(chunk);
+        stages.bell.ring();
+    }
+}
+
+impl Drop for Parallel {
+    /// A reader that gives up early (an error, a panic) lets the helpers go.
+    fn drop(&mut self) {
+        self.stages.bell.halt(false);
     }
 }
 
 /// Puts one step in the chunk: the packet to its connection's shard, a sweep or the end
-/// to every shard, and the step in the merger's list.
+/// to every shard, and the step in the joiner's list.
 fn place(step: &Step, shards: &mut [ShardChunk], merge: &mut MergeChunk) {
     let n = shards.len();
     let home = step.frame.map(|f| probe::shard_of(f, n));
@@ -274,128 +644,4 @@ impl Tap for Parallel {
     fn source_stats(&mut self, st: &crate::source::SourceStats) {
         self.health.source_stats(st);
     }
-}
-
-/// A shard worker: each chunk's steps in order, one answer per chunk.
-fn work(
-    mut shard: Shard,
-    rx: Receiver<ShardChunk>,
-    back: SyncSender<ShardChunk>,
-    tx: SyncSender<ShardOut>,
-) {
-    let mut health = Health::default();
-    let mut groups = Vec::new();
-    for chunk in rx {
-        let mut records = std::collections::VecDeque::new();
-        let mut obs = Vec::new();
-        for s in &chunk.steps {
-            let step = Step {
-                seq: s.seq,
-                frame: s.frame.as_ref().map(|(linktype, r)| Frame {
-                    linktype: *linktype,
-                    data: &chunk.bytes[r.clone()],
-                }),
-                ts: s.ts,
-                clock: s.clock,
-                sweep: s.sweep,
-                end: s.end,
-            };
-            let start = obs.len();
-            let lead = shard.step(&step, &mut health, &mut obs, &mut groups);
-            if obs.len() == start {
-                continue;
-            }
-            records.push_back(Record {
-                seq: s.seq,
-                start,
-                lead,
-                // the shard clears it at the next step
-                groups: std::mem::take(&mut groups),
-            });
-        }
-        // back to the reader to fill again (dropped if it has enough spares)
-        let _ = back.try_send(chunk);
-        let out = ShardOut {
-            obs,
-            records,
-            health: health.clone(),
-        };
-        if tx.send(out).is_err() {
-            return; // the analyser is gone: its join reports why
-        }
-    }
-}
-
-/// The merger: the steps in order, each shard's records at their steps, into the run.
-fn merge(
-    mut run: Run,
-    rx: Receiver<MergeChunk>,
-    outs: Vec<Receiver<ShardOut>>,
-) -> anyhow::Result<Run> {
-    let n = outs.len();
-    let mut pending: Vec<std::collections::VecDeque<Record>> =
-        (0..n).map(|_| Default::default()).collect();
-    let mut shard_health = vec![Health::default(); n];
-    // each shard's observations for the chunk at hand, taken in step order
-    let mut shard_obs: Vec<std::vec::IntoIter<Observation>> =
-        (0..n).map(|_| Vec::new().into_iter()).collect();
-    let mut observed: Vec<Observation> = Vec::new();
-    let mut swept: Vec<(u64, usize, Observation)> = Vec::new();
-    for chunk in rx {
-        for (i, orx) in outs.iter().enumerate() {
-            let out = orx
-                .recv()
-                .map_err(|_| anyhow::anyhow!("shard worker {i} stopped"))?;
-            // a chunk's records are all taken at its steps: nothing of the last is left
-            debug_assert!(pending[i].is_empty() && shard_obs[i].len() == 0);
-            pending[i].extend(out.records);
-            shard_obs[i] = out.obs.into_iter();
-            shard_health[i] = out.health;
-        }
-        for step in &chunk.steps {
-            // the packet's own observations, then the sweep's groups by key
-            for i in 0..n {
-                let mine = step.shard == Some(i);
-                let here = pending[i].front().is_some_and(|r| r.seq == step.seq);
-                if !((step.all || mine) && here) {
-                    continue;
-                }
-                let Record {
-                    start,
-                    lead,
-                    groups,
-                    ..
-                } = pending[i].pop_front().expect("present");
-                let it = &mut shard_obs[i];
-                // the packet's (only its own shard has any)
-                observed.extend(it.take(lead - start));
-                let mut from = lead;
-                for (key, end) in groups {
-                    for o in it.take(end - from) {
-                        swept.push((key, i, o));
-                    }
-                    from = end;
-                }
-            }
-            // stable: one connection's observations keep their order
-            swept.sort_by_key(|(key, _, _)| *key);
-            observed.extend(swept.drain(..).map(|(_, _, o)| o));
-            if step.last {
-                let sinks = &mut run.outlet.sinks;
-                run.pipeline
-                    .analyse_observed(step.clock, &mut observed, &mut |s| sinks.on_signal(s));
-            }
-        }
-        let mut health = chunk.health.unwrap_or_default();
-        for h in &shard_health {
-            health.add(h);
-        }
-        run.pipeline.probe.health = health;
-        if chunk.end {
-            run.end_pass_analysed();
-            return Ok(run);
-        }
-        run.refresh(false);
-    }
-    anyhow::bail!("the reader stopped before the end of input")
 }
