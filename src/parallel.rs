@@ -39,7 +39,7 @@ use crate::source::Packet;
 use crate::time::Ts;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -336,10 +336,7 @@ fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A stage's lock if no other thread holds it (a poisoned one is a failed run: the bell
 /// says so).
 fn try_take<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
-    match m.try_lock() {
-        Ok(g) => Some(g),
-        Err(TryLockError::WouldBlock | TryLockError::Poisoned(_)) => None,
-    }
+    m.try_lock().ok()
 }
 
 impl Stages {
