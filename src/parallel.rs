@@ -172,8 +172,6 @@ struct Joiner {
     shard_obs: Vec<std::vec::IntoIter<Observation>>,
     observed: Vec<Observation>,
     swept: Vec<(u64, usize, Observation)>,
-    /// The end of input has been analysed.
-    ended: bool,
 }
 
 impl Joiner {
@@ -185,12 +183,12 @@ impl Joiner {
             shard_obs: (0..shards).map(|_| Vec::new().into_iter()).collect(),
             observed: Vec::new(),
             swept: Vec::new(),
-            ended: false,
         }
     }
 
     /// One chunk's steps in order, each shard's records at their steps, into the run.
-    fn join(&mut self, chunk: MergeChunk, outs: Vec<ShardOut>) {
+    /// True if it was the end of input.
+    fn join(&mut self, chunk: MergeChunk, outs: Vec<ShardOut>) -> bool {
         for (i, out) in outs.into_iter().enumerate() {
             // a chunk's records are all taken at its steps: nothing of the last is left
             debug_assert!(self.pending[i].is_empty() && self.shard_obs[i].len() == 0);
@@ -208,10 +206,10 @@ impl Joiner {
         self.run.pipeline.probe.health = health;
         if chunk.end {
             self.run.end_pass_analysed();
-            self.ended = true;
         } else {
             self.run.refresh(false);
         }
+        chunk.end
     }
 
     /// The packet's own observations, then the sweep's groups by key; the analyser runs
@@ -274,6 +272,9 @@ struct Stages {
     joiner: Mutex<Joiner>,
     /// Step lists read and not yet joined, in order.
     merges: Mutex<VecDeque<MergeChunk>>,
+    /// The end of input has been joined (read without taking the joiner's lock, which
+    /// a thread looking for work would then find taken).
+    ended: AtomicBool,
     bell: Bell,
 }
 
@@ -376,7 +377,9 @@ impl Stages {
             .iter()
             .map(|l| relock(&l.queues).done.pop_front().expect("checked"))
             .collect();
-        joiner.join(chunk, outs);
+        if joiner.join(chunk, outs) {
+            self.ended.store(true, Ordering::Release);
+        }
         drop(joiner);
         self.bell.ring();
         true
@@ -476,6 +479,7 @@ impl Parallel {
             lanes,
             joiner: Mutex::new(Joiner::new(run, n)),
             merges: Mutex::new(VecDeque::new()),
+            ended: AtomicBool::new(false),
             bell: Bell::default(),
         });
         let mut helpers = Vec::new();
@@ -519,7 +523,7 @@ impl Parallel {
         self.end_call(true);
         let joined = self
             .stages
-            .help_until(1, |s| try_take(&s.joiner).is_some_and(|j| j.ended));
+            .help_until(1, |s| s.ended.load(Ordering::Acquire));
         self.stages.bell.halt(!joined);
         let mut panicked = !joined;
         for h in self.helpers.drain(..) {
