@@ -70,13 +70,19 @@ impl Analyser {
             .advance(self.clock, &mut self.health, &mut self.signals);
     }
 
-    /// One observation (at its own time, which may lag the clock).
-    pub fn observe(&mut self, o: Observation) {
+    /// One observation (at its own time, which may lag the clock). An exchange is taken
+    /// out of it (its texts move into the event); the rest is only read, so the caller
+    /// frees it: with `--threads`, on the thread that made it (`src/parallel.rs`), where
+    /// a free costs a fraction of one from another thread.
+    pub fn observe(&mut self, o: &mut Observation) {
         if o.t > self.clock {
             self.advance(o.t);
         }
-        match o.what {
-            Obs::Http(h) => {
+        match &o.what {
+            Obs::Http(_) => {
+                let Obs::Http(h) = std::mem::replace(&mut o.what, Obs::Tick) else {
+                    unreachable!("matched above")
+                };
                 let ev = self
                     .rest
                     .event(*h, self.correlator.addresses(), &mut self.health);
@@ -85,7 +91,7 @@ impl Analyser {
             Obs::Tick | Obs::ProbeStats(_) | Obs::End => {}
             other => self
                 .correlator
-                .on_obs(o.t, &other, &mut self.health, &mut self.signals),
+                .on_obs(o.t, other, &mut self.health, &mut self.signals),
         }
     }
 

@@ -106,9 +106,9 @@ struct Record {
     groups: Vec<(u64, usize)>,
 }
 
-/// One shard's answer to a chunk: the observations of all its steps in one vector, made
-/// here and freed by the analyser once per chunk (a vector per step cost an allocation
-/// and a free from another thread each).
+/// One shard's answer to a chunk: the observations of all its steps in one vector (a
+/// vector per step cost an allocation and a free from another thread each), which comes
+/// back analysed to be freed here.
 struct ShardOut {
     obs: Vec<Observation>,
     records: VecDeque<Record>,
@@ -124,10 +124,11 @@ struct ShardStage {
 }
 
 impl ShardStage {
-    /// One chunk's steps in order: their observations and where each step's are.
-    fn answer(&mut self, chunk: &ShardChunk) -> ShardOut {
+    /// One chunk's steps in order: their observations (in `obs`, once the analysed ones
+    /// it holds are freed) and where each step's are.
+    fn answer(&mut self, chunk: &ShardChunk, mut obs: Vec<Observation>) -> ShardOut {
+        obs.clear();
         let mut records = VecDeque::new();
-        let mut obs = Vec::new();
         for s in &chunk.steps {
             let step = Step {
                 seq: s.seq,
@@ -168,10 +169,12 @@ struct Joiner {
     run: Run,
     pending: Vec<VecDeque<Record>>,
     shard_health: Vec<Health>,
-    /// Each shard's observations for the chunk at hand, taken in step order.
-    shard_obs: Vec<std::vec::IntoIter<Observation>>,
-    observed: Vec<Observation>,
-    swept: Vec<(u64, usize, Observation)>,
+    /// Each shard's observations for the chunk at hand. The analyser only reads them
+    /// (`Analyser::observe`); the vectors go back to their shards to be freed there.
+    shard_obs: Vec<Vec<Observation>>,
+    /// (shard, index in its `shard_obs`) of the observations to analyse next, in order.
+    observed: Vec<(usize, usize)>,
+    swept: Vec<(u64, usize, usize)>,
 }
 
 impl Joiner {
@@ -180,10 +183,16 @@ impl Joiner {
             run,
             pending: (0..shards).map(|_| VecDeque::new()).collect(),
             shard_health: vec![Health::default(); shards],
-            shard_obs: (0..shards).map(|_| Vec::new().into_iter()).collect(),
+            shard_obs: (0..shards).map(|_| Vec::new()).collect(),
             observed: Vec::new(),
             swept: Vec::new(),
         }
+    }
+
+    /// The observation vectors of the chunk just joined, one per shard, each analysed
+    /// to the last.
+    fn spent(&mut self) -> impl Iterator<Item = Vec<Observation>> + '_ {
+        self.shard_obs.iter_mut().map(std::mem::take)
     }
 
     /// One chunk's steps in order, each shard's records at their steps, into the run.
@@ -191,9 +200,9 @@ impl Joiner {
     fn join(&mut self, chunk: MergeChunk, outs: Vec<ShardOut>) -> bool {
         for (i, out) in outs.into_iter().enumerate() {
             // a chunk's records are all taken at its steps: nothing of the last is left
-            debug_assert!(self.pending[i].is_empty() && self.shard_obs[i].len() == 0);
+            debug_assert!(self.pending[i].is_empty() && self.shard_obs[i].is_empty());
             self.pending[i].extend(out.records);
-            self.shard_obs[i] = out.obs.into_iter();
+            self.shard_obs[i] = out.obs;
             self.shard_health[i] = out.health;
         }
         for step in &chunk.steps {
@@ -227,26 +236,30 @@ impl Joiner {
                 groups,
                 ..
             } = self.pending[i].pop_front().expect("present");
-            let it = &mut self.shard_obs[i];
             // the packet's (only its own shard has any)
-            self.observed.extend(it.take(lead - start));
+            self.observed.extend((start..lead).map(|k| (i, k)));
             let mut from = lead;
             for (key, end) in groups {
-                for o in it.take(end - from) {
-                    self.swept.push((key, i, o));
-                }
+                self.swept.extend((from..end).map(|k| (key, i, k)));
                 from = end;
             }
         }
         // stable: one connection's observations keep their order
         self.swept.sort_by_key(|(key, _, _)| *key);
         self.observed
-            .extend(self.swept.drain(..).map(|(_, _, o)| o));
+            .extend(self.swept.drain(..).map(|(_, i, k)| (i, k)));
         if step.last {
+            let (observed, obs) = (&mut self.observed, &mut self.shard_obs);
             let sinks = &mut self.run.outlet.sinks;
-            self.run
-                .pipeline
-                .analyse_observed(step.clock, &mut self.observed, &mut |s| sinks.on_signal(s));
+            self.run.pipeline.analyse_observed(
+                step.clock,
+                |observe| {
+                    observed
+                        .drain(..)
+                        .for_each(|(i, k)| observe(&mut obs[i][k]))
+                },
+                &mut |s| sinks.on_signal(s),
+            );
         }
     }
 }
@@ -257,6 +270,9 @@ struct Queues {
     todo: VecDeque<ShardChunk>,
     done: VecDeque<ShardOut>,
     spare: Vec<ShardChunk>,
+    /// Answers' observations the joiner has analysed, to be freed by the shard (where
+    /// they were allocated) as it answers its next chunk into the same vector.
+    spent: Vec<Vec<Observation>>,
 }
 
 /// One shard: its state, taken by one thread at a time, and its queues, held only
@@ -380,6 +396,17 @@ impl Stages {
         if joiner.join(chunk, outs) {
             self.ended.store(true, Ordering::Release);
         }
+        for (lane, obs) in self.lanes.iter().zip(joiner.spent()) {
+            let mut q = relock(&lane.queues);
+            if q.spent.len() < SPARES {
+                q.spent.push(obs);
+            } else {
+                // more than the shard will reuse (it answers each chunk before the
+                // join): freed here, not under its lock
+                drop(q);
+                drop(obs);
+            }
+        }
         drop(joiner);
         self.bell.ring();
         true
@@ -391,10 +418,14 @@ impl Stages {
         let Some(mut stage) = try_take(&lane.stage) else {
             return false;
         };
-        let Some(chunk) = relock(&lane.queues).todo.pop_front() else {
-            return false;
+        let (chunk, spent) = {
+            let mut q = relock(&lane.queues);
+            let Some(chunk) = q.todo.pop_front() else {
+                return false;
+            };
+            (chunk, q.spent.pop().unwrap_or_default())
         };
-        let out = stage.answer(&chunk);
+        let out = stage.answer(&chunk, spent);
         drop(stage);
         {
             let mut q = relock(&lane.queues);

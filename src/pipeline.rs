@@ -54,24 +54,23 @@ impl Pipeline {
     /// The analyser's clock follows the probe's; then what the probe saw is observed.
     fn analyse(&mut self, sink: &mut dyn FnMut(&Signal)) {
         self.analyser.advance(self.probe.clock());
-        for o in self.observed.drain(..) {
-            self.analyser.observe(o);
+        for mut o in self.observed.drain(..) {
+            self.analyser.observe(&mut o);
         }
         self.analyser.flush(sink);
     }
 
     /// Observations a probe made elsewhere (the shards of `src/parallel.rs`) up to
-    /// `clock`, analysed as `packet` analyses its own.
+    /// `clock`, analysed as `packet` analyses its own: `feed` hands each to the analyser
+    /// in order, and keeps them (to be freed where they were made).
     pub fn analyse_observed(
         &mut self,
         clock: Ts,
-        observed: &mut Vec<Observation>,
+        feed: impl FnOnce(&mut dyn FnMut(&mut Observation)),
         sink: &mut dyn FnMut(&Signal),
     ) {
         self.analyser.advance(clock);
-        for o in observed.drain(..) {
-            self.analyser.observe(o);
-        }
+        feed(&mut |o| self.analyser.observe(o));
         self.analyser.flush(sink);
     }
 
