@@ -70,22 +70,18 @@ impl Analyser {
             .advance(self.clock, &mut self.health, &mut self.signals);
     }
 
-    /// One observation (at its own time, which may lag the clock). An exchange is taken
-    /// out of it (its texts move into the event); the rest is only read, so the caller
-    /// frees it: with `--threads`, on the thread that made it (`src/parallel.rs`), where
-    /// a free costs a fraction of one from another thread.
-    pub fn observe(&mut self, o: &mut Observation) {
+    /// One observation (at its own time, which may lag the clock). It is only read, so
+    /// the caller frees it: with `--threads`, on the thread that made it
+    /// (`src/parallel.rs`), where a free costs a fraction of one from another thread.
+    pub fn observe(&mut self, o: &Observation) {
         if o.t > self.clock {
             self.advance(o.t);
         }
         match &o.what {
-            Obs::Http(_) => {
-                let Obs::Http(h) = std::mem::replace(&mut o.what, Obs::Tick) else {
-                    unreachable!("matched above")
-                };
+            Obs::Http(h) => {
                 let ev = self
                     .rest
-                    .event(*h, self.correlator.addresses(), &mut self.health);
+                    .event(h, self.correlator.addresses(), &mut self.health);
                 self.signals.push(Signal::Event(Event::Http(Box::new(ev))));
             }
             Obs::Tick | Obs::ProbeStats(_) | Obs::End => {}

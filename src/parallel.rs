@@ -249,15 +249,11 @@ impl Joiner {
         self.observed
             .extend(self.swept.drain(..).map(|(_, i, k)| (i, k)));
         if step.last {
-            let (observed, obs) = (&mut self.observed, &mut self.shard_obs);
+            let (observed, obs) = (&mut self.observed, &self.shard_obs);
             let sinks = &mut self.run.outlet.sinks;
             self.run.pipeline.analyse_observed(
                 step.clock,
-                |observe| {
-                    observed
-                        .drain(..)
-                        .for_each(|(i, k)| observe(&mut obs[i][k]))
-                },
+                |observe| observed.drain(..).for_each(|(i, k)| observe(&obs[i][k])),
                 &mut |s| sinks.on_signal(s),
             );
         }

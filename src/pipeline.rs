@@ -54,8 +54,8 @@ impl Pipeline {
     /// The analyser's clock follows the probe's; then what the probe saw is observed.
     fn analyse(&mut self, sink: &mut dyn FnMut(&Signal)) {
         self.analyser.advance(self.probe.clock());
-        for mut o in self.observed.drain(..) {
-            self.analyser.observe(&mut o);
+        for o in self.observed.drain(..) {
+            self.analyser.observe(&o);
         }
         self.analyser.flush(sink);
     }
@@ -66,7 +66,7 @@ impl Pipeline {
     pub fn analyse_observed(
         &mut self,
         clock: Ts,
-        feed: impl FnOnce(&mut dyn FnMut(&mut Observation)),
+        feed: impl FnOnce(&mut dyn FnMut(&Observation)),
         sink: &mut dyn FnMut(&Signal),
     ) {
         self.analyser.advance(clock);

@@ -247,7 +247,9 @@ impl RestEvents {
         t
     }
 
-    pub fn event(&mut self, o: HttpObs, book: &mut AddressBook, h: &mut Health) -> HttpEvent {
+    /// The event of one exchange. Its texts are copied, not taken: the observation is
+    /// freed where it was made (see `Analyser::observe`).
+    pub fn event(&mut self, o: &HttpObs, book: &mut AddressBook, h: &mut Health) -> HttpEvent {
         let route = self.route(o.service.as_ref(), &o.route, h);
         if let Some(svc) = &o.service {
             book.learn_rest_caller(o.server.ip, services::api_process(svc));
@@ -263,12 +265,12 @@ impl RestEvents {
         let secs = |t: crate::time::Ts| t.as_secs_f64();
         HttpEvent {
             client,
-            user_agent: o.user_agent,
-            service: o.service,
+            user_agent: o.user_agent.clone(),
+            service: o.service.clone(),
             server: o.server.text(),
             method: o.method,
             route,
-            path: o.path,
+            path: o.path.clone(),
             status: o.status,
             t_request: secs(o.t_request),
             t_response: o.t_response.map(secs),
@@ -277,12 +279,12 @@ impl RestEvents {
                 .t_response_end
                 .filter(|_| o.end == HttpEnd::Complete)
                 .map(|e| e.secs_since(o.t_request)),
-            request_id: o.request_id,
-            global_request_id: o.global_request_id,
+            request_id: o.request_id.clone(),
+            global_request_id: o.global_request_id.clone(),
             trace_context: o.trace_context,
             outcome,
             truncated: o.end == HttpEnd::Truncated,
-            error: o.fault,
+            error: o.fault.clone(),
         }
     }
 }
