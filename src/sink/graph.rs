@@ -6,7 +6,7 @@
 //! of packet time (`slot_s` wide, `window_s` of them kept) and as a running total, so a
 //! report can cover the last minute, the last quarter hour or everything since the start.
 
-use super::sketch::{Quantiles, Sketch};
+use super::sketch::{Quantiles, Sample, Sketch};
 use crate::FastMap as HashMap;
 use crate::contract::{Event, HttpEvent, HttpOutcome, Outcome, RpcEvent};
 use crate::openstack::services::{EXTERNAL, api_process, is_user_side};
@@ -467,19 +467,23 @@ impl Graph {
             }
             stats.recent_errors.push_back(err);
         }
+        let latency = seen.latency.and_then(Sample::of);
+        let split = seen
+            .split
+            .map(|parts| parts.map(|v| v.and_then(Sample::of)));
         // a packet stamped before the newest slot (clock regression) counts in the newest
         for slot in [stats.slots.back_mut().expect("pushed"), &mut stats.total] {
             slot.requests += 1;
             slot.errors += seen.failed as u64;
             slot.timeouts += seen.timed_out as u64;
-            if let Some(v) = seen.latency {
-                slot.latency.observe(v);
+            if let Some(s) = latency {
+                slot.latency.take(s);
             }
-            if let Some(parts) = seen.split {
+            if let Some(parts) = split {
                 let sk = slot.split.get_or_insert_with(Default::default);
-                for (s, v) in sk.iter_mut().zip(parts) {
-                    if let Some(v) = v {
-                        s.observe(v);
+                for (sketch, s) in sk.iter_mut().zip(parts) {
+                    if let Some(s) = s {
+                        sketch.take(s);
                     }
                 }
             }

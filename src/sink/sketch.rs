@@ -29,18 +29,46 @@ pub struct Quantiles {
     pub max: f64,
 }
 
-impl Sketch {
-    pub fn observe(&mut self, v: f64) {
-        let v = if v.is_finite() { v.max(0.0) } else { return };
-        let i = if v <= MIN {
+/// A value with its bucket worked out, to observe into several sketches for the price
+/// of one logarithm (the graph counts each latency in its time slot and in the total).
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    value: f64,
+    bucket: usize,
+}
+
+impl Sample {
+    /// None for a value no sketch counts (not finite).
+    pub fn of(v: f64) -> Option<Sample> {
+        let value = if v.is_finite() {
+            v.max(0.0)
+        } else {
+            return None;
+        };
+        let bucket = if value <= MIN {
             0
         } else {
-            ((v / MIN).ln() / GROWTH.ln()).ceil() as usize
+            ((value / MIN).ln() / GROWTH.ln()).ceil() as usize
         };
-        self.add(i.min(BUCKETS - 1), 1);
+        Some(Sample {
+            value,
+            bucket: bucket.min(BUCKETS - 1),
+        })
+    }
+}
+
+impl Sketch {
+    pub fn observe(&mut self, v: f64) {
+        if let Some(s) = Sample::of(v) {
+            self.take(s);
+        }
+    }
+
+    pub fn take(&mut self, s: Sample) {
+        self.add(s.bucket, 1);
         self.count += 1;
-        self.sum += v;
-        self.max = self.max.max(v);
+        self.sum += s.value;
+        self.max = self.max.max(s.value);
     }
 
     /// Adds another sketch's observations (for windows made of slots).
