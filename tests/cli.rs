@@ -272,3 +272,31 @@ fn stage_cost_splits_a_replay_into_stages_that_add_up() {
         "stages {sum} against {total}:\n{text}"
     );
 }
+
+#[test]
+fn ab_reports_each_command_in_turn_and_stops_at_a_failure() {
+    let ab = |args: &[&str]| {
+        std::process::Command::new(repo().join("scripts/ab"))
+            .args(args)
+            .output()
+            .expect("run scripts/ab (needs python3)")
+    };
+    let out = ab(&["3", "fast=true", "slow=sleep 0.05"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let wall = |label: &str| -> f64 {
+        let line = text.lines().find(|l| l.starts_with(label)).expect(label);
+        assert!(line.ends_with("(median of 3)"), "{line}");
+        line.split_whitespace().nth(2).unwrap().parse().unwrap()
+    };
+    // a sleep of 50 ms cannot take less than that; `true` takes far less
+    assert!(
+        wall("slow") >= 50.0 && wall("fast") < wall("slow"),
+        "{text}"
+    );
+    let failed = ab(&["2", "ok=true", "broken=sh -c 'echo cause >&2; exit 3'"]);
+    let said = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(1), "{said}");
+    assert!(said.contains("broken failed (exit 3): cause"), "{said}");
+    assert_eq!(ab(&["2", "no label"]).status.code(), Some(2));
+}
