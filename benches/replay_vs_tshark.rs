@@ -121,13 +121,13 @@ fn bench(bin: &Path, file: &Path) {
             .fold((f64::MAX, f64::MAX), |a, b| (a.0.min(b.0), a.1.min(b.1)))
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let ours = |threads: usize| {
-        time(
-            Command::new(bin)
-                .args(["replay", "--threads", &threads.to_string()])
-                .arg(file),
-        )
+    let replay = |threads: usize| {
+        let mut c = Command::new(bin);
+        c.args(["replay", "--threads", &threads.to_string()])
+            .arg(file);
+        c
     };
+    let ours = |threads: usize| time(&mut replay(threads));
     // one thread and every core in turn, so that each pair of runs meets the VM in the
     // same mood: the median of the pairs' ratios is steadier than the ratio of two bests
     let mut ceilings = Vec::new();
@@ -136,11 +136,7 @@ fn bench(bin: &Path, file: &Path) {
             let (one, all) = (ours(1), ours(cores));
             // the machine's own ceiling: `cores` one-thread replays sharing nothing but the
             // machine; no N-thread run can gain more than these do over one
-            let together = time_together(cores, || {
-                let mut c = Command::new(bin);
-                c.args(["replay", "--threads", "1"]).arg(file);
-                c
-            });
+            let together = time_together(cores, || replay(1));
             ceilings.push(cores as f64 * one.0 / together);
             (one, all)
         })

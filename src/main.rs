@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use stacktap::config::Config;
-use stacktap::parallel::Parallel;
+use stacktap::parallel::{self, Parallel};
 use stacktap::run::{self, Outputs, Run};
 use stacktap::source::file::{MergedFiles, PcapFile};
 use stacktap::source::live::{DEFAULT_FILTER, LiveCapture};
@@ -365,17 +365,10 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 ship.finish(&out)?;
                 return Ok(());
             }
-            let mut run = Run::new(cfg, &out)?;
-            if common.threads() > 1 {
-                // paced, the analyser must not wait for a full chunk
-                let mut par = Parallel::new(run, common.threads(), speed.is_some())?;
-                run::replay(&mut merged, &mut par, speed, &out, &stop)?;
-                run = par.finish()?;
-                print_report(&run.write_out(&out)?, common.json)?;
-            } else {
-                run::replay(&mut merged, &mut run, speed, &out, &stop)?;
-                print_report(&run.finish(&out)?, common.json)?;
-            }
+            let run = Run::new(cfg, &out)?;
+            let (run, report) =
+                parallel::replay(run, common.threads(), &mut merged, speed, &out, &stop)?;
+            print_report(&report, common.json)?;
             if out.listen.is_some() && !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 eprintln!("stacktap: replay done; serving until Ctrl-C");
                 run::wait_for_stop(&stop);

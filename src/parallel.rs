@@ -34,8 +34,10 @@
 use crate::contract::Observation;
 use crate::health::Health;
 use crate::probe::{self, Clock, DecodeCache, Each, Frame, Shard, Step};
-use crate::run::{Run, Tap};
+use crate::run::{Outputs, Run, Tap};
+use crate::sink::summary::Report;
 use crate::source::Packet;
+use crate::source::file::MergedFiles;
 use crate::time::Ts;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -622,6 +624,30 @@ impl Parallel {
     }
 }
 
+/// Replays `files` through `run` on `threads` threads (1: the caller's only), as `stacktap
+/// replay --threads N` does: the run, ended and its files written, and its report.
+/// Paced (`speed`), the analyser does not wait for a full chunk.
+pub fn replay(
+    mut run: Run,
+    threads: usize,
+    files: &mut MergedFiles,
+    speed: Option<f64>,
+    out: &Outputs,
+    stop: &AtomicBool,
+) -> anyhow::Result<(Run, Report)> {
+    if threads > 1 {
+        let mut par = Parallel::new(run, threads, speed.is_some())?;
+        crate::run::replay(files, &mut par, speed, out, stop)?;
+        run = par.finish()?;
+        let report = run.write_out(out)?;
+        Ok((run, report))
+    } else {
+        crate::run::replay(files, &mut run, speed, out, stop)?;
+        let report = run.finish(out)?;
+        Ok((run, report))
+    }
+}
+
 impl Drop for Parallel {
     /// A reader that gives up early (an error, a panic) lets the helpers go.
     fn drop(&mut self) {
@@ -683,8 +709,6 @@ impl Tap for Parallel {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::run::Outputs;
-    use crate::source::file::MergedFiles;
     use std::sync::atomic::AtomicU64;
 
     /// Microseconds a shard waits between answering a chunk and handing the answer on.
@@ -707,16 +731,8 @@ mod tests {
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sampledata/failures.pcap");
         let mut files = MergedFiles::open(&[capture]).unwrap();
         let stop = AtomicBool::new(false);
-        let mut run = Run::new(Config::default(), &out).unwrap();
-        if threads > 1 {
-            let mut par = Parallel::new(run, threads, false).unwrap();
-            crate::run::replay(&mut files, &mut par, None, &out, &stop).unwrap();
-            run = par.finish().unwrap();
-            run.write_out(&out).unwrap();
-        } else {
-            crate::run::replay(&mut files, &mut run, None, &out, &stop).unwrap();
-            run.finish(&out).unwrap();
-        }
+        let run = Run::new(Config::default(), &out).unwrap();
+        replay(run, threads, &mut files, None, &out, &stop).unwrap();
         std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap()
     }
 

@@ -5,7 +5,7 @@ pub mod otlp;
 
 use serde_json::Value;
 use stacktap::config::Config;
-use stacktap::run::{self, Outputs, Run};
+use stacktap::run::{Outputs, Run};
 use stacktap::source::file::MergedFiles;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -51,17 +51,10 @@ pub fn replay_threads(files: &[PathBuf], cfg: Config, threads: usize) -> Replaye
     };
     let mut merged = MergedFiles::open(files).expect("open capture");
     let (first_ts, last_ts) = capture_bounds(files);
-    let mut run = Run::new(cfg, &out).unwrap();
+    let run = Run::new(cfg, &out).unwrap();
     let stop = AtomicBool::new(false);
-    let summary = if threads > 1 {
-        let mut par = stacktap::parallel::Parallel::new(run, threads, false).unwrap();
-        run::replay(&mut merged, &mut par, None, &out, &stop).unwrap();
-        run = par.finish().unwrap();
-        run.write_out(&out).unwrap()
-    } else {
-        run::replay(&mut merged, &mut run, None, &out, &stop).unwrap();
-        run.finish(&out).unwrap()
-    };
+    let (run, summary) =
+        stacktap::parallel::replay(run, threads, &mut merged, None, &out, &stop).unwrap();
     let health = run.health().clone();
     let events_text = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
     let events = events_text
