@@ -167,13 +167,12 @@ impl Rest {
         let (service, path) = self.service(ex.server.port, &req.path);
         let route = route::template(service.as_deref(), path);
         let resp = ex.response.as_ref();
-        let credentials =
-            resp.is_some_and(|r| secrets::redact_fault(&req.method, &route, r.head.status));
         let fault = resp
             .filter(|r| !r.error_body.is_empty())
-            .and_then(|r| fault::parse(&r.error_body))
-            .map(|mut f| {
+            .and_then(|r| Some((r.head.status, fault::parse(&r.error_body)?)))
+            .map(|(status, mut f)| {
                 // an error quotes what it was sent: never what a credential request sent
+                let credentials = secrets::redact_fault(&req.method, &route, status);
                 f.message = f.message.map(|m| match credentials {
                     true => secrets::REDACTED.to_string(),
                     false => secrets::scrub(&m).into_owned(),

@@ -70,11 +70,15 @@ pub fn scrub(text: &str) -> Cow<'_, str> {
     let mut changed = false;
     // words left since a secret's name, and whether the next word is its value
     let (mut recent, mut armed) = (0u8, false);
+    let mut lower = String::new();
     for w in text.split_inclusive(char::is_whitespace) {
         let body = w.trim_end();
         let space = &w[body.len()..];
         let bare = body.trim_matches(|c: char| "\"'`,.;:=()[]{}<>".contains(c));
-        let lower = bare.to_ascii_lowercase();
+        // one buffer for every word's lower case, not a string each
+        lower.clear();
+        lower.push_str(bare);
+        lower.make_ascii_lowercase();
         let names_secret = !bare.is_empty() && SECRET_KEYS.iter().any(|k| lower.contains(k));
         let redact = (armed && !bare.is_empty()) || token_like(bare);
         if redact {

@@ -69,15 +69,39 @@ pub const EXTERNAL: &str = "external";
 /// (without its version): the SDK, the CLI, the service clients, Go and Terraform
 /// clients, the dashboard, curl. None: not a known client.
 pub fn client_tool(product: &str) -> Option<&str> {
-    let p = product.to_ascii_lowercase();
-    let known = match p.as_str() {
-        "openstacksdk" | "shade" | "osc-lib" | "keystoneauth1" | "gophercloud" | "curl"
-        | "wget" | "httpie" | "horizon" => product,
-        "openstack" | "python-openstackclient" => "python-openstackclient",
-        "openstack_dashboard" | "openstack-dashboard" => "horizon",
-        "terraform" | "terraform-provider-openstack" | "opentofu" => "terraform",
-        _ if p.starts_with("python-") && p.ends_with("client") => product,
-        _ => return None,
+    // every REST request asks this: compared in place, not lowered into a new string
+    let is = |names: &[&str]| names.iter().any(|n| product.eq_ignore_ascii_case(n));
+    let at = |i: usize, word: &str| {
+        product
+            .get(i..i + word.len())
+            .is_some_and(|w| w.eq_ignore_ascii_case(word))
+    };
+    // python-novaclient, python-cinderclient, …
+    let service_client = product.len() >= "python-client".len()
+        && at(0, "python-")
+        && at(product.len() - "client".len(), "client");
+    let known = if is(&[
+        "openstacksdk",
+        "shade",
+        "osc-lib",
+        "keystoneauth1",
+        "gophercloud",
+        "curl",
+        "wget",
+        "httpie",
+        "horizon",
+    ]) {
+        product
+    } else if is(&["openstack", "python-openstackclient"]) {
+        "python-openstackclient"
+    } else if is(&["openstack_dashboard", "openstack-dashboard"]) {
+        "horizon"
+    } else if is(&["terraform", "terraform-provider-openstack", "opentofu"]) {
+        "terraform"
+    } else if service_client {
+        product
+    } else {
+        return None;
     };
     Some(known)
 }
@@ -122,6 +146,13 @@ mod tests {
         assert_eq!(client_tool("openstack"), Some("python-openstackclient"));
         assert_eq!(client_tool("openstack_dashboard"), Some("horizon"));
         assert_eq!(client_tool("nova-compute"), None);
+        // product tokens are matched whatever their case, and kept as sent
+        assert_eq!(client_tool("Python-NovaClient"), Some("Python-NovaClient"));
+        assert_eq!(client_tool("OpenStack"), Some("python-openstackclient"));
+        assert_eq!(client_tool("Terraform"), Some("terraform"));
+        assert_eq!(client_tool("python-client"), Some("python-client"));
+        assert_eq!(client_tool("python-"), None);
+        assert_eq!(client_tool("python-clienté"), None);
         assert!(is_user_side("external") && is_user_side("openstacksdk"));
         assert!(!is_user_side("neutron-server"));
         assert!(is_user_tool("terraform") && is_user_tool("python-openstackclient"));
