@@ -635,17 +635,16 @@ pub fn replay(
     out: &Outputs,
     stop: &AtomicBool,
 ) -> anyhow::Result<(Run, Report)> {
-    if threads > 1 {
+    let report = if threads > 1 {
         let mut par = Parallel::new(run, threads, speed.is_some())?;
         crate::run::replay(files, &mut par, speed, out, stop)?;
         run = par.finish()?;
-        let report = run.write_out(out)?;
-        Ok((run, report))
+        run.write_out(out)?
     } else {
         crate::run::replay(files, &mut run, speed, out, stop)?;
-        let report = run.finish(out)?;
-        Ok((run, report))
-    }
+        run.finish(out)?
+    };
+    Ok((run, report))
 }
 
 impl Drop for Parallel {
