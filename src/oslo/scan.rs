@@ -261,11 +261,10 @@ fn find2(b: &[u8], from: usize, x: u8, y: u8) -> Option<usize> {
     #[cfg(target_arch = "x86_64")]
     let mut i = {
         // SAFETY: SSE2 is part of every x86_64 CPU
-        let (found, searched_to) = unsafe { find2_sse2(b, from, x, y) };
-        if found.is_some() {
-            return found;
+        match unsafe { find2_sse2(b, from, x, y) } {
+            Ok(found) => return Some(found),
+            Err(blocks_end) => blocks_end,
         }
-        searched_to
     };
     #[cfg(not(target_arch = "x86_64"))]
     let mut i = from;
@@ -284,11 +283,11 @@ fn find2(b: &[u8], from: usize, x: u8, y: u8) -> Option<usize> {
 }
 
 /// `find2` sixteen bytes per step, with SSE2 (part of every x86_64): the first match in
-/// whole 16-byte blocks from `from`, and where those blocks end (the rest is left to the
-/// caller).
+/// whole 16-byte blocks from `from`, or, if none holds one, where those blocks end (the
+/// rest is left to the caller).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "sse2")]
-fn find2_sse2(b: &[u8], from: usize, x: u8, y: u8) -> (Option<usize>, usize) {
+fn find2_sse2(b: &[u8], from: usize, x: u8, y: u8) -> Result<usize, usize> {
     use std::arch::x86_64::{
         __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128, _mm_set1_epi8,
     };
@@ -299,11 +298,11 @@ fn find2_sse2(b: &[u8], from: usize, x: u8, y: u8) -> (Option<usize>, usize) {
         let v = unsafe { _mm_loadu_si128(block.as_ptr().cast::<__m128i>()) };
         let hits = _mm_movemask_epi8(_mm_or_si128(_mm_cmpeq_epi8(v, xs), _mm_cmpeq_epi8(v, ys)));
         if hits != 0 {
-            return (Some(i + hits.trailing_zeros() as usize), i);
+            return Ok(i + hits.trailing_zeros() as usize);
         }
         i += 16;
     }
-    (None, i)
+    Err(i)
 }
 
 fn is_inner_quote(b: &[u8], i: usize) -> bool {
