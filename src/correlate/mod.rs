@@ -109,7 +109,7 @@ impl Names {
             RpcType::Fanout => (self.get(m.exchange.trim_end_matches("_fanout")), None),
             _ => {
                 let (t, s) = oslo::split_routing_key(&m.routing_key);
-                (self.get(t), s.map(Box::from))
+                (self.get(t), s.map(Arc::from))
             }
         };
         let shape = Arc::new(Shape {
@@ -119,8 +119,8 @@ impl Names {
             topic,
             server,
             method: self.get(&r.method),
-            namespace: r.namespace.as_deref().map(Box::from),
-            version: r.version.as_deref().map(Box::from),
+            namespace: r.namespace.as_deref().map(Arc::from),
+            version: r.version.as_deref().map(Arc::from),
         });
         if self.shapes.len() < MAX_INTERNED {
             self.shapes.insert(key, shape.clone());

@@ -14,12 +14,12 @@ use std::sync::Arc;
 pub struct Shape {
     pub rpc_type: RpcType,
     pub exchange: Arc<str>,
-    pub routing_key: Box<str>,
+    pub routing_key: Arc<str>,
     pub topic: Arc<str>,
-    pub server: Option<Box<str>>,
+    pub server: Option<Arc<str>>,
     pub method: Arc<str>,
-    pub namespace: Option<Box<str>>,
-    pub version: Option<Box<str>>,
+    pub namespace: Option<Arc<str>>,
+    pub version: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -307,12 +307,12 @@ impl Record {
         RpcEvent {
             rpc_type: s.rpc_type,
             exchange: s.exchange.clone(),
-            routing_key: s.routing_key.to_string(),
+            routing_key: s.routing_key.clone(),
             topic: s.topic.clone(),
-            server: s.server.as_deref().map(str::to_owned),
+            server: s.server.clone(),
             method: s.method.clone(),
-            namespace: s.namespace.as_deref().map(str::to_owned),
-            version: s.version.as_deref().map(str::to_owned),
+            namespace: s.namespace.clone(),
+            version: s.version.clone(),
             msg_id: self.id(Field::MsgId),
             unique_id: self.id(Field::UniqueId),
             reply_q: self.id(Field::ReplyQ),

@@ -239,7 +239,7 @@ fn copies(e: &RpcEvent) -> Box<dyn Iterator<Item = Copy<'_>> + '_> {
     if e.copies.is_empty() {
         // delivered but not itemised (more copies than are kept): the first one
         return Box::new(e.t_deliver.into_iter().map(|t| Copy {
-            key: e.routing_key.clone(),
+            key: e.routing_key.to_string(),
             queue: &e.routing_key,
             consumer: e.callee.as_ref(),
             t,

@@ -239,7 +239,7 @@ impl Summary {
         }
         // bounded like the metrics: past MAX_QUEUES distinct queues, the rest share "other"
         let name: &str =
-            if self.queues.len() < MAX_QUEUES || self.queues.contains_key(e.routing_key.as_str()) {
+            if self.queues.len() < MAX_QUEUES || self.queues.contains_key(&*e.routing_key) {
                 &e.routing_key
             } else {
                 "other"
