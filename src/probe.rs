@@ -5,6 +5,7 @@
 //!
 //! Deterministic and on packet time only.
 
+use rapidhash::v3::{RapidSecrets, rapidhash_v3_seeded};
 use crate::FastMap as HashMap;
 use crate::amqp::conn::ConnLimits;
 use crate::amqp::{AmqpEvent, BodyBudget, Message, MessageKind};
@@ -460,7 +461,7 @@ fn amqp_observation(ev: AmqpEvent, now: Ts, bodies: &DecodeCache) -> Option<Obse
 /// message's JSON is parsed once, not once per copy. Keyed by a 64-bit hash of exchange,
 /// compression and body (a collision among the last few thousand bodies is ~1e-12).
 pub struct DecodeCache {
-    seed: u64,
+    secrets: RapidSecrets,
     cap: usize,
     /// Shared by every shard of a run: a message's publish and its deliveries cross
     /// different connections, so different shards, and one reading serves them all.
@@ -476,7 +477,7 @@ struct Remembered {
 impl DecodeCache {
     pub fn new(cap: usize) -> Arc<DecodeCache> {
         Arc::new(DecodeCache {
-            seed: ahash::RandomState::new().hash_one(0x5eed_u64),
+            secrets: RapidSecrets::seed(ahash::RandomState::new().hash_one(0x5eed_u64)),
             cap: cap.max(1),
             table: Mutex::default(),
         })
@@ -488,15 +489,18 @@ impl DecodeCache {
     }
 
     fn decode(&self, m: &Message) -> Arc<Result<Oslo, NotOslo>> {
-        // xxh3 over the body (GB/s on any x86-64), salted per process so that crafted
-        // bodies cannot be made to collide on purpose
-        use xxhash_rust::xxh3::xxh3_64_with_seed;
-        let meta = xxh3_64_with_seed(m.exchange.as_bytes(), self.seed)
-            ^ xxh3_64_with_seed(
-                m.props.compression.as_deref().unwrap_or("").as_bytes(),
-                self.seed.rotate_left(17),
-            );
-        let key = xxh3_64_with_seed(&m.body, self.seed ^ meta);
+        // rapidhash over the body, salted per process so that crafted bodies cannot be
+        // made to collide on purpose: a third fewer instructions than xxh3 on oslo's
+        // bodies of a few KiB, the largest share of a message's cost before it is read
+        let key = [
+            m.exchange.as_bytes(),
+            m.props.compression.as_deref().unwrap_or("").as_bytes(),
+            &m.body,
+        ]
+        .iter()
+        .fold(0, |h: u64, part| {
+            h.rotate_left(29) ^ rapidhash_v3_seeded(part, &self.secrets)
+        });
         if let Some(hit) = self.table().map.get(&key) {
             return hit.clone();
         }
