@@ -1,6 +1,7 @@
 //! One AMQP connection: both directions' frames → methods, whole messages per channel, the
 //! client's identity (connection.start-ok) and its consumers (consumer tag → queue).
 
+use super::channels::ChannelMap;
 use super::frame::{
     FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD, FrameEvent, FrameReader, RawFrame,
 };
@@ -170,7 +171,7 @@ impl BodyBudget {
 pub struct AmqpConnection {
     conn: ConnId,
     readers: [FrameReader; 2],
-    assembling: [HashMap<u16, Assembly>; 2],
+    assembling: [ChannelMap<Assembly>; 2],
     /// queue.declare / basic.consume requests waiting for their -ok, per channel.
     pending_consumes: HashMap<u16, VecDeque<String>>,
     consumers: HashMap<String, String>,
@@ -213,7 +214,7 @@ impl AmqpConnection {
                 FrameReader::new(saw_handshake, cfg.max_frame),
                 FrameReader::new(saw_handshake, cfg.max_frame),
             ],
-            assembling: [HashMap::default(), HashMap::default()],
+            assembling: [ChannelMap::default(), ChannelMap::default()],
             pending_consumes: HashMap::default(),
             consumers: HashMap::default(),
             cfg,
@@ -224,7 +225,7 @@ impl AmqpConnection {
 
     /// Drops the message being assembled on `channel`, returning its bytes.
     fn forget(&mut self, dir: Dir, channel: u16) -> Option<Assembly> {
-        let asm = self.assembling[dir as usize].remove(&channel)?;
+        let asm = self.assembling[dir as usize].remove(channel)?;
         self.release(&asm);
         Some(asm)
     }
@@ -237,7 +238,7 @@ impl AmqpConnection {
 
     /// Drops every message being assembled in `dir` (a gap lost them); how many.
     fn forget_all(&mut self, dir: Dir) -> usize {
-        let lost: Vec<u16> = self.assembling[dir as usize].keys().copied().collect();
+        let lost = self.assembling[dir as usize].channels();
         for ch in &lost {
             self.forget(dir, *ch);
         }
@@ -288,7 +289,7 @@ impl AmqpConnection {
                 }
             }
             FRAME_HEADER => {
-                let Some(asm) = self.assembling[dir as usize].get_mut(&f.channel) else {
+                let Some(asm) = self.assembling[dir as usize].get_mut(f.channel) else {
                     health.anomaly("amqp", "header_without_method");
                     return;
                 };
@@ -332,7 +333,7 @@ impl AmqpConnection {
         health: &mut Health,
         out: &mut Vec<AmqpEvent>,
     ) {
-        let Some(asm) = self.assembling[dir as usize].get(&f.channel) else {
+        let Some(asm) = self.assembling[dir as usize].get(f.channel) else {
             // joined mid-message: the method and header went by before we synced
             health.anomaly("amqp", "body_without_method");
             return;
@@ -353,7 +354,7 @@ impl AmqpConnection {
         } else {
             self.grow(len, cap, size, f.payload.len())
         };
-        let Some(asm) = self.assembling[dir as usize].get_mut(&f.channel) else {
+        let Some(asm) = self.assembling[dir as usize].get_mut(f.channel) else {
             return;
         };
         asm.received += f.payload.len() as u64;
@@ -373,7 +374,7 @@ impl AmqpConnection {
             }
             None => {}
         }
-        let Some(asm) = self.assembling[dir as usize].get(&f.channel) else {
+        let Some(asm) = self.assembling[dir as usize].get(f.channel) else {
             return;
         };
         if asm.received >= asm.body_size {

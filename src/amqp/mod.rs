@@ -5,6 +5,7 @@
 //! except basic.publish, basic.deliver and content headers, the bulk of them, read by
 //! hand (`hot`).
 
+mod channels;
 pub mod conn;
 pub mod frame;
 mod hot;
