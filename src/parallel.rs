@@ -617,7 +617,13 @@ impl Parallel {
             };
             q.todo.push_back(std::mem::replace(chunk, next));
         }
-        let mut chunk = std::mem::take(&mut self.merge);
+        // the next step list at the size of this one (grown from empty, it would be
+        // copied over at each doubling, every chunk)
+        let next = MergeChunk {
+            steps: Vec::with_capacity(self.merge.steps.capacity()),
+            ..MergeChunk::default()
+        };
+        let mut chunk = std::mem::replace(&mut self.merge, next);
         chunk.health = Some(self.health.clone());
         relock(&stages.merges).push_back(chunk);
         stages.bell.ring();

@@ -5,7 +5,6 @@
 //!
 //! Deterministic and on packet time only.
 
-use rapidhash::v3::{RapidSecrets, rapidhash_v3_seeded};
 use crate::FastMap as HashMap;
 use crate::amqp::conn::ConnLimits;
 use crate::amqp::{AmqpEvent, BodyBudget, Message, MessageKind};
@@ -19,6 +18,7 @@ use crate::protocols::{self, Choice, Conn, Found};
 use crate::source::Packet;
 use crate::tcp::FlowTable;
 use crate::time::Ts;
+use rapidhash::v3::{RapidSecrets, rapidhash_v3_seeded};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -352,14 +352,19 @@ pub fn shard_of(frame: Frame, n: usize) -> usize {
     if n <= 1 {
         return 0;
     }
-    match decode::decode(frame.linktype, frame.data) {
-        Decoded::Tcp(seg) => {
-            // fixed seeds: the same connection goes to the same shard in every run
-            let key = crate::tcp::FlowKey::new(seg.src, seg.dst);
-            (ahash::RandomState::with_seeds(1, 2, 3, 4).hash_one(key) % n as u64) as usize
+    // the ends read from the headers when they are plain IPv4/TCP (the reader does this
+    // for every packet, and a full decode here is done again by the shard); both ways
+    // give the same ends, so a connection's packets meet in one shard either way
+    let ends = decode::ipv4_tcp_ends(frame.linktype, frame.data).or_else(|| {
+        match decode::decode(frame.linktype, frame.data) {
+            Decoded::Tcp(seg) => Some((seg.src, seg.dst)),
+            _ => None,
         }
-        _ => 0,
-    }
+    });
+    let Some((a, b)) = ends else { return 0 };
+    // fixed seeds: the same connection goes to the same shard in every run
+    let key = crate::tcp::FlowKey::new(a, b);
+    (ahash::RandomState::with_seeds(1, 2, 3, 4).hash_one(key) % n as u64) as usize
 }
 
 /// What the parsers found, as observations: AMQP first, then REST (their order within
