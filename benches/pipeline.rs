@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 // the same allocator as the binary
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: stacktap::allocator::Mimalloc = stacktap::allocator::Mimalloc;
 
 /// The bundled samples, or STACKTAP_BENCH_PCAP (e.g. target/bench/load.pcap).
 fn sample_packets() -> Vec<Packet> {

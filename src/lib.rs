@@ -2,6 +2,7 @@
 //!
 //! The pipeline reads top to bottom in `pipeline.rs`; one module per stage and protocol.
 
+pub mod allocator;
 pub mod amqp;
 pub mod analyser;
 pub mod api;

@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 // The pipeline allocates many small, short-lived strings per message; mimalloc halves the
 // allocator's share of a replay compared with glibc malloc.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: stacktap::allocator::Mimalloc = stacktap::allocator::Mimalloc;
 
 use stacktap::config::Config;
 use stacktap::parallel::{self, Parallel};
