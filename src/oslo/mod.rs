@@ -55,21 +55,17 @@ fn string(raw: &str) -> Option<Cow<'_, str>> {
     }
 }
 
-/// The members of a body, and of the inner message when the body is an envelope (walked
-/// in the same pass, escaped, with only the kept values unescaped).
-fn fields(json: &str) -> Option<(Fields<'_>, Fields<'_>)> {
-    let mut outer = Fields::default();
-    let mut inner = Fields {
-        escaped: true,
-        ..Fields::default()
-    };
+/// The members of a body into `outer`, and of the inner message when the body is an
+/// envelope into `inner` (walked in the same pass, escaped, with only the kept values
+/// unescaped). Filled in place: the two are large, and moving them out copied them.
+fn fields<'a>(json: &'a str, outer: &mut Fields<'a>, inner: &mut Fields<'a>) -> Option<()> {
+    inner.escaped = true;
     scan::members_nesting(
         json,
         "oslo.message",
         |key, raw| outer.set(&key, raw, string),
         |key, raw| inner.set(&key, raw, scan::escaped_value),
-    )?;
-    Some((outer, inner))
+    )
 }
 
 impl<'a> Fields<'a> {
@@ -198,34 +194,36 @@ pub fn decode(exchange: &str, props: &Props, body: &[u8]) -> Result<Oslo, NotOsl
         Some(_) => return Err(NotOslo::CompressedUnsupported),
     };
     let text = crate::text::utf8(body).ok_or(NotOslo::NotJson)?;
-    let (outer, inner) = fields(text).ok_or(NotOslo::NotJson)?;
+    let (mut outer, mut inner) = (Fields::default(), Fields::default());
+    fields(text, &mut outer, &mut inner).ok_or(NotOslo::NotJson)?;
     match (&outer.envelope_version, outer.envelope_message) {
         (Some(v), Some(_)) => {
             if !v.starts_with("2.") {
                 return Err(NotOslo::UnsupportedEnvelope);
             }
-            classify(exchange, inner)
+            classify(exchange, &mut inner)
         }
         // no envelope: the 1.0 format, still used by the `messaging` notification driver
-        _ => classify(exchange, outer),
+        _ => classify(exchange, &mut outer),
     }
 }
 
-fn classify(exchange: &str, f: Fields<'_>) -> Result<Oslo, NotOslo> {
+/// The message `f` holds; its kept values are taken out of it.
+fn classify(exchange: &str, f: &mut Fields<'_>) -> Result<Oslo, NotOslo> {
     if let (Some(event_type), Some(publisher_id)) = (&f.event_type, &f.publisher_id) {
         return Ok(Oslo::Notification(Notification {
             publisher_id: publisher_id.to_string(),
             event_type: event_type.to_string(),
             priority: f.priority.as_deref().unwrap_or("INFO").to_owned(),
-            message_id: own(f.message_id),
-            unique_id: own(f.unique_id),
-            request_id: own(f.request_id),
-            global_request_id: own(f.global_request_id),
+            message_id: own(f.message_id.take()),
+            unique_id: own(f.unique_id.take()),
+            request_id: own(f.request_id.take()),
+            global_request_id: own(f.global_request_id.take()),
         }));
     }
     if f.method.is_some() {
         let trace_context = f.trace_context();
-        let method = f.method.unwrap_or_default();
+        let method = f.method.take().unwrap_or_default();
         let rpc_type = if exchange.ends_with("_fanout") {
             RpcType::Fanout
         } else if f.msg_id.is_some() {
@@ -236,19 +234,20 @@ fn classify(exchange: &str, f: Fields<'_>) -> Result<Oslo, NotOslo> {
         return Ok(Oslo::Request(Request {
             rpc_type,
             method: method.into_owned(),
-            namespace: own(f.namespace),
-            version: own(f.version),
-            msg_id: own(f.msg_id),
-            reply_q: own(f.reply_q),
-            unique_id: own(f.unique_id),
-            request_id: own(f.request_id),
-            global_request_id: own(f.global_request_id),
+            namespace: own(f.namespace.take()),
+            version: own(f.version.take()),
+            msg_id: own(f.msg_id.take()),
+            reply_q: own(f.reply_q.take()),
+            unique_id: own(f.unique_id.take()),
+            request_id: own(f.request_id.take()),
+            global_request_id: own(f.global_request_id.take()),
             call_monitor_s: f.call_monitor,
             trace_context,
         }));
     }
-    if let Some(msg_id) = f.msg_id
+    if f.msg_id.is_some()
         && (f.ending.is_some() || f.result || f.failure.is_some())
+        && let Some(msg_id) = f.msg_id.take()
     {
         let failure = f.failure.as_deref().map(parse_failure);
         let part = match f.ending {
@@ -258,7 +257,7 @@ fn classify(exchange: &str, f: Fields<'_>) -> Result<Oslo, NotOslo> {
         };
         return Ok(Oslo::Reply(Reply {
             msg_id: msg_id.into_owned(),
-            unique_id: own(f.unique_id),
+            unique_id: own(f.unique_id.take()),
             part,
             failure,
         }));
