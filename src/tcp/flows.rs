@@ -156,88 +156,71 @@ impl<A: App> FlowTable<A> {
         make: impl FnOnce(NewFlow<'_>) -> Option<(A, Endpoint, Endpoint)>,
     ) {
         let key = FlowKey::new(seg.src, seg.dst);
-        if !self.flows.contains_key(&key) {
-            if seg.flags.rst || (seg.payload.is_empty() && !seg.flags.syn) {
-                return; // a bare ACK or RST of a connection we don't know teaches nothing
+        // one lookup for a known connection (every packet but a connection's first): the
+        // key's hash is a good part of a packet's cost here
+        let closed = match self.flows.get_mut(&key) {
+            Some(flow) => feed(flow, &self.stream, seg, ts, health, out),
+            None => {
+                if !self.open(key, seg, ts, health, out, make) {
+                    return;
+                }
+                let flow = self.flows.get_mut(&key).expect("just opened");
+                feed(flow, &self.stream, seg, ts, health, out)
             }
-            // SYN alone comes from the client, SYN+ACK from the server
-            let (client, server) = if seg.flags.syn && seg.flags.ack {
-                (seg.dst, seg.src)
-            } else {
-                (seg.src, seg.dst)
-            };
-            let id = self.next_id;
-            let Some((app, client, server)) = make(NewFlow {
-                id,
-                client,
-                server,
-                saw_syn: seg.flags.syn,
-                payload: seg.payload,
-                from_client: seg.src == client,
-            }) else {
-                return;
-            };
-            self.next_id += 1;
-            if self.flows.len() >= self.cfg.max_flows {
-                self.evict_oldest(health, out);
-            }
-            self.flows.insert(
-                key,
-                Flow {
-                    id,
-                    client,
-                    server,
-                    streams: Default::default(),
-                    app,
-                    last_seen: ts,
-                },
-            );
-        }
-        let cfg = &self.stream;
-        let flow = self.flows.get_mut(&key).expect("present");
-        flow.last_seen = ts;
-        let dir = if seg.src == flow.client {
-            Dir::ToServer
-        } else {
-            Dir::ToClient
         };
-        let other = if dir == Dir::ToServer {
-            Dir::ToClient
-        } else {
-            Dir::ToServer
-        };
-        let Flow { streams, app, .. } = flow;
-        let [to_server, to_client] = streams;
-        let (mine, theirs) = if dir == Dir::ToServer {
-            (to_server, to_client)
-        } else {
-            (to_client, to_server)
-        };
-        // an ACK in this direction may prove a hole in the other one will never fill
-        if seg.flags.ack {
-            theirs.on_peer_ack(health, seg.ack, &mut |c, h| {
-                app.on_chunk(other, ts, c, h, out)
-            });
-        }
-        // in-order bytes go straight from the packet to the parser, without a copy
-        let mut to_app = |c: Chunk<'_>, h: &mut Health| app.on_chunk(dir, ts, c, h, out);
-        if !seg.payload.is_empty() || seg.flags.syn || seg.flags.fin {
-            mine.push(
-                cfg,
-                health,
-                ts,
-                seg.seq,
-                seg.flags.syn,
-                seg.flags.fin,
-                seg.payload,
-                &mut to_app,
-            );
-        }
-        mine.on_clock(cfg, health, ts, &mut to_app);
-        if seg.flags.rst || (flow.streams[0].closed && flow.streams[1].closed) {
+        if closed {
             let mut flow = self.flows.remove(&key).expect("present");
             Self::close_flow(&mut flow, ts, health, out);
         }
+    }
+
+    /// Adds the connection `seg` is the first packet seen of, if it teaches anything and
+    /// `make` takes it: true if it did.
+    fn open(
+        &mut self,
+        key: FlowKey,
+        seg: &TcpSegment<'_>,
+        ts: Ts,
+        health: &mut Health,
+        out: &mut A::Out,
+        make: impl FnOnce(NewFlow<'_>) -> Option<(A, Endpoint, Endpoint)>,
+    ) -> bool {
+        if seg.flags.rst || (seg.payload.is_empty() && !seg.flags.syn) {
+            return false; // a bare ACK or RST of a connection we don't know teaches nothing
+        }
+        // SYN alone comes from the client, SYN+ACK from the server
+        let (client, server) = if seg.flags.syn && seg.flags.ack {
+            (seg.dst, seg.src)
+        } else {
+            (seg.src, seg.dst)
+        };
+        let id = self.next_id;
+        let Some((app, client, server)) = make(NewFlow {
+            id,
+            client,
+            server,
+            saw_syn: seg.flags.syn,
+            payload: seg.payload,
+            from_client: seg.src == client,
+        }) else {
+            return false;
+        };
+        self.next_id += 1;
+        if self.flows.len() >= self.cfg.max_flows {
+            self.evict_oldest(health, out);
+        }
+        self.flows.insert(
+            key,
+            Flow {
+                id,
+                client,
+                server,
+                streams: Default::default(),
+                app,
+                last_seen: ts,
+            },
+        );
+        true
     }
 
     /// End of input: every connection is flushed and closed, oldest first. `each` is
@@ -329,4 +312,56 @@ impl<A: App> FlowTable<A> {
         }
         health.evict("tcp_flows", n as u64);
     }
+}
+
+/// One segment of a known connection into its streams and its parser; true if the
+/// connection is over (a reset, or both directions closed).
+fn feed<A: App>(
+    flow: &mut Flow<A>,
+    cfg: &StreamConfig,
+    seg: &TcpSegment<'_>,
+    ts: Ts,
+    health: &mut Health,
+    out: &mut A::Out,
+) -> bool {
+    flow.last_seen = ts;
+    let dir = if seg.src == flow.client {
+        Dir::ToServer
+    } else {
+        Dir::ToClient
+    };
+    let other = if dir == Dir::ToServer {
+        Dir::ToClient
+    } else {
+        Dir::ToServer
+    };
+    let Flow { streams, app, .. } = flow;
+    let [to_server, to_client] = streams;
+    let (mine, theirs) = if dir == Dir::ToServer {
+        (to_server, to_client)
+    } else {
+        (to_client, to_server)
+    };
+    // an ACK in this direction may prove a hole in the other one will never fill
+    if seg.flags.ack {
+        theirs.on_peer_ack(health, seg.ack, &mut |c, h| {
+            app.on_chunk(other, ts, c, h, out)
+        });
+    }
+    // in-order bytes go straight from the packet to the parser, without a copy
+    let mut to_app = |c: Chunk<'_>, h: &mut Health| app.on_chunk(dir, ts, c, h, out);
+    if !seg.payload.is_empty() || seg.flags.syn || seg.flags.fin {
+        mine.push(
+            cfg,
+            health,
+            ts,
+            seg.seq,
+            seg.flags.syn,
+            seg.flags.fin,
+            seg.payload,
+            &mut to_app,
+        );
+    }
+    mine.on_clock(cfg, health, ts, &mut to_app);
+    seg.flags.rst || (flow.streams[0].closed && flow.streams[1].closed)
 }
