@@ -148,7 +148,7 @@ fn replay(file: &Path, cfg: Config) -> (u64, u64, u64, Run) {
     let mut at_100k = 0;
     let mut n = 0u64;
     while files.next_into(&mut pkt).expect("read") {
-        run.packet(&pkt);
+        run.packet(&pkt.as_ref());
         n += 1;
         // 20 connections × 4 handshake packets, then one call a packet
         if n == 100_000 + 80 {

@@ -44,7 +44,7 @@ fn pipeline(c: &mut Criterion) {
             let mut pl = Pipeline::new(Config::default());
             let mut n = 0u64;
             for p in &packets {
-                pl.packet(p, &mut |_| n += 1);
+                pl.packet(&p.as_ref(), &mut |_| n += 1);
             }
             pl.finish(&mut |_| n += 1);
             black_box(n)
@@ -80,7 +80,7 @@ fn observations(packets: &[Packet]) -> Vec<Vec<stacktap::contract::Observation>>
     let mut out = Vec::new();
     for p in packets {
         let mut obs = Vec::new();
-        probe.packet(p, &mut obs);
+        probe.packet(&p.as_ref(), &mut obs);
         if !obs.is_empty() {
             out.push(obs);
         }

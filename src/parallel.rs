@@ -36,7 +36,7 @@ use crate::health::Health;
 use crate::probe::{self, Clock, DecodeCache, Each, Frame, Shard, Step};
 use crate::run::{Outputs, Run, Tap};
 use crate::sink::summary::Report;
-use crate::source::Packet;
+use crate::source::PacketRef;
 use crate::source::file::MergedFiles;
 use crate::time::Ts;
 use std::collections::VecDeque;
@@ -695,7 +695,7 @@ fn place(step: &Step, shards: &mut [ShardChunk], merge: &mut MergeChunk) {
 }
 
 impl Tap for Parallel {
-    fn packet(&mut self, pkt: &Packet) {
+    fn packet(&mut self, pkt: &PacketRef<'_>) {
         self.place(|clock, health, each| clock.packet(pkt, health, each));
         self.end_call(false);
     }

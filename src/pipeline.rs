@@ -12,7 +12,7 @@ use crate::contract::Observation;
 use crate::correlate::Signal;
 use crate::health::Health;
 use crate::probe::Probe;
-use crate::source::Packet;
+use crate::source::PacketRef;
 use crate::time::Ts;
 
 pub struct Pipeline {
@@ -33,7 +33,7 @@ impl Pipeline {
     }
 
     /// One captured packet; the signals it produced go to `sink`.
-    pub fn packet(&mut self, pkt: &Packet, sink: &mut dyn FnMut(&Signal)) {
+    pub fn packet(&mut self, pkt: &PacketRef<'_>, sink: &mut dyn FnMut(&Signal)) {
         self.probe.packet(pkt, &mut self.observed);
         self.analyse(sink);
     }

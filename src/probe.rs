@@ -15,7 +15,7 @@ use crate::health::Health;
 use crate::openstack::Rest;
 use crate::oslo;
 use crate::protocols::{self, Choice, Conn, Found};
-use crate::source::Packet;
+use crate::source::{Packet, PacketRef};
 use crate::tcp::FlowTable;
 use crate::time::Ts;
 use rapidhash::v3::{RapidSecrets, rapidhash_v3_seeded};
@@ -55,7 +55,7 @@ impl Probe {
     }
 
     /// One captured packet; what it completed goes to `out`.
-    pub fn packet(&mut self, pkt: &Packet, out: &mut Vec<Observation>) {
+    pub fn packet(&mut self, pkt: &PacketRef<'_>, out: &mut Vec<Observation>) {
         self.run(out, |clock, health, each| clock.packet(pkt, health, each));
     }
 
@@ -152,7 +152,7 @@ impl Clock {
         self.now
     }
 
-    pub fn packet(&mut self, pkt: &Packet, health: &mut Health, each: Each) {
+    pub fn packet(&mut self, pkt: &PacketRef<'_>, health: &mut Health, each: Each) {
         health.packets += 1;
         health.bytes += pkt.orig_len.max(pkt.data.len() as u32) as u64;
         let started = self.now != Ts::ZERO;
@@ -164,7 +164,7 @@ impl Clock {
             if !agrees {
                 self.release_held(false, health, each);
             }
-            self.held.push(pkt.clone());
+            self.held.push(pkt.to_owned());
             if self.held.len() >= self.confirm {
                 self.release_held(true, health, each);
             }
@@ -191,11 +191,11 @@ impl Clock {
                 health.anomaly("capture", "clock_jump");
                 self.now
             };
-            self.step(Some(&p), ts, health, each);
+            self.step(Some(&p.as_ref()), ts, health, each);
         }
     }
 
-    fn step(&mut self, pkt: Option<&Packet>, ts: Ts, health: &mut Health, each: Each) {
+    fn step(&mut self, pkt: Option<&PacketRef<'_>>, ts: Ts, health: &mut Health, each: Each) {
         // the clock never goes back; a packet stamped earlier is processed at its own time
         if ts < self.now {
             health.anomaly("capture", "clock_regression");
@@ -205,7 +205,14 @@ impl Clock {
         self.emit(pkt, ts, false, health, each);
     }
 
-    fn emit(&mut self, pkt: Option<&Packet>, ts: Ts, end: bool, health: &mut Health, each: Each) {
+    fn emit(
+        &mut self,
+        pkt: Option<&PacketRef<'_>>,
+        ts: Ts,
+        end: bool,
+        health: &mut Health,
+        each: Each,
+    ) {
         self.seq += 1;
         let sweep = self.now.0 >= self.last_sweep.0.saturating_add(SWEEP_EVERY_NS);
         if sweep {
@@ -216,7 +223,7 @@ impl Clock {
                 seq: self.seq,
                 frame: pkt.map(|p| Frame {
                     linktype: p.linktype,
-                    data: &p.data,
+                    data: p.data,
                 }),
                 ts,
                 clock: self.now,

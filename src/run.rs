@@ -10,7 +10,7 @@ use crate::sink::metrics::Metrics;
 use crate::sink::requests::Requests;
 use crate::sink::summary::{Report, Summary};
 use crate::sink::{EventWriter, Sinks};
-use crate::source::Packet;
+use crate::source::PacketRef;
 use crate::source::file::MergedFiles;
 use crate::source::live::{LiveCapture, LiveRead};
 use std::path::PathBuf;
@@ -176,7 +176,7 @@ impl Outlet {
 /// What reading packets feeds: a local run (probe and analyser) or a probe shipping to a
 /// collector.
 pub trait Tap {
-    fn packet(&mut self, pkt: &Packet);
+    fn packet(&mut self, pkt: &PacketRef<'_>);
     /// No packet for a while (live capture): time passes all the same.
     fn tick(&mut self, now: crate::time::Ts);
     /// What the source counted (drops, clock steps, damaged records), cumulative.
@@ -184,7 +184,7 @@ pub trait Tap {
 }
 
 impl Tap for Run {
-    fn packet(&mut self, pkt: &Packet) {
+    fn packet(&mut self, pkt: &PacketRef<'_>) {
         Run::packet(self, pkt)
     }
     fn tick(&mut self, now: crate::time::Ts) {
@@ -282,7 +282,7 @@ impl Ship {
 }
 
 impl Tap for Ship {
-    fn packet(&mut self, pkt: &Packet) {
+    fn packet(&mut self, pkt: &PacketRef<'_>) {
         self.probe.packet(pkt, &mut self.observed);
         self.ship();
     }
@@ -312,7 +312,7 @@ impl Run {
         Ok(Run { outlet, pipeline })
     }
 
-    pub fn packet(&mut self, pkt: &Packet) {
+    pub fn packet(&mut self, pkt: &PacketRef<'_>) {
         let sinks = &mut self.outlet.sinks;
         self.pipeline.packet(pkt, &mut |s| sinks.on_signal(s));
         if self.pipeline.probe.health.packets.is_multiple_of(4096) {
@@ -419,18 +419,23 @@ pub fn replay(
         );
         b
     });
-    let mut pkt = Packet::default();
     let started = Instant::now();
     let mut first: Option<crate::time::Ts> = None;
     let mut n = 0u64;
-    while files.next_into(&mut pkt)? {
-        if let Some(speed) = speed.filter(|s| *s > 0.0) {
-            let t0 = *first.get_or_insert(pkt.ts);
-            if !wait_until(started, pkt.ts.secs_since(t0) / speed, stop) {
-                break;
+    loop {
+        let fed = files.next_with(|pkt| {
+            if let Some(speed) = speed.filter(|s| *s > 0.0) {
+                let t0 = *first.get_or_insert(pkt.ts);
+                if !wait_until(started, pkt.ts.secs_since(t0) / speed, stop) {
+                    return false;
+                }
             }
+            run.packet(&pkt);
+            true
+        })?;
+        if fed != Some(true) {
+            break;
         }
-        run.packet(&pkt);
         n += 1;
         if n.is_multiple_of(8192) {
             if let Some(b) = &bar {
@@ -513,7 +518,6 @@ pub fn replay_again(
     speed: Option<f64>,
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
-    let mut pkt = Packet::default();
     run.pipeline.restart();
     if let Some(o) = run.outlet.sinks.otlp.as_mut() {
         o.next_pass();
@@ -521,17 +525,24 @@ pub fn replay_again(
     let started = Instant::now();
     let start_at = run.pipeline.clock().0 + 1_000_000_000;
     let mut first: Option<crate::time::Ts> = None;
-    while files.next_into(&mut pkt)? {
-        let t0 = *first.get_or_insert(pkt.ts);
-        if let Some(speed) = speed
-            && !wait_until(started, pkt.ts.secs_since(t0) / speed.max(1e-3), stop)
-        {
-            return Ok(());
+    loop {
+        let fed = files.next_with(|mut pkt| {
+            let t0 = *first.get_or_insert(pkt.ts);
+            if let Some(speed) = speed
+                && !wait_until(started, pkt.ts.secs_since(t0) / speed.max(1e-3), stop)
+            {
+                return false;
+            }
+            pkt.ts = crate::time::Ts(start_at + pkt.ts.0.saturating_sub(t0.0));
+            run.packet(&pkt);
+            true
+        })?;
+        match fed {
+            None => break,
+            Some(false) => return Ok(()),
+            // paced packets are few: publish by the wall clock, not every 4096 packets
+            Some(true) => run.refresh(false),
         }
-        pkt.ts = crate::time::Ts(start_at + pkt.ts.0.saturating_sub(t0.0));
-        run.packet(&pkt);
-        // paced packets are few: publish by the wall clock, not every 4096 packets
-        run.refresh(false);
     }
     run.end_pass();
     if first.is_none() {
@@ -548,11 +559,10 @@ pub fn capture(
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
-    let mut pkt = Packet::default();
     let mut last_stats = Instant::now();
     while !stop.load(Ordering::Relaxed) && duration.is_none_or(|d| started.elapsed() < d) {
-        match cap.read(&mut pkt)? {
-            LiveRead::Packet => run.packet(&pkt),
+        match cap.read()? {
+            LiveRead::Packet(pkt) => run.packet(&pkt),
             LiveRead::Idle(now) => run.tick(now),
         }
         if cap.last_read().saturating_duration_since(last_stats) >= Duration::from_secs(1) {

@@ -39,7 +39,7 @@ fn observe(files: &[PathBuf], cfg: &Config) -> Vec<(Vec<Observation>, stacktap::
     let mut out = Vec::new();
     while m.next_into(&mut pkt).unwrap() {
         let mut obs = Vec::new();
-        probe.packet(&pkt, &mut obs);
+        probe.packet(&pkt.as_ref(), &mut obs);
         out.push((obs, probe.clock()));
     }
     let mut obs = Vec::new();

@@ -30,7 +30,7 @@ fn run(pkts: &[Packet]) -> (u64, u64) {
     let mut pl = Pipeline::new(Config::default());
     let mut events = 0u64;
     for p in pkts {
-        pl.packet(p, &mut |s| {
+        pl.packet(&p.as_ref(), &mut |s| {
             events += matches!(s, stacktap::correlate::Signal::Event(_)) as u64
         });
     }

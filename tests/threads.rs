@@ -81,11 +81,11 @@ fn run_packets(packets: &[Packet], cfg: &Config, threads: usize) -> (String, Str
     let mut run = Run::new(cfg.clone(), &out).unwrap();
     if threads > 1 {
         let mut par = Parallel::new(run, threads, false).unwrap();
-        packets.iter().for_each(|p| par.packet(p));
+        packets.iter().for_each(|p| par.packet(&p.as_ref()));
         run = par.finish().unwrap();
         run.write_out(&out).unwrap();
     } else {
-        packets.iter().for_each(|p| run.packet(p));
+        packets.iter().for_each(|p| run.packet(&p.as_ref()));
         run.finish(&out).unwrap();
     }
     let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap();

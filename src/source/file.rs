@@ -6,7 +6,7 @@
 //! a known block type whose trailing length matches), as Wireshark's tools do, and the
 //! damage is reported with its byte offset. What was read is never thrown away.
 
-use super::{Packet, linktype};
+use super::{Packet, PacketRef, linktype};
 use crate::time::Ts;
 use pcap_parser::traits::PcapReaderIterator;
 use pcap_parser::{Block, PcapBlockOwned, PcapError, create_reader};
@@ -50,6 +50,8 @@ pub struct PcapFile {
     /// Damaged stretches skipped (or that ended the file), in order.
     pub damage: Vec<Damage>,
     pub bytes_read: u64,
+    /// The last packet's time: a pcapng simple packet block has none of its own.
+    last_ts: Ts,
 }
 
 /// A damaged stretch of a capture file.
@@ -123,6 +125,7 @@ impl PcapFile {
             truncated: false,
             damage: Vec::new(),
             bytes_read: 0,
+            last_ts: Ts::ZERO,
         })
     }
 
@@ -133,6 +136,22 @@ impl PcapFile {
     /// Reads the next packet into `pkt`. Ok(false) at the end of the file (or at damage
     /// nothing after it could be read past: see `damage`).
     pub fn next_into(&mut self, pkt: &mut Packet) -> Result<bool, SourceError> {
+        let got = self.next_with(|p| {
+            pkt.ts = p.ts;
+            pkt.linktype = p.linktype;
+            pkt.orig_len = p.orig_len;
+            pkt.data.clear();
+            pkt.data.extend_from_slice(p.data);
+        })?;
+        Ok(got.is_some())
+    }
+
+    /// Hands the next packet, still in the read buffer, to `f`: its answer, or None at the
+    /// end of the file (or at damage nothing after it could be read past: see `damage`).
+    pub fn next_with<R>(
+        &mut self,
+        f: impl FnOnce(PacketRef<'_>) -> R,
+    ) -> Result<Option<R>, SourceError> {
         while !self.done {
             if self.implausible_next() {
                 self.skip_damage("a record header with an impossible length");
@@ -141,18 +160,23 @@ impl PcapFile {
             match self.reader.next() {
                 Ok((len, block)) => {
                     learn_format(&mut self.format, &block);
-                    let got = take_block(&mut self.interfaces, block, pkt);
+                    let got = take_block(&mut self.interfaces, block, self.last_ts);
                     self.bytes_read += len as u64;
                     // no shift here: `consume` moves the unread half of the buffer to its
                     // front whenever the read position passes the middle (a copy of up to
                     // half a MiB, over and over); `refill` shifts the few bytes left instead
-                    self.reader.consume_noshift(len);
-                    if got {
-                        if let Format::Legacy { last_sec, .. } = &mut self.format {
-                            *last_sec = (pkt.ts.0 / 1_000_000_000) as u32;
-                        }
-                        return Ok(true);
+                    let Some(pkt) = got else {
+                        self.reader.consume_noshift(len);
+                        continue;
+                    };
+                    self.last_ts = pkt.ts;
+                    if let Format::Legacy { last_sec, .. } = &mut self.format {
+                        *last_sec = (pkt.ts.0 / 1_000_000_000) as u32;
                     }
+                    // the packet is read where it lies, then its bytes are let go
+                    let answer = f(pkt);
+                    self.reader.consume_noshift(len);
+                    return Ok(Some(answer));
                 }
                 Err(PcapError::Eof) => self.done = true,
                 Err(PcapError::Incomplete(_)) | Err(PcapError::UnexpectedEof) => {
@@ -184,7 +208,7 @@ impl PcapFile {
                 Err(_) => self.skip_damage("a block that does not parse"),
             }
         }
-        Ok(false)
+        Ok(None)
     }
 
     /// The next record's header announces more than the file can hold (checked before the
@@ -345,97 +369,78 @@ fn plausible_at(d: &[u8], i: usize, f: Format, at_end: bool, depth: u8) -> bool 
 }
 
 /// Copies one record into `pkt` (the captured bytes only: `data` may carry padding).
-fn fill(pkt: &mut Packet, ts: Ts, ifc: &Interface, orig_len: u32, caplen: u32, data: &[u8]) {
-    pkt.ts = ts;
-    pkt.linktype = ifc.linktype;
-    pkt.orig_len = orig_len;
+fn packet<'b>(
+    ts: Ts,
+    ifc: &Interface,
+    orig_len: u32,
+    caplen: u32,
+    data: &'b [u8],
+) -> PacketRef<'b> {
     let n = (caplen as usize).min(data.len());
-    pkt.data.clear();
-    pkt.data.extend_from_slice(&data[..n]);
+    PacketRef {
+        ts,
+        linktype: ifc.linktype,
+        data: &data[..n],
+        orig_len,
+    }
 }
 
-/// Interprets one block: interface descriptions are remembered, packets copied out.
-fn take_block(
+/// Interprets one block: interface descriptions are remembered, a packet is returned (a
+/// simple packet block, which has no time, at `last_ts`).
+fn take_block<'b>(
     interfaces: &mut Vec<Interface>,
-    block: PcapBlockOwned<'_>,
-    pkt: &mut Packet,
-) -> bool {
-    {
-        match block {
-            PcapBlockOwned::LegacyHeader(h) => {
-                let units = if h.is_nanosecond_precision() {
-                    1_000_000_000
-                } else {
-                    1_000_000
-                };
-                *interfaces = vec![Interface {
-                    linktype: h.network.0,
-                    units_per_sec: units,
-                    offset_secs: 0,
-                }];
-                false
-            }
-            PcapBlockOwned::Legacy(b) => {
-                let Some(ifc) = interfaces.first() else {
-                    return false;
-                };
-                let frac = b.ts_usec as u64 * (1_000_000_000 / ifc.units_per_sec);
-                fill(
-                    pkt,
-                    Ts::from_parts(b.ts_sec as u64, frac),
-                    ifc,
-                    b.origlen,
-                    b.caplen,
-                    b.data,
-                );
-                true
-            }
-            PcapBlockOwned::NG(Block::SectionHeader(_)) => {
-                interfaces.clear();
-                false
-            }
-            PcapBlockOwned::NG(Block::InterfaceDescription(idb)) => {
-                let units = idb.ts_resolution().unwrap_or(1_000_000).max(1);
-                interfaces.push(Interface {
-                    linktype: idb.linktype.0,
-                    units_per_sec: units,
-                    offset_secs: idb.if_tsoffset,
-                });
-                false
-            }
-            PcapBlockOwned::NG(Block::EnhancedPacket(epb)) => {
-                let Some(ifc) = interfaces.get(epb.if_id as usize) else {
-                    return false;
-                };
-                let raw = ((epb.ts_high as u64) << 32) | epb.ts_low as u64;
-                let secs = raw / ifc.units_per_sec;
-                let rem = raw % ifc.units_per_sec;
-                let nanos = (rem as u128 * 1_000_000_000 / ifc.units_per_sec as u128) as u64;
-                let secs = (secs as i64).saturating_add(ifc.offset_secs).max(0) as u64;
-                fill(
-                    pkt,
-                    Ts::from_parts(secs, nanos),
-                    ifc,
-                    epb.origlen,
-                    epb.caplen,
-                    epb.data,
-                );
-                true
-            }
-            PcapBlockOwned::NG(Block::SimplePacket(spb)) => {
-                // no timestamp in a simple packet block: it keeps the previous packet's
-                let Some(ifc) = interfaces.first() else {
-                    return false;
-                };
-                pkt.linktype = ifc.linktype;
-                pkt.orig_len = spb.origlen;
-                let n = (spb.origlen as usize).min(spb.data.len());
-                pkt.data.clear();
-                pkt.data.extend_from_slice(&spb.data[..n]);
-                true
-            }
-            _ => false,
+    block: PcapBlockOwned<'b>,
+    last_ts: Ts,
+) -> Option<PacketRef<'b>> {
+    match block {
+        PcapBlockOwned::LegacyHeader(h) => {
+            let units = if h.is_nanosecond_precision() {
+                1_000_000_000
+            } else {
+                1_000_000
+            };
+            *interfaces = vec![Interface {
+                linktype: h.network.0,
+                units_per_sec: units,
+                offset_secs: 0,
+            }];
+            None
         }
+        PcapBlockOwned::Legacy(b) => {
+            let ifc = interfaces.first()?;
+            let frac = b.ts_usec as u64 * (1_000_000_000 / ifc.units_per_sec);
+            let ts = Ts::from_parts(b.ts_sec as u64, frac);
+            Some(packet(ts, ifc, b.origlen, b.caplen, b.data))
+        }
+        PcapBlockOwned::NG(Block::SectionHeader(_)) => {
+            interfaces.clear();
+            None
+        }
+        PcapBlockOwned::NG(Block::InterfaceDescription(idb)) => {
+            let units = idb.ts_resolution().unwrap_or(1_000_000).max(1);
+            interfaces.push(Interface {
+                linktype: idb.linktype.0,
+                units_per_sec: units,
+                offset_secs: idb.if_tsoffset,
+            });
+            None
+        }
+        PcapBlockOwned::NG(Block::EnhancedPacket(epb)) => {
+            let ifc = interfaces.get(epb.if_id as usize)?;
+            let raw = ((epb.ts_high as u64) << 32) | epb.ts_low as u64;
+            let secs = raw / ifc.units_per_sec;
+            let rem = raw % ifc.units_per_sec;
+            let nanos = (rem as u128 * 1_000_000_000 / ifc.units_per_sec as u128) as u64;
+            let secs = (secs as i64).saturating_add(ifc.offset_secs).max(0) as u64;
+            let ts = Ts::from_parts(secs, nanos);
+            Some(packet(ts, ifc, epb.origlen, epb.caplen, epb.data))
+        }
+        PcapBlockOwned::NG(Block::SimplePacket(spb)) => {
+            // no timestamp in a simple packet block: it keeps the previous packet's
+            let ifc = interfaces.first()?;
+            Some(packet(last_ts, ifc, spb.origlen, spb.origlen, spb.data))
+        }
+        _ => None,
     }
 }
 
@@ -443,6 +448,8 @@ fn take_block(
 /// broker node, or a rotated capture).
 pub struct MergedFiles {
     files: Vec<PcapFile>,
+    /// Each file's next packet, read ahead to choose the earliest (only when there are
+    /// several: one file's packets are handed on from its read buffer).
     heads: Vec<Option<Packet>>,
 }
 
@@ -456,11 +463,12 @@ impl MergedFiles {
     }
 
     pub fn new(files: Vec<PcapFile>) -> Result<MergedFiles, SourceError> {
+        let ahead = if files.len() > 1 { files.len() } else { 0 };
         let mut merged = MergedFiles {
-            heads: vec![None; files.len()],
+            heads: vec![None; ahead],
             files,
         };
-        for i in 0..merged.files.len() {
+        for i in 0..ahead {
             merged.refill(i)?;
         }
         Ok(merged)
@@ -474,8 +482,27 @@ impl MergedFiles {
         Ok(())
     }
 
-    /// The next packet in time order across all files, swapped into `out`.
+    /// The next packet in time order across all files, copied into `out`.
     pub fn next_into(&mut self, out: &mut Packet) -> Result<bool, SourceError> {
+        let got = self.next_with(|p| {
+            out.ts = p.ts;
+            out.linktype = p.linktype;
+            out.orig_len = p.orig_len;
+            out.data.clear();
+            out.data.extend_from_slice(p.data);
+        })?;
+        Ok(got.is_some())
+    }
+
+    /// Hands the next packet in time order across all files to `f`: its answer, or None
+    /// when every file has ended.
+    pub fn next_with<R>(
+        &mut self,
+        f: impl FnOnce(PacketRef<'_>) -> R,
+    ) -> Result<Option<R>, SourceError> {
+        if let [only] = self.files.as_mut_slice() {
+            return only.next_with(f);
+        }
         let mut best: Option<usize> = None;
         for (i, h) in self.heads.iter().enumerate() {
             if let Some(p) = h
@@ -484,15 +511,10 @@ impl MergedFiles {
                 best = Some(i);
             }
         }
-        let Some(i) = best else { return Ok(false) };
-        let mut pkt = self.heads[i].take().expect("head present");
-        std::mem::swap(out, &mut pkt);
-        self.heads[i] = Some(pkt); // reuse the buffer
-        let keep = self.files[i].next_into(self.heads[i].as_mut().expect("just set"))?;
-        if !keep {
-            self.heads[i] = None;
-        }
-        Ok(true)
+        let Some(i) = best else { return Ok(None) };
+        let answer = f(self.heads[i].as_ref().expect("head present").as_ref());
+        self.refill(i)?;
+        Ok(Some(answer))
     }
 
     pub fn files(&self) -> &[PcapFile] {

@@ -23,7 +23,7 @@
 //! corrected by it (counted: `stacktap_parse_anomalies_total{protocol="capture",
 //! kind="clock_step"}`), so a stepped clock never reads as hours of silence.
 
-use super::{Packet, SourceStats};
+use super::{PacketRef, SourceStats};
 use crate::time::Ts;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -114,8 +114,9 @@ impl ClockSteps {
     }
 }
 
-pub enum LiveRead {
-    Packet,
+pub enum LiveRead<'a> {
+    /// A packet, valid until the next read.
+    Packet(PacketRef<'a>),
     Idle(Ts),
 }
 
@@ -193,7 +194,7 @@ impl LiveCapture {
     }
 
     /// The next packet, or an idle tick after about IDLE_MS without one.
-    pub fn read(&mut self, pkt: &mut Packet) -> anyhow::Result<LiveRead> {
+    pub fn read(&mut self) -> anyhow::Result<LiveRead<'_>> {
         let got = self.cap.next_packet();
         self.last_read = Instant::now();
         match got {
@@ -201,14 +202,16 @@ impl LiveCapture {
                 let ts = p.header.ts;
                 let raw =
                     Ts::from_parts(ts.tv_sec.max(0) as u64, (ts.tv_usec.max(0) as u64) * 1000);
-                pkt.ts = self.steps.stamp(raw, self.last_read);
-                self.settled = self.settled.max(pkt.ts);
-                pkt.linktype = self.linktype;
-                pkt.orig_len = p.header.len;
-                pkt.data.clear();
-                pkt.data.extend_from_slice(p.data);
+                let ts = self.steps.stamp(raw, self.last_read);
+                self.settled = self.settled.max(ts);
                 self.reads.fetch_add(1, Ordering::Relaxed);
-                Ok(LiveRead::Packet)
+                // read where libpcap keeps it, until the next read
+                Ok(LiveRead::Packet(PacketRef {
+                    ts,
+                    linktype: self.linktype,
+                    data: p.data,
+                    orig_len: p.header.len,
+                }))
             }
             // a timeout, or our waker's pcap_breakloop (reported as "no more packets")
             Err(pcap::Error::TimeoutExpired) | Err(pcap::Error::NoMorePackets) => {

@@ -55,11 +55,44 @@ impl Default for CaptureConfig {
     }
 }
 
-/// One captured frame, owned so that several files can be merged.
+/// One captured frame, owned: kept past its read (the head of each file being merged, a
+/// packet the clock holds back, a test's list).
 #[derive(Debug, Default, Clone)]
 pub struct Packet {
     pub ts: Ts,
     pub linktype: i32,
     pub data: Vec<u8>,
     pub orig_len: u32,
+}
+
+/// One captured frame as the pipeline reads it, borrowed from where the source keeps it
+/// (a file's read buffer, libpcap's ring): a replay copies no packet on its way in.
+#[derive(Debug, Clone, Copy)]
+pub struct PacketRef<'a> {
+    pub ts: Ts,
+    pub linktype: i32,
+    pub data: &'a [u8],
+    pub orig_len: u32,
+}
+
+impl Packet {
+    pub fn as_ref(&self) -> PacketRef<'_> {
+        PacketRef {
+            ts: self.ts,
+            linktype: self.linktype,
+            data: &self.data,
+            orig_len: self.orig_len,
+        }
+    }
+}
+
+impl PacketRef<'_> {
+    pub fn to_owned(&self) -> Packet {
+        Packet {
+            ts: self.ts,
+            linktype: self.linktype,
+            data: self.data.to_vec(),
+            orig_len: self.orig_len,
+        }
+    }
 }
