@@ -312,6 +312,8 @@ impl Run {
         Ok(Run { outlet, pipeline })
     }
 
+    /// Never inlined (one call a packet costs nothing measurable): see `replay`.
+    #[inline(never)]
     pub fn packet(&mut self, pkt: &PacketRef<'_>) {
         let sinks = &mut self.outlet.sinks;
         self.pipeline.packet(pkt, &mut |s| sinks.on_signal(s));
@@ -395,7 +397,9 @@ pub fn stop_flag() -> Arc<AtomicBool> {
     flag
 }
 
-/// Replays capture files; `speed` > 0 paces packets by their timestamps.
+/// Replays capture files; `speed` > 0 paces packets by their timestamps. Never inlined,
+/// nor is `Run::packet`: `scripts/stage-cost` takes the reading as this less that.
+#[inline(never)]
 pub fn replay(
     files: &mut MergedFiles,
     run: &mut impl Tap,
