@@ -47,8 +47,10 @@ pub fn decode(lt: i32, data: &[u8]) -> Decoded<'_> {
 
 /// The two ends of an IPv4 TCP packet read straight from the headers, nothing checked
 /// beyond what locating them needs: for choosing a packet's shard, where a whole decode
-/// would be done twice (the shard decodes it again). None for anything else; `decode`
-/// gives the same ends for every packet this reads.
+/// would be done twice (the shard decodes it again). None for anything else. Where
+/// `decode` reads a packet as TCP it finds the same ends, so a connection's packets meet
+/// in one shard; a packet it rejects (a fragment, a damaged header) may go to any shard,
+/// which counts it as before.
 pub fn ipv4_tcp_ends(lt: i32, data: &[u8]) -> Option<(Endpoint, Endpoint)> {
     let ip = ipv4_start(lt, data)?;
     let ihl = usize::from(*ip.first()? & 0x0f) * 4;
