@@ -21,31 +21,41 @@ fn plain(align: usize, size: usize) -> bool {
     align <= 8 || (align <= 16 && size.is_multiple_of(16))
 }
 
+/// A new block for `layout`: from the plain entry point when its blocks are aligned
+/// enough, else from the aligned one.
+///
+/// # Safety
+/// `plain_entry` and `aligned_entry` are a mimalloc allocation function and its aligned
+/// form (`mi_malloc` and `mi_malloc_aligned`, or the zeroing pair).
+#[inline]
+unsafe fn new_block(
+    layout: Layout,
+    plain_entry: unsafe extern "C" fn(usize) -> *mut c_void,
+    aligned_entry: unsafe extern "C" fn(usize, usize) -> *mut c_void,
+) -> *mut u8 {
+    // SAFETY: the caller passes a matching pair of mimalloc's allocation functions
+    unsafe {
+        if plain(layout.align(), layout.size()) {
+            plain_entry(layout.size()).cast()
+        } else {
+            aligned_entry(layout.size(), layout.align()).cast()
+        }
+    }
+}
+
 // SAFETY: every call goes to mimalloc, which returns memory aligned as asked (the plain
 // entry points only when `plain` holds) or null, and frees what it allocated.
 unsafe impl GlobalAlloc for Mimalloc {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: see the impl
-        unsafe {
-            if plain(layout.align(), layout.size()) {
-                mi_malloc(layout.size()).cast()
-            } else {
-                mi_malloc_aligned(layout.size(), layout.align()).cast()
-            }
-        }
+        // SAFETY: mimalloc's allocation pair
+        unsafe { new_block(layout, mi_malloc, mi_malloc_aligned) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: see the impl
-        unsafe {
-            if plain(layout.align(), layout.size()) {
-                mi_zalloc(layout.size()).cast()
-            } else {
-                mi_zalloc_aligned(layout.size(), layout.align()).cast()
-            }
-        }
+        // SAFETY: mimalloc's zeroing allocation pair
+        unsafe { new_block(layout, mi_zalloc, mi_zalloc_aligned) }
     }
 
     #[inline]

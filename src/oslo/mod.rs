@@ -245,8 +245,7 @@ fn classify(exchange: &str, f: &mut Fields<'_>) -> Result<Oslo, NotOslo> {
             trace_context,
         }));
     }
-    if f.msg_id.is_some()
-        && (f.ending.is_some() || f.result || f.failure.is_some())
+    if (f.ending.is_some() || f.result || f.failure.is_some())
         && let Some(msg_id) = f.msg_id.take()
     {
         let failure = f.failure.as_deref().map(parse_failure);

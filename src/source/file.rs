@@ -136,13 +136,7 @@ impl PcapFile {
     /// Reads the next packet into `pkt`. Ok(false) at the end of the file (or at damage
     /// nothing after it could be read past: see `damage`).
     pub fn next_into(&mut self, pkt: &mut Packet) -> Result<bool, SourceError> {
-        let got = self.next_with(|p| {
-            pkt.ts = p.ts;
-            pkt.linktype = p.linktype;
-            pkt.orig_len = p.orig_len;
-            pkt.data.clear();
-            pkt.data.extend_from_slice(p.data);
-        })?;
+        let got = self.next_with(|p| pkt.copy_from(p))?;
         Ok(got.is_some())
     }
 
@@ -484,13 +478,7 @@ impl MergedFiles {
 
     /// The next packet in time order across all files, copied into `out`.
     pub fn next_into(&mut self, out: &mut Packet) -> Result<bool, SourceError> {
-        let got = self.next_with(|p| {
-            out.ts = p.ts;
-            out.linktype = p.linktype;
-            out.orig_len = p.orig_len;
-            out.data.clear();
-            out.data.extend_from_slice(p.data);
-        })?;
+        let got = self.next_with(|p| out.copy_from(p))?;
         Ok(got.is_some())
     }
 

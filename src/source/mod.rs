@@ -76,6 +76,15 @@ pub struct PacketRef<'a> {
 }
 
 impl Packet {
+    /// `p`, copied into this packet's buffer (reused, not reallocated).
+    pub fn copy_from(&mut self, p: PacketRef<'_>) {
+        self.ts = p.ts;
+        self.linktype = p.linktype;
+        self.orig_len = p.orig_len;
+        self.data.clear();
+        self.data.extend_from_slice(p.data);
+    }
+
     pub fn as_ref(&self) -> PacketRef<'_> {
         PacketRef {
             ts: self.ts,
@@ -88,11 +97,8 @@ impl Packet {
 
 impl PacketRef<'_> {
     pub fn to_owned(&self) -> Packet {
-        Packet {
-            ts: self.ts,
-            linktype: self.linktype,
-            data: self.data.to_vec(),
-            orig_len: self.orig_len,
-        }
+        let mut owned = Packet::default();
+        owned.copy_from(*self);
+        owned
     }
 }
