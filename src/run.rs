@@ -18,6 +18,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// Health metrics are brought up to date every this many packets (and on idle ticks).
+pub const REFRESH_PACKETS: u64 = 4096;
+
 #[derive(Debug, Clone, Default)]
 pub struct Outputs {
     pub listen: Option<String>,
@@ -317,7 +320,13 @@ impl Run {
     pub fn packet(&mut self, pkt: &PacketRef<'_>) {
         let sinks = &mut self.outlet.sinks;
         self.pipeline.packet(pkt, &mut |s| sinks.on_signal(s));
-        if self.pipeline.probe.health.packets.is_multiple_of(4096) {
+        if self
+            .pipeline
+            .probe
+            .health
+            .packets
+            .is_multiple_of(REFRESH_PACKETS)
+        {
             self.refresh(false);
         }
     }
