@@ -35,7 +35,9 @@ pub mod trace;
 pub mod ui;
 pub mod view;
 
-/// Hash map for tables keyed by wire data: ahash (fast) with random seeds (no hash
-/// flooding from crafted ids). Iteration order is never relied on; output is sorted.
-pub type FastMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
-pub type FastSet<K> = std::collections::HashSet<K, ahash::RandomState>;
+/// Hash map for tables keyed by wire data: foldhash (made for hash tables: fewer
+/// instructions than ahash on this build's baseline x86-64, which has no AES for ahash's
+/// fast path, and than std's SipHash) with a seed per process (no hash flooding from
+/// crafted ids). Iteration order is never relied on; output is sorted.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
