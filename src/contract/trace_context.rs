@@ -127,11 +127,35 @@ pub fn push_hex(s: &mut String, b: &[u8]) {
 
 /// `b` as lower-case hex digits into `out`, which holds exactly two bytes for each of `b`'s.
 pub fn hex_into(out: &mut [u8], b: &[u8]) {
+    // eight bytes a step in integer arithmetic: five ids of every call event are spelled
+    let (words, rest) = b.as_chunks::<8>();
+    let (word_out, rest_out) = out.split_at_mut(16 * words.len());
+    for (o, w) in word_out.as_chunks_mut::<16>().0.iter_mut().zip(words) {
+        *o = hex_word(u64::from_be_bytes(*w));
+    }
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for (pair, x) in out.chunks_exact_mut(2).zip(b) {
+    for (pair, x) in rest_out.chunks_exact_mut(2).zip(rest) {
         pair[0] = DIGITS[usize::from(x >> 4)];
         pair[1] = DIGITS[usize::from(x & 15)];
     }
+}
+
+/// The sixteen lower-case hex digits of `w`'s eight bytes, most significant first.
+fn hex_word(w: u64) -> [u8; 16] {
+    const LOW_NIBBLES: u64 = u64::from_le_bytes([0x0f; 8]);
+    // byte j (from the low end) of `x` moved to byte 2j of the result
+    let spread = |x: u64| {
+        let mut x = u128::from(x);
+        x = (x | (x << 32)) & 0x0000_0000_ffff_ffff_0000_0000_ffff_ffff;
+        x = (x | (x << 16)) & 0x0000_ffff_0000_ffff_0000_ffff_0000_ffff;
+        (x | (x << 8)) & 0x00ff_00ff_00ff_00ff_00ff_00ff_00ff_00ff
+    };
+    // one nibble a byte, each byte's high nibble before its low one
+    let nibbles = (spread((w >> 4) & LOW_NIBBLES) << 8) | spread(w & LOW_NIBBLES);
+    const ONES: u128 = u128::from_le_bytes([1; 16]);
+    // a byte holding 10..=15 reaches 16 with 6 added (no byte carries into the next)
+    let letters = ((nibbles + 6 * ONES) >> 4) & ONES;
+    (nibbles + u128::from(b'0') * ONES + letters * u128::from(b'a' - b'0' - 10)).to_be_bytes()
 }
 
 /// Exactly `N` bytes from `2N` hex digits (either case).
@@ -263,6 +287,18 @@ pub fn uuid_bytes(s: &str) -> Option<[u8; 16]> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn hex_into_spells_each_byte(b in proptest::collection::vec(any::<u8>(), 0..40)) {
+            let mut out = vec![0u8; 2 * b.len()];
+            super::hex_into(&mut out, &b);
+            let want: String = b.iter().map(|x| format!("{x:02x}")).collect();
+            prop_assert_eq!(String::from_utf8(out).unwrap(), want);
+        }
+    }
+
     use super::*;
 
     #[test]
