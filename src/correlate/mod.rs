@@ -734,6 +734,12 @@ impl Correlator {
             self.view.evidence("delivery_without_publish", ts);
         }
         let mut call = Record::new(self.names.shape(m, r), ts, timeout_ms);
+        // the key is the call's msg_id or the cast's unique_id, read once above
+        let keyed = if is_call {
+            Field::MsgId
+        } else {
+            Field::UniqueId
+        };
         for (f, v) in [
             (Field::MsgId, &r.msg_id),
             (Field::UniqueId, &r.unique_id),
@@ -741,7 +747,11 @@ impl Correlator {
             (Field::RequestId, &r.request_id),
             (Field::GlobalRequestId, &r.global_request_id),
         ] {
-            call.set_id(f, v.as_deref());
+            if f == keyed {
+                call.set_parsed_id(f, key, v.as_deref());
+            } else {
+                call.set_id(f, v.as_deref());
+            }
         }
         if let Some(tc) = r.trace_context {
             call.rare().trace_context = Some(tc);

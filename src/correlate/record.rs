@@ -126,7 +126,7 @@ impl Id {
 }
 
 /// The ids a record keeps, in the order `Rare::texts` holds the odd ones.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Field {
     MsgId = 0,
     UniqueId = 1,
@@ -222,7 +222,12 @@ impl Record {
     }
 
     pub fn set_id(&mut self, f: Field, s: Option<&str>) {
-        let id = Id::of_opt(s);
+        self.set_parsed_id(f, Id::of_opt(s), s);
+    }
+
+    /// `set_id` with the id already read from `s` (`Id::of_opt(s)`).
+    pub fn set_parsed_id(&mut self, f: Field, id: Id, s: Option<&str>) {
+        debug_assert_eq!(id, Id::of_opt(s));
         self.ids[f as usize] = id;
         if id.needs_text() {
             self.rare().texts[f as usize] = s.map(Box::from);
