@@ -5,7 +5,6 @@
 //!
 //! Deterministic and on packet time only.
 
-use crate::FastMap as HashMap;
 use crate::amqp::conn::ConnLimits;
 use crate::amqp::{AmqpEvent, BodyBudget, Message, MessageKind};
 use crate::config::Config;
@@ -13,14 +12,13 @@ use crate::contract::{AmqpKind, AmqpMessage, NotOslo, Obs, Observation, Oslo};
 use crate::decode::{self, Decoded};
 use crate::health::Health;
 use crate::openstack::Rest;
-use crate::oslo;
-use crate::protocols::{self, Choice, Conn, Found};
+use crate::protocols::{self, AmqpFound, Choice, Conn, Found};
 use crate::source::{Packet, PacketRef};
 use crate::tcp::FlowTable;
 use crate::time::Ts;
-use rapidhash::v3::{RapidSecrets, rapidhash_v3_seeded};
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
+
+pub use crate::oslo::DecodeCache;
 
 pub struct Probe {
     pub health: Health,
@@ -277,10 +275,10 @@ impl Shard {
         Shard {
             flows: FlowTable::new(tcp),
             rest: Rest::new(cfg.http.clone()),
+            found: Found::new(bodies.clone()),
             bodies,
             budget: BodyBudget::new(cfg.amqp.max_held_bytes.div_ceil(of)),
             http: cfg.http.http(),
-            found: Found::default(),
             cfg: cfg.clone(),
         }
     }
@@ -383,10 +381,12 @@ fn drain(
     rest: &Rest,
     out: &mut Vec<Observation>,
 ) {
-    for ev in found.amqp.drain(..) {
-        if let Some(o) = amqp_observation(ev, clock, bodies) {
-            out.push(o);
-        }
+    for found in found.amqp.drain(..) {
+        let o = match found {
+            AmqpFound::Message(m, oslo) => Some(message_observation(*m, oslo)),
+            AmqpFound::Event(ev) => amqp_observation(ev, clock, bodies),
+        };
+        out.extend(o);
     }
     for ex in found.http.drain(..) {
         let what = Obs::Http(Box::new(rest.observe(ex)));
@@ -406,26 +406,9 @@ fn amqp_observation(ev: AmqpEvent, now: Ts, bodies: &DecodeCache) -> Option<Obse
             },
         ),
         AmqpEvent::Message(m) => {
-            let oslo = bodies.decode(&m);
-            let m = *m;
-            let kind = match m.kind {
-                MessageKind::Publish { mandatory } => AmqpKind::Publish { mandatory },
-                MessageKind::Deliver { redelivered, .. } => AmqpKind::Deliver { redelivered },
-                MessageKind::GetOk { redelivered } => AmqpKind::GetOk { redelivered },
-                MessageKind::Return { reply_code, .. } => AmqpKind::Return { reply_code },
-            };
-            let msg = AmqpMessage {
-                conn: m.conn,
-                kind,
-                exchange: m.exchange,
-                routing_key: m.routing_key,
-                queue: m.queue,
-                expiration: m.props.expiration,
-                stream_offset: m.props.stream_offset,
-                delivery_count: m.props.delivery_count,
-                oslo,
-            };
-            (m.ts, Obs::AmqpMessage(Box::new(msg)))
+            // the probe's connections hand messages over read (`AmqpFound::Message`)
+            let oslo = bodies.decode(&m.exchange, &m.props, &m.body);
+            return Some(message_observation(*m, oslo));
         }
         AmqpEvent::ChannelClosed {
             conn,
@@ -469,66 +452,27 @@ fn amqp_observation(ev: AmqpEvent, now: Ts, bodies: &DecodeCache) -> Option<Obse
     Some(Observation { t, what })
 }
 
-/// Recently decoded bodies. A deliver carries the exact bytes of its publish, so each
-/// message's JSON is parsed once, not once per copy. Keyed by a 64-bit hash of exchange,
-/// compression and body (a collision among the last few thousand bodies is ~1e-12).
-pub struct DecodeCache {
-    secrets: RapidSecrets,
-    cap: usize,
-    /// Shared by every shard of a run: a message's publish and its deliveries cross
-    /// different connections, so different shards, and one reading serves them all.
-    table: Mutex<Remembered>,
-}
-
-#[derive(Default)]
-struct Remembered {
-    map: HashMap<u64, Arc<Result<Oslo, NotOslo>>>,
-    order: VecDeque<u64>,
-}
-
-impl DecodeCache {
-    pub fn new(cap: usize) -> Arc<DecodeCache> {
-        Arc::new(DecodeCache {
-            secrets: RapidSecrets::seed(ahash::RandomState::new().hash_one(0x5eed_u64)),
-            cap: cap.max(1),
-            table: Mutex::default(),
-        })
-    }
-
-    fn table(&self) -> std::sync::MutexGuard<'_, Remembered> {
-        // a shard that panicked holding it left a whole table: keep using it
-        self.table.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn decode(&self, m: &Message) -> Arc<Result<Oslo, NotOslo>> {
-        // rapidhash over the body, salted per process so that crafted bodies cannot be
-        // made to collide on purpose: a third fewer instructions than xxh3 on oslo's
-        // bodies of a few KiB, the largest share of a message's cost before it is read
-        let key = [
-            m.exchange.as_bytes(),
-            m.props.compression.as_deref().unwrap_or("").as_bytes(),
-            &m.body,
-        ]
-        .iter()
-        .fold(0, |h: u64, part| {
-            h.rotate_left(29) ^ rapidhash_v3_seeded(part, &self.secrets)
-        });
-        if let Some(hit) = self.table().map.get(&key) {
-            return hit.clone();
-        }
-        // read without the lock held: other shards do not wait for this one's decoding
-        // (two shards reading one body at once both decode it; the reading is the same)
-        let decoded = Arc::new(oslo::decode(&m.exchange, &m.props, &m.body));
-        let mut t = self.table();
-        if !t.map.contains_key(&key) {
-            if t.order.len() >= self.cap
-                && let Some(old) = t.order.pop_front()
-            {
-                t.map.remove(&old);
-            }
-            t.order.push_back(key);
-            t.map.insert(key, decoded.clone());
-        }
-        decoded
+/// A whole message, its body read, as an observation.
+fn message_observation(m: Message, oslo: Arc<Result<Oslo, NotOslo>>) -> Observation {
+    let kind = match m.kind {
+        MessageKind::Publish { mandatory } => AmqpKind::Publish { mandatory },
+        MessageKind::Deliver { redelivered, .. } => AmqpKind::Deliver { redelivered },
+        MessageKind::GetOk { redelivered } => AmqpKind::GetOk { redelivered },
+        MessageKind::Return { reply_code, .. } => AmqpKind::Return { reply_code },
+    };
+    let msg = AmqpMessage {
+        conn: m.conn,
+        kind,
+        exchange: m.exchange,
+        routing_key: m.routing_key,
+        queue: m.queue,
+        expiration: m.props.expiration,
+        stream_offset: m.props.stream_offset,
+        delivery_count: m.props.delivery_count,
+        oslo,
+    };
+    Observation {
+        t: m.ts,
+        what: Obs::AmqpMessage(Box::new(msg)),
     }
 }

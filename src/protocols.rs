@@ -2,21 +2,69 @@
 //! OpenStack API ports) or, on any other port, by its first bytes (a request line from
 //! the client or a status line from the server).
 
-use crate::amqp::conn::ConnLimits;
-use crate::amqp::{AmqpConnection, AmqpEvent, BodyBudget};
+use crate::amqp::conn::{AmqpOut, ConnLimits};
+use crate::amqp::{AmqpConnection, AmqpEvent, BodyBudget, Message};
+use crate::contract::{NotOslo, Oslo};
 use crate::decode::Endpoint;
 use crate::health::Health;
 use crate::http::head::{looks_like_request, looks_like_response};
 use crate::http::{Exchange, HttpConfig, HttpConnection};
+use crate::oslo::DecodeCache;
 use crate::tcp::flows::{App, Dir, NewFlow};
 use crate::tcp::stream::Chunk;
 use crate::time::Ts;
+use std::sync::Arc;
 
 /// What the parsers of all connections found, per protocol.
-#[derive(Default)]
 pub struct Found {
-    pub amqp: Vec<AmqpEvent>,
+    pub amqp: Vec<AmqpFound>,
     pub http: Vec<Exchange>,
+    /// Where a message's body is read, as it comes (its bytes are only lent).
+    bodies: Arc<DecodeCache>,
+}
+
+impl Found {
+    pub fn new(bodies: Arc<DecodeCache>) -> Found {
+        Found {
+            amqp: Vec::new(),
+            http: Vec::new(),
+            bodies,
+        }
+    }
+
+    fn amqp_side(&mut self) -> AmqpSide<'_> {
+        AmqpSide {
+            found: &mut self.amqp,
+            bodies: &self.bodies,
+        }
+    }
+}
+
+/// An AMQP connection's event; a whole message with its body already read.
+pub enum AmqpFound {
+    Event(AmqpEvent),
+    Message(Box<Message>, Arc<Result<Oslo, NotOslo>>),
+}
+
+/// The AMQP half of `Found`: each message's body read while it is lent.
+struct AmqpSide<'a> {
+    found: &'a mut Vec<AmqpFound>,
+    bodies: &'a DecodeCache,
+}
+
+impl AmqpOut for AmqpSide<'_> {
+    fn event(&mut self, ev: AmqpEvent) {
+        self.found.push(AmqpFound::Event(ev));
+    }
+
+    fn message(&mut self, mut m: Box<Message>, lent: Option<&[u8]>) {
+        let oslo = self
+            .bodies
+            .decode(&m.exchange, &m.props, lent.unwrap_or(&m.body));
+        // read: the bytes are of no more use (freed here, on the thread that made them)
+        m.body = Vec::new();
+        self.found.push(AmqpFound::Message(m, oslo));
+    }
 }
 
 // AMQP connections are the common and hot case: kept inline (no pointer chase per
@@ -104,7 +152,7 @@ impl App for Conn {
 
     fn on_chunk(&mut self, dir: Dir, ts: Ts, chunk: Chunk<'_>, h: &mut Health, out: &mut Found) {
         match self {
-            Conn::Amqp(a) => a.on_chunk(dir, ts, chunk, h, &mut out.amqp),
+            Conn::Amqp(a) => a.chunk(dir, ts, chunk, h, &mut out.amqp_side()),
             Conn::Http(c) => c.on_chunk(dir, ts, chunk, h, &mut out.http),
             Conn::Undecided {
                 id,
@@ -133,7 +181,7 @@ impl App for Conn {
 
     fn on_close(&mut self, ts: Ts, h: &mut Health, out: &mut Found) {
         match self {
-            Conn::Amqp(a) => a.on_close(ts, h, &mut out.amqp),
+            Conn::Amqp(a) => a.close(ts, h, &mut out.amqp_side()),
             Conn::Http(c) => c.on_close(ts, h, &mut out.http),
             Conn::Undecided { .. } | Conn::Opaque => {}
         }

@@ -10,7 +10,10 @@ use serde::Deserialize;
 use std::borrow::Cow;
 use std::io::Read;
 
+pub mod cache;
 pub mod scan;
+
+pub use cache::DecodeCache;
 
 pub use crate::contract::{
     NotOslo, Notification, Oslo, RemoteError, Reply, ReplyPart, Request, RpcType, TraceContext,
