@@ -6,6 +6,7 @@ use super::frame::{
     FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD, FrameEvent, FrameReader, RawFrame,
 };
 use super::kept::{Pending, Props};
+use super::recent::RecentNames;
 use crate::FastMap as HashMap;
 use crate::contract::{ConnId, Endpoint};
 use crate::health::Health;
@@ -53,10 +54,10 @@ pub struct Message {
     pub conn: ConnId,
     pub kind: MessageKind,
     pub channel: u16,
-    pub exchange: String,
-    pub routing_key: String,
+    pub exchange: Arc<str>,
+    pub routing_key: Arc<str>,
     /// For a deliver: the queue its consumer tag was registered on, when we saw that.
-    pub queue: Option<String>,
+    pub queue: Option<Arc<str>>,
     pub props: Props,
     pub body: Vec<u8>,
 }
@@ -201,7 +202,9 @@ pub struct AmqpConnection {
     assembling: [ChannelMap<Assembly>; 2],
     /// queue.declare / basic.consume requests waiting for their -ok, per channel.
     pending_consumes: HashMap<u16, VecDeque<String>>,
-    consumers: HashMap<String, String>,
+    consumers: HashMap<String, Arc<str>>,
+    /// The names this connection's messages carry, shared from one message to the next.
+    names: RecentNames,
     cfg: ConnLimits,
     /// Body bytes this connection holds (the capacity of its bodies being assembled).
     held: usize,
@@ -244,6 +247,7 @@ impl AmqpConnection {
             assembling: [ChannelMap::default(), ChannelMap::default()],
             pending_consumes: HashMap::default(),
             consumers: HashMap::default(),
+            names: RecentNames::default(),
             cfg,
             held: 0,
             budget,
@@ -312,7 +316,7 @@ impl AmqpConnection {
                 if !acted_on(class, method) {
                     return; // acks, declares, qos…: counted, not decoded
                 }
-                if let Some(pending) = super::hot::method(f.payload) {
+                if let Some(pending) = super::hot::method(f.payload, &mut self.names) {
                     return self.start_content(dir, f.channel, pending, health);
                 }
                 match amq_protocol::protocol::parse_class(f.payload) {
@@ -460,8 +464,8 @@ impl AmqpConnection {
                     dir,
                     ch,
                     Pending::Publish {
-                        exchange: p.exchange.into(),
-                        routing_key: p.routing_key.into(),
+                        exchange: Arc::from(p.exchange.as_str()),
+                        routing_key: Arc::from(p.routing_key.as_str()),
                         mandatory: p.mandatory,
                     },
                     health,
@@ -472,8 +476,8 @@ impl AmqpConnection {
                     Pending::Deliver {
                         consumer_tag: d.consumer_tag.into(),
                         redelivered: d.redelivered,
-                        exchange: d.exchange.into(),
-                        routing_key: d.routing_key.into(),
+                        exchange: Arc::from(d.exchange.as_str()),
+                        routing_key: Arc::from(d.routing_key.as_str()),
                     },
                     health,
                 ),
@@ -482,8 +486,8 @@ impl AmqpConnection {
                     ch,
                     Pending::GetOk {
                         redelivered: g.redelivered,
-                        exchange: g.exchange.into(),
-                        routing_key: g.routing_key.into(),
+                        exchange: Arc::from(g.exchange.as_str()),
+                        routing_key: Arc::from(g.routing_key.as_str()),
                     },
                     health,
                 ),
@@ -493,8 +497,8 @@ impl AmqpConnection {
                     Pending::Return {
                         reply_code: r.reply_code,
                         reply_text: r.reply_text.into(),
-                        exchange: r.exchange.into(),
-                        routing_key: r.routing_key.into(),
+                        exchange: Arc::from(r.exchange.as_str()),
+                        routing_key: Arc::from(r.routing_key.as_str()),
                     },
                     health,
                 ),
@@ -517,7 +521,10 @@ impl AmqpConnection {
                     }
                 }
                 basic::AMQPMethod::Cancel(c) if by_broker => {
-                    let queue = self.consumers.get(c.consumer_tag.as_str()).cloned();
+                    let queue = self
+                        .consumers
+                        .get(c.consumer_tag.as_str())
+                        .map(|q| q.to_string());
                     out.event(AmqpEvent::BrokerCancel {
                         conn,
                         consumer_tag: c.consumer_tag.into(),
@@ -597,7 +604,8 @@ impl AmqpConnection {
             // a client registering consumers without end: the newest are not remembered
             // (their deliveries carry no queue name), and the event still goes out
         } else {
-            self.consumers.insert(tag.to_owned(), queue.clone());
+            self.consumers
+                .insert(tag.to_owned(), Arc::from(queue.as_str()));
         }
         out.event(AmqpEvent::ConsumerStarted {
             conn: self.conn,

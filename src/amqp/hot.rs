@@ -12,6 +12,7 @@
 //! the two to the same answers on arbitrary payloads.
 
 use super::kept::{Pending, Props};
+use super::recent::RecentNames;
 
 const BASIC: u16 = 60;
 const PUBLISH: u16 = 40;
@@ -19,14 +20,14 @@ const DELIVER: u16 = 60;
 
 /// A method frame's payload (class and method ids first) as basic.publish or
 /// basic.deliver; None for any other method and for anything to leave to `amq-protocol`.
-pub(super) fn method(payload: &[u8]) -> Option<Pending> {
+pub(super) fn method(payload: &[u8], names: &mut RecentNames) -> Option<Pending> {
     let mut r = Reader(payload);
     let (class, method) = (r.u16()?, r.u16()?);
     match (class, method) {
         (BASIC, PUBLISH) => {
             r.u16()?; // reserved (ticket)
-            let exchange = r.short_string()?;
-            let routing_key = r.short_string()?;
+            let exchange = names.get(r.short_str()?);
+            let routing_key = names.get(r.short_str()?);
             let flags = r.u8()?;
             Some(Pending::Publish {
                 exchange,
@@ -38,8 +39,8 @@ pub(super) fn method(payload: &[u8]) -> Option<Pending> {
             let consumer_tag = r.short_string()?;
             r.u64()?; // delivery tag: acks are not followed
             let flags = r.u8()?;
-            let exchange = r.short_string()?;
-            let routing_key = r.short_string()?;
+            let exchange = names.get(r.short_str()?);
+            let routing_key = names.get(r.short_str()?);
             Some(Pending::Deliver {
                 consumer_tag,
                 redelivered: flags & 1 != 0,
@@ -215,15 +216,15 @@ mod tests {
     fn reference(payload: &[u8]) -> Option<Pending> {
         match parse_class(payload).ok()?.1 {
             AMQPClass::Basic(basic::AMQPMethod::Publish(p)) => Some(Pending::Publish {
-                exchange: p.exchange.to_string(),
-                routing_key: p.routing_key.to_string(),
+                exchange: p.exchange.as_str().into(),
+                routing_key: p.routing_key.as_str().into(),
                 mandatory: p.mandatory,
             }),
             AMQPClass::Basic(basic::AMQPMethod::Deliver(d)) => Some(Pending::Deliver {
                 consumer_tag: d.consumer_tag.to_string(),
                 redelivered: d.redelivered,
-                exchange: d.exchange.to_string(),
-                routing_key: d.routing_key.to_string(),
+                exchange: d.exchange.as_str().into(),
+                routing_key: d.routing_key.as_str().into(),
             }),
             _ => None,
         }
@@ -257,27 +258,36 @@ mod tests {
     fn reads_what_oslo_messaging_sends() {
         let p = publish(b"nova", b"compute.host1", 1);
         assert_eq!(
-            method(&p),
+            method(&p, &mut RecentNames::default()),
             Some(Pending::Publish {
                 exchange: "nova".into(),
                 routing_key: "compute.host1".into(),
                 mandatory: true,
             })
         );
-        assert_eq!(method(&p), reference(&p));
+        assert_eq!(method(&p, &mut RecentNames::default()), reference(&p));
         let d = deliver(b"ctag1", 7, 1, b"", b"reply_abc");
-        assert_eq!(method(&d), reference(&d));
+        assert_eq!(method(&d, &mut RecentNames::default()), reference(&d));
         assert!(matches!(
-            method(&d),
+            method(&d, &mut RecentNames::default()),
             Some(Pending::Deliver {
                 redelivered: true,
                 ..
             })
         ));
         // other methods and cut frames are left to amq-protocol
-        assert_eq!(method(&[0, 60, 0, 80, 0, 0, 0, 0, 0, 0, 0, 1, 0]), None);
-        assert_eq!(method(&p[..p.len() - 1]), None);
-        assert_eq!(method(&publish(b"\xff", b"x", 0)), None);
+        assert_eq!(
+            method(
+                &[0, 60, 0, 80, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+                &mut RecentNames::default()
+            ),
+            None
+        );
+        assert_eq!(method(&p[..p.len() - 1], &mut RecentNames::default()), None);
+        assert_eq!(
+            method(&publish(b"\xff", b"x", 0), &mut RecentNames::default()),
+            None
+        );
     }
 
     proptest! {
@@ -296,7 +306,7 @@ mod tests {
             for mut frame in [publish(&ex, rk, flags), deliver(tag.as_bytes(), delivery, flags, &ex, rk)] {
                 frame.extend(&trailing);
                 let want = reference(&frame);
-                prop_assert_eq!(method(&frame), want.clone());
+                prop_assert_eq!(method(&frame, &mut RecentNames::default()), want.clone());
                 if std::str::from_utf8(&ex).is_ok() {
                     prop_assert!(want.is_some());
                 }
@@ -309,7 +319,7 @@ mod tests {
         fn never_disagrees(deliver_id in any::<bool>(), rest in proptest::collection::vec(any::<u8>(), 0..48)) {
             let mut frame = vec![0, 60, 0, if deliver_id { 60 } else { 40 }];
             frame.extend(rest);
-            prop_assert_eq!(method(&frame), reference(&frame));
+            prop_assert_eq!(method(&frame, &mut RecentNames::default()), reference(&frame));
         }
     }
 }

@@ -2,6 +2,8 @@
 //! assembled: read by `hot` (the common methods and headers) or from amq-protocol's
 //! parse (`conn`, the rest), into the same types.
 
+use std::sync::Arc;
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Props {
     pub expiration: Option<String>,
@@ -15,29 +17,30 @@ pub struct Props {
     pub delivery_count: Option<i64>,
 }
 
-/// The method that opened a message, until its header and body complete it.
+/// The method that opened a message, until its header and body complete it. Exchange
+/// and routing key are shared with the connection's other messages (`RecentNames`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Pending {
     Publish {
-        exchange: String,
-        routing_key: String,
+        exchange: Arc<str>,
+        routing_key: Arc<str>,
         mandatory: bool,
     },
     Deliver {
         consumer_tag: String,
         redelivered: bool,
-        exchange: String,
-        routing_key: String,
+        exchange: Arc<str>,
+        routing_key: Arc<str>,
     },
     GetOk {
         redelivered: bool,
-        exchange: String,
-        routing_key: String,
+        exchange: Arc<str>,
+        routing_key: Arc<str>,
     },
     Return {
         reply_code: u16,
         reply_text: String,
-        exchange: String,
-        routing_key: String,
+        exchange: Arc<str>,
+        routing_key: Arc<str>,
     },
 }

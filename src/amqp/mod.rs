@@ -11,6 +11,7 @@ pub mod frame;
 mod hot;
 mod kept;
 pub mod names;
+mod recent;
 
 pub use conn::{AmqpConnection, AmqpEvent, BodyBudget, Message, MessageKind};
 pub use kept::Props;

@@ -105,10 +105,10 @@ pub enum AmqpKind {
 pub struct AmqpMessage {
     pub conn: ConnId,
     pub kind: AmqpKind,
-    pub exchange: String,
-    pub routing_key: String,
+    pub exchange: Arc<str>,
+    pub routing_key: Arc<str>,
     /// A delivery's queue, when its consumer tag was seen registered.
-    pub queue: Option<String>,
+    pub queue: Option<Arc<str>>,
     /// The AMQP `expiration` property as sent (a call's timeout in ms).
     pub expiration: Option<String>,
     /// A stream queue's offset of this delivery (`x-stream-offset`).

@@ -115,7 +115,7 @@ impl Names {
         let shape = Arc::new(Shape {
             rpc_type: r.rpc_type,
             exchange: self.get(&m.exchange),
-            routing_key: m.routing_key.as_str().into(),
+            routing_key: m.routing_key.clone(),
             topic,
             server,
             method: self.get(&r.method),
@@ -655,7 +655,7 @@ impl Correlator {
                         publisher_id: n.publisher_id.clone(),
                         event_type: n.event_type.clone(),
                         priority: n.priority.clone(),
-                        exchange: m.exchange.clone(),
+                        exchange: m.exchange.to_string(),
                         t: t.as_secs_f64(),
                         request_id: n.request_id.clone(),
                         global_request_id: n.global_request_id.clone(),
@@ -817,7 +817,7 @@ impl Correlator {
     fn delivered(
         c: &mut Record,
         t: Ts,
-        (consumer, conn, queue): (Arc<Process>, &ConnId, &Option<String>),
+        (consumer, conn, queue): (Arc<Process>, &ConnId, &Option<Arc<str>>),
         redelivered: bool,
         out: &mut Vec<Signal>,
     ) {
@@ -842,7 +842,7 @@ impl Correlator {
             && c.rare_ref().map_or(0, |r| r.copies.len()) < MAX_CONSUMERS_KEPT
         {
             c.rare().copies.push(Delivery {
-                queue: queue.clone(),
+                queue: queue.as_deref().map(str::to_owned),
                 consumer: consumer.clone(),
                 connection: conn.client,
                 t: t.as_secs_f64(),
@@ -1031,7 +1031,7 @@ mod tests {
                 conn: conn(n),
                 kind,
                 exchange: exchange.into(),
-                routing_key: String::new(),
+                routing_key: "".into(),
                 queue: None,
                 expiration: None,
                 stream_offset: None,

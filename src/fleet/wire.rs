@@ -221,7 +221,10 @@ fn encode_message(m: &AmqpMessage, a: &mut Attrs) {
     }
     a.s("messaging.destination.name", &m.exchange);
     a.s("messaging.rabbitmq.destination.routing_key", &m.routing_key);
-    a.opt_s("stacktap.amqp.queue", &m.queue);
+    a.opt_s(
+        "stacktap.amqp.queue",
+        &m.queue.as_deref().map(str::to_owned),
+    );
     a.opt_s("stacktap.amqp.expiration", &m.expiration);
     if let Some(v) = m.stream_offset {
         a.i("stacktap.amqp.stream_offset", v);
@@ -465,11 +468,12 @@ fn decode_message(r: &Read<'_>) -> Result<AmqpMessage, WireError> {
     Ok(AmqpMessage {
         conn: r.conn()?,
         kind,
-        exchange: r.s("messaging.destination.name").unwrap_or_default(),
+        exchange: r.s("messaging.destination.name").unwrap_or_default().into(),
         routing_key: r
             .s("messaging.rabbitmq.destination.routing_key")
-            .unwrap_or_default(),
-        queue: r.s("stacktap.amqp.queue"),
+            .unwrap_or_default()
+            .into(),
+        queue: r.s("stacktap.amqp.queue").map(Arc::from),
         expiration: r.s("stacktap.amqp.expiration"),
         stream_offset: r.i("stacktap.amqp.stream_offset"),
         delivery_count: r.i("stacktap.amqp.delivery_count"),
