@@ -78,9 +78,9 @@ impl Attrs {
     fn s(&mut self, key: &str, v: &str) {
         self.put(key, Value::StringValue(v.to_string()));
     }
-    fn opt_s(&mut self, key: &str, v: &Option<String>) {
+    fn opt_s(&mut self, key: &str, v: &Option<impl AsRef<str>>) {
         if let Some(v) = v {
-            self.s(key, v);
+            self.s(key, v.as_ref());
         }
     }
     fn i(&mut self, key: &str, v: i64) {
@@ -221,10 +221,7 @@ fn encode_message(m: &AmqpMessage, a: &mut Attrs) {
     }
     a.s("messaging.destination.name", &m.exchange);
     a.s("messaging.rabbitmq.destination.routing_key", &m.routing_key);
-    a.opt_s(
-        "stacktap.amqp.queue",
-        &m.queue.as_deref().map(str::to_owned),
-    );
+    a.opt_s("stacktap.amqp.queue", &m.queue);
     a.opt_s("stacktap.amqp.expiration", &m.expiration);
     if let Some(v) = m.stream_offset {
         a.i("stacktap.amqp.stream_offset", v);
