@@ -95,7 +95,7 @@ fn bodies(r: &Recorder) -> Vec<Vec<u8>> {
     for (dir, chunk) in stacktap_fuzz::chunks(&r.chunks) {
         conn.on_chunk(dir, Ts(0), chunk, &mut health, &mut out);
     }
-    let exchange = |m: &stacktap::amqp::conn::Message| u8::from(m.exchange == "openstack");
+    let exchange = |m: &stacktap::amqp::conn::Message| u8::from(&*m.exchange == "openstack");
     out.into_iter()
         .filter_map(|e| match e {
             AmqpEvent::Message(m) => Some([&[exchange(&m)][..], &m.body].concat()),
