@@ -42,7 +42,7 @@ impl Probe {
     /// `Pipeline::restart`).
     pub fn restart(&mut self) {
         // the bodies' readings stay: they do not depend on any connection
-        let bodies = self.shard.bodies.clone();
+        let bodies = self.shard.found.bodies.clone();
         self.shard = Shard::new(&self.shard.cfg, 1, bodies);
         self.clock.held.clear();
     }
@@ -257,8 +257,8 @@ impl Clock {
 pub struct Shard {
     cfg: Config,
     flows: FlowTable<Conn>,
+    /// What the parsers found, and the shared decode cache bodies are read through.
     found: Found,
-    bodies: Arc<DecodeCache>,
     rest: Rest,
     /// Body bytes held by every AMQP connection's message assembly, against one cap.
     budget: BodyBudget,
@@ -275,8 +275,7 @@ impl Shard {
         Shard {
             flows: FlowTable::new(tcp),
             rest: Rest::new(cfg.http.clone()),
-            found: Found::new(bodies.clone()),
-            bodies,
+            found: Found::new(bodies),
             budget: BodyBudget::new(cfg.amqp.max_held_bytes.div_ceil(of)),
             http: cfg.http.http(),
             cfg: cfg.clone(),
@@ -304,14 +303,10 @@ impl Shard {
             return lead;
         }
         let Shard {
-            flows,
-            found,
-            bodies,
-            rest,
-            ..
+            flows, found, rest, ..
         } = self;
         let mut each = |key: u64, found: &mut Found| {
-            drain(found, step.clock, bodies, rest, out);
+            drain(found, step.clock, rest, out);
             groups.push((key, out.len()));
         };
         if step.end {
@@ -347,7 +342,7 @@ impl Shard {
     }
 
     fn drain(&mut self, clock: Ts, out: &mut Vec<Observation>) {
-        drain(&mut self.found, clock, &self.bodies, &self.rest, out);
+        drain(&mut self.found, clock, &self.rest, out);
     }
 }
 
@@ -374,21 +369,16 @@ pub fn shard_of(frame: Frame, n: usize) -> usize {
 
 /// What the parsers found, as observations: AMQP first, then REST (their order within
 /// one packet or connection does not matter: one packet is one connection).
-fn drain(
-    found: &mut Found,
-    clock: Ts,
-    bodies: &DecodeCache,
-    rest: &Rest,
-    out: &mut Vec<Observation>,
-) {
-    for found in found.amqp.drain(..) {
+fn drain(found: &mut Found, clock: Ts, rest: &Rest, out: &mut Vec<Observation>) {
+    let Found { amqp, http, bodies } = found;
+    for found in amqp.drain(..) {
         let o = match found {
             AmqpFound::Message(m, oslo) => Some(message_observation(*m, oslo)),
             AmqpFound::Event(ev) => amqp_observation(ev, clock, bodies),
         };
         out.extend(o);
     }
-    for ex in found.http.drain(..) {
+    for ex in http.drain(..) {
         let what = Obs::Http(Box::new(rest.observe(ex)));
         out.push(Observation { t: clock, what });
     }

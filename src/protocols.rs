@@ -19,8 +19,9 @@ use std::sync::Arc;
 pub struct Found {
     pub amqp: Vec<AmqpFound>,
     pub http: Vec<Exchange>,
-    /// Where a message's body is read, as it comes (its bytes are only lent).
-    bodies: Arc<DecodeCache>,
+    /// Where a message's body is read, as it comes (its bytes are only lent); shared by
+    /// every shard of a run.
+    pub bodies: Arc<DecodeCache>,
 }
 
 impl Found {

@@ -424,14 +424,14 @@ mod tests {
             w: &mut W,
             first: bool,
         ) -> std::io::Result<()> {
-            if first { Ok(()) } else { w.write_all(b", ") }
+            python_comma(w, first)
         }
         fn begin_object_key<W: ?Sized + std::io::Write>(
             &mut self,
             w: &mut W,
             first: bool,
         ) -> std::io::Result<()> {
-            if first { Ok(()) } else { w.write_all(b", ") }
+            python_comma(w, first)
         }
         fn begin_object_value<W: ?Sized + std::io::Write>(
             &mut self,
@@ -439,6 +439,11 @@ mod tests {
         ) -> std::io::Result<()> {
             w.write_all(b": ")
         }
+    }
+
+    /// Python's item separator, before every member or element but the first.
+    fn python_comma<W: ?Sized + std::io::Write>(w: &mut W, first: bool) -> std::io::Result<()> {
+        if first { Ok(()) } else { w.write_all(b", ") }
     }
 
     /// `v` as JSON: compact, pretty, or spaced as Python writes it.
