@@ -24,6 +24,8 @@ pub struct Analyser {
     traced: Vec<Traced>,
     clock: Ts,
     signals: Vec<Signal>,
+    /// The view's evidence total when `health.unseen` was last copied from it.
+    unseen_copied: Option<u64>,
 }
 
 impl Analyser {
@@ -36,6 +38,7 @@ impl Analyser {
             health: Health::default(),
             clock: Ts::ZERO,
             signals: Vec::new(),
+            unseen_copied: None,
             cfg,
         }
     }
@@ -94,6 +97,24 @@ impl Analyser {
     /// Hands what the observations and the passing time produced to `sink`: events (each
     /// also taken in by the tracer), then the requests the tracer judged.
     pub fn flush(&mut self, sink: &mut dyn FnMut(&Signal)) {
+        if !self.signals.is_empty() {
+            self.flush_signals(sink);
+        }
+        self.tracer.advance(self.clock, &mut self.traced);
+        self.emit_traced(sink);
+        let view = self.correlator.view();
+        self.health.partial_view = view.partial(self.clock);
+        // flushed after every packet: a copy only when the evidence changed (a map's
+        // clone is a fresh allocation, its comparison a walk)
+        if self.unseen_copied != Some(view.evidence_total) {
+            self.unseen_copied = Some(view.evidence_total);
+            self.health.unseen.clone_from(&view.evidence);
+        }
+    }
+
+    /// The events (each also taken in by the tracer) and verdicts, in order. Apart from
+    /// `flush`: most packets produce none, and the drain alone cost more than the test.
+    fn flush_signals(&mut self, sink: &mut dyn FnMut(&Signal)) {
         for s in self.signals.drain(..) {
             if let Signal::Event(ev) = &s {
                 self.tracer
@@ -101,11 +122,6 @@ impl Analyser {
             }
             sink(&s);
         }
-        self.tracer.advance(self.clock, &mut self.traced);
-        self.emit_traced(sink);
-        let view = self.correlator.view();
-        self.health.partial_view = view.partial(self.clock);
-        self.health.unseen.clone_from(&view.evidence);
     }
 
     /// End of input: every open call, cast and request is judged.
@@ -120,6 +136,9 @@ impl Analyser {
 
     /// Request trees, chains and masked failures, as signals.
     fn emit_traced(&mut self, sink: &mut dyn FnMut(&Signal)) {
+        if self.traced.is_empty() {
+            return;
+        }
         for t in self.traced.drain(..) {
             let s = match t {
                 Traced::Tree(tree) => Signal::Request(tree),

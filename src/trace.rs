@@ -24,7 +24,8 @@ use crate::openstack::services::{api_process, is_user_side};
 use crate::oslo::RpcType;
 use crate::sink::requests::RequestsConfig;
 use crate::time::Ts;
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,6 +184,10 @@ pub struct Tracer {
     open: HashMap<String, Open>,
     /// Root ids by first sighting, for evicting the oldest (lazy: may hold finished ids).
     order: VecDeque<String>,
+    /// Root ids by the earliest time their request can be quiet for `settle_s` (lazy: an
+    /// entry may be early, its request since active, or gone). A sweep looks only at the
+    /// entries due, not at every open request.
+    quiet: BinaryHeap<Reverse<(Ts, String)>>,
     last_sweep: Ts,
 }
 
@@ -323,6 +328,7 @@ impl Tracer {
             keep_events: false,
             open: HashMap::default(),
             order: VecDeque::new(),
+            quiet: BinaryHeap::new(),
             last_sweep: Ts::ZERO,
         }
     }
@@ -350,6 +356,7 @@ impl Tracer {
             self.evict_oldest(h, out);
         }
         self.order.push_back(root.clone());
+        self.quiet.push(Reverse((self.quiet_at(now), root.clone())));
         self.open.insert(
             root,
             Open {
@@ -361,20 +368,38 @@ impl Tracer {
     }
 
     /// Completes the requests quiet for `settle_s` (checked once a second of packet time).
-    #[inline(never)] // a stage's entry: scripts/stage-cost counts it
+    /// Called after every packet: the test is inline, the sweep a call.
+    #[inline]
     pub fn advance(&mut self, now: Ts, out: &mut Vec<Traced>) {
-        if now.0 < self.last_sweep.0.saturating_add(1_000_000_000) {
-            return;
+        if now.0 >= self.last_sweep.0.saturating_add(1_000_000_000) {
+            self.sweep(now, out);
         }
+    }
+
+    #[inline(never)] // a stage's entry: scripts/stage-cost counts it
+    fn sweep(&mut self, now: Ts, out: &mut Vec<Traced>) {
         self.last_sweep = now;
-        let settle = (self.cfg.settle_s * 1e9) as u64;
-        let mut done: Vec<(Ts, String)> = self
-            .open
-            .iter()
-            .filter(|(_, o)| now.0.saturating_sub(o.last.0) >= settle)
-            .map(|(k, o)| (o.first, k.clone()))
-            .collect();
+        let mut done: Vec<(Ts, String)> = Vec::new();
+        while let Some(Reverse((at, _))) = self.quiet.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((_, k))) = self.quiet.pop() else {
+                break;
+            };
+            let Some(o) = self.open.get(&k) else {
+                continue; // finished or evicted since
+            };
+            let quiet_at = self.quiet_at(o.last);
+            if quiet_at <= now {
+                done.push((o.first, k));
+            } else {
+                self.quiet.push(Reverse((quiet_at, k)));
+            }
+        }
+        // a root id that came back after its request finished may be listed twice
         done.sort();
+        done.dedup();
         for (_, k) in done {
             let o = self.open.remove(&k).expect("present");
             finish(k, o, out);
@@ -383,6 +408,18 @@ impl Tracer {
             let open = &self.open;
             self.order.retain(|k| open.contains_key(k));
         }
+        if self.quiet.len() > 2 * self.open.len() + 1024 {
+            let quiet = self
+                .open
+                .iter()
+                .map(|(k, o)| Reverse((self.quiet_at(o.last), k.clone())));
+            self.quiet = quiet.collect();
+        }
+    }
+
+    /// When a request last active at `last` has been quiet for `settle_s`.
+    fn quiet_at(&self, last: Ts) -> Ts {
+        Ts(last.0.saturating_add((self.cfg.settle_s * 1e9) as u64))
     }
 
     /// End of input: every request is complete.
@@ -403,6 +440,7 @@ impl Tracer {
             }
         }
         self.order.clear();
+        self.quiet.clear();
     }
 
     fn evict_oldest(&mut self, h: &mut Health, out: &mut Vec<Traced>) {
@@ -869,6 +907,74 @@ mod tests {
     fn rpc(kind: SpanKind, who: &str, op: &str, t: f64, end: Option<f64>) -> Span {
         let (caller, handler) = who.split_once('>').unwrap();
         span(kind, caller, handler, op, t, end)
+    }
+
+    fn note(request: &str, t: f64) -> Event {
+        Event::Notification(Box::new(crate::contract::NotificationEvent {
+            publisher_id: "compute.host1".into(),
+            event_type: "compute.instance.update".into(),
+            priority: "INFO".into(),
+            exchange: "nova".into(),
+            t,
+            request_id: Some(request.into()),
+            global_request_id: None,
+            publisher: None,
+        }))
+    }
+
+    /// Requests complete once quiet for `settle_s`, in the order they were first seen;
+    /// one still active waits; a root id seen again after its request completed starts a
+    /// new request, which completes once.
+    #[test]
+    fn requests_complete_when_quiet() {
+        let cfg = RequestsConfig {
+            settle_s: 10.0,
+            ..RequestsConfig::default()
+        };
+        let mut tracer = Tracer::new(cfg);
+        let (mut h, mut out) = (Health::default(), Vec::new());
+        let at = |s: u64| Ts(s * 1_000_000_000);
+        let mut see = |tracer: &mut Tracer, id: &str, s: u64, out: &mut Vec<Traced>| {
+            tracer.observe(&note(id, s as f64), at(s), &mut h, out);
+            tracer.advance(at(s), out);
+        };
+        let done = |out: &mut Vec<Traced>| -> Vec<(String, usize)> {
+            out.drain(..)
+                .map(|t| match t {
+                    Traced::Tree(t) => (t.request_id.clone(), t.spans.len()),
+                    _ => panic!("a healthy request gives a tree only"),
+                })
+                .collect()
+        };
+        see(&mut tracer, "req-b", 1, &mut out);
+        see(&mut tracer, "req-a", 2, &mut out);
+        see(&mut tracer, "req-c", 3, &mut out);
+        see(&mut tracer, "req-c", 9, &mut out);
+        tracer.advance(at(12), &mut out);
+        assert_eq!(done(&mut out), [("req-b".into(), 1), ("req-a".into(), 1)]);
+        tracer.advance(at(18), &mut out);
+        assert!(out.is_empty(), "req-c was active at 9 s");
+        see(&mut tracer, "req-a", 19, &mut out);
+        tracer.advance(at(20), &mut out);
+        assert_eq!(done(&mut out), [("req-c".into(), 2)]);
+        tracer.advance(at(40), &mut out);
+        assert_eq!(done(&mut out), [("req-a".into(), 1)]);
+        tracer.finish_all(&mut out);
+        assert!(out.is_empty());
+
+        // evicted, then seen again before its first entry came due: completes once
+        let cfg = RequestsConfig {
+            settle_s: 10.0,
+            max_open: 1,
+            ..RequestsConfig::default()
+        };
+        let mut tracer = Tracer::new(cfg);
+        see(&mut tracer, "req-x", 1, &mut out);
+        see(&mut tracer, "req-y", 2, &mut out);
+        see(&mut tracer, "req-x", 3, &mut out);
+        assert_eq!(done(&mut out), [("req-x".into(), 1), ("req-y".into(), 1)]);
+        tracer.advance(at(30), &mut out);
+        assert_eq!(done(&mut out), [("req-x".into(), 1)]);
     }
 
     #[test]

@@ -58,6 +58,8 @@ pub struct View {
     last_evidence: Option<Ts>,
     /// Evidence by kind, since the start.
     pub evidence: BTreeMap<&'static str, u64>,
+    /// How many pieces of evidence, all kinds: it grows exactly when `evidence` changes.
+    pub evidence_total: u64,
 }
 
 impl View {
@@ -82,6 +84,7 @@ impl View {
 
     pub fn evidence(&mut self, kind: &'static str, t: Ts) {
         *self.evidence.entry(kind).or_default() += 1;
+        self.evidence_total += 1;
         self.last_evidence = Some(self.last_evidence.map_or(t, |l| l.max(t)));
     }
 
