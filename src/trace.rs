@@ -204,8 +204,8 @@ pub fn root_of(ev: &Event) -> Option<&str> {
 }
 
 /// The span an event stands for, and the id of the request it belongs to.
-pub fn span_of(ev: &Event) -> Option<(String, Span)> {
-    let root = root_of(ev)?.to_string();
+pub fn span_of(ev: &Event) -> Option<(&str, Span)> {
+    let root = root_of(ev)?;
     match ev {
         Event::Http(e) => {
             let caller = e.client.service.clone();
@@ -342,7 +342,7 @@ impl Tracer {
         if self.keep_events {
             span.event = Some(Arc::new(ev.clone()));
         }
-        if let Some(o) = self.open.get_mut(&root) {
+        if let Some(o) = self.open.get_mut(root) {
             // the common case: a request already being collected
             o.last = o.last.max(now);
             if o.spans.len() >= self.cfg.max_spans {
@@ -355,6 +355,8 @@ impl Tracer {
         if self.open.len() >= self.cfg.max_open {
             self.evict_oldest(h, out);
         }
+        // the id is copied only for a new request (most events join an open one)
+        let root = root.to_string();
         self.order.push_back(root.clone());
         self.quiet.push(Reverse((self.quiet_at(now), root.clone())));
         self.open.insert(

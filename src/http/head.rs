@@ -110,9 +110,8 @@ fn keep(v: &[u8]) -> Option<String> {
         return None;
     }
     let v = &v[..v.len().min(MAX_VALUE)];
-    if v.iter().all(|b| (0x20..0x7f).contains(b)) {
-        // printable ASCII, the usual case: one copy
-        return crate::text::utf8(v).map(str::to_owned);
+    if let Some(text) = crate::text::printable_ascii(v) {
+        return Some(text.to_owned()); // the usual case: one copy
     }
     Some(
         String::from_utf8_lossy(v)
