@@ -24,8 +24,7 @@ use crate::openstack::services::{api_process, is_user_side};
 use crate::oslo::RpcType;
 use crate::sink::requests::RequestsConfig;
 use crate::time::Ts;
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,10 +183,6 @@ pub struct Tracer {
     open: HashMap<String, Open>,
     /// Root ids by first sighting, for evicting the oldest (lazy: may hold finished ids).
     order: VecDeque<String>,
-    /// Root ids by the earliest time their request can be quiet for `settle_s` (lazy: an
-    /// entry may be early, its request since active, or gone). A sweep looks only at the
-    /// entries due, not at every open request.
-    quiet: BinaryHeap<Reverse<(Ts, String)>>,
     last_sweep: Ts,
 }
 
@@ -328,7 +323,6 @@ impl Tracer {
             keep_events: false,
             open: HashMap::default(),
             order: VecDeque::new(),
-            quiet: BinaryHeap::new(),
             last_sweep: Ts::ZERO,
         }
     }
@@ -358,7 +352,6 @@ impl Tracer {
         // the id is copied only for a new request (most events join an open one)
         let root = root.to_string();
         self.order.push_back(root.clone());
-        self.quiet.push(Reverse((self.quiet_at(now), root.clone())));
         self.open.insert(
             root,
             Open {
@@ -381,27 +374,14 @@ impl Tracer {
     #[inline(never)] // a stage's entry: scripts/stage-cost counts it
     fn sweep(&mut self, now: Ts, out: &mut Vec<Traced>) {
         self.last_sweep = now;
-        let mut done: Vec<(Ts, String)> = Vec::new();
-        while let Some(Reverse((at, _))) = self.quiet.peek() {
-            if *at > now {
-                break;
-            }
-            let Some(Reverse((_, k))) = self.quiet.pop() else {
-                break;
-            };
-            let Some(o) = self.open.get(&k) else {
-                continue; // finished or evicted since
-            };
-            let quiet_at = self.quiet_at(o.last);
-            if quiet_at <= now {
-                done.push((o.first, k));
-            } else {
-                self.quiet.push(Reverse((quiet_at, k)));
-            }
-        }
-        // a root id that came back after its request finished may be listed twice
+        let settle = (self.cfg.settle_s * 1e9) as u64;
+        let mut done: Vec<(Ts, String)> = self
+            .open
+            .iter()
+            .filter(|(_, o)| now.0.saturating_sub(o.last.0) >= settle)
+            .map(|(k, o)| (o.first, k.clone()))
+            .collect();
         done.sort();
-        done.dedup();
         for (_, k) in done {
             let o = self.open.remove(&k).expect("present");
             finish(k, o, out);
@@ -410,18 +390,6 @@ impl Tracer {
             let open = &self.open;
             self.order.retain(|k| open.contains_key(k));
         }
-        if self.quiet.len() > 2 * self.open.len() + 1024 {
-            let quiet = self
-                .open
-                .iter()
-                .map(|(k, o)| Reverse((self.quiet_at(o.last), k.clone())));
-            self.quiet = quiet.collect();
-        }
-    }
-
-    /// When a request last active at `last` has been quiet for `settle_s`.
-    fn quiet_at(&self, last: Ts) -> Ts {
-        Ts(last.0.saturating_add((self.cfg.settle_s * 1e9) as u64))
     }
 
     /// End of input: every request is complete.
@@ -442,7 +410,6 @@ impl Tracer {
             }
         }
         self.order.clear();
-        self.quiet.clear();
     }
 
     fn evict_oldest(&mut self, h: &mut Health, out: &mut Vec<Traced>) {
@@ -964,7 +931,7 @@ mod tests {
         tracer.finish_all(&mut out);
         assert!(out.is_empty());
 
-        // evicted, then seen again before its first entry came due: completes once
+        // evicted, then seen again before it would have been quiet: completes once
         let cfg = RequestsConfig {
             settle_s: 10.0,
             max_open: 1,
