@@ -44,8 +44,8 @@ pub struct Summary {
     notifications: BTreeMap<(String, String), u64>,
     returns: BTreeMap<u16, u64>,
     channel_closes: BTreeMap<u16, u64>,
-    /// REST by (service, method, route).
-    routes: BTreeMap<(String, &'static str, String), RouteStats>,
+    /// REST by (service, method, route): the event's shared names, not copies of them.
+    routes: BTreeMap<(Name, &'static str, Name), RouteStats>,
 }
 
 #[derive(Debug, Serialize)]
@@ -150,11 +150,8 @@ impl Summary {
     }
 
     fn on_http(&mut self, e: &HttpEvent) {
-        let mut key = (
-            e.service.as_deref().unwrap_or("unknown").to_string(),
-            e.method,
-            e.route.to_string(),
-        );
+        let service = e.service.clone().unwrap_or_else(|| "unknown".into());
+        let mut key = (service, e.method, e.route.clone());
         if self.routes.len() >= MAX_ROUTES && !self.routes.contains_key(&key) {
             key = (key.0, "OTHER", "{other}".into());
         }
@@ -182,9 +179,9 @@ impl Summary {
                     r.codes.iter().filter(|(c, _)| f(**c)).map(|(_, n)| n).sum()
                 };
                 RouteReport {
-                    service: service.clone(),
+                    service: service.to_string(),
                     method,
-                    route: route.clone(),
+                    route: route.to_string(),
                     requests: r.codes.values().sum(),
                     server_errors: sum(&|c| c >= 500),
                     client_errors: sum(&|c| (400..500).contains(&c)),
