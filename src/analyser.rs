@@ -106,8 +106,8 @@ impl Analyser {
         self.health.partial_view = view.partial(self.clock);
         // flushed after every packet: a copy only when the evidence changed (a map's
         // clone is a fresh allocation, its comparison a walk)
-        if self.unseen_copied != Some(view.evidence_total) {
-            self.unseen_copied = Some(view.evidence_total);
+        if self.unseen_copied != Some(view.evidence_total()) {
+            self.unseen_copied = Some(view.evidence_total());
             self.health.unseen.clone_from(&view.evidence);
         }
     }

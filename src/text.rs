@@ -36,7 +36,9 @@ pub fn printable_ascii(b: &[u8]) -> Option<&str> {
     if !tail.iter().all(|c| (0x20..0x7f).contains(c)) {
         return None;
     }
-    utf8(b)
+    // SAFETY: every byte was just checked to be printable ASCII, which is UTF-8 (`utf8`
+    // would check each byte a second time)
+    Some(unsafe { std::str::from_utf8_unchecked(b) })
 }
 
 fn is_control(c: char) -> bool {

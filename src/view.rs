@@ -59,7 +59,7 @@ pub struct View {
     /// Evidence by kind, since the start.
     pub evidence: BTreeMap<&'static str, u64>,
     /// How many pieces of evidence, all kinds: it grows exactly when `evidence` changes.
-    pub evidence_total: u64,
+    evidence_total: u64,
 }
 
 impl View {
@@ -80,6 +80,11 @@ impl View {
         if self.first.is_none() && t > Ts::ZERO {
             self.first = Some(t);
         }
+    }
+
+    /// Grows exactly when `evidence` changes: a reader can tell that without a walk.
+    pub fn evidence_total(&self) -> u64 {
+        self.evidence_total
     }
 
     pub fn evidence(&mut self, kind: &'static str, t: Ts) {
