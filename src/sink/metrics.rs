@@ -86,17 +86,17 @@ impl<M: Clone> Memo<M> {
 /// reused while it is a key. A hit hashes a few words instead of spelling and hashing the
 /// label text. A miss goes to the `Memo`, so caps and folds count exactly as without it.
 ///
-/// Its hasher has fixed keys: the keys are addresses, not text a sender chooses, and
-/// every lookup takes the map out of `Metrics` (`mem::take`), which with a random-keyed
-/// hasher drew new random keys each time.
+/// The family is keyed by its text's address and length too (equal keys then mean equal
+/// text), so a hit compares no text at all. Its hasher has fixed keys: the keys are
+/// addresses, not text a sender chooses, and every lookup takes the map out of `Metrics`
+/// (`mem::take`), which with a random-keyed hasher drew new random keys each time.
 struct ByName<M> {
-    map: std::collections::HashMap<NamesKey, (M, [Option<Name>; 3]), FixedKeys>,
+    map: std::collections::HashMap<NamesKey, (M, [Option<Name>; 3]), foldhash::fast::FixedState>,
 }
 
-type FixedKeys = std::hash::BuildHasherDefault<ahash::AHasher>;
-
-/// A family, up to three names by address, and a small enumeration (type, outcome).
-type NamesKey = (&'static str, [usize; 3], u8);
+/// A family (its text's address and length), up to three names by address, and a small
+/// enumeration (type, outcome).
+type NamesKey = ((usize, usize), [usize; 3], u8);
 
 impl<M> Default for ByName<M> {
     fn default() -> Self {
@@ -115,13 +115,13 @@ impl<M: Clone> ByName<M> {
         resolve: impl FnOnce() -> M,
     ) -> M {
         let at = names.map(|n| n.map_or(0, |n| Arc::as_ptr(n) as *const u8 as usize));
-        if let Some((m, _)) = self.map.get(&(family, at, tag)) {
+        let key = ((family.as_ptr() as usize, family.len()), at, tag);
+        if let Some((m, _)) = self.map.get(&key) {
             return m.clone();
         }
         let m = resolve();
         if self.map.len() < MAX_MEMO {
-            self.map
-                .insert((family, at, tag), (m.clone(), names.map(|n| n.cloned())));
+            self.map.insert(key, (m.clone(), names.map(|n| n.cloned())));
         }
         m
     }
@@ -637,22 +637,23 @@ impl Metrics {
             Signal::Event(Event::Notification(n)) => {
                 // the service part of publisher_id ("compute" of "compute.host1"): per-host
                 // series would grow with the fleet
-                let publisher = n
-                    .publisher_id
-                    .split(['.', ':'])
-                    .next()
-                    .unwrap_or("")
-                    .to_owned();
-                let ls = self.cap(
-                    "notifications",
-                    l([
-                        ("publisher", &publisher),
-                        ("event_type", &n.event_type),
-                        ("priority", &n.priority),
-                    ]),
-                    &["priority"],
-                );
-                self.notifications.get_or_create(&ls).inc();
+                let publisher = n.publisher_id.split(['.', ':']).next().unwrap_or("");
+                let (event_type, priority) = (&*n.event_type, &*n.priority);
+                let mut memo = std::mem::take(&mut self.memo_counters);
+                let c = memo.get("notifications", &[publisher, event_type, priority], || {
+                    let ls = self.cap(
+                        "notifications",
+                        l([
+                            ("publisher", publisher),
+                            ("event_type", event_type),
+                            ("priority", priority),
+                        ]),
+                        &["priority"],
+                    );
+                    self.notifications.get_or_create_owned(&ls)
+                });
+                self.memo_counters = memo;
+                c.inc();
             }
             Signal::Event(Event::Rpc(e)) => self.on_rpc(e),
             Signal::Event(Event::Http(e)) => self.on_http(e),
@@ -865,16 +866,14 @@ impl Metrics {
                 if let Some(v) = e.reply_wait() {
                     self.topic_method_histogram("reply_wait", &e.topic, &e.method)
                         .observe(v);
-                    let mut memo = std::mem::take(&mut self.memo_histograms);
-                    let q = memo.get("rpc_queue", &[&e.routing_key], || {
-                        let ls = self.cap("rpc_queue", l([("queue", &e.routing_key)]), &[]);
-                        self.rpc_queue_reply_wait.get_or_create_owned(&ls)
+                    let q = self.one_name_histogram("rpc_queue", &e.routing_key, |m, queue| {
+                        let ls = m.cap("rpc_queue", l([("queue", queue)]), &[]);
+                        m.rpc_queue_reply_wait.get_or_create_owned(&ls)
                     });
-                    let t = memo.get("rpc_reply_transit", &[topic], || {
-                        let ls = self.cap("rpc_topic", l([("topic", topic)]), &[]);
-                        self.rpc_reply_transit.get_or_create_owned(&ls)
+                    let t = self.one_name_histogram("rpc_reply_transit", &e.topic, |m, topic| {
+                        let ls = m.cap("rpc_topic", l([("topic", topic)]), &[]);
+                        m.rpc_reply_transit.get_or_create_owned(&ls)
                     });
-                    self.memo_histograms = memo;
                     q.observe(v);
                     if let Some(v) = e.reply_transit() {
                         t.observe(v);
@@ -940,6 +939,25 @@ impl Metrics {
         });
         self.by_name_counters = by_name;
         c
+    }
+
+    /// The histogram of family `family` for one name (a queue, a topic), made by `create`
+    /// the first time: by the name's address, then by its text (see `ByName`).
+    fn one_name_histogram(
+        &mut self,
+        family: &'static str,
+        name: &Name,
+        create: impl FnOnce(&mut Self, &str) -> Histogram,
+    ) -> Histogram {
+        let mut by_name = std::mem::take(&mut self.by_name_histograms);
+        let h = by_name.get(family, [Some(name), None, None], 0, || {
+            let mut memo = std::mem::take(&mut self.memo_histograms);
+            let h = memo.get(family, &[name], || create(self, name));
+            self.memo_histograms = memo;
+            h
+        });
+        self.by_name_histograms = by_name;
+        h
     }
 
     /// The histogram of one topic and method in family `which`.
