@@ -178,6 +178,27 @@ enum Op {
 }
 
 impl Op {
+    /// The operation by address: its names' allocations (held by the `Op` kept beside the
+    /// key, so no address is reused while it is a key) and the method's text's address and
+    /// length. Equal addresses mean equal names; equal names at other addresses miss and
+    /// go to the lookup by text.
+    fn at(&self) -> [usize; 4] {
+        match self {
+            Op::Http(m, r) => [
+                0,
+                m.as_ptr() as usize,
+                m.len(),
+                Arc::as_ptr(r) as *const u8 as usize,
+            ],
+            Op::Rpc(t, m) => [
+                1,
+                Arc::as_ptr(t) as *const u8 as usize,
+                Arc::as_ptr(m) as *const u8 as usize,
+                0,
+            ],
+        }
+    }
+
     fn text(&self) -> String {
         match self {
             Op::Http(m, r) => format!("{m} {r}"),
@@ -201,6 +222,10 @@ fn named(p: &crate::contract::Process) -> &str {
 }
 
 const MESSAGING: &str = "messaging_system";
+
+/// An edge by address: its two nodes, its kind's text (address and length) and its
+/// operation's names (`Op::at`).
+type EdgeAt = ([u32; 2], (usize, usize), [usize; 4]);
 
 /// A process nothing named (its AMQP connection was never seen opening).
 const UNKNOWN: &str = "unknown";
@@ -272,6 +297,11 @@ pub struct Graph {
     /// Per node kind, by name.
     nodes: [HashMap<Box<str>, NodeIndex>; 4],
     edges: HashMap<(NodeIndex, NodeIndex, &'static str, Op), EdgeIndex>,
+    /// In front of `edges`: the same edges by the addresses of their names (`Op::at`), so
+    /// that an event's edge costs a few words hashed instead of its names' text hashed and
+    /// compared (events carry the correlator's interned names: the same addresses each
+    /// time). Bounded like `edges`' own cap, times four for names seen at new addresses.
+    edges_at: std::collections::HashMap<EdgeAt, (EdgeIndex, Op), foldhash::fast::FixedState>,
     first: Option<Ts>,
     now: Ts,
     max_edges: usize,
@@ -383,6 +413,7 @@ impl Graph {
             graph: DiGraph::new(),
             nodes: Default::default(),
             edges: HashMap::default(),
+            edges_at: Default::default(),
             first: None,
             now: Ts::ZERO,
             max_edges,
@@ -415,22 +446,27 @@ impl Graph {
         t.0 / self.slot_ns.max(1)
     }
 
-    /// Adds an observation to an edge (created on first use; counted as folded past the
-    /// edge cap).
-    fn record(
+    /// The edge for an observation, created on first use; None (counted as folded) past
+    /// the edge cap.
+    fn edge(
         &mut self,
         (from, to): (NodeIndex, NodeIndex),
         (protocol, kind, op): (&'static str, &'static str, &Op),
-        t: Ts,
-        seen: Observed,
-        error: Option<RecentError>,
-    ) {
+    ) -> Option<EdgeIndex> {
+        let at = (
+            [from.index() as u32, to.index() as u32],
+            (kind.as_ptr() as usize, kind.len()),
+            op.at(),
+        );
+        if let Some(&(e, _)) = self.edges_at.get(&at) {
+            return Some(e);
+        }
         let key = (from, to, kind, op.clone());
         let e = match self.edges.get(&key) {
             Some(&e) => e,
             None if self.edges.len() >= self.max_edges => {
                 self.folded += 1;
-                return;
+                return None;
             }
             None => {
                 let e = self.graph.add_edge(
@@ -448,6 +484,25 @@ impl Graph {
                 self.edges.insert(key, e);
                 e
             }
+        };
+        if self.edges_at.len() < self.max_edges.saturating_mul(4) {
+            self.edges_at.insert(at, (e, op.clone()));
+        }
+        Some(e)
+    }
+
+    /// Adds an observation to an edge (created on first use; counted as folded past the
+    /// edge cap).
+    fn record(
+        &mut self,
+        (from, to): (NodeIndex, NodeIndex),
+        (protocol, kind, op): (&'static str, &'static str, &Op),
+        t: Ts,
+        seen: Observed,
+        error: Option<RecentError>,
+    ) {
+        let Some(e) = self.edge((from, to), (protocol, kind, op)) else {
+            return;
         };
         let index = self.slot_index(t);
         let kept = self.slots;
