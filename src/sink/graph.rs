@@ -863,6 +863,37 @@ mod tests {
             )));
     }
 
+    /// Events carry the correlator's interned names, but a name evicted from its table
+    /// comes back at a new address: an edge is the same edge by its names' text, whatever
+    /// their addresses, and one past the edge cap folds every time it is seen.
+    #[test]
+    fn an_edge_is_its_names_whatever_their_addresses() {
+        let call = |topic: &str, t: f64| {
+            let mut e = crate::testing::rpc_event(RpcType::Call, topic, "object_action");
+            (e.t_publish, e.t_deliver) = (Some(t), Some(t + 0.001));
+            e
+        };
+        let mut g = Graph::new(&Default::default(), 2);
+        let shared = call("conductor", 1.0);
+        // twice with the same allocations, then with the same text in new ones
+        for e in [shared.clone(), shared, call("conductor", 2.0)] {
+            g.on_event(&Event::Rpc(Box::new(e)));
+        }
+        let r = g.report(None);
+        let calls: Vec<_> = r.edges.iter().filter(|e| e.kind == "call").collect();
+        assert_eq!(calls.len(), 1, "one edge: {calls:?}");
+        assert_eq!(calls[0].requests, 3);
+        assert_eq!(g.folded, 0);
+        // the cap (two edges: the call and its queue's deliver edge) is reached: a new
+        // operation folds each time, however its names are held
+        let other = call("scheduler", 3.0);
+        for e in [other.clone(), other] {
+            g.on_event(&Event::Rpc(Box::new(e)));
+        }
+        assert_eq!(g.folded, 4, "both edges of both events");
+        assert_eq!(g.report(None).edges.len(), 2);
+    }
+
     #[test]
     fn edges_count_and_window_slides() {
         let mut g = Graph::new(
