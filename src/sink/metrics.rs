@@ -58,6 +58,18 @@ impl<M> Default for Memo<M> {
 
 impl<M: Clone> Memo<M> {
     fn get(&mut self, family: &'static str, parts: &[&str], resolve: impl FnOnce() -> M) -> M {
+        self.with(family, parts, resolve, M::clone)
+    }
+
+    /// `use_` of the handles for `parts`, resolved the first time: without a copy of
+    /// them (the hop's five handles were five reference counts up and down per event).
+    fn with<R>(
+        &mut self,
+        family: &'static str,
+        parts: &[&str],
+        resolve: impl FnOnce() -> M,
+        use_: impl FnOnce(&M) -> R,
+    ) -> R {
         let mut key = std::mem::take(&mut self.key);
         key.clear();
         for p in parts {
@@ -66,18 +78,19 @@ impl<M: Clone> Memo<M> {
         }
         let key = (family, key);
         if let Some(m) = self.map.get(&key) {
-            let m = m.clone();
+            let r = use_(m);
             self.key = key.1;
-            return m;
+            return r;
         }
         let m = resolve();
+        let r = use_(&m);
         // the caps bound the series, not the raw label values seen: bound the memo too
         if self.map.len() < MAX_MEMO {
-            self.map.insert(key, m.clone());
+            self.map.insert(key, m);
         } else {
             self.key = key.1;
         }
-        m
+        r
     }
 }
 
@@ -137,6 +150,22 @@ struct HopHandles {
     client_s: Histogram,
 }
 
+impl HopHandles {
+    fn feed(&self, hop: &super::graph::Hop) {
+        self.edge.inc();
+        self.tempo.inc();
+        if hop.failed {
+            self.failed.inc();
+        }
+        if let Some(v) = hop.server_s {
+            self.server_s.observe(v.max(0.0));
+        }
+        if let Some(v) = hop.client_s {
+            self.client_s.observe(v.max(0.0));
+        }
+    }
+}
+
 pub struct Metrics {
     pub registry: Arc<Registry>,
     memo_hops: Memo<HopHandles>,
@@ -144,6 +173,7 @@ pub struct Metrics {
     by_name_counters: ByName<Counter>,
     by_name_histograms: ByName<Histogram>,
     memo_gauges: Memo<Gauge>,
+    by_name_gauges: ByName<Gauge>,
     memo_histograms: Memo<Histogram>,
     max_series: usize,
     caps: HashMap<&'static str, Cap>,
@@ -231,6 +261,7 @@ impl Metrics {
             by_name_histograms: ByName::default(),
             memo_hops: Memo::default(),
             memo_gauges: Memo::default(),
+            by_name_gauges: ByName::default(),
             memo_histograms: Memo::default(),
             max_series,
             caps: HashMap::default(),
@@ -579,12 +610,18 @@ impl Metrics {
                     .inc();
             }
             Signal::InFlight { topic, delta } => {
-                let mut memo = std::mem::take(&mut self.memo_gauges);
-                let g = memo.get("rpc_in_flight", &[topic], || {
-                    let ls = self.cap("rpc_in_flight", l([("topic", topic)]), &[]);
-                    self.rpc_in_flight.get_or_create_owned(&ls)
+                // every call twice: by the topic's address, then by its text
+                let mut by_name = std::mem::take(&mut self.by_name_gauges);
+                let g = by_name.get("rpc_in_flight", [Some(topic), None, None], 0, || {
+                    let mut memo = std::mem::take(&mut self.memo_gauges);
+                    let g = memo.get("rpc_in_flight", &[topic], || {
+                        let ls = self.cap("rpc_in_flight", l([("topic", topic)]), &[]);
+                        self.rpc_in_flight.get_or_create_owned(&ls)
+                    });
+                    self.memo_gauges = memo;
+                    g
                 });
-                self.memo_gauges = memo;
+                self.by_name_gauges = by_name;
                 g.inc_by(*delta);
             }
             Signal::TimedOut { topic, method } => {
@@ -701,28 +738,13 @@ impl Metrics {
         let conn = hop.connection_type;
         let (client, server) = (hop.client, &*hop.server);
         let mut memo = std::mem::take(&mut self.memo_hops);
-        let handles = memo.get("hop", &[client, server, hop.protocol, conn], || {
-            self.hop_handles(client, server, hop.protocol, conn)
-        });
+        memo.with(
+            "hop",
+            &[client, server, hop.protocol, conn],
+            || self.hop_handles(client, server, hop.protocol, conn),
+            |handles| handles.feed(hop),
+        );
         self.memo_hops = memo;
-        let HopHandles {
-            edge,
-            tempo,
-            failed,
-            server_s,
-            client_s,
-        } = handles;
-        edge.inc();
-        tempo.inc();
-        if hop.failed {
-            failed.inc();
-        }
-        if let Some(v) = hop.server_s {
-            server_s.observe(v.max(0.0));
-        }
-        if let Some(v) = hop.client_s {
-            client_s.observe(v.max(0.0));
-        }
     }
 
     /// The five series one caller → server pair feeds, resolved once per pair.
