@@ -795,8 +795,9 @@ impl Metrics {
     fn on_http(&mut self, e: &crate::contract::HttpEvent) {
         let client = e.client.service.as_deref().unwrap_or("external");
         let service = e.service.as_deref().unwrap_or("unknown");
-        let code = e.status.map(|s| s.to_string());
-        let code = code.as_deref().unwrap_or("none");
+        // spelled on the stack: a String per exchange was an allocation and a free
+        let mut digits = itoa::Buffer::new();
+        let code = e.status.map_or("none", |s| digits.format(s));
         let mut memo = std::mem::take(&mut self.memo_counters);
         let c = memo.get(
             "http_requests",
