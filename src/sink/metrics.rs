@@ -42,16 +42,18 @@ struct Cap {
 const MAX_MEMO: usize = 1 << 16;
 
 struct Memo<M> {
-    map: HashMap<(&'static str, String), M>,
+    /// Each label value after its length: values off the wire may hold any character, so
+    /// no separator could tell ("a", "b c") from ("a b", "c").
+    map: HashMap<(&'static str, Vec<u8>), M>,
     /// The key being looked up, reused: a hit costs no allocation.
-    key: String,
+    key: Vec<u8>,
 }
 
 impl<M> Default for Memo<M> {
     fn default() -> Self {
         Memo {
             map: HashMap::default(),
-            key: String::new(),
+            key: Vec::new(),
         }
     }
 }
@@ -73,8 +75,8 @@ impl<M: Clone> Memo<M> {
         let mut key = std::mem::take(&mut self.key);
         key.clear();
         for p in parts {
-            key.push_str(p);
-            key.push('\u{1f}');
+            key.extend_from_slice(&(p.len() as u64).to_le_bytes());
+            key.extend_from_slice(p.as_bytes());
         }
         let key = (family, key);
         if let Some(m) = self.map.get(&key) {
@@ -1136,4 +1138,41 @@ fn series_key(line: &str) -> String {
         .filter(|kv| !kv.starts_with("le="))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contract::{NotificationEvent, Process};
+
+    fn notification(publisher_id: &str, event_type: &str) -> Signal {
+        let publisher = Arc::new(Process {
+            service: Some("nova-compute".into()),
+            pid: None,
+            host: "10.0.0.1".into(),
+        });
+        let n = NotificationEvent {
+            publisher_id: publisher_id.into(),
+            ..crate::testing::notification(publisher, event_type, "INFO", 1.0)
+        };
+        Signal::Event(Event::Notification(Box::new(n)))
+    }
+
+    /// Label values come off the wire and may hold any character: two label sets that
+    /// spell the same text when joined are still two series.
+    #[test]
+    fn label_sets_that_join_alike_are_apart() {
+        let mut m = Metrics::new(100);
+        m.on_signal(&notification("a\u{1f}b", "c"));
+        m.on_signal(&notification("a", "b\u{1f}c"));
+        m.on_signal(&notification("a", "b\u{1f}c"));
+        let text = Metrics::render(&m.registry);
+        let counts: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("stacktap_notifications_total{"))
+            .collect();
+        assert_eq!(counts.len(), 2, "{counts:?}");
+        assert!(counts.iter().any(|l| l.ends_with(" 1")), "{counts:?}");
+        assert!(counts.iter().any(|l| l.ends_with(" 2")), "{counts:?}");
+    }
 }
