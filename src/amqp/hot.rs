@@ -64,12 +64,12 @@ pub(super) fn content_header(payload: &[u8]) -> Option<(u64, Props)> {
     let body_size = r.u64()?;
     let mut p = Props::default();
     let flags = r.u16()?;
-    // property k is present when bit 15 - k is set, in this order
-    let has = |k: u16| flags & (1 << (15 - k)) != 0;
-    for k in 0..14 {
-        if !has(k) {
-            continue;
-        }
+    // property k is present when bit 15 - k is set, in this order, for k in 0..14 (bit 0
+    // flags more flag words): the set bits are visited, not all fourteen tested
+    let mut present = flags & !0b11;
+    while present != 0 {
+        let k = present.leading_zeros();
+        present &= !(0x8000 >> k);
         match k {
             2 => r.headers(&mut p)?,
             3 => p.delivery_mode = Some(r.u8()?),
