@@ -142,6 +142,32 @@ impl<M: Clone> ByName<M> {
     }
 }
 
+/// One kind of handle's two caches: by the interned names' addresses (`ByName`) in front
+/// of by the label text (`Memo`). Taken out of `Metrics` while a miss is resolved
+/// (`Metrics::cached`), since resolving needs the caps and the families.
+struct Handles<M> {
+    by_name: ByName<M>,
+    by_text: Memo<M>,
+}
+
+impl<M> Default for Handles<M> {
+    fn default() -> Self {
+        Handles {
+            by_name: ByName::default(),
+            by_text: Memo::default(),
+        }
+    }
+}
+
+/// A family's handle for a label set: `names` (interned, with a small enumeration `tag`)
+/// and the same label values as `texts`.
+struct Key<'a, const N: usize> {
+    family: &'static str,
+    names: [&'a Name; N],
+    tag: u8,
+    texts: &'a [&'a str],
+}
+
 /// The series of one caller → server pair (see `on_hop`).
 #[derive(Clone)]
 struct HopHandles {
@@ -171,12 +197,9 @@ impl HopHandles {
 pub struct Metrics {
     pub registry: Arc<Registry>,
     memo_hops: Memo<HopHandles>,
-    memo_counters: Memo<Counter>,
-    by_name_counters: ByName<Counter>,
-    by_name_histograms: ByName<Histogram>,
-    memo_gauges: Memo<Gauge>,
-    by_name_gauges: ByName<Gauge>,
-    memo_histograms: Memo<Histogram>,
+    counters: Handles<Counter>,
+    histograms: Handles<Histogram>,
+    gauges: Handles<Gauge>,
     max_series: usize,
     caps: HashMap<&'static str, Cap>,
     folded: BTreeMap<&'static str, u64>,
@@ -258,13 +281,10 @@ impl Metrics {
         let r = root.sub_registry_with_prefix("stacktap");
         let m = Metrics {
             registry: Arc::new(Registry::default()),
-            memo_counters: Memo::default(),
-            by_name_counters: ByName::default(),
-            by_name_histograms: ByName::default(),
+            counters: Handles::default(),
+            histograms: Handles::default(),
+            gauges: Handles::default(),
             memo_hops: Memo::default(),
-            memo_gauges: Memo::default(),
-            by_name_gauges: ByName::default(),
-            memo_histograms: Memo::default(),
             max_series,
             caps: HashMap::default(),
             folded: BTreeMap::new(),
@@ -612,18 +632,21 @@ impl Metrics {
                     .inc();
             }
             Signal::InFlight { topic, delta } => {
-                // every call twice: by the topic's address, then by its text
-                let mut by_name = std::mem::take(&mut self.by_name_gauges);
-                let g = by_name.get("rpc_in_flight", [Some(topic), None, None], 0, || {
-                    let mut memo = std::mem::take(&mut self.memo_gauges);
-                    let g = memo.get("rpc_in_flight", &[topic], || {
-                        let ls = self.cap("rpc_in_flight", l([("topic", topic)]), &[]);
-                        self.rpc_in_flight.get_or_create_owned(&ls)
-                    });
-                    self.memo_gauges = memo;
-                    g
-                });
-                self.by_name_gauges = by_name;
+                // every call twice
+                let key = Key {
+                    family: "rpc_in_flight",
+                    names: [topic],
+                    tag: 0,
+                    texts: &[topic],
+                };
+                let g = self.cached(
+                    |m| &mut m.gauges,
+                    key,
+                    |m| {
+                        let ls = m.cap("rpc_in_flight", l([("topic", topic)]), &[]);
+                        m.rpc_in_flight.get_or_create_owned(&ls)
+                    },
+                );
                 g.inc_by(*delta);
             }
             Signal::TimedOut { topic, method } => {
@@ -678,7 +701,7 @@ impl Metrics {
                 // series would grow with the fleet
                 let publisher = n.publisher_id.split(['.', ':']).next().unwrap_or("");
                 let (event_type, priority) = (&*n.event_type, &*n.priority);
-                let mut memo = std::mem::take(&mut self.memo_counters);
+                let mut memo = std::mem::take(&mut self.counters.by_text);
                 let c = memo.get("notifications", &[publisher, event_type, priority], || {
                     let ls = self.cap(
                         "notifications",
@@ -691,7 +714,7 @@ impl Metrics {
                     );
                     self.notifications.get_or_create_owned(&ls)
                 });
-                self.memo_counters = memo;
+                self.counters.by_text = memo;
                 c.inc();
             }
             Signal::Event(Event::Rpc(e)) => self.on_rpc(e),
@@ -800,7 +823,7 @@ impl Metrics {
         // spelled on the stack: a String per exchange was an allocation and a free
         let mut digits = itoa::Buffer::new();
         let code = e.status.map_or("none", |s| digits.format(s));
-        let mut memo = std::mem::take(&mut self.memo_counters);
+        let mut memo = std::mem::take(&mut self.counters.by_text);
         let c = memo.get(
             "http_requests",
             &[client, service, e.method, &e.route, code],
@@ -819,10 +842,10 @@ impl Metrics {
                 self.http_requests.get_or_create_owned(&ls)
             },
         );
-        self.memo_counters = memo;
+        self.counters.by_text = memo;
         c.inc();
         if let Some(d) = e.duration_s {
-            let mut memo = std::mem::take(&mut self.memo_histograms);
+            let mut memo = std::mem::take(&mut self.histograms.by_text);
             let h = memo.get("http_duration", &[service, e.method, &e.route], || {
                 let ls = self.cap(
                     "http_request_duration_seconds",
@@ -835,7 +858,7 @@ impl Metrics {
                 );
                 self.http_duration.get_or_create_owned(&ls)
             });
-            self.memo_histograms = memo;
+            self.histograms.by_text = memo;
             h.observe(d.max(0.0));
         }
     }
@@ -861,26 +884,25 @@ impl Metrics {
             }
             return;
         }
-        let mut by_name = std::mem::take(&mut self.by_name_counters);
-        let names = [Some(&e.topic), Some(&e.method), None];
-        let replies = by_name.get("rpc_replies", names, e.outcome as u8, || {
-            let mut memo = std::mem::take(&mut self.memo_counters);
-            let c = memo.get("rpc_replies", &[topic, method, e.outcome.as_str()], || {
-                let ls = self.cap(
+        let outcome = e.outcome.as_str();
+        let key = Key {
+            family: "rpc_replies",
+            names: [&e.topic, &e.method],
+            tag: e.outcome as u8,
+            texts: &[topic, method, outcome],
+        };
+        let replies = self.cached(
+            |m| &mut m.counters,
+            key,
+            |m| {
+                let ls = m.cap(
                     "rpc_replies",
-                    l([
-                        ("topic", topic),
-                        ("method", method),
-                        ("outcome", e.outcome.as_str()),
-                    ]),
+                    l([("topic", topic), ("method", method), ("outcome", outcome)]),
                     &["outcome"],
                 );
-                self.rpc_replies.get_or_create_owned(&ls)
-            });
-            self.memo_counters = memo;
-            c
-        });
-        self.by_name_counters = by_name;
+                m.rpc_replies.get_or_create_owned(&ls)
+            },
+        );
         replies.inc();
         if let Some(v) = e.server_time() {
             self.topic_method_histogram("server", &e.topic, &e.method)
@@ -891,14 +913,35 @@ impl Metrics {
                 if let Some(v) = e.reply_wait() {
                     self.topic_method_histogram("reply_wait", &e.topic, &e.method)
                         .observe(v);
-                    let q = self.one_name_histogram("rpc_queue", &e.routing_key, |m, queue| {
-                        let ls = m.cap("rpc_queue", l([("queue", queue)]), &[]);
-                        m.rpc_queue_reply_wait.get_or_create_owned(&ls)
-                    });
-                    let t = self.one_name_histogram("rpc_reply_transit", &e.topic, |m, topic| {
-                        let ls = m.cap("rpc_topic", l([("topic", topic)]), &[]);
-                        m.rpc_reply_transit.get_or_create_owned(&ls)
-                    });
+                    let queue = &*e.routing_key;
+                    let key = Key {
+                        family: "rpc_queue",
+                        names: [&e.routing_key],
+                        tag: 0,
+                        texts: &[queue],
+                    };
+                    let q = self.cached(
+                        |m| &mut m.histograms,
+                        key,
+                        |m| {
+                            let ls = m.cap("rpc_queue", l([("queue", queue)]), &[]);
+                            m.rpc_queue_reply_wait.get_or_create_owned(&ls)
+                        },
+                    );
+                    let key = Key {
+                        family: "rpc_reply_transit",
+                        names: [&e.topic],
+                        tag: 0,
+                        texts: &[topic],
+                    };
+                    let t = self.cached(
+                        |m| &mut m.histograms,
+                        key,
+                        |m| {
+                            let ls = m.cap("rpc_topic", l([("topic", topic)]), &[]);
+                            m.rpc_reply_transit.get_or_create_owned(&ls)
+                        },
+                    );
                     q.observe(v);
                     if let Some(v) = e.reply_transit() {
                         t.observe(v);
@@ -936,53 +979,36 @@ impl Metrics {
         names: [&Name; 3],
         kind: crate::oslo::RpcType,
     ) -> Counter {
-        let mut by_name = std::mem::take(&mut self.by_name_counters);
-        let c = by_name.get(family, names.map(Some), kind as u8, || {
-            let [exchange, topic, method] = names.map(|n| &**n);
-            let kind = kind.as_str();
-            let mut memo = std::mem::take(&mut self.memo_counters);
-            let c = memo.get(family, &[exchange, topic, method, kind], || {
-                let ls = self.cap(
+        let [exchange, topic, method] = names.map(|n| &**n);
+        let type_ = kind.as_str();
+        let key = Key {
+            family,
+            names,
+            tag: kind as u8,
+            texts: &[exchange, topic, method, type_],
+        };
+        self.cached(
+            |m| &mut m.counters,
+            key,
+            |m| {
+                let ls = m.cap(
                     family,
                     l([
                         ("exchange", exchange),
                         ("topic", topic),
                         ("method", method),
-                        ("type", kind),
+                        ("type", type_),
                     ]),
                     &["type"],
                 );
                 let fam = if family == "rpc_messages" {
-                    &self.rpc_messages
+                    &m.rpc_messages
                 } else {
-                    &self.rpc_deliveries
+                    &m.rpc_deliveries
                 };
                 fam.get_or_create_owned(&ls)
-            });
-            self.memo_counters = memo;
-            c
-        });
-        self.by_name_counters = by_name;
-        c
-    }
-
-    /// The histogram of family `family` for one name (a queue, a topic), made by `create`
-    /// the first time: by the name's address, then by its text (see `ByName`).
-    fn one_name_histogram(
-        &mut self,
-        family: &'static str,
-        name: &Name,
-        create: impl FnOnce(&mut Self, &str) -> Histogram,
-    ) -> Histogram {
-        let mut by_name = std::mem::take(&mut self.by_name_histograms);
-        let h = by_name.get(family, [Some(name), None, None], 0, || {
-            let mut memo = std::mem::take(&mut self.memo_histograms);
-            let h = memo.get(family, &[name], || create(self, name));
-            self.memo_histograms = memo;
-            h
-        });
-        self.by_name_histograms = by_name;
-        h
+            },
+        )
     }
 
     /// The histogram of one topic and method in family `which`.
@@ -992,27 +1018,53 @@ impl Metrics {
         topic: &Name,
         method: &Name,
     ) -> Histogram {
-        let mut by_name = std::mem::take(&mut self.by_name_histograms);
-        let h = by_name.get(which, [Some(topic), Some(method), None], 0, || {
-            let (topic, method) = (&**topic, &**method);
-            let mut memo = std::mem::take(&mut self.memo_histograms);
-            let h = memo.get(which, &[topic, method], || {
-                let ls = self.cap(
+        let key = Key {
+            family: which,
+            names: [topic, method],
+            tag: 0,
+            texts: &[topic, method],
+        };
+        self.cached(
+            |m| &mut m.histograms,
+            key,
+            |m| {
+                let ls = m.cap(
                     "rpc_topic_method",
                     l([("topic", topic), ("method", method)]),
                     &[],
                 );
                 match which {
-                    "queue_wait" => self.rpc_queue_wait.get_or_create_owned(&ls),
-                    "server" => self.rpc_server.get_or_create_owned(&ls),
-                    _ => self.rpc_reply_wait.get_or_create_owned(&ls),
+                    "queue_wait" => m.rpc_queue_wait.get_or_create_owned(&ls),
+                    "server" => m.rpc_server.get_or_create_owned(&ls),
+                    _ => m.rpc_reply_wait.get_or_create_owned(&ls),
                 }
-            });
-            self.memo_histograms = memo;
-            h
+            },
+        )
+    }
+
+    /// The handle for `key` in the caches `which` picks, made by `create` the first time:
+    /// by the names' addresses, then by the label text (see `ByName`).
+    fn cached<M: Clone, const N: usize>(
+        &mut self,
+        which: fn(&mut Self) -> &mut Handles<M>,
+        key: Key<'_, N>,
+        create: impl FnOnce(&mut Self) -> M,
+    ) -> M {
+        let mut names = [None; 3];
+        for (at, n) in names.iter_mut().zip(key.names) {
+            *at = Some(n);
+        }
+        // the text cache is taken out only on a miss: a fresh one (its hasher's random
+        // keys) for every hit cost more than the lookup
+        let mut by_name = std::mem::take(&mut which(self).by_name);
+        let m = by_name.get(key.family, names, key.tag, || {
+            let mut by_text = std::mem::take(&mut which(self).by_text);
+            let m = by_text.get(key.family, key.texts, || create(self));
+            which(self).by_text = by_text;
+            m
         });
-        self.by_name_histograms = by_name;
-        h
+        which(self).by_name = by_name;
+        m
     }
 
     /// Probe-health counters follow `Health` (cumulative) by deltas.
