@@ -127,7 +127,18 @@ pub fn push_hex(s: &mut String, b: &[u8]) {
 
 /// `b` as lower-case hex digits into `out`, which holds exactly two bytes for each of `b`'s.
 pub fn hex_into(out: &mut [u8], b: &[u8]) {
-    // eight bytes a step in integer arithmetic: five ids of every call event are spelled
+    // sixteen bytes a step with SSE2, then eight in integer arithmetic: five ids of
+    // every call event are spelled
+    #[cfg(target_arch = "x86_64")]
+    let (out, b) = {
+        let (blocks, rest) = b.as_chunks::<16>();
+        let (block_out, rest_out) = out.split_at_mut(32 * blocks.len());
+        for (o, block) in block_out.as_chunks_mut::<32>().0.iter_mut().zip(blocks) {
+            // SAFETY: SSE2 is part of every x86_64 CPU
+            *o = unsafe { hex_block(block) };
+        }
+        (rest_out, rest)
+    };
     let (words, rest) = b.as_chunks::<8>();
     let (word_out, rest_out) = out.split_at_mut(16 * words.len());
     for (o, w) in word_out.as_chunks_mut::<16>().0.iter_mut().zip(words) {
@@ -138,6 +149,41 @@ pub fn hex_into(out: &mut [u8], b: &[u8]) {
         pair[0] = DIGITS[usize::from(x >> 4)];
         pair[1] = DIGITS[usize::from(x & 15)];
     }
+}
+
+/// The 32 lower-case hex digits of sixteen bytes: each byte's two nibbles side by side,
+/// then each nibble moved to its digit (`0` up, and past 9 on to `a`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse2")]
+fn hex_block(b: &[u8; 16]) -> [u8; 32] {
+    use std::arch::x86_64::{
+        __m128i, _mm_add_epi8, _mm_and_si128, _mm_cmpgt_epi8, _mm_loadu_si128, _mm_set1_epi8,
+        _mm_srli_epi16, _mm_storeu_si128, _mm_unpackhi_epi8, _mm_unpacklo_epi8,
+    };
+    // SAFETY: `b` is 16 readable bytes; the load needs no alignment
+    let v = unsafe { _mm_loadu_si128(b.as_ptr().cast::<__m128i>()) };
+    let low_nibble = _mm_set1_epi8(0x0f);
+    let high = _mm_and_si128(_mm_srli_epi16(v, 4), low_nibble);
+    let low = _mm_and_si128(v, low_nibble);
+    let digits = |nibbles: __m128i| {
+        let letter = _mm_cmpgt_epi8(nibbles, _mm_set1_epi8(9));
+        let skip = _mm_and_si128(letter, _mm_set1_epi8((b'a' - b'0' - 10) as i8));
+        _mm_add_epi8(_mm_add_epi8(nibbles, _mm_set1_epi8(b'0' as i8)), skip)
+    };
+    let mut out = [0u8; 32];
+    let (first, second) = out.split_at_mut(16);
+    // SAFETY: each half of `out` is 16 writable bytes; the store needs no alignment
+    unsafe {
+        _mm_storeu_si128(
+            first.as_mut_ptr().cast::<__m128i>(),
+            digits(_mm_unpacklo_epi8(high, low)),
+        );
+        _mm_storeu_si128(
+            second.as_mut_ptr().cast::<__m128i>(),
+            digits(_mm_unpackhi_epi8(high, low)),
+        );
+    }
+    out
 }
 
 /// The sixteen lower-case hex digits of `w`'s eight bytes, most significant first.
@@ -193,14 +239,61 @@ fn lower_hex_of<const N: usize>(b: &[u8]) -> Option<[u8; N]> {
     if b.len() != 2 * N {
         return None;
     }
-    // eight digits a step in integer arithmetic: every id of every message passes here
+    // sixteen digits a step with SSE2, then eight in integer arithmetic: every id of
+    // every message passes here
     let mut out = [0u8; N];
+    #[cfg(target_arch = "x86_64")]
+    let (b, blocks_out) = {
+        let (blocks, rest) = b.as_chunks::<16>();
+        for (o, block) in out.chunks_exact_mut(8).zip(blocks) {
+            // SAFETY: SSE2 is part of every x86_64 CPU
+            o.copy_from_slice(&unsafe { lower_hex_block(block) }?);
+        }
+        (rest, 8 * blocks.len())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let blocks_out = 0;
     let (words, rest) = b.as_chunks::<8>();
-    for (o, w) in out.chunks_exact_mut(4).zip(words) {
+    for (o, w) in out[blocks_out..].chunks_exact_mut(4).zip(words) {
         o.copy_from_slice(&lower_hex_word(u64::from_le_bytes(*w))?);
     }
-    let done = 4 * words.len();
+    let done = blocks_out + 4 * words.len();
     decode_into(&LOWER_HEX_DIGIT, rest, &mut out[done..]).then_some(out)
+}
+
+/// The eight bytes sixteen lower-case hex digits spell, or None if any is not one: each
+/// byte is tested against both ranges at once (signed compares: a byte past 0x7f is
+/// below every bound), then each pair of nibbles is joined in its 16-bit lane.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse2")]
+fn lower_hex_block(digits: &[u8; 16]) -> Option<[u8; 8]> {
+    use std::arch::x86_64::{
+        __m128i, _mm_add_epi8, _mm_and_si128, _mm_cmpgt_epi8, _mm_cvtsi128_si64, _mm_loadu_si128,
+        _mm_movemask_epi8, _mm_or_si128, _mm_packus_epi16, _mm_set1_epi8, _mm_set1_epi16,
+        _mm_slli_epi16, _mm_srli_epi16,
+    };
+    // SAFETY: `digits` is 16 readable bytes; the load needs no alignment
+    let v = unsafe { _mm_loadu_si128(digits.as_ptr().cast::<__m128i>()) };
+    let within = |first: u8, last: u8| {
+        _mm_and_si128(
+            _mm_cmpgt_epi8(v, _mm_set1_epi8(first as i8 - 1)),
+            _mm_cmpgt_epi8(_mm_set1_epi8(last as i8 + 1), v),
+        )
+    };
+    let letter = within(b'a', b'f');
+    if _mm_movemask_epi8(_mm_or_si128(within(b'0', b'9'), letter)) != 0xffff {
+        return None;
+    }
+    // a digit's value is its low nibble; a letter's is its low nibble plus 9
+    let nibbles = _mm_add_epi8(
+        _mm_and_si128(v, _mm_set1_epi8(0x0f)),
+        _mm_and_si128(letter, _mm_set1_epi8(9)),
+    );
+    // a lane holds a pair, its first digit in the low byte: that one moves up a nibble
+    let first = _mm_slli_epi16(_mm_and_si128(nibbles, _mm_set1_epi16(0x00ff)), 4);
+    let pairs = _mm_or_si128(first, _mm_srli_epi16(nibbles, 8));
+    let packed = _mm_packus_epi16(pairs, pairs);
+    Some((_mm_cvtsi128_si64(packed) as u64).to_le_bytes())
 }
 
 /// The four bytes eight lower-case hex digits spell (`w`'s bytes in text order), or None
@@ -302,6 +395,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_byte_is_spelled_in_every_step() {
+        // all 256 values pass through the sixteen-byte step, the eight-byte one and the tail
+        let all: Vec<u8> = (0..=255u8).collect();
+        for len in [256, 24, 8, 3] {
+            for b in all.chunks(len) {
+                let mut out = vec![0u8; 2 * b.len()];
+                hex_into(&mut out, b);
+                let want: String = b.iter().map(|x| format!("{x:02x}")).collect();
+                assert_eq!(String::from_utf8(out).unwrap(), want);
+            }
+        }
+    }
+
+    #[test]
     fn a_traceparent_is_read_and_written_back() {
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let c = TraceContext::from_traceparent(tp).unwrap();
@@ -358,6 +465,22 @@ mod tests {
                     lower_hex_word(u64::from_le_bytes(w)),
                     decode_with::<4>(&LOWER_HEX_DIGIT, &w),
                     "{w:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_block_of_lower_hex_decodes_as_the_table_does() {
+        // every byte value in every position of the sixteen-digit step, against the table
+        for pos in 0..16 {
+            for c in 0..=255u8 {
+                let mut digits = *b"0a1b2c3d4e5f6789";
+                digits[pos] = c;
+                assert_eq!(
+                    lower_hex_of::<8>(&digits),
+                    decode_with::<8>(&LOWER_HEX_DIGIT, &digits),
+                    "{digits:?}"
                 );
             }
         }
