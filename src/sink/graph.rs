@@ -225,7 +225,7 @@ const MESSAGING: &str = "messaging_system";
 
 /// An edge by address: its two nodes, its kind's text (address and length) and its
 /// operation's names (`Op::at`).
-type EdgeAt = ([u32; 2], (usize, usize), [usize; 4]);
+type EdgeAt = super::address::Addresses<8>;
 
 /// A process nothing named (its AMQP connection was never seen opening).
 const UNKNOWN: &str = "unknown";
@@ -453,11 +453,17 @@ impl Graph {
         (from, to): (NodeIndex, NodeIndex),
         (protocol, kind, op): (&'static str, &'static str, &Op),
     ) -> Option<EdgeIndex> {
-        let at = (
-            [from.index() as u32, to.index() as u32],
-            (kind.as_ptr() as usize, kind.len()),
-            op.at(),
-        );
+        let [o0, o1, o2, o3] = op.at();
+        let at = super::address::Addresses([
+            from.index(),
+            to.index(),
+            kind.as_ptr() as usize,
+            kind.len(),
+            o0,
+            o1,
+            o2,
+            o3,
+        ]);
         if let Some(&(e, _)) = self.edges_at.get(&at) {
             return Some(e);
         }

@@ -111,7 +111,7 @@ struct ByName<M> {
 
 /// A family (its text's address and length), up to three names by address, and a small
 /// enumeration (type, outcome).
-type NamesKey = ((usize, usize), [usize; 3], u8);
+type NamesKey = super::address::Addresses<6>;
 
 impl<M> Default for ByName<M> {
     fn default() -> Self {
@@ -130,7 +130,14 @@ impl<M: Clone> ByName<M> {
         resolve: impl FnOnce() -> M,
     ) -> M {
         let at = names.map(|n| n.map_or(0, |n| Arc::as_ptr(n) as *const u8 as usize));
-        let key = ((family.as_ptr() as usize, family.len()), at, tag);
+        let key = super::address::Addresses([
+            family.as_ptr() as usize,
+            family.len(),
+            at[0],
+            at[1],
+            at[2],
+            usize::from(tag),
+        ]);
         if let Some((m, _)) = self.map.get(&key) {
             return m.clone();
         }

@@ -1,5 +1,6 @@
 //! Sinks: where signals end up. Metrics (Prometheus registry), events (JSONL), summary.
 
+mod address;
 pub mod fleet_metrics;
 pub mod graph;
 pub mod metrics;
