@@ -38,7 +38,11 @@ struct RouteStats {
 pub struct Summary {
     /// Hashed, not ordered: two lookups for every message and call; the report sorts.
     queues: FastMap<String, QueueStats>,
-    messages: FastMap<(Name, Name, &'static str), (u64, u64)>,
+    /// Messages seen, by type (calls, casts, fanouts): the report gives only these totals,
+    /// so nothing is kept per topic or method (a map of those grew with every method name
+    /// a sender chose, and hashed two names' text for every message).
+    seen: [u64; 3],
+    deliveries: u64,
     errors: BTreeMap<(String, String), (u64, Option<String>)>,
     outcomes: BTreeMap<(&'static str, &'static str), u64>,
     notifications: BTreeMap<(String, String), u64>,
@@ -110,22 +114,21 @@ pub struct Report {
     pub unseen: BTreeMap<String, u64>,
 }
 
+/// Where a type's count is in `Summary::seen`.
+fn type_index(t: RpcType) -> usize {
+    match t {
+        RpcType::Call => 0,
+        RpcType::Cast => 1,
+        RpcType::Fanout => 2,
+    }
+}
+
 impl Summary {
     #[inline(never)] // a stage's entry: scripts/stage-cost counts it (one call per event)
     pub fn on_signal(&mut self, s: &Signal) {
         match s {
-            Signal::Seen {
-                topic,
-                method,
-                rpc_type,
-                ..
-            } => self.count(topic, method, *rpc_type).0 += 1,
-            Signal::Delivered {
-                topic,
-                method,
-                rpc_type,
-                ..
-            } => self.count(topic, method, *rpc_type).1 += 1,
+            Signal::Seen { rpc_type, .. } => self.seen[type_index(*rpc_type)] += 1,
+            Signal::Delivered { .. } => self.deliveries += 1,
             Signal::Returned { reply_code } => *self.returns.entry(*reply_code).or_default() += 1,
             Signal::ChannelClosed { reply_code, .. } => {
                 *self.channel_closes.entry(*reply_code).or_default() += 1
@@ -140,13 +143,6 @@ impl Summary {
             }
             _ => {}
         }
-    }
-
-    /// (seen, delivered) for one topic/method/type.
-    fn count(&mut self, topic: &Name, method: &Name, t: RpcType) -> &mut (u64, u64) {
-        self.messages
-            .entry((topic.clone(), method.clone(), t.as_str()))
-            .or_default()
     }
 
     fn on_http(&mut self, e: &HttpEvent) {
@@ -265,13 +261,7 @@ impl Summary {
 
     /// The report; `rca` is the root-cause ranking (kept by the request store).
     pub fn report(&self, health: &Health, rca: RcaReport) -> Report {
-        let count = |t: RpcType| {
-            self.messages
-                .iter()
-                .filter(|((_, _, k), _)| *k == t.as_str())
-                .map(|(_, v)| v.0)
-                .sum()
-        };
+        let count = |t: RpcType| self.seen[type_index(t)];
         let mut queues: Vec<QueueReport> = self
             .queues
             .iter()
@@ -320,7 +310,7 @@ impl Summary {
             calls: count(RpcType::Call),
             casts: count(RpcType::Cast),
             fanouts: count(RpcType::Fanout),
-            deliveries: self.messages.values().map(|v| v.1).sum(),
+            deliveries: self.deliveries,
             outcomes: self
                 .outcomes
                 .iter()
