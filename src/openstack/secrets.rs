@@ -66,20 +66,25 @@ const SECRET_KEYS: [&str; 9] = [
 /// name (`password: x`, `adminPass. Value: x`, `"secret": "x"`), fernet tokens, JWTs and
 /// other long runs of base64 with mixed case. Ids (UUIDs, 32 hex digits) are kept.
 pub fn scrub(text: &str) -> Cow<'_, str> {
+    // most messages name no secret, and then only a token-like word can need redacting:
+    // one search of the whole text for every name, not nine of every word
+    let names_any = secret_names().is_match(text);
+    if !names_any
+        && !text
+            .split_inclusive(char::is_whitespace)
+            .any(|w| token_like(bare(w)))
+    {
+        return Cow::Borrowed(text);
+    }
     let mut out = String::with_capacity(text.len());
     let mut changed = false;
     // words left since a secret's name, and whether the next word is its value
     let (mut recent, mut armed) = (0u8, false);
-    let mut lower = String::new();
     for w in text.split_inclusive(char::is_whitespace) {
         let body = w.trim_end();
         let space = &w[body.len()..];
-        let bare = body.trim_matches(|c: char| "\"'`,.;:=()[]{}<>".contains(c));
-        // one buffer for every word's lower case, not a string each
-        lower.clear();
-        lower.push_str(bare);
-        lower.make_ascii_lowercase();
-        let names_secret = !bare.is_empty() && SECRET_KEYS.iter().any(|k| lower.contains(k));
+        let bare = bare(w);
+        let names_secret = names_any && !bare.is_empty() && secret_names().is_match(bare);
         let redact = (armed && !bare.is_empty()) || token_like(bare);
         if redact {
             out.push_str("[redacted]");
@@ -105,7 +110,9 @@ pub fn scrub(text: &str) -> Cow<'_, str> {
             recent = 3;
             armed = body.ends_with([':', '=']);
         } else if recent > 0
-            && (body == ":" || body == "=" || lower == "value" && body.ends_with(':'))
+            && (body == ":"
+                || body == "="
+                || bare.eq_ignore_ascii_case("value") && body.ends_with(':'))
         {
             armed = true;
         } else {
@@ -120,9 +127,31 @@ pub fn scrub(text: &str) -> Cow<'_, str> {
     }
 }
 
+/// A word (with the whitespace after it) without that whitespace and the punctuation
+/// around it.
+fn bare(word: &str) -> &str {
+    word.trim_end()
+        .trim_matches(|c: char| "\"'`,.;:=()[]{}<>".contains(c))
+}
+
+/// Finds any of `SECRET_KEYS` in any ASCII case.
+fn secret_names() -> &'static aho_corasick::AhoCorasick {
+    static NAMES: std::sync::LazyLock<aho_corasick::AhoCorasick> = std::sync::LazyLock::new(|| {
+        aho_corasick::AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .build(SECRET_KEYS)
+            .expect("a handful of short literal names")
+    });
+    &NAMES
+}
+
 /// A fernet token, a JWT, or a long run of base64 with upper case, lower case and digits
 /// (ids are hex or dashed UUIDs, and words are not 32 characters of mixed case).
 fn token_like(w: &str) -> bool {
+    // the shortest of them is 30 long; most words are a few letters
+    if w.len() < 30 {
+        return false;
+    }
     if w.starts_with("gAAAAA") && w.len() >= 40 {
         return true;
     }
@@ -197,5 +226,24 @@ mod tests {
         let plain = "Binding failed for port, please check neutron logs";
         assert_eq!(scrub("The token is invalid"), "The token is invalid");
         assert!(matches!(scrub(plain), Cow::Borrowed(_)));
+        // a secret's name in any case
+        let shouted = scrub("PassWord: hunter2 and API_KEY=abc");
+        assert!(
+            !shouted.contains("hunter2") && !shouted.contains("abc"),
+            "{shouted}"
+        );
+    }
+
+    proptest::proptest! {
+        /// The one search for every name finds a name where a search for each name in
+        /// the word's lower case finds it.
+        #[test]
+        fn secret_names_are_found_as_each_name_in_lower_case_is(
+            w in "([a-zA-Z_ ]|PassWd|SECRET|Token|admin_Pass|api_key|Credential){0,6}"
+        ) {
+            let lower = w.to_ascii_lowercase();
+            let each = SECRET_KEYS.iter().any(|k| lower.contains(k));
+            proptest::prop_assert_eq!(secret_names().is_match(&w), each);
+        }
     }
 }
