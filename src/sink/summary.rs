@@ -49,7 +49,8 @@ pub struct Summary {
     returns: BTreeMap<u16, u64>,
     channel_closes: BTreeMap<u16, u64>,
     /// REST by (service, method, route): the event's shared names, not copies of them.
-    routes: BTreeMap<(Name, &'static str, Name), RouteStats>,
+    /// Hashed, not ordered, like the queues: the report sorts.
+    routes: FastMap<(Name, &'static str, Name), RouteStats>,
 }
 
 #[derive(Debug, Serialize)]
