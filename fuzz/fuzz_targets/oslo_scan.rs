@@ -24,8 +24,9 @@ fuzz_target!(|input: &[u8]| {
             text,
             "oslo.message",
             |_, _| {},
-            |_, v| {
+            |_, v, plain| {
                 let _ = stacktap::oslo::scan::escaped_value(v);
+                let _ = stacktap::oslo::scan::escaped_string(v, plain);
                 let _ = stacktap::oslo::scan::nested_escaped_members(v, |_, _| {});
             },
         );

@@ -67,7 +67,7 @@ fn fields<'a>(json: &'a str, outer: &mut Fields<'a>, inner: &mut Fields<'a>) -> 
         json,
         "oslo.message",
         |key, raw| outer.set(&key, raw, string),
-        |key, raw| inner.set(&key, raw, scan::escaped_value),
+        |key, raw, plain| inner.set(&key, raw, |r| scan::escaped_string(r, plain)),
     )
 }
 

@@ -55,7 +55,7 @@ impl Dialect for Escaped {
         is_inner_quote(b, i)
     }
     fn value_end(b: &[u8], start: usize) -> Option<usize> {
-        inner_value_end(b, start)
+        inner_value_end(b, start).map(|(end, _)| end)
     }
     #[inline(always)]
     fn key_at(text: &str, start: usize) -> Option<(Cow<'_, str>, usize)> {
@@ -64,7 +64,7 @@ impl Dialect for Escaped {
         if b.get(k + 1) == Some(&b'"') {
             return Some((Cow::Borrowed(&text[start + 2..k]), k + 2));
         }
-        let end = inner_string_end(b, start)?;
+        let (end, _) = inner_string_end(b, start)?;
         Some((escaped_value(&text[start..end])?, end))
     }
 }
@@ -136,7 +136,8 @@ pub fn members<'a>(json: &'a str, f: impl FnMut(Cow<'a, str>, &'a str)) -> Optio
 /// Like `members`, but the member named `nested`, when its value is a string literal
 /// holding an object (oslo.messaging's `oslo.message`: JSON inside JSON), is walked in the
 /// same pass, escaped as it is: its members go to `inner` (raw values still escaped, as
-/// `escaped_value` reads them), then `outer` gets the member with the literal. One
+/// `escaped_string` reads them, and whether the value is a string with nothing escaped
+/// inside it, which the walk found out), then `outer` gets the member with the literal. One
 /// pass, not a scan to the literal's end and a second through it. None (not an object we
 /// read) if that literal does not hold an object, or if the member comes twice: which one
 /// counts would be a guess.
@@ -144,7 +145,7 @@ pub fn members_nesting<'a>(
     json: &'a str,
     nested: &str,
     mut outer: impl FnMut(Cow<'a, str>, &'a str),
-    mut inner: impl FnMut(Cow<'a, str>, &'a str),
+    mut inner: impl FnMut(Cow<'a, str>, &'a str, bool),
 ) -> Option<()> {
     let b = json.as_bytes();
     let mut seen = false;
@@ -170,13 +171,13 @@ pub fn members_nesting<'a>(
 fn escaped_literal_end<'a>(
     text: &'a str,
     start: usize,
-    f: &mut impl FnMut(Cow<'a, str>, &'a str),
+    f: &mut impl FnMut(Cow<'a, str>, &'a str, bool),
 ) -> Option<usize> {
     let b = text.as_bytes();
     let from = eskip_ws(b, start + 1);
     let end = walk_at::<Escaped>(text, from, |key, start| {
-        let end = inner_value_end(b, start)?;
-        f(key, &text[start..end]);
+        let (end, plain) = inner_value_end(b, start)?;
+        f(key, &text[start..end], plain);
         Some(end)
     })?;
     let end = eskip_ws(b, end);
@@ -248,6 +249,16 @@ pub fn nested_escaped_members<'a>(
     f: impl FnMut(Cow<'a, str>, &'a str),
 ) -> Option<()> {
     walk::<Escaped>(raw, f)
+}
+
+/// An inner value handed to `members_nesting`'s `inner`, as `escaped_value` reads it; a
+/// `plain` one (a string the walk saw nothing escaped in: ids, names) is its text between
+/// the quotes, without a second search of it.
+pub fn escaped_string(raw: &str, plain: bool) -> Option<Cow<'_, str>> {
+    if plain {
+        return raw.get(2..raw.len().checked_sub(2)?).map(Cow::Borrowed);
+    }
+    escaped_value(raw)
 }
 
 /// An inner string value handed to `members_nesting`'s `inner`, as its final text (None if it is
@@ -337,14 +348,15 @@ fn eskip_ws(b: &[u8], mut i: usize) -> usize {
     }
 }
 
-/// `b[start..]` starts with an inner quote (`\"`); the index just past the closing one.
+/// `b[start..]` starts with an inner quote (`\"`); the index just past the closing one,
+/// and whether nothing was escaped between them.
 #[inline(always)]
-fn inner_string_end(b: &[u8], start: usize) -> Option<usize> {
+fn inner_string_end(b: &[u8], start: usize) -> Option<(usize, bool)> {
     let mut i = start + 2;
     loop {
         let k = find2(b, i, b'\\', b'\\')?;
         match *b.get(k + 1)? {
-            b'"' => return Some(k + 2),
+            b'"' => return Some((k + 2, i == start + 2)),
             // an inner escape: an escaped backslash, then the escaped character, which is
             // itself escaped (two bytes) when it is a quote or a backslash
             b'\\' => {
@@ -360,8 +372,10 @@ fn inner_string_end(b: &[u8], start: usize) -> Option<usize> {
     }
 }
 
+/// The index just past the inner value at `start`, and whether it is a string with
+/// nothing escaped inside.
 #[inline(always)]
-fn inner_value_end(b: &[u8], start: usize) -> Option<usize> {
+fn inner_value_end(b: &[u8], start: usize) -> Option<(usize, bool)> {
     match *b.get(start)? {
         b'\\' if is_inner_quote(b, start) => inner_string_end(b, start),
         b'{' | b'[' => {
@@ -370,7 +384,7 @@ fn inner_value_end(b: &[u8], start: usize) -> Option<usize> {
             loop {
                 match *b.get(i)? {
                     b'\\' if is_inner_quote(b, i) => {
-                        i = inner_string_end(b, i)?;
+                        i = inner_string_end(b, i)?.0;
                         continue;
                     }
                     b'\\' => i += 1, // escaped whitespace between tokens
@@ -378,7 +392,7 @@ fn inner_value_end(b: &[u8], start: usize) -> Option<usize> {
                     b'}' | b']' => {
                         depth -= 1;
                         if depth == 0 {
-                            return Some(i + 1);
+                            return Some((i + 1, false));
                         }
                     }
                     _ => {}
@@ -394,7 +408,7 @@ fn inner_value_end(b: &[u8], start: usize) -> Option<usize> {
                 }
                 i += 1;
             }
-            (i > start).then_some(i)
+            (i > start).then_some((i, false))
         }
     }
 }
@@ -509,7 +523,7 @@ mod tests {
 
     /// The members of the object inside `literal`, as `members_nesting` walks them inside
     /// an envelope; the envelope sees the whole literal.
-    fn escaped_members(literal: &str, f: &mut dyn FnMut(Cow<'_, str>, &str)) -> Option<()> {
+    fn escaped_members(literal: &str, f: &mut dyn FnMut(Cow<'_, str>, &str, bool)) -> Option<()> {
         let json = format!("{{\"oslo.version\": \"2.0\", \"oslo.message\": {literal}}}");
         let mut outer_saw = None;
         let keep = |k: Cow<'_, str>, raw: &str| {
@@ -526,7 +540,7 @@ mod tests {
     fn nesting_reads_one_object_literal_only() {
         let nest = |json: &str| {
             let mut n = 0;
-            members_nesting(json, "m", |_, _| {}, |_, _| n += 1).map(|()| n)
+            members_nesting(json, "m", |_, _| {}, |_, _, _| n += 1).map(|()| n)
         };
         assert_eq!(nest(r#"{"m": "{\"a\": 1, \"b\": [2]}", "x": 3}"#), Some(2));
         assert_eq!(nest(r#"{"m": null, "x": "{}"}"#), Some(0));
@@ -544,7 +558,7 @@ mod tests {
             let inner = spell(&v, style);
             let literal = serde_json::to_string(&inner).unwrap();
             let mut got = Vec::new();
-            escaped_members(&literal, &mut |k: Cow<'_, str>, raw: &str| {
+            escaped_members(&literal, &mut |k: Cow<'_, str>, raw: &str, _| {
                 // a raw escaped value is the inner JSON text escaped once
                 let text = crate::oslo::unescape(&format!("\"{raw}\"")).unwrap().into_owned();
                 got.push((k.into_owned(), serde_json::from_str::<serde_json::Value>(&text).unwrap()));
@@ -552,7 +566,12 @@ mod tests {
             let want: Vec<(String, serde_json::Value)> = obj.into_iter().collect();
             prop_assert_eq!(&got, &want);
             // strings come back whole through escaped_value
-            escaped_members(&literal, &mut |k: Cow<'_, str>, raw: &str| {
+            escaped_members(&literal, &mut |k: Cow<'_, str>, raw: &str, plain: bool| {
+                // what the walk saw of a value is what a second search sees
+                assert_eq!(escaped_string(raw, plain), escaped_value(raw));
+                if plain {
+                    assert!(!raw[2..raw.len() - 2].contains('\\'), "{raw:?}");
+                }
                 if let Some(serde_json::Value::String(s)) = v.get(k.as_ref()) {
                     assert_eq!(escaped_value(raw).unwrap(), s.as_str());
                 } else {
@@ -563,8 +582,12 @@ mod tests {
 
         #[test]
         fn escaped_walk_never_panics(s in "\\PC{0,80}") {
-            let _ = members_nesting(&format!("{{\"m\": \"{s}\"}}"), "m", |_, _| {}, |_, _| {});
-            let _ = members_nesting(&format!("{{\"m\": {}}}", serde_json::to_string(&s).unwrap()), "m", |_, _| {}, |_, _| {});
+            let _ = members_nesting(&format!("{{\"m\": \"{s}\"}}"), "m", |_, _| {}, |_, raw, plain| {
+                let _ = escaped_string(raw, plain);
+            });
+            let _ = members_nesting(&format!("{{\"m\": {}}}", serde_json::to_string(&s).unwrap()), "m", |_, _| {}, |_, raw, plain| {
+                let _ = escaped_string(raw, plain);
+            });
         }
     }
 
