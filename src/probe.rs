@@ -6,13 +6,13 @@
 //! Deterministic and on packet time only.
 
 use crate::amqp::conn::ConnLimits;
-use crate::amqp::{AmqpEvent, BodyBudget, Message, MessageKind};
+use crate::amqp::{AmqpEvent, BodyBudget};
 use crate::config::Config;
-use crate::contract::{AmqpKind, AmqpMessage, NotOslo, Obs, Observation, Oslo};
+use crate::contract::{Obs, Observation};
 use crate::decode::{self, Decoded};
 use crate::health::Health;
 use crate::openstack::Rest;
-use crate::protocols::{self, AmqpFound, Choice, Conn, Found};
+use crate::protocols::{self, AmqpFound, Choice, Conn, Found, message_observation};
 use crate::source::{Packet, PacketRef};
 use crate::tcp::FlowTable;
 use crate::time::Ts;
@@ -399,7 +399,7 @@ fn drain(found: &mut Found, clock: Ts, rest: &Rest, out: &mut Vec<Observation>) 
     }
     for found in amqp.drain(..) {
         let o = match found {
-            AmqpFound::Message(m, oslo) => Some(message_observation(*m, oslo)),
+            AmqpFound::Message(o) => Some(o),
             AmqpFound::Event(ev) => amqp_observation(ev, clock, bodies),
         };
         out.extend(o);
@@ -466,31 +466,6 @@ fn amqp_observation(ev: AmqpEvent, now: Ts, bodies: &DecodeCache) -> Option<Obse
         | AmqpEvent::Nack { .. } => return None,
     };
     Some(Observation { t, what })
-}
-
-/// A whole message, its body read, as an observation.
-fn message_observation(m: Message, oslo: Arc<Result<Oslo, NotOslo>>) -> Observation {
-    let kind = match m.kind {
-        MessageKind::Publish { mandatory } => AmqpKind::Publish { mandatory },
-        MessageKind::Deliver { redelivered, .. } => AmqpKind::Deliver { redelivered },
-        MessageKind::GetOk { redelivered } => AmqpKind::GetOk { redelivered },
-        MessageKind::Return { reply_code, .. } => AmqpKind::Return { reply_code },
-    };
-    let msg = AmqpMessage {
-        conn: m.conn,
-        kind,
-        exchange: m.exchange,
-        routing_key: m.routing_key,
-        queue: m.queue,
-        expiration: m.props.expiration,
-        stream_offset: m.props.stream_offset,
-        delivery_count: m.props.delivery_count,
-        oslo,
-    };
-    Observation {
-        t: m.ts,
-        what: Obs::AmqpMessage(Box::new(msg)),
-    }
 }
 
 #[cfg(test)]

@@ -3,8 +3,8 @@
 //! the client or a status line from the server).
 
 use crate::amqp::conn::{AmqpOut, ConnLimits};
-use crate::amqp::{AmqpConnection, AmqpEvent, BodyBudget, Message};
-use crate::contract::{NotOslo, Oslo};
+use crate::amqp::{AmqpConnection, AmqpEvent, BodyBudget, Message, MessageKind};
+use crate::contract::{AmqpKind, AmqpMessage, NotOslo, Obs, Observation, Oslo};
 use crate::decode::Endpoint;
 use crate::health::Health;
 use crate::http::head::{looks_like_request, looks_like_response};
@@ -41,10 +41,12 @@ impl Found {
     }
 }
 
-/// An AMQP connection's event; a whole message with its body already read.
+/// An AMQP connection's event; a whole message with its body already read, as the
+/// observation it is (made where the message is handed over: moving the parser's whole
+/// message on to be made one later cost a box and a copy per message).
 pub enum AmqpFound {
     Event(AmqpEvent),
-    Message(Box<Message>, Arc<Result<Oslo, NotOslo>>),
+    Message(Observation),
 }
 
 /// The AMQP half of `Found`: each message's body read while it is lent.
@@ -58,13 +60,38 @@ impl AmqpOut for AmqpSide<'_> {
         self.found.push(AmqpFound::Event(ev));
     }
 
-    fn message(&mut self, mut m: Box<Message>, lent: Option<&[u8]>) {
+    fn message(&mut self, m: Message, lent: Option<&[u8]>) {
         let oslo = self
             .bodies
             .decode(&m.exchange, &m.props, lent.unwrap_or(&m.body));
         // read: the bytes are of no more use (freed here, on the thread that made them)
-        m.body = Vec::new();
-        self.found.push(AmqpFound::Message(m, oslo));
+        self.found
+            .push(AmqpFound::Message(message_observation(m, oslo)));
+    }
+}
+
+/// A whole message, its body read, as an observation.
+pub fn message_observation(m: Message, oslo: Arc<Result<Oslo, NotOslo>>) -> Observation {
+    let kind = match m.kind {
+        MessageKind::Publish { mandatory } => AmqpKind::Publish { mandatory },
+        MessageKind::Deliver { redelivered, .. } => AmqpKind::Deliver { redelivered },
+        MessageKind::GetOk { redelivered } => AmqpKind::GetOk { redelivered },
+        MessageKind::Return { reply_code, .. } => AmqpKind::Return { reply_code },
+    };
+    let msg = AmqpMessage {
+        conn: m.conn,
+        kind,
+        exchange: m.exchange,
+        routing_key: m.routing_key,
+        queue: m.queue,
+        expiration: m.props.expiration,
+        stream_offset: m.props.stream_offset,
+        delivery_count: m.props.delivery_count,
+        oslo,
+    };
+    Observation {
+        t: m.ts,
+        what: Obs::AmqpMessage(Box::new(msg)),
     }
 }
 

@@ -121,7 +121,7 @@ pub enum AmqpEvent {
 pub trait AmqpOut {
     fn event(&mut self, ev: AmqpEvent);
     /// `m.body` is empty when `lent` holds the body, else it holds it.
-    fn message(&mut self, m: Box<Message>, lent: Option<&[u8]>);
+    fn message(&mut self, m: Message, lent: Option<&[u8]>);
 }
 
 impl AmqpOut for Vec<AmqpEvent> {
@@ -129,11 +129,11 @@ impl AmqpOut for Vec<AmqpEvent> {
         self.push(ev);
     }
 
-    fn message(&mut self, mut m: Box<Message>, lent: Option<&[u8]>) {
+    fn message(&mut self, mut m: Message, lent: Option<&[u8]>) {
         if let Some(body) = lent {
             m.body = body.to_vec();
         }
-        self.push(AmqpEvent::Message(m));
+        self.push(AmqpEvent::Message(Box::new(m)));
     }
 }
 
@@ -692,7 +692,7 @@ impl AmqpConnection {
             props: asm.props.unwrap_or_default(),
             body: asm.body,
         };
-        out.message(Box::new(m), lent);
+        out.message(m, lent);
     }
 }
 
@@ -946,7 +946,7 @@ mod tests {
         fn event(&mut self, _: AmqpEvent) {
             self.1 += 1;
         }
-        fn message(&mut self, m: Box<Message>, lent: Option<&[u8]>) {
+        fn message(&mut self, m: Message, lent: Option<&[u8]>) {
             assert!(
                 lent.is_none() || m.body.is_empty(),
                 "a lent body is not also kept"
