@@ -36,7 +36,7 @@ struct RouteStats {
 
 #[derive(Default)]
 pub struct Summary {
-    /// Hashed, not ordered: two lookups for every message and call; the report sorts.
+    /// Hashed, not ordered: looked up for every call; the report sorts.
     queues: FastMap<String, QueueStats>,
     /// Messages seen, by type (calls, casts, fanouts): the report gives only these totals,
     /// so nothing is kept per topic or method (a map of those grew with every method name
