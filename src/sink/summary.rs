@@ -21,6 +21,25 @@ struct QueueStats {
     timeout_s: Option<f64>,
 }
 
+impl QueueStats {
+    /// A call's outcome and times.
+    fn add(&mut self, e: &RpcEvent) {
+        *self.outcomes.entry(e.outcome.as_str()).or_default() += 1;
+        self.timeout_s = self.timeout_s.or(e.timeout_s);
+        if matches!(e.outcome, Outcome::Ok | Outcome::RemoteError)
+            && let Some(v) = e.reply_wait()
+        {
+            self.reply_wait.observe(v);
+        }
+        if let Some(v) = e.queue_wait() {
+            self.queue_wait.observe(v);
+        }
+        if let Some(v) = e.server_time() {
+            self.server.observe(v);
+        }
+    }
+}
+
 const MAX_QUEUES: usize = 10_000;
 const MAX_ERRORS: usize = 10_000;
 const MAX_ROUTES: usize = 10_000;
@@ -231,33 +250,18 @@ impl Summary {
         if e.rpc_type != RpcType::Call {
             return;
         }
-        // bounded like the metrics: past MAX_QUEUES distinct queues, the rest share "other"
-        let name: &str =
-            if self.queues.len() < MAX_QUEUES || self.queues.contains_key(&*e.routing_key) {
-                &e.routing_key
-            } else {
-                "other"
-            };
-        // the key is copied once per queue, not once per call
-        if !self.queues.contains_key(name) {
-            self.queues.insert(name.to_owned(), QueueStats::default());
-        }
-        let Some(q) = self.queues.get_mut(name) else {
+        // one lookup for a known queue; the key is copied once per queue, not per call
+        if let Some(q) = self.queues.get_mut(&*e.routing_key) {
+            q.add(e);
             return;
+        }
+        // bounded like the metrics: past MAX_QUEUES distinct queues, the rest share "other"
+        let name: &str = if self.queues.len() < MAX_QUEUES {
+            &e.routing_key
+        } else {
+            "other"
         };
-        *q.outcomes.entry(e.outcome.as_str()).or_default() += 1;
-        q.timeout_s = q.timeout_s.or(e.timeout_s);
-        if matches!(e.outcome, Outcome::Ok | Outcome::RemoteError)
-            && let Some(v) = e.reply_wait()
-        {
-            q.reply_wait.observe(v);
-        }
-        if let Some(v) = e.queue_wait() {
-            q.queue_wait.observe(v);
-        }
-        if let Some(v) = e.server_time() {
-            q.server.observe(v);
-        }
+        self.queues.entry(name.to_owned()).or_default().add(e);
     }
 
     /// The report; `rca` is the root-cause ranking (kept by the request store).
