@@ -640,16 +640,11 @@ impl Metrics {
             }
             Signal::InFlight { topic, delta } => {
                 // every call twice
-                let key = Key {
-                    family: "rpc_in_flight",
-                    names: [topic],
-                    tag: 0,
-                    texts: &[topic],
-                };
-                let g = self.cached(
+                let g = self.one_name(
                     |m| &mut m.gauges,
-                    key,
-                    |m| {
+                    "rpc_in_flight",
+                    topic,
+                    |m, topic| {
                         let ls = m.cap("rpc_in_flight", l([("topic", topic)]), &[]);
                         m.rpc_in_flight.get_or_create_owned(&ls)
                     },
@@ -920,35 +915,16 @@ impl Metrics {
                 if let Some(v) = e.reply_wait() {
                     self.topic_method_histogram("reply_wait", &e.topic, &e.method)
                         .observe(v);
-                    let queue = &*e.routing_key;
-                    let key = Key {
-                        family: "rpc_queue",
-                        names: [&e.routing_key],
-                        tag: 0,
-                        texts: &[queue],
-                    };
-                    let q = self.cached(
-                        |m| &mut m.histograms,
-                        key,
-                        |m| {
-                            let ls = m.cap("rpc_queue", l([("queue", queue)]), &[]);
-                            m.rpc_queue_reply_wait.get_or_create_owned(&ls)
-                        },
-                    );
-                    let key = Key {
-                        family: "rpc_reply_transit",
-                        names: [&e.topic],
-                        tag: 0,
-                        texts: &[topic],
-                    };
-                    let t = self.cached(
-                        |m| &mut m.histograms,
-                        key,
-                        |m| {
-                            let ls = m.cap("rpc_topic", l([("topic", topic)]), &[]);
-                            m.rpc_reply_transit.get_or_create_owned(&ls)
-                        },
-                    );
+                    let histograms: fn(&mut Self) -> &mut Handles<Histogram> =
+                        |m| &mut m.histograms;
+                    let q = self.one_name(histograms, "rpc_queue", &e.routing_key, |m, queue| {
+                        let ls = m.cap("rpc_queue", l([("queue", queue)]), &[]);
+                        m.rpc_queue_reply_wait.get_or_create_owned(&ls)
+                    });
+                    let t = self.one_name(histograms, "rpc_reply_transit", &e.topic, |m, topic| {
+                        let ls = m.cap("rpc_topic", l([("topic", topic)]), &[]);
+                        m.rpc_reply_transit.get_or_create_owned(&ls)
+                    });
                     q.observe(v);
                     if let Some(v) = e.reply_transit() {
                         t.observe(v);
@@ -1047,6 +1023,25 @@ impl Metrics {
                 }
             },
         )
+    }
+
+    /// The handle of family `family` whose one label value is the interned `name`, made by
+    /// `create` (given the name's text) the first time.
+    fn one_name<M: Clone>(
+        &mut self,
+        which: fn(&mut Self) -> &mut Handles<M>,
+        family: &'static str,
+        name: &Name,
+        create: impl FnOnce(&mut Self, &str) -> M,
+    ) -> M {
+        let text = &**name;
+        let key = Key {
+            family,
+            names: [name],
+            tag: 0,
+            texts: &[text],
+        };
+        self.cached(which, key, |m| create(m, text))
     }
 
     /// The handle for `key` in the caches `which` picks, made by `create` the first time:
