@@ -3,6 +3,7 @@
 //! (X-Auth-Token, Authorization, Cookie, …), is skipped without being copied.
 
 use crate::contract::TraceContext;
+use std::mem::MaybeUninit;
 
 /// Longest request path kept (after the query string is dropped).
 const MAX_PATH: usize = 2048;
@@ -121,22 +122,73 @@ fn keep(v: &[u8]) -> Option<String> {
     )
 }
 
-fn body_header(body: &mut BodyHeaders, name: &str, value: &[u8]) {
-    if name.eq_ignore_ascii_case("content-length") {
-        match crate::text::utf8(value).and_then(|s| s.trim().parse::<u64>().ok()) {
-            Some(n) => {
-                if body.content_length.is_some_and(|old| old != n) {
-                    body.conflicting_length = true;
-                }
-                body.content_length.get_or_insert(n);
-            }
-            None => body.bad_length = true,
+/// The header fields either direction reads: every other one is skipped unread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    ContentLength,
+    TransferEncoding,
+    UserAgent,
+    /// `X-OpenStack-Request-ID`: the caller's id in a request, the callee's in a response.
+    OpenStackRequestId,
+    /// nova's `x-compute-request-id` and ironic's `openstack-request-id` (responses).
+    OtherRequestId,
+    Expect,
+    Upgrade,
+    TraceParent,
+    TraceInfo,
+    ContentType,
+    ContentEncoding,
+    Other,
+}
+
+impl Field {
+    /// A name's field, by its length first: a head's fields are mostly ones we skip,
+    /// and a length rules out all but one or two names without reading a byte.
+    fn of(name: &str) -> Field {
+        let is = |known: &str| name.eq_ignore_ascii_case(known);
+        match name.len() {
+            6 if is("expect") => Field::Expect,
+            7 if is("upgrade") => Field::Upgrade,
+            10 if is("user-agent") => Field::UserAgent,
+            11 if is("traceparent") => Field::TraceParent,
+            12 if is("content-type") => Field::ContentType,
+            12 if is("x-trace-info") => Field::TraceInfo,
+            14 if is("content-length") => Field::ContentLength,
+            16 if is("content-encoding") => Field::ContentEncoding,
+            17 if is("transfer-encoding") => Field::TransferEncoding,
+            20 if is("x-compute-request-id") || is("openstack-request-id") => Field::OtherRequestId,
+            22 if is("x-openstack-request-id") => Field::OpenStackRequestId,
+            _ => Field::Other,
         }
-    } else if name.eq_ignore_ascii_case("transfer-encoding") {
-        // chunked must be the last coding; anything else leaves the body unframed
-        let last = value.rsplit(|b| *b == b',').next().unwrap_or(b"");
-        body.chunked = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
     }
+}
+
+/// The length headers, read into `body`.
+fn body_header(body: &mut BodyHeaders, field: Field, value: &[u8]) {
+    match field {
+        Field::ContentLength => {
+            match crate::text::utf8(value).and_then(|s| s.trim().parse::<u64>().ok()) {
+                Some(n) => {
+                    if body.content_length.is_some_and(|old| old != n) {
+                        body.conflicting_length = true;
+                    }
+                    body.content_length.get_or_insert(n);
+                }
+                None => body.bad_length = true,
+            }
+        }
+        Field::TransferEncoding => {
+            // chunked must be the last coding; anything else leaves the body unframed
+            let last = value.rsplit(|b| *b == b',').next().unwrap_or(b"");
+            body.chunked = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
+        }
+        _ => {}
+    }
+}
+
+/// Whether a Content-Type names JSON (`application/json`, `…+json`), in any case.
+fn names_json(value: &[u8]) -> bool {
+    value.windows(4).any(|w| w.eq_ignore_ascii_case(b"json"))
 }
 
 fn has_token(value: &[u8], token: &[u8]) -> bool {
@@ -155,7 +207,7 @@ pub fn target_path(target: &str) -> String {
     {
         t = rest.find('/').map_or("/", |i| &rest[i..]);
     }
-    let end = t.find(['?', '#']).unwrap_or(t.len());
+    let end = memchr::memchr2(b'?', b'#', t.as_bytes()).unwrap_or(t.len());
     let mut p = &t[..end];
     if p.len() > MAX_PATH {
         let mut cut = MAX_PATH;
@@ -169,9 +221,9 @@ pub fn target_path(target: &str) -> String {
 
 /// Parses a complete request head (`buf` ends with the blank line).
 pub fn parse_request(buf: &[u8]) -> Result<RequestHead, HeadError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let parsed = config().parse_request(&mut req, buf);
+    let mut headers = [MaybeUninit::uninit(); MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let parsed = config().parse_request_with_uninit_headers(&mut req, buf, &mut headers);
     let (method, target, minor, fields, missing_version) = match parsed {
         Ok(httparse::Status::Complete(_)) => (
             req.method.unwrap_or(""),
@@ -228,21 +280,21 @@ fn request_head(
     };
     let mut osprofiler = None;
     for h in fields {
-        let name = h.name;
-        body_header(&mut head.body, name, h.value);
-        if name.eq_ignore_ascii_case("user-agent") {
-            head.user_agent = keep(h.value);
-        } else if name.eq_ignore_ascii_case("x-openstack-request-id") {
-            head.request_id = keep(h.value);
-        } else if name.eq_ignore_ascii_case("expect") {
-            head.expect_continue = has_token(h.value, b"100-continue");
-        } else if name.eq_ignore_ascii_case("upgrade") {
-            head.upgrade = true;
-        } else if name.eq_ignore_ascii_case("traceparent") {
-            head.trace_context =
-                crate::text::utf8(h.value).and_then(TraceContext::from_traceparent);
-        } else if name.eq_ignore_ascii_case("x-trace-info") {
-            osprofiler = osprofiler_ids(h.value);
+        let field = Field::of(h.name);
+        match field {
+            Field::ContentLength | Field::TransferEncoding => {
+                body_header(&mut head.body, field, h.value)
+            }
+            Field::UserAgent => head.user_agent = keep(h.value),
+            Field::OpenStackRequestId => head.request_id = keep(h.value),
+            Field::Expect => head.expect_continue = has_token(h.value, b"100-continue"),
+            Field::Upgrade => head.upgrade = true,
+            Field::TraceParent => {
+                head.trace_context =
+                    crate::text::utf8(h.value).and_then(TraceContext::from_traceparent)
+            }
+            Field::TraceInfo => osprofiler = osprofiler_ids(h.value),
+            _ => {}
         }
     }
     // both sent: the W3C context is the one an OpenTelemetry backend holds
@@ -277,9 +329,9 @@ fn osprofiler_ids(value: &[u8]) -> Option<TraceContext> {
 
 /// Parses a complete response head.
 pub fn parse_response(buf: &[u8]) -> Result<ResponseHead, HeadError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    match config().parse_response(&mut resp, buf) {
+    let mut headers = [MaybeUninit::uninit(); MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    match config().parse_response_with_uninit_headers(&mut resp, buf, &mut headers) {
         Ok(httparse::Status::Complete(_)) => {}
         Ok(httparse::Status::Partial) => return Err(HeadError::Syntax("bad_head")),
         Err(e) => return Err(syntax(e)),
@@ -293,21 +345,20 @@ pub fn parse_response(buf: &[u8]) -> Result<ResponseHead, HeadError> {
         encoded: false,
     };
     for h in resp.headers.iter() {
-        let name = h.name;
-        body_header(&mut head.body, name, h.value);
-        if name.eq_ignore_ascii_case("x-openstack-request-id")
-            || name.eq_ignore_ascii_case("x-compute-request-id")
-            || name.eq_ignore_ascii_case("openstack-request-id")
-        {
-            // nova sends two of these with one value; the first wins
-            if head.request_id.is_none() {
-                head.request_id = keep(h.value);
+        let field = Field::of(h.name);
+        match field {
+            Field::ContentLength | Field::TransferEncoding => {
+                body_header(&mut head.body, field, h.value)
             }
-        } else if name.eq_ignore_ascii_case("content-type") {
-            let v = h.value.to_ascii_lowercase();
-            head.json_or_unknown = memchr::memmem::find(&v, b"json").is_some();
-        } else if name.eq_ignore_ascii_case("content-encoding") {
-            head.encoded = !h.value.trim_ascii().eq_ignore_ascii_case(b"identity");
+            // nova sends two of these with one value; the first wins
+            Field::OpenStackRequestId | Field::OtherRequestId if head.request_id.is_none() => {
+                head.request_id = keep(h.value)
+            }
+            Field::ContentType => head.json_or_unknown = names_json(h.value),
+            Field::ContentEncoding => {
+                head.encoded = !h.value.trim_ascii().eq_ignore_ascii_case(b"identity")
+            }
+            _ => {}
         }
     }
     Ok(head)
@@ -391,10 +442,60 @@ mod tests {
     }
 
     #[test]
+    fn fields_are_known_in_any_case_and_only_by_their_whole_name() {
+        let known = [
+            ("Expect", Field::Expect),
+            ("Upgrade", Field::Upgrade),
+            ("User-Agent", Field::UserAgent),
+            ("traceparent", Field::TraceParent),
+            ("Content-Type", Field::ContentType),
+            ("X-Trace-Info", Field::TraceInfo),
+            ("Content-Length", Field::ContentLength),
+            ("Content-Encoding", Field::ContentEncoding),
+            ("Transfer-Encoding", Field::TransferEncoding),
+            ("x-compute-request-id", Field::OtherRequestId),
+            ("OpenStack-Request-ID", Field::OtherRequestId),
+            ("X-OpenStack-Request-ID", Field::OpenStackRequestId),
+        ];
+        for (name, field) in known {
+            assert_eq!(Field::of(name), field, "{name}");
+            assert_eq!(Field::of(&name.to_ascii_uppercase()), field, "{name}");
+            // one byte changed anywhere, or one more or fewer, is another header
+            for at in 0..name.len() {
+                let mut other = name.as_bytes().to_vec();
+                other[at] = b'_';
+                let other = String::from_utf8(other).unwrap();
+                assert_eq!(Field::of(&other), Field::Other, "{other}");
+            }
+            assert_eq!(Field::of(&name[1..]), Field::Other, "{name}");
+            assert_eq!(Field::of(&format!("{name}s")), Field::Other, "{name}");
+        }
+        for skipped in ["X-Auth-Token", "Authorization", "Host", "Accept", ""] {
+            assert_eq!(Field::of(skipped), Field::Other, "{skipped}");
+        }
+    }
+
+    #[test]
+    fn json_content_types_in_any_case() {
+        for json in [
+            "application/json",
+            "Application/JSON; charset=UTF-8",
+            "a/x+json",
+        ] {
+            assert!(names_json(json.as_bytes()), "{json}");
+        }
+        for other in ["text/html", "application/jso", "", "js on"] {
+            assert!(!names_json(other.as_bytes()), "{other}");
+        }
+    }
+
+    #[test]
     fn absolute_targets_lose_credentials_and_query() {
         assert_eq!(target_path("http://u:pw@h:80/a/b?token=x"), "/a/b");
         assert_eq!(target_path("http://h"), "/");
         assert_eq!(target_path("*"), "*");
+        assert_eq!(target_path("/a#frag?x"), "/a");
+        assert_eq!(target_path("/servers/é?q"), "/servers/é");
     }
 
     #[test]
