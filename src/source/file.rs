@@ -34,10 +34,50 @@ pub enum SourceError {
 
 struct Interface {
     linktype: i32,
-    /// Timestamp units per second (pcapng if_tsresol).
-    units_per_sec: u64,
+    units: Units,
     offset_secs: i64,
 }
+
+/// How an interface's timestamps count time (pcapng `if_tsresol`; micro- or nanoseconds
+/// in a legacy file).
+struct Units {
+    per_sec: u64,
+    /// The nanoseconds one unit is, when that is a whole number (every decimal resolution
+    /// down to the nanosecond): a packet's time is then a multiplication, where a division
+    /// per packet (by a number known only at run time) cost tens of cycles.
+    nanos_each: Option<u64>,
+}
+
+impl Units {
+    fn new(per_sec: u64) -> Units {
+        let per_sec = per_sec.max(1);
+        Units {
+            per_sec,
+            nanos_each: NANOS.is_multiple_of(per_sec).then(|| NANOS / per_sec),
+        }
+    }
+
+    /// `frac` units as nanoseconds.
+    fn nanos(&self, frac: u64) -> u64 {
+        match self.nanos_each {
+            Some(n) => frac.saturating_mul(n),
+            None => (frac as u128 * NANOS as u128 / self.per_sec as u128) as u64,
+        }
+    }
+
+    /// A time counted in units since the epoch, as seconds and nanoseconds.
+    fn split(&self, raw: u64) -> (u64, u64) {
+        // the usual resolutions as constants: their division is a multiplication
+        let (secs, rem) = match self.per_sec {
+            1_000_000 => (raw / 1_000_000, raw % 1_000_000),
+            NANOS => (raw / NANOS, raw % NANOS),
+            p => (raw / p, raw % p),
+        };
+        (secs, self.nanos(rem))
+    }
+}
+
+const NANOS: u64 = 1_000_000_000;
 
 pub struct PcapFile {
     path: PathBuf,
@@ -395,15 +435,14 @@ fn take_block<'b>(
             };
             *interfaces = vec![Interface {
                 linktype: h.network.0,
-                units_per_sec: units,
+                units: Units::new(units),
                 offset_secs: 0,
             }];
             None
         }
         PcapBlockOwned::Legacy(b) => {
             let ifc = interfaces.first()?;
-            let frac = b.ts_usec as u64 * (1_000_000_000 / ifc.units_per_sec);
-            let ts = Ts::from_parts(b.ts_sec as u64, frac);
+            let ts = Ts::from_parts(b.ts_sec as u64, ifc.units.nanos(b.ts_usec as u64));
             Some(packet(ts, ifc, b.origlen, b.caplen, b.data))
         }
         PcapBlockOwned::NG(Block::SectionHeader(_)) => {
@@ -411,10 +450,9 @@ fn take_block<'b>(
             None
         }
         PcapBlockOwned::NG(Block::InterfaceDescription(idb)) => {
-            let units = idb.ts_resolution().unwrap_or(1_000_000).max(1);
             interfaces.push(Interface {
                 linktype: idb.linktype.0,
-                units_per_sec: units,
+                units: Units::new(idb.ts_resolution().unwrap_or(1_000_000)),
                 offset_secs: idb.if_tsoffset,
             });
             None
@@ -422,9 +460,7 @@ fn take_block<'b>(
         PcapBlockOwned::NG(Block::EnhancedPacket(epb)) => {
             let ifc = interfaces.get(epb.if_id as usize)?;
             let raw = ((epb.ts_high as u64) << 32) | epb.ts_low as u64;
-            let secs = raw / ifc.units_per_sec;
-            let rem = raw % ifc.units_per_sec;
-            let nanos = (rem as u128 * 1_000_000_000 / ifc.units_per_sec as u128) as u64;
+            let (secs, nanos) = ifc.units.split(raw);
             let secs = (secs as i64).saturating_add(ifc.offset_secs).max(0) as u64;
             let ts = Ts::from_parts(secs, nanos);
             Some(packet(ts, ifc, epb.origlen, epb.caplen, epb.data))
@@ -526,4 +562,64 @@ pub fn is_supported_linktype(lt: i32) -> bool {
             | linktype::IPV6
             | linktype::LINUX_SLL2
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The time of `raw` units at `per_sec` units a second, by the one exact formula.
+    fn exact(per_sec: u64, raw: u64) -> (u64, u64) {
+        let rem = raw % per_sec;
+        (
+            raw / per_sec,
+            (rem as u128 * NANOS as u128 / per_sec as u128) as u64,
+        )
+    }
+
+    #[test]
+    fn every_resolution_splits_as_the_exact_formula_does() {
+        // decimal resolutions, binary ones (pcapng's high bit) and finer than a nanosecond
+        let resolutions = [
+            1,
+            10,
+            1_000,
+            1_000_000,
+            NANOS,
+            1 << 10,
+            1 << 20,
+            1 << 40,
+            NANOS * 1000,
+        ];
+        let raws = [
+            0,
+            1,
+            999_999,
+            1_000_000,
+            1_733_000_000_123_456,
+            u64::MAX / 3,
+            u64::MAX,
+        ];
+        for per_sec in resolutions {
+            let units = Units::new(per_sec);
+            assert_eq!(
+                units.nanos_each.is_some(),
+                NANOS.is_multiple_of(per_sec),
+                "{per_sec}"
+            );
+            for raw in raws {
+                assert_eq!(
+                    units.split(raw),
+                    exact(per_sec, raw),
+                    "{raw} at {per_sec}/s"
+                );
+            }
+        }
+        // a legacy file's fraction is micro- or nanoseconds, whatever its value
+        assert_eq!(
+            Units::new(1_000_000).nanos(u32::MAX as u64),
+            u32::MAX as u64 * 1000
+        );
+        assert_eq!(Units::new(0).per_sec, 1);
+    }
 }
