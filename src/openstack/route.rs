@@ -32,8 +32,70 @@ const RESERVED: &[&str] = &[
     "detail", "action", "defaults", "search", "servers", "events",
 ];
 
+/// What `id_shaped` asks of each byte, one bit a question.
+const DIGIT: u8 = 1;
+const DASH: u8 = 2;
+/// A hex digit or a dash (uuids, keystone's hex32).
+const HEXISH: u8 = 4;
+/// The API's own alphabet: letters, digits, `_ - . :`.
+const WORDISH: u8 = 8;
+
+/// Each byte's answers to `id_shaped`'s questions: a segment is read once, one lookup a
+/// byte, where asking each question in its own pass read a uuid five times.
+static CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        let mut k = 0;
+        if b.is_ascii_digit() {
+            k |= DIGIT;
+        }
+        if b == b'-' {
+            k |= DASH;
+        }
+        if b.is_ascii_hexdigit() || b == b'-' {
+            k |= HEXISH;
+        }
+        if b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':') {
+            k |= WORDISH;
+        }
+        t[c] = k;
+        c += 1;
+    }
+    t
+};
+
 /// Looks like an identifier rather than a word of the API.
 fn id_shaped(s: &str) -> bool {
+    let b = s.as_bytes();
+    if b.is_empty() {
+        return false;
+    }
+    let (mut digits, mut dashes, mut all) = (0usize, 0usize, HEXISH | WORDISH);
+    for &c in b {
+        let k = CLASS[c as usize];
+        digits += usize::from(k & DIGIT);
+        dashes += usize::from((k & DASH) >> 1);
+        all &= k;
+    }
+    if digits == b.len() {
+        return true;
+    }
+    // uuid (dashed or not), keystone hex32, short hex ids with digits
+    if b.len() - dashes >= 8 && digits > 0 && all & HEXISH != 0 {
+        return true;
+    }
+    if let Some(rest) = s.strip_prefix("req-") {
+        return rest.len() >= 8;
+    }
+    // long tokens mixing letters and digits; anything outside the API's alphabet
+    (b.len() >= 16 && digits >= 2) || all & WORDISH == 0
+}
+
+/// The question-by-question reading `CLASS` replaces, kept to test it against.
+#[cfg(test)]
+fn id_shaped_by_passes(s: &str) -> bool {
     let b = s.as_bytes();
     if b.is_empty() {
         return false;
@@ -42,7 +104,6 @@ fn id_shaped(s: &str) -> bool {
         return true;
     }
     let digits = b.iter().filter(|c| c.is_ascii_digit()).count();
-    // uuid (dashed or not), keystone hex32, short hex ids with digits
     let dashes = b.iter().filter(|c| **c == b'-').count();
     if b.len() - dashes >= 8 && digits > 0 && b.iter().all(|c| c.is_ascii_hexdigit() || *c == b'-')
     {
@@ -51,7 +112,6 @@ fn id_shaped(s: &str) -> bool {
     if let Some(rest) = s.strip_prefix("req-") {
         return rest.len() >= 8;
     }
-    // long tokens mixing letters and digits; anything outside the API's alphabet
     (b.len() >= 16 && digits >= 2)
         || !b
             .iter()
@@ -131,6 +191,51 @@ fn join(segs: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_pass_reads_segments_as_the_question_by_question_reading() {
+        let words = [
+            "",
+            "1",
+            "12345678",
+            "servers",
+            "detail",
+            "v2.1",
+            "req-",
+            "req-12345678",
+            "req-0b7a3c37-8d36-4d52-9c53-ef4d0f0e3a11",
+            "0b7a3c37-8d36-4d52-9c53-ef4d0f0e3a11",
+            "4a3b9c2d1e0f4a5b8c7d6e5f4a3b2c1d",
+            "deadbeef",
+            "deadbee1",
+            "--------1",
+            "m1.tiny",
+            "CUSTOM_GPU",
+            "os-server-external-events",
+            "a b",
+            "é",
+            "x%20y",
+            "abcdefghijklmnop12",
+            "abcdefghijklmno1",
+            "ab:cd",
+            "0x1F",
+        ];
+        for w in words {
+            assert_eq!(id_shaped(w), id_shaped_by_passes(w), "{w:?}");
+        }
+        // every byte value alone, and in each position of a uuid-like and a word-like segment
+        for c in 0..=255u8 {
+            for base in ["0b7a3c37-8d36-4d52", "resource_providers", "12345678"] {
+                for at in 0..base.len() {
+                    let mut v = base.as_bytes().to_vec();
+                    v[at] = c;
+                    if let Ok(s) = std::str::from_utf8(&v) {
+                        assert_eq!(id_shaped(s), id_shaped_by_passes(s), "{s:?}");
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn openstack_paths_template_as_the_api_reference_names_them() {
