@@ -41,7 +41,7 @@ const HEXISH: u8 = 4;
 const WORDISH: u8 = 8;
 
 /// Each byte's answers to `id_shaped`'s questions: a segment is read once, one lookup a
-/// byte, where asking each question in its own pass read a uuid five times.
+/// byte, where each question had its own pass (up to five over a uuid).
 static CLASS: [u8; 256] = {
     let mut t = [0u8; 256];
     let mut c = 0;
@@ -223,7 +223,7 @@ mod tests {
         for w in words {
             assert_eq!(id_shaped(w), id_shaped_by_passes(w), "{w:?}");
         }
-        // every byte value alone, and in each position of a uuid-like and a word-like segment
+        // every byte value in each position of an id-like, a word-like and a numeric segment
         for c in 0..=255u8 {
             for base in ["0b7a3c37-8d36-4d52", "resource_providers", "12345678"] {
                 for at in 0..base.len() {
