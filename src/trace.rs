@@ -24,7 +24,8 @@ use crate::openstack::services::{api_process, is_user_side};
 use crate::oslo::RpcType;
 use crate::sink::requests::RequestsConfig;
 use crate::time::Ts;
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,9 +181,15 @@ pub struct Tracer {
     /// Each span keeps the event it stands for (the OTLP exporter needs every wire detail;
     /// nothing else does, so it costs memory only when spans are exported).
     pub keep_events: bool,
-    open: HashMap<String, Open>,
+    open: HashMap<Arc<str>, Open>,
     /// Root ids by first sighting, for evicting the oldest (lazy: may hold finished ids).
-    order: VecDeque<String>,
+    order: VecDeque<Arc<str>>,
+    /// Root ids under a time their request was last active, earliest first, so a sweep
+    /// reads only what may be due, not every open request. Lazy: a request active since
+    /// its entry was made is put back under its newer time when the entry comes up, and
+    /// entries of requests already gone are dropped then. Every open request has an entry
+    /// at or before its last activity.
+    quiet: BinaryHeap<Reverse<(Ts, Arc<str>)>>,
     last_sweep: Ts,
 }
 
@@ -323,6 +330,7 @@ impl Tracer {
             keep_events: false,
             open: HashMap::default(),
             order: VecDeque::new(),
+            quiet: BinaryHeap::new(),
             last_sweep: Ts::ZERO,
         }
     }
@@ -350,8 +358,9 @@ impl Tracer {
             self.evict_oldest(h, out);
         }
         // the id is copied only for a new request (most events join an open one)
-        let root = root.to_string();
+        let root: Arc<str> = Arc::from(root);
         self.order.push_back(root.clone());
+        self.quiet.push(Reverse((now, root.clone())));
         self.open.insert(
             root,
             Open {
@@ -375,20 +384,39 @@ impl Tracer {
     fn sweep(&mut self, now: Ts, out: &mut Vec<Traced>) {
         self.last_sweep = now;
         let settle = (self.cfg.settle_s * 1e9) as u64;
-        let mut done: Vec<(Ts, String)> = self
-            .open
-            .iter()
-            .filter(|(_, o)| now.0.saturating_sub(o.last.0) >= settle)
-            .map(|(k, o)| (o.first, k.clone()))
-            .collect();
+        let quiet_since = |t: Ts| now.0.saturating_sub(t.0) >= settle;
+        let mut done: Vec<(Ts, Arc<str>)> = Vec::new();
+        while let Some(Reverse((t, _))) = self.quiet.peek()
+            && quiet_since(*t)
+        {
+            let Reverse((_, k)) = self.quiet.pop().expect("peeked");
+            let Some(o) = self.open.get(&k) else {
+                continue; // finished or evicted since
+            };
+            if quiet_since(o.last) {
+                // a request may have two entries come up at once: `done` may hold it twice
+                done.push((o.first, k));
+            } else {
+                self.quiet.push(Reverse((o.last, k)));
+            }
+        }
         done.sort();
         for (_, k) in done {
-            let o = self.open.remove(&k).expect("present");
-            finish(k, o, out);
+            if let Some(o) = self.open.remove(&k) {
+                finish(k.to_string(), o, out);
+            }
         }
         if self.order.len() > 2 * self.open.len() + 1024 {
             let open = &self.open;
             self.order.retain(|k| open.contains_key(k));
+        }
+        if self.quiet.len() > 2 * self.open.len() + 1024 {
+            // entries of requests evicted since: one entry per open request again
+            self.quiet = self
+                .open
+                .iter()
+                .map(|(k, o)| Reverse((o.last, k.clone())))
+                .collect();
         }
     }
 
@@ -398,7 +426,7 @@ impl Tracer {
         // the keys are sorted, not the requests: moving whole requests about was a sort
         // as dear as the rest of the end; (first, id) pairs are unique, so any sort gives
         // the one order
-        let mut all: Vec<(Ts, String)> = self
+        let mut all: Vec<(Ts, Arc<str>)> = self
             .open
             .iter()
             .map(|(k, o)| (o.first, k.clone()))
@@ -406,17 +434,18 @@ impl Tracer {
         all.sort_unstable();
         for (_, k) in all {
             if let Some(o) = self.open.remove(&k) {
-                finish(k, o, out);
+                finish(k.to_string(), o, out);
             }
         }
         self.order.clear();
+        self.quiet.clear();
     }
 
     fn evict_oldest(&mut self, h: &mut Health, out: &mut Vec<Traced>) {
         while let Some(k) = self.order.pop_front() {
             if let Some(o) = self.open.remove(&k) {
                 h.evict("open_requests", 1);
-                finish(k, o, out);
+                finish(k.to_string(), o, out);
                 return;
             }
         }
@@ -944,6 +973,56 @@ mod tests {
         assert_eq!(done(&mut out), [("req-x".into(), 1), ("req-y".into(), 1)]);
         tracer.advance(at(30), &mut out);
         assert_eq!(done(&mut out), [("req-x".into(), 1)]);
+    }
+
+    proptest::proptest! {
+        /// Requests complete at the first sweep that finds them quiet for `settle_s`, in
+        /// the order they were first seen, as a scan of every open request finds them:
+        /// the sweep reads only the entries that may be due.
+        #[test]
+        fn sweeps_complete_what_a_full_scan_would(
+            steps in proptest::collection::vec((0usize..6, 0u64..4_000), 1..120)
+        ) {
+            let cfg = RequestsConfig { settle_s: 5.0, ..RequestsConfig::default() };
+            let settle = 5_000_000_000u64;
+            let mut tracer = Tracer::new(cfg);
+            let (mut h, mut out) = (Health::default(), Vec::new());
+            // the model: each open request's (first, last, spans), scanned whole
+            let mut open: std::collections::BTreeMap<String, (Ts, Ts, usize)> =
+                Default::default();
+            let (mut now, mut last_sweep) = (0u64, 0u64);
+            let mut expected = Vec::new();
+            for (root, ms) in steps {
+                now += ms * 1_000_000;
+                let id = format!("req-{root}");
+                tracer.observe(&note(&id, now as f64 / 1e9), Ts(now), &mut h, &mut out);
+                let o = open.entry(id).or_insert((Ts(now), Ts(now), 0));
+                o.1 = Ts(now);
+                o.2 += 1;
+                tracer.advance(Ts(now), &mut out);
+                if now >= last_sweep + 1_000_000_000 {
+                    last_sweep = now;
+                    let mut due: Vec<(Ts, String)> = open
+                        .iter()
+                        .filter(|(_, o)| now - o.1.0 >= settle)
+                        .map(|(k, o)| (o.0, k.clone()))
+                        .collect();
+                    due.sort();
+                    for (_, k) in due {
+                        let (_, _, spans) = open.remove(&k).unwrap();
+                        expected.push((k, spans));
+                    }
+                }
+            }
+            let got: Vec<(String, usize)> = out
+                .drain(..)
+                .map(|t| match t {
+                    Traced::Tree(t) => (t.request_id.clone(), t.spans.len()),
+                    _ => panic!("a healthy request gives a tree only"),
+                })
+                .collect();
+            proptest::prop_assert_eq!(got, expected);
+        }
     }
 
     #[test]
