@@ -163,26 +163,25 @@ impl Field {
     }
 }
 
-/// The length headers, read into `body`.
-fn body_header(body: &mut BodyHeaders, field: Field, value: &[u8]) {
-    match field {
-        Field::ContentLength => {
-            match crate::text::utf8(value).and_then(|s| s.trim().parse::<u64>().ok()) {
-                Some(n) => {
-                    if body.content_length.is_some_and(|old| old != n) {
-                        body.conflicting_length = true;
-                    }
-                    body.content_length.get_or_insert(n);
+impl BodyHeaders {
+    /// A Content-Length header.
+    fn content_length(&mut self, value: &[u8]) {
+        match crate::text::utf8(value).and_then(|s| s.trim().parse::<u64>().ok()) {
+            Some(n) => {
+                if self.content_length.is_some_and(|old| old != n) {
+                    self.conflicting_length = true;
                 }
-                None => body.bad_length = true,
+                self.content_length.get_or_insert(n);
             }
+            None => self.bad_length = true,
         }
-        Field::TransferEncoding => {
-            // chunked must be the last coding; anything else leaves the body unframed
-            let last = value.rsplit(|b| *b == b',').next().unwrap_or(b"");
-            body.chunked = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
-        }
-        _ => {}
+    }
+
+    /// A Transfer-Encoding header: chunked must be the last coding; anything else leaves
+    /// the body unframed.
+    fn transfer_encoding(&mut self, value: &[u8]) {
+        let last = value.rsplit(|b| *b == b',').next().unwrap_or(b"");
+        self.chunked = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
     }
 }
 
@@ -280,11 +279,9 @@ fn request_head(
     };
     let mut osprofiler = None;
     for h in fields {
-        let field = Field::of(h.name);
-        match field {
-            Field::ContentLength | Field::TransferEncoding => {
-                body_header(&mut head.body, field, h.value)
-            }
+        match Field::of(h.name) {
+            Field::ContentLength => head.body.content_length(h.value),
+            Field::TransferEncoding => head.body.transfer_encoding(h.value),
             Field::UserAgent => head.user_agent = keep(h.value),
             Field::OpenStackRequestId => head.request_id = keep(h.value),
             Field::Expect => head.expect_continue = has_token(h.value, b"100-continue"),
@@ -345,11 +342,9 @@ pub fn parse_response(buf: &[u8]) -> Result<ResponseHead, HeadError> {
         encoded: false,
     };
     for h in resp.headers.iter() {
-        let field = Field::of(h.name);
-        match field {
-            Field::ContentLength | Field::TransferEncoding => {
-                body_header(&mut head.body, field, h.value)
-            }
+        match Field::of(h.name) {
+            Field::ContentLength => head.body.content_length(h.value),
+            Field::TransferEncoding => head.body.transfer_encoding(h.value),
             // nova sends two of these with one value; the first wins
             Field::OpenStackRequestId | Field::OtherRequestId if head.request_id.is_none() => {
                 head.request_id = keep(h.value)

@@ -256,12 +256,14 @@ impl Summary {
             return;
         }
         // bounded like the metrics: past MAX_QUEUES distinct queues, the rest share "other"
-        let name: &str = if self.queues.len() < MAX_QUEUES {
-            &e.routing_key
+        if self.queues.len() < MAX_QUEUES {
+            let q = self.queues.entry(e.routing_key.to_string()).or_default();
+            q.add(e);
+        } else if let Some(other) = self.queues.get_mut("other") {
+            other.add(e); // not a new copy of "other" for each call past the cap
         } else {
-            "other"
-        };
-        self.queues.entry(name.to_owned()).or_default().add(e);
+            self.queues.entry("other".to_owned()).or_default().add(e);
+        }
     }
 
     /// The report; `rca` is the root-cause ranking (kept by the request store).
