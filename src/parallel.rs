@@ -37,9 +37,11 @@ use crate::probe::{self, Clock, DecodeCache, Each, Frame, Shard, Step};
 use crate::run::{self, Outputs, Run, Tap};
 use crate::sink::summary::Report;
 use crate::source::PacketRef;
+use crate::source::blocks::Window;
 use crate::source::file::MergedFiles;
 use crate::time::Ts;
 use std::collections::VecDeque;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -61,23 +63,61 @@ struct ShardStep {
     seq: u64,
     ts: Ts,
     clock: Ts,
-    /// The packet's bytes in the chunk's `bytes`, and its link type.
-    frame: Option<(i32, std::ops::Range<usize>)>,
+    /// The packet's link type, and where its bytes are.
+    frame: Option<(i32, Lies)>,
     sweep: bool,
     end: bool,
+}
+
+/// Where a step's packet lies: in one of the capture file's blocks (windows) the chunk
+/// holds, or (a live capture, a packet the clock held back) copied into the chunk.
+enum Lies {
+    InWindow(usize, Range<usize>),
+    Copied(Range<usize>),
 }
 
 #[derive(Default)]
 struct ShardChunk {
     bytes: Vec<u8>,
+    /// The windows its packets lie in (mostly one), held until the shard has read them.
+    windows: Vec<Window>,
     steps: Vec<ShardStep>,
 }
 
 impl ShardChunk {
     fn clear(&mut self) {
         self.bytes.clear();
+        self.windows.clear();
         self.steps.clear();
     }
+
+    /// Keeps `frame`'s bytes for the shard: the window they lie in, else a copy.
+    fn hold(&mut self, frame: Frame) -> Lies {
+        if let Some(w) = frame.window
+            && let Some(at) = offset_in(w, frame.data)
+        {
+            if !self.windows.last().is_some_and(|last| Arc::ptr_eq(last, w)) {
+                self.windows.push(Arc::clone(w));
+            }
+            return Lies::InWindow(self.windows.len() - 1, at..at + frame.data.len());
+        }
+        let at = self.bytes.len();
+        self.bytes.extend_from_slice(frame.data);
+        Lies::Copied(at..self.bytes.len())
+    }
+
+    fn bytes(&self, lies: &Lies) -> &[u8] {
+        match lies {
+            Lies::InWindow(w, r) => &self.windows[*w][r.clone()],
+            Lies::Copied(r) => &self.bytes[r.clone()],
+        }
+    }
+}
+
+/// Where `part` starts in `whole`, if it lies in it.
+fn offset_in(whole: &[u8], part: &[u8]) -> Option<usize> {
+    let at = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
+    (at + part.len() <= whole.len()).then_some(at)
 }
 
 /// A step as the joiner sees it.
@@ -136,9 +176,10 @@ impl ShardStage {
         for s in &chunk.steps {
             let step = Step {
                 seq: s.seq,
-                frame: s.frame.as_ref().map(|(linktype, r)| Frame {
+                frame: s.frame.as_ref().map(|(linktype, lies)| Frame {
                     linktype: *linktype,
-                    data: &chunk.bytes[r.clone()],
+                    data: chunk.bytes(lies),
+                    window: None,
                 }),
                 ts: s.ts,
                 clock: s.clock,
@@ -435,7 +476,7 @@ impl Stages {
         let Some(mut stage) = try_take(&lane.stage) else {
             return false;
         };
-        let (chunk, spent) = {
+        let (mut chunk, spent) = {
             let mut q = relock(&lane.queues);
             let Some(chunk) = q.todo.pop_front() else {
                 return false;
@@ -443,6 +484,9 @@ impl Stages {
             (chunk, q.spent.pop().unwrap_or_default())
         };
         let out = stage.answer(&chunk, spent);
+        // the windows go now, not when the chunk is filled again: the reader reads into
+        // a block again once no chunk holds it
+        chunk.windows.clear();
         #[cfg(test)]
         tests::slow_hand_over();
         {
@@ -631,6 +675,7 @@ impl Parallel {
                 }
                 None => ShardChunk {
                     bytes: Vec::with_capacity(chunk.bytes.capacity()),
+                    windows: Vec::new(),
                     steps: Vec::with_capacity(chunk.steps.capacity()),
                 },
             };
@@ -690,11 +735,10 @@ fn place(step: &Step, shards: &mut [ShardChunk], merge: &mut MergeChunk) {
         if !(mine || all) {
             continue;
         }
-        let frame = step.frame.filter(|_| mine).map(|f| {
-            let at = chunk.bytes.len();
-            chunk.bytes.extend_from_slice(f.data);
-            (f.linktype, at..chunk.bytes.len())
-        });
+        let frame = step
+            .frame
+            .filter(|_| mine)
+            .map(|f| (f.linktype, chunk.hold(f)));
         chunk.steps.push(ShardStep {
             seq: step.seq,
             ts: step.ts,

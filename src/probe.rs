@@ -13,6 +13,7 @@ use crate::decode::{self, Decoded};
 use crate::health::Health;
 use crate::openstack::Rest;
 use crate::protocols::{self, AmqpFound, Choice, Conn, Found, message_observation};
+use crate::source::blocks::Window;
 use crate::source::{Packet, PacketRef};
 use crate::tcp::FlowTable;
 use crate::time::Ts;
@@ -95,6 +96,8 @@ pub type Each<'e> = &'e mut dyn FnMut(Step, &mut Health);
 pub struct Frame<'a> {
     pub linktype: i32,
     pub data: &'a [u8],
+    /// The block of the capture file `data` lies in, if it does.
+    pub window: Option<&'a Window>,
 }
 
 /// One unit of a probe's work, in order: a packet at the time it counts for, or none (a
@@ -222,6 +225,7 @@ impl Clock {
                 frame: pkt.map(|p| Frame {
                     linktype: p.linktype,
                     data: p.data,
+                    window: p.window,
                 }),
                 ts,
                 clock: self.now,
@@ -490,7 +494,15 @@ mod tests {
 
     fn shard(data: &[u8], n: usize) -> usize {
         let linktype = linktype::RAW;
-        shard_of(Frame { linktype, data }, n)
+        let window = None;
+        shard_of(
+            Frame {
+                linktype,
+                data,
+                window,
+            },
+            n,
+        )
     }
 
     /// Both directions of a connection meet in one shard (IPv4 by the reader's shortcut,

@@ -6,10 +6,11 @@
 //! a known block type whose trailing length matches), as Wireshark's tools do, and the
 //! damage is reported with its byte offset. What was read is never thrown away.
 
+use super::blocks::{BlockReader, Unread, Window};
 use super::{Packet, PacketRef, linktype};
 use crate::time::Ts;
 use pcap_parser::traits::PcapReaderIterator;
-use pcap_parser::{Block, PcapBlockOwned, PcapError, create_reader};
+use pcap_parser::{Block, PcapBlockOwned, PcapError};
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -81,7 +82,10 @@ const NANOS: u64 = 1_000_000_000;
 
 pub struct PcapFile {
     path: PathBuf,
-    reader: Box<dyn PcapReaderIterator + Send>,
+    reader: BlockReader,
+    /// The block the reader's data lies in, kept beside the reader so that a packet can
+    /// name it while the reader is lent to the packet.
+    window: Window,
     interfaces: Vec<Interface>,
     format: Format,
     done: bool,
@@ -143,21 +147,25 @@ impl PcapFile {
 
     /// A capture from any reader (the demo's bundled samples); `path` names it in errors.
     pub fn from_reader(path: &Path, input: Box<dyn Read + Send>) -> Result<PcapFile, SourceError> {
-        let reader = match create_reader(READ_BUFFER, input) {
-            Ok(r) => r,
-            Err(PcapError::Eof) => {
-                return Err(SourceError::Empty {
-                    path: path.to_owned(),
-                });
-            }
-            Err(_) => {
-                return Err(SourceError::NotPcap {
-                    path: path.to_owned(),
-                });
-            }
-        };
-        Ok(PcapFile {
+        let reader = BlockReader::new(input).map_err(|e| match e {
+            Unread::Empty => SourceError::Empty {
+                path: path.to_owned(),
+            },
+            Unread::NotPcap => SourceError::NotPcap {
+                path: path.to_owned(),
+            },
+            Unread::Failed(err) => SourceError::Open {
+                path: path.to_owned(),
+                err,
+            },
+        })?;
+        Ok(PcapFile::with(path, reader))
+    }
+
+    fn with(path: &Path, reader: BlockReader) -> PcapFile {
+        PcapFile {
             path: path.to_owned(),
+            window: reader.window().clone(),
             reader,
             interfaces: Vec::new(),
             format: Format::Unknown,
@@ -166,7 +174,7 @@ impl PcapFile {
             damage: Vec::new(),
             bytes_read: 0,
             last_ts: Ts::ZERO,
-        })
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -195,6 +203,10 @@ impl PcapFile {
                 Ok((len, block)) => {
                     learn_format(&mut self.format, &block);
                     let got = take_block(&mut self.interfaces, block, self.last_ts);
+                    let got = got.map(|pkt| PacketRef {
+                        window: Some(&self.window),
+                        ..pkt
+                    });
                     self.bytes_read += len as u64;
                     // no shift here: `consume` moves the unread half of the buffer to its
                     // front whenever the read position passes the middle (a copy of up to
@@ -220,13 +232,14 @@ impl PcapFile {
                         self.done = true;
                     } else {
                         let before = self.reader.data().len();
-                        if self.reader.refill().is_err() {
+                        if !self.refill() {
                             return Err(self.corrupt("read error"));
                         }
-                        if self.reader.data().len() == before && !self.reader.reader_exhausted() {
+                        let r = &self.reader;
+                        if r.data().len() == before && !r.reader_exhausted() {
                             // the buffer is full and still holds no whole block
                             let want = (before * 2).max(READ_BUFFER);
-                            if want > MAX_BLOCK || !self.reader.grow(want) {
+                            if want > MAX_BLOCK || !self.grow(want) {
                                 self.skip_damage("a block larger than 64 MiB");
                             }
                         }
@@ -234,7 +247,7 @@ impl PcapFile {
                 }
                 Err(PcapError::BufferTooSmall) => {
                     let want = self.reader.data().len().max(READ_BUFFER) * 2;
-                    if want > MAX_BLOCK || !self.reader.grow(want) {
+                    if want > MAX_BLOCK || !self.grow(want) {
                         self.skip_damage("a block larger than 64 MiB");
                     }
                 }
@@ -243,6 +256,20 @@ impl PcapFile {
             }
         }
         Ok(None)
+    }
+
+    /// Reads on into a new block: false on a read error.
+    fn refill(&mut self) -> bool {
+        let ok = self.reader.refill().is_ok();
+        self.window = self.reader.window().clone();
+        ok
+    }
+
+    /// Reads on into blocks of `size`: false if it cannot.
+    fn grow(&mut self, size: usize) -> bool {
+        let ok = self.reader.grow(size);
+        self.window = self.reader.window().clone();
+        ok
     }
 
     /// The next record's header announces more than the file can hold (checked before the
@@ -295,7 +322,7 @@ impl PcapFile {
             let n = len.saturating_sub(MAX_RECORD as usize + 64);
             self.reader.consume(n);
             skipped += n as u64;
-            if self.reader.refill().is_err() {
+            if !self.refill() {
                 self.done = true;
                 return;
             }
@@ -416,6 +443,7 @@ fn packet<'b>(
         linktype: ifc.linktype,
         data: &data[..n],
         orig_len,
+        window: None,
     }
 }
 

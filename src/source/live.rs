@@ -211,6 +211,7 @@ impl LiveCapture {
                     linktype: self.linktype,
                     data: p.data,
                     orig_len: p.header.len,
+                    window: None,
                 }))
             }
             // a timeout, or our waker's pcap_breakloop (reported as "no more packets")

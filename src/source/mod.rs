@@ -1,6 +1,7 @@
 //! Packet sources: capture files (pcap, pcapng; several merged in time order) and live
 //! libpcap. A source is the only place the wall clock may enter (idle ticks in live mode).
 
+pub mod blocks;
 pub mod file;
 pub mod live;
 
@@ -66,13 +67,16 @@ pub struct Packet {
 }
 
 /// One captured frame as the pipeline reads it, borrowed from where the source keeps it
-/// (a file's read buffer, libpcap's ring): a replay copies no packet on its way in.
+/// (a file's block as read, libpcap's ring): a replay copies no packet on its way in.
 #[derive(Debug, Clone, Copy)]
 pub struct PacketRef<'a> {
     pub ts: Ts,
     pub linktype: i32,
     pub data: &'a [u8],
     pub orig_len: u32,
+    /// The file's block `data` lies in, when it does: a shard on another thread can
+    /// hold it and read the packet there, not from a copy.
+    pub window: Option<&'a blocks::Window>,
 }
 
 impl Packet {
@@ -91,6 +95,7 @@ impl Packet {
             linktype: self.linktype,
             data: &self.data,
             orig_len: self.orig_len,
+            window: None,
         }
     }
 }
