@@ -730,11 +730,7 @@ fn place(step: &Step, shards: &mut [ShardChunk], merge: &mut MergeChunk) {
     let n = shards.len();
     let home = step.frame.map(|f| probe::shard_of(f, n));
     let all = step.sweep || step.end;
-    for (i, chunk) in shards.iter_mut().enumerate() {
-        let mine = home == Some(i);
-        if !(mine || all) {
-            continue;
-        }
+    let part = |chunk: &mut ShardChunk, mine: bool| {
         let frame = step
             .frame
             .filter(|_| mine)
@@ -747,6 +743,15 @@ fn place(step: &Step, shards: &mut [ShardChunk], merge: &mut MergeChunk) {
             sweep: step.sweep,
             end: step.end,
         });
+    };
+    match home {
+        // most steps: one packet, for one shard
+        Some(i) if !all => part(&mut shards[i], true),
+        _ if all => shards
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, chunk)| part(chunk, home == Some(i))),
+        _ => {}
     }
     merge.steps.push(MergeStep {
         seq: step.seq,
