@@ -78,6 +78,8 @@ enum Lies {
 
 #[derive(Default)]
 struct ShardChunk {
+    /// The shard's counters go with its answer (the health is published after it).
+    report: bool,
     bytes: Vec<u8>,
     /// The windows its packets lie in (mostly one), held until the shard has read them.
     windows: Vec<Window>,
@@ -86,6 +88,7 @@ struct ShardChunk {
 
 impl ShardChunk {
     fn clear(&mut self) {
+        self.report = false;
         self.bytes.clear();
         self.windows.clear();
         self.steps.clear();
@@ -135,7 +138,8 @@ struct MergeStep {
 #[derive(Default)]
 struct MergeChunk {
     steps: Vec<MergeStep>,
-    /// The reader's own counters (packets, bytes, clock anomalies, the source's).
+    /// The reader's own counters (packets, bytes, clock anomalies, the source's), when
+    /// the health is to be published after this chunk (every shard's answer has its own).
     health: Option<Health>,
     end: bool,
 }
@@ -156,7 +160,8 @@ struct Record {
 struct ShardOut {
     obs: Vec<Observation>,
     records: VecDeque<Record>,
-    health: Health,
+    /// The shard's counters, when the chunk asked for them.
+    health: Option<Health>,
 }
 
 /// A shard's state: the per-connection work of its connections.
@@ -204,7 +209,7 @@ impl ShardStage {
         ShardOut {
             obs,
             records,
-            health: self.health.clone(),
+            health: chunk.report.then(|| self.health.clone()),
         }
     }
 }
@@ -220,8 +225,6 @@ struct Joiner {
     /// (shard, index in its `shard_obs`) of the observations to analyse next, in order.
     observed: Vec<(usize, usize)>,
     swept: Vec<(u64, usize, usize)>,
-    /// The packets read at the last refresh, and when it was.
-    refreshed: (u64, Instant),
 }
 
 impl Joiner {
@@ -233,7 +236,6 @@ impl Joiner {
             shard_obs: (0..shards).map(|_| Vec::new()).collect(),
             observed: Vec::new(),
             swept: Vec::new(),
-            refreshed: (0, Instant::now()),
         }
     }
 
@@ -251,15 +253,14 @@ impl Joiner {
             debug_assert!(self.pending[i].is_empty() && self.shard_obs[i].is_empty());
             self.pending[i].extend(out.records);
             self.shard_obs[i] = out.obs;
-            self.shard_health[i] = out.health;
+            if let Some(h) = out.health {
+                self.shard_health[i] = h;
+            }
         }
         for step in &chunk.steps {
             self.take_step(step);
         }
-        let reader = chunk.health.unwrap_or_default();
-        if chunk.end || self.refresh_due(reader.packets) {
-            self.refreshed = (reader.packets, Instant::now());
-            let mut health = reader;
+        if let Some(mut health) = chunk.health {
             for h in &self.shard_health {
                 health.add(h);
             }
@@ -271,16 +272,6 @@ impl Joiner {
             }
         }
         chunk.end
-    }
-
-    /// Whether the health counters are due to be merged and published: every
-    /// `REFRESH_PACKETS` packets, as on one thread, or after `REFRESH_WAIT` on a quiet
-    /// link (merging every shard's counters at every chunk cost the joiner, the one stage
-    /// that cannot be spread, a tenth of its time beyond analysing).
-    fn refresh_due(&self, packets: u64) -> bool {
-        let (at, when) = self.refreshed;
-        packets / run::REFRESH_PACKETS != at / run::REFRESH_PACKETS
-            || when.elapsed() >= REFRESH_WAIT
     }
 
     /// The packet's own observations, then the sweep's groups by key; the analyser runs
@@ -549,6 +540,8 @@ pub struct Parallel {
     shards: Vec<ShardChunk>,
     merge: MergeChunk,
     started: Instant,
+    /// The packets read at the last publishing of the health, and when it was.
+    refreshed: (u64, Instant),
     stages: Arc<Stages>,
     helpers: Vec<JoinHandle<()>>,
     /// Live capture: chunks also go out when they are `CHUNK_WAIT` old.
@@ -594,6 +587,7 @@ impl Parallel {
             shards: (0..n).map(|_| ShardChunk::default()).collect(),
             merge: MergeChunk::default(),
             started: Instant::now(),
+            refreshed: (0, Instant::now()),
             stages,
             helpers,
             live,
@@ -652,6 +646,19 @@ impl Parallel {
         }
     }
 
+    /// Whether the health counters are due to be merged and published after this chunk:
+    /// every `REFRESH_PACKETS` packets, as on one thread, or after `REFRESH_WAIT` on a
+    /// quiet link. Only then do the shards hand theirs over (a copy of every shard's
+    /// counters with every chunk cost the joiner, the one stage that cannot be spread, a
+    /// tenth of its time beyond analysing when they were merged each time, and a copy of
+    /// 10 KiB of AMQP method counts a chunk when they were not).
+    fn refresh_due(&self) -> bool {
+        let (at, when) = self.refreshed;
+        let packets = self.health.packets;
+        packets / run::REFRESH_PACKETS != at / run::REFRESH_PACKETS
+            || when.elapsed() >= REFRESH_WAIT
+    }
+
     /// Hands the chunk to the stages, after helping them until fewer than `IN_FLIGHT`
     /// chunks wait to be joined.
     fn send(&mut self) {
@@ -663,7 +670,13 @@ impl Parallel {
             self.merge = MergeChunk::default();
             return;
         }
+        let report = self.merge.end || self.refresh_due();
+        if report {
+            self.refreshed = (self.health.packets, Instant::now());
+            self.merge.health = Some(self.health.clone());
+        }
         for (lane, chunk) in stages.lanes.iter().zip(&mut self.shards) {
+            chunk.report = report;
             let mut q = relock(&lane.queues);
             // the next chunk is one a shard has finished with, else one at the size of
             // this one (grown by doubling, its bytes would be copied over and over; and
@@ -674,6 +687,7 @@ impl Parallel {
                     used
                 }
                 None => ShardChunk {
+                    report: false,
                     bytes: Vec::with_capacity(chunk.bytes.capacity()),
                     windows: Vec::new(),
                     steps: Vec::with_capacity(chunk.steps.capacity()),
@@ -687,8 +701,7 @@ impl Parallel {
             steps: Vec::with_capacity(self.merge.steps.capacity()),
             ..MergeChunk::default()
         };
-        let mut chunk = std::mem::replace(&mut self.merge, next);
-        chunk.health = Some(self.health.clone());
+        let chunk = std::mem::replace(&mut self.merge, next);
         relock(&stages.merges).push_back(chunk);
         stages.bell.ring();
     }
