@@ -48,7 +48,7 @@ impl std::ops::Deref for Filled {
 }
 
 /// A block's usual size: large enough that reading on costs nothing per packet.
-const BLOCK: usize = 1 << 20;
+pub const BLOCK: usize = 1 << 20;
 /// Blocks kept for reuse: a two-thread replay holds a few while its chunks are read.
 const POOL: usize = 16;
 
@@ -95,7 +95,7 @@ impl BlockReader {
     }
 
     /// A reader whose blocks are `size` bytes (tests read through tiny ones).
-    fn sized(input: Box<dyn Read + Send>, size: usize) -> Result<BlockReader, Unread> {
+    pub fn sized(input: Box<dyn Read + Send>, size: usize) -> Result<BlockReader, Unread> {
         let mut r = BlockReader {
             input,
             block: Arc::new(Filled {

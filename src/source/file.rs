@@ -6,7 +6,7 @@
 //! a known block type whose trailing length matches), as Wireshark's tools do, and the
 //! damage is reported with its byte offset. What was read is never thrown away.
 
-use super::blocks::{BlockReader, Unread, Window};
+use super::blocks::{BLOCK, BlockReader, Unread, Window};
 use super::{Packet, PacketRef, linktype};
 use crate::time::Ts;
 use pcap_parser::traits::PcapReaderIterator;
@@ -128,7 +128,6 @@ enum Format {
 /// The largest record a capture plausibly holds when its header says no better.
 const MAX_RECORD: u32 = 256 << 10;
 
-const READ_BUFFER: usize = 1 << 20;
 const MAX_BLOCK: usize = 64 << 20;
 
 impl PcapFile {
@@ -147,7 +146,19 @@ impl PcapFile {
 
     /// A capture from any reader (the demo's bundled samples); `path` names it in errors.
     pub fn from_reader(path: &Path, input: Box<dyn Read + Send>) -> Result<PcapFile, SourceError> {
-        let reader = BlockReader::new(input).map_err(|e| match e {
+        PcapFile::in_blocks(path, input, BLOCK)
+    }
+
+    /// A capture read in blocks of `block` bytes (at first: they grow for a record that
+    /// does not fit). What is read does not depend on it; tests and the fuzz target read
+    /// through small blocks to check that.
+    #[doc(hidden)]
+    pub fn in_blocks(
+        path: &Path,
+        input: Box<dyn Read + Send>,
+        block: usize,
+    ) -> Result<PcapFile, SourceError> {
+        let reader = BlockReader::sized(input, block).map_err(|e| match e {
             Unread::Empty => SourceError::Empty {
                 path: path.to_owned(),
             },
@@ -236,19 +247,11 @@ impl PcapFile {
                             return Err(self.corrupt("read error"));
                         }
                         let r = &self.reader;
-                        if r.data().len() == before && !r.reader_exhausted() {
-                            // the buffer is full and still holds no whole block
-                            let want = (before * 2).max(READ_BUFFER);
-                            if want > MAX_BLOCK || !self.grow(want) {
-                                self.skip_damage("a block larger than 64 MiB");
-                            }
+                        if r.data().len() == before && !r.reader_exhausted() && !self.widen(before)
+                        {
+                            // the block is full and still holds no whole record
+                            self.skip_damage("a block larger than 64 MiB");
                         }
-                    }
-                }
-                Err(PcapError::BufferTooSmall) => {
-                    let want = self.reader.data().len().max(READ_BUFFER) * 2;
-                    if want > MAX_BLOCK || !self.grow(want) {
-                        self.skip_damage("a block larger than 64 MiB");
                     }
                 }
                 Err(PcapError::ReadError) => return Err(self.corrupt("read error")),
@@ -265,9 +268,10 @@ impl PcapFile {
         ok
     }
 
-    /// Reads on into blocks of `size`: false if it cannot.
-    fn grow(&mut self, size: usize) -> bool {
-        let ok = self.reader.grow(size);
+    /// Reads on into a block twice as wide as the `have` bytes it holds (up to 64 MiB, a
+    /// limit every block size reaches exactly): false if it is that wide already.
+    fn widen(&mut self, have: usize) -> bool {
+        let ok = have < MAX_BLOCK && self.reader.grow((have * 2).clamp(64, MAX_BLOCK));
         self.window = self.reader.window().clone();
         ok
     }
@@ -297,37 +301,28 @@ impl PcapFile {
         self.reader.consume(1);
         loop {
             let data = self.reader.data();
-            if let Some(i) = find_record(data, self.format, self.reader.reader_exhausted()) {
-                self.reader.consume(i);
-                skipped += i as u64;
+            let (at, found) = find_record(data, self.format, self.reader.reader_exhausted());
+            self.reader.consume(at);
+            skipped += at as u64;
+            if found.is_some() {
                 self.damage.push(Damage {
                     offset,
                     what: what.into(),
-                    skipped: Some(skipped),
+                    skipped: found.filter(|&f| f).map(|_| skipped),
                 });
+                self.done = found == Some(false);
                 return;
             }
-            if self.reader.reader_exhausted() {
-                self.damage.push(Damage {
-                    offset,
-                    what: what.into(),
-                    skipped: None,
-                });
-                self.done = true;
-                return;
-            }
-            // keep what may hold the start of a record not checkable yet (it runs past the
-            // buffer's end), drop the rest, read on
-            let len = data.len();
-            let n = len.saturating_sub(MAX_RECORD as usize + 64);
-            self.reader.consume(n);
-            skipped += n as u64;
+            // a record may start at `at`: whether it does shows in the bytes after the
+            // block's end
+            let len = self.reader.data().len();
             if !self.refill() {
                 self.done = true;
                 return;
             }
-            if n == 0 && self.reader.data().len() == len && !self.reader.reader_exhausted() {
-                // the buffer is full of what we keep: give up one byte of it
+            let stuck = self.reader.data().len() == len && !self.reader.reader_exhausted();
+            if stuck && !self.widen(len) {
+                // the block is full of one undecided place and as wide as it gets
                 self.reader.consume(1);
                 skipped += 1;
             }
@@ -371,17 +366,33 @@ fn learn_format(f: &mut Format, block: &PcapBlockOwned<'_>) {
     }
 }
 
-/// Where in `d` the next plausible record starts.
-fn find_record(d: &[u8], f: Format, at_end: bool) -> Option<usize> {
-    (0..d.len()).find(|&i| plausible_at(d, i, f, at_end, 2))
+/// How far a search for the next plausible record got in `d`, and what it found there:
+/// Some(true), a record; Some(false), none to the end of the input; None, a place that
+/// may start one, undecided until the bytes after `d` show (then it stopped there).
+fn find_record(d: &[u8], f: Format, at_end: bool) -> (usize, Option<bool>) {
+    for i in 0..d.len() {
+        match plausible_at(d, i, f, at_end, 2) {
+            Some(true) => return (i, Some(true)),
+            Some(false) => {}
+            None => return (i, None),
+        }
+    }
+    if at_end {
+        (d.len(), Some(false))
+    } else {
+        (d.len(), None)
+    }
 }
 
-/// A record starts at `i` (and `depth - 1` more follow it, as far as `d` shows).
-fn plausible_at(d: &[u8], i: usize, f: Format, at_end: bool, depth: u8) -> bool {
+/// Whether a record starts at `i` (and `depth - 1` more follow it): None while that
+/// depends on bytes past the end of `d` (never `at_end`, when `d` runs to the input's end).
+fn plausible_at(d: &[u8], i: usize, f: Format, at_end: bool, depth: u8) -> Option<bool> {
     if depth == 0 {
-        return true;
+        return Some(true);
     }
     let rest = &d[i..];
+    // what is not in `d` yet: decided by the end of the input, else undecided
+    let short = |whole: bool| if at_end { Some(whole) } else { None };
     let (len, ok) = match f {
         Format::Legacy {
             big,
@@ -390,7 +401,7 @@ fn plausible_at(d: &[u8], i: usize, f: Format, at_end: bool, depth: u8) -> bool 
             nanos,
         } => {
             if rest.len() < 16 {
-                return at_end && rest.is_empty();
+                return short(rest.is_empty());
             }
             let (sec, frac) = (u32_at(rest, 0, big), u32_at(rest, 4, big));
             let (caplen, orig) = (u32_at(rest, 8, big), u32_at(rest, 12, big));
@@ -401,30 +412,29 @@ fn plausible_at(d: &[u8], i: usize, f: Format, at_end: bool, depth: u8) -> bool 
         }
         Format::Ng { big } => {
             if rest.len() < 12 {
-                return at_end && rest.is_empty();
+                return short(rest.is_empty());
             }
             let kind = u32_at(rest, 0, big);
             let len = u32_at(rest, 4, big) as usize;
             let known = matches!(kind, 1..=6 | 10 | 0x0A0D_0D0A);
-            let ok = known
-                && len >= 12
-                && len.is_multiple_of(4)
-                && len <= MAX_RECORD as usize + 64
-                && rest.len() >= len
-                && u32_at(rest, len - 4, big) as usize == len;
-            (len, ok)
+            let head_ok =
+                known && len >= 12 && len.is_multiple_of(4) && len <= MAX_RECORD as usize + 64;
+            if head_ok && rest.len() < len {
+                return short(false);
+            }
+            (len, head_ok && u32_at(rest, len - 4, big) as usize == len)
         }
-        Format::Unknown => return false,
+        Format::Unknown => return Some(false),
     };
     if !ok {
-        return false;
+        return Some(false);
     }
-    // the record after it must be plausible too: decided once the buffer shows it
+    // the record must be whole, and the record after it plausible too
     if i + len > d.len() {
-        return false;
+        return short(false);
     }
     if i + len == d.len() {
-        return at_end;
+        return short(true);
     }
     plausible_at(d, i + len, f, at_end, depth - 1)
 }
@@ -595,6 +605,62 @@ pub fn is_supported_linktype(lt: i32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// Everything a capture gives: each packet (time, link type, bytes), the damage
+    /// (where, how much was skipped) and whether it was cut short.
+    type Whole = (Vec<(Ts, i32, Vec<u8>)>, Vec<(u64, Option<u64>)>, bool);
+
+    fn read_through(bytes: &[u8], block: usize) -> Option<Whole> {
+        let input = Box::new(std::io::Cursor::new(bytes.to_vec()));
+        let mut file = PcapFile::in_blocks(Path::new("t.pcap"), input, block).ok()?;
+        let mut packets = Vec::new();
+        while let Some(p) = file
+            .next_with(|p| (p.ts, p.linktype, p.data.to_vec()))
+            .ok()?
+        {
+            packets.push(p);
+        }
+        let damage = file.damage.iter().map(|d| (d.offset, d.skipped)).collect();
+        Some((packets, damage, file.truncated))
+    }
+
+    fn sample(name: &str) -> Vec<u8> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("sampledata")
+            .join(name);
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// A capture damaged anywhere (bytes overwritten, a stretch cut out, the end cut
+        /// off) gives the same packets, damage and verdict read through blocks of any
+        /// size as through the usual ones: where a record may start near a block's end,
+        /// the search waits for the bytes after it rather than judge without them.
+        #[test]
+        fn what_is_read_does_not_depend_on_the_block_size(
+            block in 1usize..20_000,
+            hits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
+            cut in prop::option::of((any::<prop::sample::Index>(), 1usize..3000)),
+            end in 0usize..200,
+        ) {
+            let mut bytes = sample("failures.pcap");
+            bytes.truncate(120_000);
+            for (at, b) in hits {
+                let i = at.index(bytes.len());
+                bytes[i] = b;
+            }
+            if let Some((at, n)) = cut {
+                let i = at.index(bytes.len());
+                bytes.drain(i..(i + n).min(bytes.len()));
+            }
+            bytes.truncate(bytes.len() - end.min(bytes.len()));
+            let usual = read_through(&bytes, BLOCK);
+            prop_assert_eq!(read_through(&bytes, block), usual);
+        }
+    }
 
     /// The time of `raw` units at `per_sec` units a second, by the one exact formula.
     fn exact(per_sec: u64, raw: u64) -> (u64, u64) {

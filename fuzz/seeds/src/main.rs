@@ -1,6 +1,6 @@
 //! Writes the seed corpora from real captures: `seeds OUT_DIR CAPTURE…`.
 //!
-//! * pcap_source: each capture's first 32 KiB;
+//! * pcap_source: each capture's first 32 KiB, after a byte for the small block size;
 //! * amqp_conn / http_conn: each connection's reassembled stream as chunk records (AMQP by
 //!   its protocol header or a broker port, HTTP by a request line);
 //! * tcp_reassembly: the same streams as in-order segments;
@@ -147,7 +147,9 @@ fn main() {
     );
     for capture in captures {
         let bytes = std::fs::read(capture).unwrap_or_default();
-        pcap.add(&bytes[..bytes.len().min(32 << 10)]);
+        // byte 0: the size of the small blocks the file is also read through (varied)
+        let small = (bytes.len() % 256) as u8;
+        pcap.add(&[&[small][..], &bytes[..bytes.len().min(32 << 10)]].concat());
         let streams = streams(capture);
         for r in streams.iter().filter(|r| is_amqp(r)).take(MAX_PER_CAPTURE) {
             // byte 0: the protocol header was seen
