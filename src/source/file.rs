@@ -219,9 +219,6 @@ impl PcapFile {
                         ..pkt
                     });
                     self.bytes_read += len as u64;
-                    // no shift here: `consume` moves the unread half of the buffer to its
-                    // front whenever the read position passes the middle (a copy of up to
-                    // half a MiB, over and over); `refill` shifts the few bytes left instead
                     let Some(pkt) = got else {
                         self.reader.consume_noshift(len);
                         continue;
@@ -304,13 +301,14 @@ impl PcapFile {
             let (at, found) = find_record(data, self.format, self.reader.reader_exhausted());
             self.reader.consume(at);
             skipped += at as u64;
-            if found.is_some() {
+            if let Some(record) = found {
                 self.damage.push(Damage {
                     offset,
                     what: what.into(),
-                    skipped: found.filter(|&f| f).map(|_| skipped),
+                    skipped: record.then_some(skipped),
                 });
-                self.done = found == Some(false);
+                // no record after the damage: the file ends there
+                self.done = !record;
                 return;
             }
             // a record may start at `at`: whether it does shows in the bytes after the
