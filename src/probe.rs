@@ -171,7 +171,10 @@ impl Clock {
             }
             return;
         }
-        self.release_held(false, health, each);
+        if !self.held.is_empty() {
+            // the jump was not confirmed: the held packets were stamped wrong
+            self.release_held(false, health, each);
+        }
         let ts = if started && pkt.ts.0.saturating_add(self.jump_ns) < self.now.0 {
             // far in the past: stamped wrong; it happened now, as far as we can tell
             health.anomaly("capture", "clock_jump_back");
@@ -370,20 +373,7 @@ pub fn shard_of(frame: Frame, n: usize) -> usize {
     // flow key and a general hasher were about 1 % of a two-thread replay, all on the
     // reader); one mix spreads them (connections differ mostly in the client's port);
     // no seed from the run: a connection has one shard in every run
-    (mix64(end_word(a) ^ end_word(b)) % n as u64) as usize
-}
-
-/// One end of a connection as a 64-bit word: the address (an IPv6 one folded), then
-/// the port.
-fn end_word(e: crate::contract::Endpoint) -> u64 {
-    let ip = match e.ip {
-        std::net::IpAddr::V4(v4) => u64::from(u32::from(v4)),
-        std::net::IpAddr::V6(v6) => {
-            let x = u128::from(v6);
-            mix64(x as u64) ^ (x >> 64) as u64
-        }
-    };
-    (ip << 16) ^ u64::from(e.port)
+    (mix64(a.word() ^ b.word()) % n as u64) as usize
 }
 
 /// A 64-bit finaliser (splitmix64's): every input bit moves about half the output bits.

@@ -19,10 +19,18 @@ impl Dir {
 }
 
 /// Canonical (direction-free) connection key.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct FlowKey {
     lo: Endpoint,
     hi: Endpoint,
+}
+
+/// The key as one write: every packet looks its connection up, and a derived hash wrote
+/// each end's address kind, length, bytes and port one by one.
+impl std::hash::Hash for FlowKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u128(u128::from(self.lo.word()) << 64 | u128::from(self.hi.word()));
+    }
 }
 
 impl FlowKey {
