@@ -774,17 +774,15 @@ fn glued_start(dir: Dir, data: &[u8]) -> Option<usize> {
 
 /// End of the head: the byte after the blank line (CRLF CRLF, or bare LF LF).
 fn head_end(buf: &[u8], from: usize) -> Option<usize> {
-    let mut i = from;
-    while let Some(p) = memchr::memchr(b'\n', &buf[i..]) {
-        let nl = i + p;
+    // one searcher over the head's lines (a search per line set one up per line)
+    memchr::memchr_iter(b'\n', &buf[from..]).find_map(|p| {
+        let nl = from + p;
         match buf.get(nl + 1) {
-            Some(b'\n') => return Some(nl + 2),
-            Some(b'\r') if buf.get(nl + 2) == Some(&b'\n') => return Some(nl + 3),
-            _ => {}
+            Some(b'\n') => Some(nl + 2),
+            Some(b'\r') if buf.get(nl + 2) == Some(&b'\n') => Some(nl + 3),
+            _ => None,
         }
-        i = nl + 1;
-    }
-    None
+    })
 }
 
 impl App for HttpConnection {
