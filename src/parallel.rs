@@ -276,13 +276,43 @@ impl Joiner {
         chunk.end
     }
 
-    /// The packet's own observations, then the sweep's groups by key; the analyser runs
-    /// after the last step of a reader call.
+    /// The step's observations in order; the analyser runs after the last step of a
+    /// reader call.
     fn take_step(&mut self, step: &MergeStep) {
+        if !step.all {
+            // most steps: one packet, whose shard alone can have observed anything, and no
+            // sweep groups to order
+            if let Some(i) = step.shard {
+                self.take_packet(i, step.seq);
+            }
+        } else {
+            self.take_sweep(step);
+        }
+        if step.last {
+            let (observed, obs) = (&mut self.observed, &self.shard_obs);
+            let sinks = &mut self.run.outlet.sinks;
+            self.run.pipeline.analyse_observed(
+                step.clock,
+                |observe| observed.drain(..).for_each(|(i, k)| observe(&obs[i][k])),
+                &mut |s| sinks.on_signal(s),
+            );
+        }
+    }
+
+    /// A packet's observations, if its shard recorded any for it.
+    fn take_packet(&mut self, i: usize, seq: u64) {
+        if self.pending[i].front().is_some_and(|r| r.seq == seq) {
+            let Record { start, lead, .. } = self.pending[i].pop_front().expect("present");
+            self.observed.extend((start..lead).map(|k| (i, k)));
+        }
+    }
+
+    /// A sweep's (or the end's) step: each shard's packet observations, then every
+    /// shard's groups ordered by key.
+    fn take_sweep(&mut self, step: &MergeStep) {
         for i in 0..self.pending.len() {
-            let mine = step.shard == Some(i);
-            let here = self.pending[i].front().is_some_and(|r| r.seq == step.seq);
-            if !((step.all || mine) && here) {
+            // every shard took the step; one that observed nothing recorded nothing
+            if self.pending[i].front().is_none_or(|r| r.seq != step.seq) {
                 continue;
             }
             let Record {
@@ -303,15 +333,6 @@ impl Joiner {
         self.swept.sort_by_key(|(key, _, _)| *key);
         self.observed
             .extend(self.swept.drain(..).map(|(_, i, k)| (i, k)));
-        if step.last {
-            let (observed, obs) = (&mut self.observed, &self.shard_obs);
-            let sinks = &mut self.run.outlet.sinks;
-            self.run.pipeline.analyse_observed(
-                step.clock,
-                |observe| observed.drain(..).for_each(|(i, k)| observe(&obs[i][k])),
-                &mut |s| sinks.on_signal(s),
-            );
-        }
     }
 }
 
