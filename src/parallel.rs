@@ -286,7 +286,7 @@ impl Joiner {
                 self.take_packet(i, step.seq);
             }
         } else {
-            self.take_sweep(step);
+            self.take_sweep(step.seq);
         }
         if step.last {
             let (observed, obs) = (&mut self.observed, &self.shard_obs);
@@ -309,10 +309,10 @@ impl Joiner {
 
     /// A sweep's (or the end's) step: each shard's packet observations, then every
     /// shard's groups ordered by key.
-    fn take_sweep(&mut self, step: &MergeStep) {
+    fn take_sweep(&mut self, seq: u64) {
         for i in 0..self.pending.len() {
             // every shard took the step; one that observed nothing recorded nothing
-            if self.pending[i].front().is_none_or(|r| r.seq != step.seq) {
+            if self.pending[i].front().is_none_or(|r| r.seq != seq) {
                 continue;
             }
             let Record {
