@@ -133,6 +133,22 @@ pub fn members<'a>(json: &'a str, f: impl FnMut(Cow<'a, str>, &'a str)) -> Optio
     walk::<Plain>(json, f)
 }
 
+/// The end of a `null`, `true` or `false` at `start` when a delimiter (or the end of the
+/// text) follows it: what the byte-at-a-time search for a scalar's end would find, in
+/// one comparison (oslo's `_context_*` members are mostly these three). None for anything
+/// else, which the search then reads.
+#[inline(always)]
+fn keyword_end(b: &[u8], start: usize, delimits: impl Fn(u8) -> bool) -> Option<usize> {
+    let word = b.get(start..start + 4)?;
+    let len = match word {
+        b"null" | b"true" => 4,
+        b"fals" if b.get(start + 4) == Some(&b'e') => 5,
+        _ => return None,
+    };
+    let end = start + len;
+    b.get(end).is_none_or(|&c| delimits(c)).then_some(end)
+}
+
 /// Like `members`, but the member named `nested`, when its value is a string literal
 /// holding an object (oslo.messaging's `oslo.message`: JSON inside JSON), is walked in the
 /// same pass, escaped as it is: its members go to `inner` (raw values still escaped, as
@@ -230,9 +246,13 @@ fn value_end(b: &[u8], start: usize) -> Option<usize> {
         }
         _ => {
             // a number, true, false or null: up to the next delimiter
+            let delimits = |c: u8| matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r');
+            if let Some(end) = keyword_end(b, start, delimits) {
+                return Some(end);
+            }
             let mut i = start;
-            while let Some(c) = b.get(i) {
-                if matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r') {
+            while let Some(&c) = b.get(i) {
+                if delimits(c) {
                     break;
                 }
                 i += 1;
@@ -268,10 +288,98 @@ pub fn escaped_value(raw: &str) -> Option<Cow<'_, str>> {
     if find2(inner.as_bytes(), 0, b'\\', b'\\').is_none() {
         return Some(Cow::Borrowed(inner));
     }
-    // undo the outer escaping, then the inner
+    // anything the one pass does not read (unusual or broken spellings, rare) is read
+    // by the two, so that both agree on every text
+    match unescape_twice(inner.as_bytes()) {
+        Some(text) => Some(Cow::Owned(text)),
+        None => unescape_in_turn(raw).map(Cow::Owned),
+    }
+}
+
+/// The outer escaping undone, then the inner: the reading `unescape_twice` must agree with.
+fn unescape_in_turn(raw: &str) -> Option<String> {
     let quoted = format!("\"{raw}\"");
     let once = super::unescape(&quoted)?.into_owned();
-    super::unescape(&once).map(|v| Cow::Owned(v.into_owned()))
+    super::unescape(&once).map(Cow::into_owned)
+}
+
+/// The text of an inner string's content (between its `\"`s), both escapings undone in
+/// one pass; None for a spelling it leaves to the two passes (an outer `\uXXXX`, an inner
+/// escape's letter escaped as other than `\\` or `\"`, anything broken). A traceback in a
+/// failure reply is the long text read this way: its every line break is an inner `\n`
+/// spelled `\\n`, and two passes found each escape twice, through a copy of the whole
+/// text between them.
+fn unescape_twice(b: &[u8]) -> Option<String> {
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(j) = memchr::memchr(b'\\', &b[i..]).map(|k| i + k) {
+        out.extend_from_slice(&b[i..j]);
+        i = j + 2;
+        let byte = match *b.get(j + 1)? {
+            // an escaped backslash: an inner escape starts
+            b'\\' => {
+                i = inner_escape(b, i, &mut out)?;
+                continue;
+            }
+            b'"' => b'"',
+            b'/' => b'/',
+            b'b' => 0x08,
+            b'f' => 0x0c,
+            b'n' => b'\n',
+            b'r' => b'\r',
+            b't' => b'\t',
+            _ => return None,
+        };
+        out.push(byte);
+    }
+    out.extend_from_slice(&b[i..]);
+    String::from_utf8(out).ok()
+}
+
+/// The inner escape whose letter starts at `b[at]` (its backslash was `\\`), decoded into
+/// `out`; the index past it.
+fn inner_escape(b: &[u8], at: usize, out: &mut Vec<u8>) -> Option<usize> {
+    let byte = match *b.get(at)? {
+        // the letter is itself escaped: a quote or a backslash
+        b'\\' => match *b.get(at + 1)? {
+            b'"' => b'"',
+            b'\\' => b'\\',
+            _ => return None,
+        },
+        // a bare quote (broken outer spelling): read as the two passes read it
+        b'"' => b'"',
+        b'/' => b'/',
+        b'b' => 0x08,
+        b'f' => 0x0c,
+        b'n' => b'\n',
+        b'r' => b'\r',
+        b't' => b'\t',
+        b'u' => return inner_unicode(b, at + 1, out),
+        _ => return None,
+    };
+    out.push(byte);
+    Some(if b[at] == b'\\' { at + 2 } else { at + 1 })
+}
+
+/// An inner `\uXXXX` (a surrogate pair joined when its second half follows as `\\uXXXX`)
+/// whose digits start at `b[at]`, into `out`; the index past it.
+fn inner_unicode(b: &[u8], at: usize, out: &mut Vec<u8>) -> Option<usize> {
+    let hex = |k: usize| {
+        let digits = std::str::from_utf8(b.get(k..k + 4)?).ok()?;
+        u32::from_str_radix(digits, 16).ok()
+    };
+    let mut cp = hex(at)?;
+    let mut end = at + 4;
+    if (0xD800..0xDC00).contains(&cp)
+        && b.get(end..end + 3) == Some(b"\\\\u")
+        && let Some(lo) = hex(end + 3).filter(|lo| (0xDC00..0xE000).contains(lo))
+    {
+        cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+        end += 7;
+    }
+    let c = char::from_u32(cp).unwrap_or('\u{FFFD}');
+    out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
+    Some(end)
 }
 
 /// The first index at or after `from` where `b` holds `x` or `y`. What this module
@@ -401,9 +509,13 @@ fn inner_value_end(b: &[u8], start: usize) -> Option<(usize, bool)> {
             }
         }
         _ => {
+            let delimits = |c: u8| matches!(c, b',' | b'}' | b']' | b' ' | b'\\');
+            if let Some(end) = keyword_end(b, start, delimits) {
+                return Some((end, false));
+            }
             let mut i = start;
-            while let Some(c) = b.get(i) {
-                if matches!(c, b',' | b'}' | b']' | b' ' | b'\\') {
+            while let Some(&c) = b.get(i) {
+                if delimits(c) {
                     break;
                 }
                 i += 1;
@@ -589,6 +701,57 @@ mod tests {
                 let _ = escaped_string(raw, plain);
             });
         }
+    }
+
+    proptest! {
+        // the one pass reads what the two passes read, on any text: well spelled
+        // (Python's way and serde's, non-ASCII escaped or not) and not
+        #[test]
+        fn one_pass_reads_as_two(text in "(\\PC|[\\\\\"/u0-9a-fD8n\\x00-\\x1f])*", ascii in any::<bool>()) {
+            let inner = serde_json::to_string(&text).unwrap();
+            let inner = if ascii {
+                inner.chars().map(|c| if c.is_ascii() { c.to_string() } else {
+                    let mut b = [0u16; 2];
+                    c.encode_utf16(&mut b).iter().map(|u| format!("\\u{u:04x}")).collect()
+                }).collect()
+            } else {
+                inner
+            };
+            let outer = serde_json::to_string(&inner).unwrap();
+            let raw = &outer[1..outer.len() - 1];
+            let read = escaped_value(raw).map(Cow::into_owned);
+            prop_assert_eq!(read.as_deref(), Some(text.as_str()));
+            prop_assert_eq!(read, unescape_in_turn(raw));
+        }
+
+        #[test]
+        fn one_pass_agrees_on_garbage(content in "[\\\\\"/unt0-9a-fD8xé\\x00]{0,24}") {
+            let raw = format!("\\\"{content}\\\"");
+            prop_assert_eq!(escaped_value(&raw).map(Cow::into_owned), unescape_in_turn(&raw));
+        }
+    }
+
+    #[test]
+    fn keywords_end_where_the_search_for_a_delimiter_ends() {
+        let searched = |b: &[u8], start: usize| {
+            let end = (start..b.len()).find(|&i| b",}] \t\n\r".contains(&b[i]));
+            end.unwrap_or(b.len())
+        };
+        for text in [
+            "null", "null,", "null}", "true]", "true ", "false", "false,", "fals", "nul", "nullx,",
+            "truex", "falsey}", "1.5,", "\"x\"",
+        ] {
+            let b = text.as_bytes();
+            if b[0] != b'"' {
+                assert_eq!(value_end(b, 0), Some(searched(b, 0)), "{text}");
+            }
+            if let Some(end) = keyword_end(b, 0, |c| b",}] \t\n\r".contains(&c)) {
+                assert_eq!(end, searched(b, 0), "{text}");
+            }
+        }
+        assert_eq!(keyword_end(b"nullx", 0, |c| c == b','), None);
+        assert_eq!(keyword_end(b"false\\n", 0, |c| c == b'\\'), Some(5));
+        assert_eq!(inner_value_end(b"true\\\"}", 0), Some((4, false)));
     }
 
     #[test]
