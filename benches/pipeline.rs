@@ -116,8 +116,8 @@ fn collector(c: &mut Criterion) {
             for batch in &batches {
                 merge.ingest("probe", None, batch.clone(), now);
                 let reached = merge.release(now, &mut released);
-                for o in released.drain(..) {
-                    analyser.observe(&o);
+                for mut o in released.drain(..) {
+                    analyser.observe(&mut o);
                 }
                 if let Some(t) = reached {
                     analyser.advance(t);
@@ -125,8 +125,8 @@ fn collector(c: &mut Criterion) {
                 analyser.flush(&mut |_| events += 1);
             }
             merge.drain(&mut released);
-            for o in released.drain(..) {
-                analyser.observe(&o);
+            for mut o in released.drain(..) {
+                analyser.observe(&mut o);
             }
             analyser.finish(&mut |_| events += 1);
             black_box(events)

@@ -73,14 +73,16 @@ impl Analyser {
             .advance(self.clock, &mut self.health, &mut self.signals);
     }
 
-    /// One observation (at its own time, which may lag the clock). It is only read, so
-    /// the caller frees it: with `--threads`, on the thread that made it
-    /// (`src/parallel.rs`), where a free costs a fraction of one from another thread.
-    pub fn observe(&mut self, o: &Observation) {
+    /// One observation (at its own time, which may lag the clock). An exchange's texts
+    /// are taken into its event (a copy of each was an allocation, a copy and a free);
+    /// the rest is only read, and the caller frees it: with `--threads`, on the thread
+    /// that made it (`src/parallel.rs`), where a free costs a fraction of one from
+    /// another thread.
+    pub fn observe(&mut self, o: &mut Observation) {
         if o.t > self.clock {
             self.advance(o.t);
         }
-        match &o.what {
+        match &mut o.what {
             Obs::Http(h) => {
                 let ev = self
                     .rest

@@ -289,11 +289,15 @@ impl Joiner {
             self.take_sweep(step.seq);
         }
         if step.last {
-            let (observed, obs) = (&mut self.observed, &self.shard_obs);
+            let (observed, obs) = (&mut self.observed, &mut self.shard_obs);
             let sinks = &mut self.run.outlet.sinks;
             self.run.pipeline.analyse_observed(
                 step.clock,
-                |observe| observed.drain(..).for_each(|(i, k)| observe(&obs[i][k])),
+                |observe| {
+                    observed
+                        .drain(..)
+                        .for_each(|(i, k)| observe(&mut obs[i][k]))
+                },
                 &mut |s| sinks.on_signal(s),
             );
         }

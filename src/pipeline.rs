@@ -56,8 +56,8 @@ impl Pipeline {
         self.analyser.advance(self.probe.clock());
         if !self.observed.is_empty() {
             // most packets carry none: the drain's setup and drop alone were a cost
-            for o in self.observed.drain(..) {
-                self.analyser.observe(&o);
+            for mut o in self.observed.drain(..) {
+                self.analyser.observe(&mut o);
             }
         }
         self.analyser.flush(sink);
@@ -69,7 +69,7 @@ impl Pipeline {
     pub fn analyse_observed(
         &mut self,
         clock: Ts,
-        feed: impl FnOnce(&mut dyn FnMut(&Observation)),
+        feed: impl FnOnce(&mut dyn FnMut(&mut Observation)),
         sink: &mut dyn FnMut(&Signal),
     ) {
         self.analyser.advance(clock);

@@ -59,8 +59,8 @@ fn analyse(batches: Vec<(Vec<Observation>, stacktap::time::Ts)>, cfg: &Config) -
     };
     for (obs, clock) in batches {
         a.advance(clock);
-        for o in obs {
-            a.observe(&o);
+        for mut o in obs {
+            a.observe(&mut o);
         }
         a.flush(&mut sink);
     }

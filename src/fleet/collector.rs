@@ -276,8 +276,8 @@ fn feed(
     released: &mut Vec<Observation>,
     reached: Option<crate::time::Ts>,
 ) {
-    for o in released.drain(..) {
-        analyser.observe(&o);
+    for mut o in released.drain(..) {
+        analyser.observe(&mut o);
     }
     if let Some(t) = reached {
         analyser.advance(t);

@@ -246,9 +246,9 @@ impl RestEvents {
         t
     }
 
-    /// The event of one exchange. Its texts are copied, not taken: the observation is
-    /// freed where it was made (see `Analyser::observe`).
-    pub fn event(&mut self, o: &HttpObs, book: &mut AddressBook, h: &mut Health) -> HttpEvent {
+    /// The event of one exchange. Its texts are taken from the observation, not copied
+    /// (see `Analyser::observe`).
+    pub fn event(&mut self, o: &mut HttpObs, book: &mut AddressBook, h: &mut Health) -> HttpEvent {
         let route = self.route(o.service.as_ref(), &o.route, h);
         if let Some(svc) = &o.service {
             book.learn_rest_caller(o.server.ip, services::api_process(svc));
@@ -264,12 +264,12 @@ impl RestEvents {
         let secs = |t: crate::time::Ts| t.as_secs_f64();
         HttpEvent {
             client,
-            user_agent: o.user_agent.clone(),
+            user_agent: o.user_agent.take(),
             service: o.service.clone(),
             server: o.server.text(),
             method: o.method,
             route,
-            path: o.path.clone(),
+            path: std::mem::take(&mut o.path),
             status: o.status,
             t_request: secs(o.t_request),
             t_response: o.t_response.map(secs),
@@ -278,12 +278,12 @@ impl RestEvents {
                 .t_response_end
                 .filter(|_| o.end == HttpEnd::Complete)
                 .map(|e| e.secs_since(o.t_request)),
-            request_id: o.request_id.clone(),
-            global_request_id: o.global_request_id.clone(),
+            request_id: o.request_id.take(),
+            global_request_id: o.global_request_id.take(),
             trace_context: o.trace_context,
             outcome,
             truncated: o.end == HttpEnd::Truncated,
-            error: o.fault.clone(),
+            error: o.fault.take(),
         }
     }
 }
