@@ -53,7 +53,7 @@ pub fn http_event(
     route: &str,
 ) -> HttpEvent {
     HttpEvent {
-        client: (*client).clone(),
+        client,
         user_agent: None,
         service: Some(Arc::from(service)),
         server: "10.0.0.2:8774".into(),

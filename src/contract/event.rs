@@ -168,7 +168,7 @@ pub struct Fault {
 #[derive(Debug, Clone, Serialize)]
 pub struct HttpEvent {
     /// The caller; `service` is `external` when nothing names it.
-    pub client: Process,
+    pub client: Arc<Process>,
     pub user_agent: Option<String>,
     /// The service type called (`neutron`), by port or path prefix; null if unknown.
     pub service: Option<Arc<str>>,

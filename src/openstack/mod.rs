@@ -16,6 +16,7 @@ use crate::http::{End, Exchange};
 use crate::identity::AddressBook;
 use agent::Agent;
 use services::{DEFAULT_PORTS, DEFAULT_PREFIXES, EXTERNAL};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 /// `[http]`: which ports and path prefixes are which OpenStack API, and what one HTTP
@@ -214,6 +215,43 @@ pub struct RestEvents {
     /// Distinct templates seen per service (bounded by `max_routes_per_service`).
     routes: HashMap<Arc<str>, crate::FastSet<Arc<str>>>,
     other: Arc<str>,
+    /// The callers last named by a name rather than by the address book, shared.
+    named: NamedCallers,
+}
+
+/// The callers an exchange names by a name (its User-Agent's process or library, the
+/// token middleware's project, `external`) and address, the last few: an API sees the
+/// same few callers over and over, and a shared caller is one reference count where a
+/// new one was three allocations (its address spelled, its name, the process).
+#[derive(Default)]
+struct NamedCallers {
+    recent: Vec<(IpAddr, Arc<Process>)>,
+    next: usize,
+}
+
+/// Named callers kept; past it, the oldest makes room (a new caller is made as before).
+const NAMED_KEPT: usize = 16;
+
+impl NamedCallers {
+    fn get(&mut self, ip: &IpAddr, name: &str) -> Arc<Process> {
+        let same =
+            |(at, p): &&(IpAddr, Arc<Process>)| at == ip && p.service.as_deref() == Some(name);
+        if let Some((_, p)) = self.recent.iter().find(same) {
+            return p.clone();
+        }
+        let p = Arc::new(Process {
+            service: Some(name.to_string()),
+            pid: None,
+            host: crate::contract::ip_text(ip),
+        });
+        if self.recent.len() < NAMED_KEPT {
+            self.recent.push((*ip, p.clone()));
+        } else {
+            self.recent[self.next] = (*ip, p.clone());
+            self.next = (self.next + 1) % NAMED_KEPT;
+        }
+        p
+    }
 }
 
 const UNKNOWN: &str = "unknown";
@@ -224,6 +262,7 @@ impl RestEvents {
             max_routes_per_service: cfg.max_routes_per_service,
             routes: HashMap::default(),
             other: Arc::from("{other}"),
+            named: NamedCallers::default(),
         }
     }
 
@@ -253,7 +292,7 @@ impl RestEvents {
         if let Some(svc) = &o.service {
             book.learn_rest_caller(o.server.ip, services::api_process(svc));
         }
-        let client = caller(o.user_agent.as_deref(), &o.client.ip, book);
+        let client = caller(o.user_agent.as_deref(), &o.client.ip, book, &mut self.named);
         let outcome = match (o.end, o.status) {
             (HttpEnd::NoResponse, _) => HttpOutcome::NoResponse,
             (HttpEnd::ResponseLost, _) | (_, None) => HttpOutcome::ResponseLost,
@@ -308,19 +347,19 @@ pub fn valid_request_id(id: &str) -> bool {
 ///    User-Agent is a user's tool (the CLI, Terraform, curl…), which no service sends;
 /// 4. the client library or tool;
 /// 5. `external`.
-fn caller(ua: Option<&str>, ip: &std::net::IpAddr, book: &mut AddressBook) -> Process {
-    let host = crate::contract::ip_text(ip);
-    let named = |service: &str| Process {
-        service: Some(service.to_string()),
-        pid: None,
-        host: host.clone(),
-    };
+fn caller(
+    ua: Option<&str>,
+    ip: &IpAddr,
+    book: &mut AddressBook,
+    recent: &mut NamedCallers,
+) -> Arc<Process> {
+    let mut named = |service: &str| recent.get(ip, service);
     match ua.map_or(Agent::Other, agent::classify) {
         Agent::Process(name) => {
             book.learn_rest_caller(*ip, &name);
             // the address may also give the pid, when it is that very service
             match book.lookup(ip) {
-                Some(p) if p.service.as_deref() == Some(&name) => (**p).clone(),
+                Some(p) if p.service.as_deref() == Some(&name) => p.clone(),
                 _ => named(&name),
             }
         }
@@ -333,7 +372,7 @@ fn caller(ua: Option<&str>, ip: &std::net::IpAddr, book: &mut AddressBook) -> Pr
         }
         Agent::ClientLibrary(lib) if services::is_user_tool(&lib) => named(&lib),
         agent => match (book.lookup(ip), agent) {
-            (Some(p), _) => (**p).clone(),
+            (Some(p), _) => p.clone(),
             (None, Agent::ClientLibrary(lib)) => named(&lib),
             (None, _) => named(EXTERNAL),
         },
@@ -343,6 +382,28 @@ fn caller(ua: Option<&str>, ip: &std::net::IpAddr, book: &mut AddressBook) -> Pr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_caller_named_again_is_shared_and_the_oldest_makes_room() {
+        let mut named = NamedCallers::default();
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "::1".parse().unwrap());
+        let first = named.get(&a, "nova-api");
+        assert_eq!(
+            (first.service.as_deref(), &*first.host),
+            (Some("nova-api"), "10.0.0.1")
+        );
+        assert!(Arc::ptr_eq(&first, &named.get(&a, "nova-api")));
+        // another address or another name is another caller
+        assert_eq!(&*named.get(&b, "nova-api").host, "::1");
+        assert!(!Arc::ptr_eq(&first, &named.get(&a, "cinder-api")));
+        for i in 0..NAMED_KEPT {
+            named.get(&a, &format!("tool-{i}"));
+        }
+        let again = named.get(&a, "nova-api");
+        assert!(!Arc::ptr_eq(&first, &again));
+        assert_eq!(*again, *first);
+        assert_eq!(named.recent.len(), NAMED_KEPT);
+    }
 
     #[test]
     fn request_id_format_is_oslo_middlewares() {
