@@ -137,27 +137,34 @@ impl RestConfig {
 /// The probe's half: a REST exchange → an observation, with what the exchange tells
 /// alone (service, route template, fault, the request ids).
 pub struct Rest {
-    cfg: RestConfig,
     ports: HashMap<u16, Arc<str>>,
+    /// The path prefixes in the config's order, each with its service's shared name.
+    prefixes: Vec<(String, Arc<str>)>,
 }
 
 impl Rest {
     pub fn new(cfg: RestConfig) -> Rest {
-        let ports = cfg
-            .ports
-            .iter()
-            .map(|(p, s)| (*p, Arc::from(s.as_str())))
+        let ports = (cfg.ports.iter())
+            .map(|(port, svc)| (*port, Arc::from(svc.as_str())))
             .collect();
-        Rest { cfg, ports }
+        let prefixes = (cfg.prefixes.into_iter())
+            .map(|(prefix, svc)| (prefix, Arc::from(svc)))
+            .collect();
+        Rest { ports, prefixes }
     }
 
     /// The service and the path with the deployment prefix removed.
     fn service<'a>(&self, port: u16, path: &'a str) -> (Option<Arc<str>>, &'a str) {
-        for (prefix, svc) in &self.cfg.prefixes {
+        let letter = path.as_bytes().get(1);
+        for (prefix, svc) in &self.prefixes {
+            // a prefix's first letter rules out most of them without a comparison
+            if prefix.len() > 1 && prefix.as_bytes().get(1) != letter {
+                continue;
+            }
             if let Some(rest) = path.strip_prefix(prefix.as_str())
                 && (rest.is_empty() || rest.starts_with('/'))
             {
-                return (Some(Arc::from(svc.as_str())), rest);
+                return (Some(svc.clone()), rest);
             }
         }
         (self.ports.get(&port).cloned(), path)
@@ -423,6 +430,26 @@ mod tests {
         let (s, p) = r.service(8774, "/computer");
         assert_eq!((s.as_deref(), p), (Some("nova"), "/computer"));
         assert_eq!(r.service(81, "/x").0, None);
+        // prefixes of any depth, a one-letter path, a path that is the prefix
+        let r = Rest::new(RestConfig {
+            prefixes: vec![
+                ("/api/compute".into(), "nova".into()),
+                ("/i".into(), "keystone".into()),
+            ],
+            ..RestConfig::default()
+        });
+        for (path, service, rest) in [
+            ("/api/compute/servers", Some("nova"), "/servers"),
+            ("/api/computer", None, "/api/computer"),
+            ("/api/compute", Some("nova"), ""),
+            ("/i", Some("keystone"), ""),
+            ("/i/v3", Some("keystone"), "/v3"),
+            ("/", None, "/"),
+            ("", None, ""),
+        ] {
+            let (s, p) = r.service(81, path);
+            assert_eq!((s.as_deref(), p), (service, rest), "{path}");
+        }
     }
 
     #[test]
