@@ -22,6 +22,7 @@ pub mod pipeline;
 pub mod probe;
 pub mod protocols;
 pub mod rca;
+pub mod recent;
 pub mod run;
 pub mod serve;
 pub mod sink;

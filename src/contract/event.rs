@@ -173,7 +173,7 @@ pub struct HttpEvent {
     /// The service type called (`neutron`), by port or path prefix; null if unknown.
     pub service: Option<Arc<str>>,
     /// The listening address.
-    pub server: String,
+    pub server: Arc<str>,
     pub method: &'static str,
     pub route: Arc<str>,
     /// The request path, without the query string.

@@ -10,10 +10,12 @@ pub mod secrets;
 pub mod services;
 
 use crate::FastMap as HashMap;
+use crate::contract::Endpoint;
 use crate::contract::{HttpEnd, HttpEvent, HttpObs, HttpOutcome, Process, method_label};
 use crate::health::Health;
 use crate::http::{End, Exchange};
 use crate::identity::AddressBook;
+use crate::recent::Recent;
 use agent::Agent;
 use services::{DEFAULT_PORTS, DEFAULT_PREFIXES, EXTERNAL};
 use std::net::IpAddr;
@@ -222,42 +224,41 @@ pub struct RestEvents {
     /// Distinct templates seen per service (bounded by `max_routes_per_service`).
     routes: HashMap<Arc<str>, crate::FastSet<Arc<str>>>,
     other: Arc<str>,
-    /// The callers last named by a name rather than by the address book, shared.
-    named: NamedCallers,
+    /// The callers last named by a name rather than by the address book, and the
+    /// servers, shared.
+    peers: Peers,
 }
 
 /// The callers an exchange names by a name (its User-Agent's process or library, the
-/// token middleware's project, `external`) and address, the last few: an API sees the
-/// same few callers over and over, and a shared caller is one reference count where a
-/// new one was three allocations (its address spelled, its name, the process).
+/// token middleware's project, `external`) and address, and the servers' addresses
+/// spelled, the last few: an API sees the same few callers over and over, and a shared
+/// caller is one reference count where a new one was three allocations (its address
+/// spelled, its name, the process).
 #[derive(Default)]
-struct NamedCallers {
-    recent: Vec<(IpAddr, Arc<Process>)>,
-    next: usize,
+struct Peers {
+    named: Recent<(IpAddr, Arc<Process>), 16>,
+    servers: Recent<(Endpoint, Arc<str>), 16>,
 }
 
-/// Named callers kept; past it, the oldest makes room (a new caller is made as before).
-const NAMED_KEPT: usize = 16;
-
-impl NamedCallers {
-    fn get(&mut self, ip: &IpAddr, name: &str) -> Arc<Process> {
+impl Peers {
+    fn named(&mut self, ip: &IpAddr, name: &str) -> Arc<Process> {
         let same =
-            |(at, p): &&(IpAddr, Arc<Process>)| at == ip && p.service.as_deref() == Some(name);
-        if let Some((_, p)) = self.recent.iter().find(same) {
-            return p.clone();
-        }
-        let p = Arc::new(Process {
-            service: Some(name.to_string()),
-            pid: None,
-            host: crate::contract::ip_text(ip),
-        });
-        if self.recent.len() < NAMED_KEPT {
-            self.recent.push((*ip, p.clone()));
-        } else {
-            self.recent[self.next] = (*ip, p.clone());
-            self.next = (self.next + 1) % NAMED_KEPT;
-        }
-        p
+            |(at, p): &(IpAddr, Arc<Process>)| at == ip && p.service.as_deref() == Some(name);
+        let make = || {
+            let p = Process {
+                service: Some(name.to_string()),
+                pid: None,
+                host: crate::contract::ip_text(ip),
+            };
+            (*ip, Arc::new(p))
+        };
+        self.named.get_or_make(same, make).1
+    }
+
+    fn server(&mut self, server: &Endpoint) -> Arc<str> {
+        let same = |(at, _): &(Endpoint, Arc<str>)| at == server;
+        let make = || (*server, Arc::from(server.text()));
+        self.servers.get_or_make(same, make).1
     }
 }
 
@@ -269,7 +270,7 @@ impl RestEvents {
             max_routes_per_service: cfg.max_routes_per_service,
             routes: HashMap::default(),
             other: Arc::from("{other}"),
-            named: NamedCallers::default(),
+            peers: Peers::default(),
         }
     }
 
@@ -299,7 +300,7 @@ impl RestEvents {
         if let Some(svc) = &o.service {
             book.learn_rest_caller(o.server.ip, services::api_process(svc));
         }
-        let client = caller(o.user_agent.as_deref(), &o.client.ip, book, &mut self.named);
+        let client = caller(o.user_agent.as_deref(), &o.client.ip, book, &mut self.peers);
         let outcome = match (o.end, o.status) {
             (HttpEnd::NoResponse, _) => HttpOutcome::NoResponse,
             (HttpEnd::ResponseLost, _) | (_, None) => HttpOutcome::ResponseLost,
@@ -312,7 +313,7 @@ impl RestEvents {
             client,
             user_agent: o.user_agent.take(),
             service: o.service.clone(),
-            server: o.server.text(),
+            server: self.peers.server(&o.server),
             method: o.method,
             route,
             path: std::mem::take(&mut o.path),
@@ -358,9 +359,9 @@ fn caller(
     ua: Option<&str>,
     ip: &IpAddr,
     book: &mut AddressBook,
-    recent: &mut NamedCallers,
+    peers: &mut Peers,
 ) -> Arc<Process> {
-    let mut named = |service: &str| recent.get(ip, service);
+    let mut named = |service: &str| peers.named(ip, service);
     match ua.map_or(Agent::Other, agent::classify) {
         Agent::Process(name) => {
             book.learn_rest_caller(*ip, &name);
@@ -391,25 +392,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_caller_named_again_is_shared_and_the_oldest_makes_room() {
-        let mut named = NamedCallers::default();
+    fn callers_and_servers_named_again_are_shared() {
+        let mut peers = Peers::default();
         let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "::1".parse().unwrap());
-        let first = named.get(&a, "nova-api");
+        let first = peers.named(&a, "nova-api");
         assert_eq!(
             (first.service.as_deref(), &*first.host),
             (Some("nova-api"), "10.0.0.1")
         );
-        assert!(Arc::ptr_eq(&first, &named.get(&a, "nova-api")));
+        assert!(Arc::ptr_eq(&first, &peers.named(&a, "nova-api")));
         // another address or another name is another caller
-        assert_eq!(&*named.get(&b, "nova-api").host, "::1");
-        assert!(!Arc::ptr_eq(&first, &named.get(&a, "cinder-api")));
-        for i in 0..NAMED_KEPT {
-            named.get(&a, &format!("tool-{i}"));
-        }
-        let again = named.get(&a, "nova-api");
-        assert!(!Arc::ptr_eq(&first, &again));
-        assert_eq!(*again, *first);
-        assert_eq!(named.recent.len(), NAMED_KEPT);
+        assert_eq!(&*peers.named(&b, "nova-api").host, "::1");
+        assert!(!Arc::ptr_eq(&first, &peers.named(&a, "cinder-api")));
+        let server = Endpoint { ip: b, port: 8774 };
+        let spelled = peers.server(&server);
+        assert_eq!(&*spelled, "[::1]:8774");
+        assert!(Arc::ptr_eq(&spelled, &peers.server(&server)));
+        assert_eq!(
+            &*peers.server(&Endpoint { ip: a, port: 8774 }),
+            "10.0.0.1:8774"
+        );
     }
 
     #[test]
