@@ -221,8 +221,9 @@ struct Joiner {
     run: Run,
     pending: Vec<VecDeque<Record>>,
     shard_health: Vec<Health>,
-    /// Each shard's observations for the chunk at hand. The analyser only reads them
-    /// (`Analyser::observe`); the vectors go back to their shards to be freed there.
+    /// Each shard's observations for the chunk at hand. The analyser reads them (and
+    /// takes an exchange's texts, `Analyser::observe`); the vectors go back to their
+    /// shards to be freed there.
     shard_obs: Vec<Vec<Observation>>,
     /// (shard, index in its `shard_obs`) of the observations to analyse next, in order.
     observed: Vec<(usize, usize)>,

@@ -10,8 +10,7 @@ pub mod secrets;
 pub mod services;
 
 use crate::FastMap as HashMap;
-use crate::contract::Endpoint;
-use crate::contract::{HttpEnd, HttpEvent, HttpObs, HttpOutcome, Process, method_label};
+use crate::contract::{Endpoint, HttpEnd, HttpEvent, HttpObs, HttpOutcome, Process, method_label};
 use crate::health::Health;
 use crate::http::{End, Exchange};
 use crate::identity::AddressBook;
