@@ -283,36 +283,54 @@ pub fn unescape(literal: &str) -> Option<Cow<'_, str>> {
         out.extend_from_slice(&b[i..j]);
         let esc = *b.get(j + 1)?;
         i = j + 2;
-        match esc {
-            b'"' => out.push(b'"'),
-            b'\\' => out.push(b'\\'),
-            b'/' => out.push(b'/'),
-            b'b' => out.push(0x08),
-            b'f' => out.push(0x0c),
-            b'n' => out.push(b'\n'),
-            b'r' => out.push(b'\r'),
-            b't' => out.push(b'\t'),
-            b'u' => {
-                let hex = |k: usize| u32::from_str_radix(s.get(k..k + 4)?, 16).ok();
-                let mut cp = hex(j + 2)?;
-                i = j + 6;
-                if (0xD800..0xDC00).contains(&cp)
-                    && b.get(i) == Some(&b'\\')
-                    && b.get(i + 1) == Some(&b'u')
-                    && let Some(lo) = hex(i + 2).filter(|lo| (0xDC00..0xE000).contains(lo))
-                {
-                    cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
-                    i += 6;
-                }
-                let c = char::from_u32(cp).unwrap_or('\u{FFFD}');
-                out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
+        if esc == b'u' {
+            let hex = |k: usize| u32::from_str_radix(s.get(k..k + 4)?, 16).ok();
+            let mut cp = hex(j + 2)?;
+            i = j + 6;
+            if b.get(i) == Some(&b'\\')
+                && b.get(i + 1) == Some(&b'u')
+                && let Some(pair) = hex(i + 2).and_then(|lo| surrogate_pair(cp, lo))
+            {
+                cp = pair;
+                i += 6;
             }
-            _ => return None,
+            push_code_point(&mut out, cp);
+        } else {
+            out.push(escaped_byte(esc)?);
         }
         at = memchr::memchr(b'\\', &b[i..]).map(|k| k + i);
     }
     out.extend_from_slice(&b[i..]);
     String::from_utf8(out).ok().map(Cow::Owned)
+}
+
+/// The byte a JSON escape's letter stands for (`\\n` → newline), for every letter but
+/// `u`; None if it is not an escape.
+pub(super) fn escaped_byte(letter: u8) -> Option<u8> {
+    Some(match letter {
+        b'"' => b'"',
+        b'\\' => b'\\',
+        b'/' => b'/',
+        b'b' => 0x08,
+        b'f' => 0x0c,
+        b'n' => b'\n',
+        b'r' => b'\r',
+        b't' => b'\t',
+        _ => return None,
+    })
+}
+
+/// The code point a `\\uXXXX` pair of UTF-16 surrogates spells, if they are one.
+pub(super) fn surrogate_pair(high: u32, low: u32) -> Option<u32> {
+    ((0xD800..0xDC00).contains(&high) && (0xDC00..0xE000).contains(&low))
+        .then(|| 0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00))
+}
+
+/// A `\\uXXXX` escape's code point as UTF-8 (a lone surrogate as U+FFFD, as serde_json
+/// reads it lossily).
+pub(super) fn push_code_point(out: &mut Vec<u8>, cp: u32) {
+    let c = char::from_u32(cp).unwrap_or('\u{FFFD}');
+    out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
 }
 
 /// `compute.host1` → (`compute`, Some(`host1`)). Topics have no dots; hosts may.

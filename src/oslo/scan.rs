@@ -335,22 +335,11 @@ fn unescape_twice(b: &[u8]) -> Option<String> {
     while let Some(j) = memchr::memchr(b'\\', &b[i..]).map(|k| i + k) {
         out.extend_from_slice(&b[i..j]);
         i = j + 2;
-        let byte = match *b.get(j + 1)? {
+        match *b.get(j + 1)? {
             // an escaped backslash: an inner escape starts
-            b'\\' => {
-                i = inner_escape(b, i, &mut out)?;
-                continue;
-            }
-            b'"' => b'"',
-            b'/' => b'/',
-            b'b' => 0x08,
-            b'f' => 0x0c,
-            b'n' => b'\n',
-            b'r' => b'\r',
-            b't' => b'\t',
-            _ => return None,
-        };
-        out.push(byte);
+            b'\\' => i = inner_escape(b, i, &mut out)?,
+            letter => out.push(super::escaped_byte(letter)?),
+        }
     }
     out.extend_from_slice(&b[i..]);
     String::from_utf8(out).ok()
@@ -359,25 +348,16 @@ fn unescape_twice(b: &[u8]) -> Option<String> {
 /// The inner escape whose letter starts at `b[at]` (its backslash was `\\`), decoded into
 /// `out`; the index past it.
 fn inner_escape(b: &[u8], at: usize, out: &mut Vec<u8>) -> Option<usize> {
-    let byte = match *b.get(at)? {
+    match *b.get(at)? {
         // the letter is itself escaped: a quote or a backslash
         b'\\' => match *b.get(at + 1)? {
-            b'"' => b'"',
-            b'\\' => b'\\',
+            letter @ (b'"' | b'\\') => out.push(letter),
             _ => return None,
         },
-        // a bare quote (broken outer spelling): read as the two passes read it
-        b'"' => b'"',
-        b'/' => b'/',
-        b'b' => 0x08,
-        b'f' => 0x0c,
-        b'n' => b'\n',
-        b'r' => b'\r',
-        b't' => b'\t',
         b'u' => return inner_unicode(b, at + 1, out),
-        _ => return None,
-    };
-    out.push(byte);
+        // a bare quote (broken outer spelling) is read as the two passes read it
+        letter => out.push(super::escaped_byte(letter)?),
+    }
     Some(if b[at] == b'\\' { at + 2 } else { at + 1 })
 }
 
@@ -390,15 +370,13 @@ fn inner_unicode(b: &[u8], at: usize, out: &mut Vec<u8>) -> Option<usize> {
     };
     let mut cp = hex(at)?;
     let mut end = at + 4;
-    if (0xD800..0xDC00).contains(&cp)
-        && b.get(end..end + 3) == Some(b"\\\\u")
-        && let Some(lo) = hex(end + 3).filter(|lo| (0xDC00..0xE000).contains(lo))
+    if b.get(end..end + 3) == Some(b"\\\\u")
+        && let Some(pair) = hex(end + 3).and_then(|lo| super::surrogate_pair(cp, lo))
     {
-        cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+        cp = pair;
         end += 7;
     }
-    let c = char::from_u32(cp).unwrap_or('\u{FFFD}');
-    out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
+    super::push_code_point(out, cp);
     Some(end)
 }
 
