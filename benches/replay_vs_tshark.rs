@@ -12,10 +12,90 @@
 //! same on every core (`--threads` = the cores), and of
 //! `tshark -r FILE -2 -Y 'amqp or http'` (the API ports decoded as HTTP), and their ratios.
 //! Throughput is reported, never asserted: a timed assertion would flake on a shared machine.
+//!
+//! Before each pair of runs it times a cache line's round trip between two cores. On the
+//! development VM that time takes two values for minutes at a time, ~60 ns and ~450 ns (the
+//! hypervisor places the two vCPUs on near or far physical cores): threads that hand data
+//! to each other pay for it, separate processes do not. The two-thread figures are reported
+//! for each kind of pair, so that a run can be read for what it measured.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
+
+/// A round trip between two cores slower than this is a far pair (the two values seen
+/// here are ~60 ns and ~450 ns).
+const FAR_NS: f64 = 200.0;
+
+/// Nanoseconds of one round trip of a cache line between two threads on two cores (the
+/// median of a few tries of 100,000 round trips each): the cost of every hand-over
+/// between the stages of a multi-threaded replay.
+fn core_round_trip_ns() -> f64 {
+    const TRIPS: u64 = 100_000;
+    let mut tries: Vec<f64> = (0..5)
+        .map(|_| {
+            let flag = Arc::new(AtomicU64::new(0));
+            let echo = {
+                let flag = flag.clone();
+                std::thread::spawn(move || {
+                    pin_to(1);
+                    for i in 0..TRIPS {
+                        while flag.load(Ordering::Acquire) != 2 * i + 1 {
+                            std::hint::spin_loop();
+                        }
+                        flag.store(2 * i + 2, Ordering::Release);
+                    }
+                })
+            };
+            pin_to(0);
+            let t = Instant::now();
+            for i in 0..TRIPS {
+                flag.store(2 * i + 1, Ordering::Release);
+                while flag.load(Ordering::Acquire) != 2 * i + 2 {
+                    std::hint::spin_loop();
+                }
+            }
+            let ns = t.elapsed().as_nanos() as f64 / TRIPS as f64;
+            echo.join().expect("echo thread");
+            ns
+        })
+        .collect();
+    unpin();
+    tries.sort_by(f64::total_cmp);
+    tries[tries.len() / 2]
+}
+
+/// Keeps the calling thread on one core, so that the two ends of a round trip are on two.
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is an empty set; the calls only read the set we own
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Lets the calling thread run on every core again (the replays it starts inherit it).
+fn unpin() {
+    // the cores online, not `available_parallelism`: that counts the pinned set
+    // SAFETY: sysconf reads a system value
+    let cores = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+    // SAFETY: as in `pin_to`
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in 0..cores {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// (wall seconds, CPU seconds) of one run.
+type Timing = (f64, f64);
+/// One thread's run and every core's, back to back.
+type Pair = (Timing, Timing);
 
 /// CPU seconds (user + system) used by finished children so far.
 fn children_cpu() -> f64 {
@@ -26,8 +106,8 @@ fn children_cpu() -> f64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-/// (wall seconds, CPU seconds) of one run.
-fn time(cmd: &mut Command) -> (f64, f64) {
+/// The wall and CPU time of one run.
+fn time(cmd: &mut Command) -> Timing {
     let cpu0 = children_cpu();
     let t = Instant::now();
     let status = cmd
@@ -131,8 +211,10 @@ fn bench(bin: &Path, file: &Path) {
     // one thread and every core in turn, so that each pair of runs meets the VM in the
     // same mood: the median of the pairs' ratios is steadier than the ratio of two bests
     let mut ceilings = Vec::new();
-    let pairs: Vec<((f64, f64), (f64, f64))> = (0..ROUNDS)
+    let mut trips = Vec::new();
+    let pairs: Vec<Pair> = (0..ROUNDS)
         .map(|_| {
+            trips.push(if cores > 1 { core_round_trip_ns() } else { 0.0 });
             let (one, all) = (ours(1), ours(cores));
             // the machine's own ceiling: `cores` one-thread replays sharing nothing but the
             // machine; no N-thread run can gain more than these do over one
@@ -197,4 +279,44 @@ fn bench(bin: &Path, file: &Path) {
     println!(
         "the machine's ceiling: {cores} one-thread replays at once got through {ceiling:.2}x the work of one in the same wall time (median of {ROUNDS})"
     );
+    if cores > 1 {
+        by_distance(&pairs, &trips);
+    }
+}
+
+/// The pairs' {cores}-thread gain over one thread, apart for near and far cores (a
+/// cache line's round trip under and over `FAR_NS` just before the pair).
+fn by_distance(pairs: &[Pair], trips: &[f64]) {
+    for (kind, far) in [("near", false), ("far", true)] {
+        let mut ratios = Vec::new();
+        let mut cpu = Vec::new();
+        let mut ns = Vec::new();
+        for ((one, all), trip) in pairs.iter().zip(trips) {
+            if (*trip > FAR_NS) == far {
+                ratios.push(one.0 / all.0);
+                cpu.push(all.1 / one.1);
+                ns.push(*trip);
+            }
+        }
+        if ratios.is_empty() {
+            println!(
+                "pairs on {kind} cores (round trip {} {FAR_NS} ns): none this run",
+                if far { "over" } else { "under" }
+            );
+            continue;
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let best = ratios.iter().copied().fold(0.0, f64::max);
+        println!(
+            "pairs on {kind} cores ({} of {}, round trip median {:.0} ns): wall {:.2}x median, {best:.2}x best pair; cpu {:.2}x as much",
+            ratios.len(),
+            pairs.len(),
+            median(&mut ns),
+            median(&mut ratios),
+            median(&mut cpu),
+        );
+    }
 }
