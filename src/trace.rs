@@ -403,7 +403,7 @@ impl Tracer {
         done.sort();
         for (_, k) in done {
             if let Some(o) = self.open.remove(&k) {
-                finish(k.to_string(), o, out);
+                finish(String::from(&*k), o, out);
             }
         }
         if self.order.len() > 2 * self.open.len() + 1024 {
@@ -425,16 +425,17 @@ impl Tracer {
     pub fn finish_all(&mut self, out: &mut Vec<Traced>) {
         // the keys are sorted, not the requests: moving whole requests about was a sort
         // as dear as the rest of the end; (first, id) pairs are unique, so any sort gives
-        // the one order
-        let mut all: Vec<(Ts, Arc<str>)> = self
-            .open
-            .iter()
-            .map(|(k, o)| (o.first, k.clone()))
-            .collect();
-        all.sort_unstable();
-        for (_, k) in all {
-            if let Some(o) = self.open.remove(&k) {
-                finish(k.to_string(), o, out);
+        // the one order. The table is emptied first: a lookup per key cost a fifth of it.
+        let mut all = Vec::with_capacity(self.open.len());
+        let mut opens = Vec::with_capacity(self.open.len());
+        for (k, o) in self.open.drain() {
+            all.push((o.first, k, opens.len()));
+            opens.push(Some(o));
+        }
+        all.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        for (_, k, i) in all {
+            if let Some(o) = opens[i].take() {
+                finish(String::from(&*k), o, out);
             }
         }
         self.order.clear();
@@ -445,7 +446,7 @@ impl Tracer {
         while let Some(k) = self.order.pop_front() {
             if let Some(o) = self.open.remove(&k) {
                 h.evict("open_requests", 1);
-                finish(k.to_string(), o, out);
+                finish(String::from(&*k), o, out);
                 return;
             }
         }
