@@ -97,8 +97,9 @@ impl Analyser {
     }
 
     /// Hands what the observations and the passing time produced to `sink`: events (each
-    /// also taken in by the tracer), then the requests the tracer judged.
-    pub fn flush(&mut self, sink: &mut dyn FnMut(&Signal)) {
+    /// also taken in by the tracer), then the requests the tracer judged. The signals are
+    /// the sink's: with `--threads` they go on to the sinks on whichever thread is free.
+    pub fn flush(&mut self, sink: &mut dyn FnMut(Signal)) {
         if !self.signals.is_empty() {
             self.flush_signals(sink);
         }
@@ -116,18 +117,18 @@ impl Analyser {
 
     /// The events (each also taken in by the tracer) and verdicts, in order. Apart from
     /// `flush`: most packets produce none, and the drain alone cost more than the test.
-    fn flush_signals(&mut self, sink: &mut dyn FnMut(&Signal)) {
+    fn flush_signals(&mut self, sink: &mut dyn FnMut(Signal)) {
         for s in self.signals.drain(..) {
             if let Signal::Event(ev) = &s {
                 self.tracer
                     .observe(ev, self.clock, &mut self.health, &mut self.traced);
             }
-            sink(&s);
+            sink(s);
         }
     }
 
     /// End of input: every open call, cast and request is judged.
-    pub fn finish(&mut self, sink: &mut dyn FnMut(&Signal)) {
+    pub fn finish(&mut self, sink: &mut dyn FnMut(Signal)) {
         self.flush(sink);
         self.correlator
             .finish_all(&mut self.health, &mut self.signals);
@@ -137,7 +138,7 @@ impl Analyser {
     }
 
     /// Request trees, chains and masked failures, as signals.
-    fn emit_traced(&mut self, sink: &mut dyn FnMut(&Signal)) {
+    fn emit_traced(&mut self, sink: &mut dyn FnMut(Signal)) {
         if self.traced.is_empty() {
             return;
         }
@@ -147,7 +148,7 @@ impl Analyser {
                 Traced::Chain(c) => Signal::Event(Event::Chain(c)),
                 Traced::Masked(m) => Signal::Masked(m),
             };
-            sink(&s);
+            sink(s);
         }
     }
 }

@@ -7,14 +7,17 @@
 //!   ├─ chunk of steps ─→ shard 0..N   decode, TCP, AMQP/HTTP, oslo, REST (probe::Shard)
 //!   └─ the chunk's step list ─────────────────────────┐
 //! joiner   per step: the packet's shard's observations, then every shard's sweep
-//!          groups merged by sweep key → the analyser → the outlet
+//!          groups merged by sweep key → the analyser ─ batches of signals ─┐
+//! sinks    metrics, summary, graph, requests, events (the outlet) ←──────┘
 //! ```
 //!
-//! The stages are not threads. Each shard and the joiner is state behind a lock with a
-//! queue of chunks in front of it, and N threads (the reader and N - 1 helpers) take
-//! whichever stage has a chunk ready, their own first (the first helper's is the joiner,
-//! the reader's and the others' a shard each), so a stage's tables mostly stay in one
-//! core's cache. A thread blocks only when no stage has work, so the cores stay busy
+//! The stages are not threads. Each shard, the joiner and the sinks is state behind a
+//! lock with a queue in front of it, and N threads (the reader and N - 1 helpers) take
+//! whichever stage has work ready, their own first (the first helper's is the joiner,
+//! then the sinks; the reader's and the others' a shard each), so a stage's tables mostly
+//! stay in one core's cache. The sinks are a stage of their own so that the end of a
+//! short capture, where the analyser judges every request still open at once, is not
+//! one thread's work: another takes each batch of signals as it is handed over. A thread blocks only when no stage has work, so the cores stay busy
 //! however the work falls between the stages (a thread per stage left a core idle a
 //! fifth of the time while the reader, a busy shard and the joiner waited on each
 //! other, and switched threads at every hand-over).
@@ -29,12 +32,15 @@
 //! counted) can differ.
 //!
 //! Memory is bounded: the reader keeps at most `IN_FLIGHT` chunks between itself and
-//! the joiner, and helps with the stages instead of reading on while it is that far ahead.
+//! the joiner, and helps with the stages instead of reading on while it is that far ahead;
+//! the joiner takes no chunk while `IN_FLIGHT` batches wait for the sinks.
 
 use crate::contract::Observation;
+use crate::correlate::Signal;
 use crate::health::Health;
+use crate::pipeline::Pipeline;
 use crate::probe::{self, Clock, DecodeCache, Each, Frame, Shard, Step};
-use crate::run::{self, Outputs, Run, Tap};
+use crate::run::{self, Outlet, Outputs, Run, Tap};
 use crate::sink::summary::Report;
 use crate::source::PacketRef;
 use crate::source::blocks::Window;
@@ -53,6 +59,9 @@ const CHUNK_STEPS: usize = 1024;
 /// the cache when the analyser reads it (`scripts/ab 21`, two threads: 4 took 3 % off
 /// `load` and 2 % off `rest` against 8; 16 and more were slower still than 8).
 const IN_FLIGHT: usize = 4;
+/// Signals per batch handed from the analyser to the sinks: the end of a short capture
+/// judges thousands at once, and the sinks take them while the analyser makes the next.
+const SIGNALS_PER_BATCH: usize = 512;
 /// Spare chunk buffers kept per shard for the reader to fill again.
 const SPARES: usize = 4;
 /// Live capture: a chunk waits for more packets at most this long.
@@ -216,9 +225,12 @@ impl ShardStage {
     }
 }
 
-/// The joiner's state: the run, and what it has taken of the shards' answers.
+/// The joiner's state: the probe's counters and the analyser, and what it has taken of
+/// the shards' answers.
 struct Joiner {
-    run: Run,
+    pipeline: Pipeline,
+    /// The signals made since the last hand-over to the sinks.
+    batch: Vec<Signal>,
     pending: Vec<VecDeque<Record>>,
     shard_health: Vec<Health>,
     /// Each shard's observations for the chunk at hand. The analyser reads them (and
@@ -231,9 +243,10 @@ struct Joiner {
 }
 
 impl Joiner {
-    fn new(run: Run, shards: usize) -> Joiner {
+    fn new(pipeline: Pipeline, shards: usize) -> Joiner {
         Joiner {
-            run,
+            pipeline,
+            batch: Vec::new(),
             pending: (0..shards).map(|_| VecDeque::new()).collect(),
             shard_health: vec![Health::default(); shards],
             shard_obs: (0..shards).map(|_| Vec::new()).collect(),
@@ -248,9 +261,10 @@ impl Joiner {
         self.shard_obs.iter_mut().map(std::mem::take)
     }
 
-    /// One chunk's steps in order, each shard's records at their steps, into the run.
-    /// True if it was the end of input.
-    fn join(&mut self, chunk: MergeChunk, outs: Vec<ShardOut>) -> bool {
+    /// One chunk's steps in order, each shard's records at their steps, into the
+    /// analyser; its signals, then the counters when they are due, to `out`. True if it
+    /// was the end of input.
+    fn join(&mut self, chunk: MergeChunk, outs: Vec<ShardOut>, out: &Outflow) -> bool {
         for (i, out) in outs.into_iter().enumerate() {
             // a chunk's records are all taken at its steps: nothing of the last is left
             debug_assert!(self.pending[i].is_empty() && self.shard_obs[i].is_empty());
@@ -261,25 +275,34 @@ impl Joiner {
             }
         }
         for step in &chunk.steps {
-            self.take_step(step);
+            self.take_step(step, out);
         }
+        let mut counters = None;
         if let Some(mut health) = chunk.health {
             for h in &self.shard_health {
                 health.add(h);
             }
-            self.run.pipeline.probe.health = health;
+            self.pipeline.probe.health = health;
             if chunk.end {
-                self.run.end_pass_analysed();
-            } else {
-                self.run.refresh(false);
+                let batch = &mut self.batch;
+                self.pipeline
+                    .finish_observed(&mut |s| out.collect(batch, s));
             }
+            counters = Some(self.pipeline.health());
+        }
+        if !self.batch.is_empty() || counters.is_some() || chunk.end {
+            out.hand(Batch {
+                signals: std::mem::take(&mut self.batch),
+                counters,
+                end: chunk.end,
+            });
         }
         chunk.end
     }
 
     /// The step's observations in order; the analyser runs after the last step of a
     /// reader call.
-    fn take_step(&mut self, step: &MergeStep) {
+    fn take_step(&mut self, step: &MergeStep, out: &Outflow) {
         if !step.all {
             // most steps: one packet, whose shard alone can have observed anything, and no
             // sweep groups to order
@@ -291,15 +314,15 @@ impl Joiner {
         }
         if step.last {
             let (observed, obs) = (&mut self.observed, &mut self.shard_obs);
-            let sinks = &mut self.run.outlet.sinks;
-            self.run.pipeline.analyse_observed(
+            let batch = &mut self.batch;
+            self.pipeline.analyse_observed(
                 step.clock,
                 |observe| {
                     observed
                         .drain(..)
                         .for_each(|(i, k)| observe(&mut obs[i][k]))
                 },
-                &mut |s| sinks.on_signal(s),
+                &mut |s| out.collect(batch, s),
             );
         }
     }
@@ -341,6 +364,70 @@ impl Joiner {
     }
 }
 
+/// What the analyser hands the sinks: signals in order, and the counters when they are
+/// to be published after them.
+struct Batch {
+    signals: Vec<Signal>,
+    counters: Option<Health>,
+    /// The last: the sinks publish the counters at once and the run is over.
+    end: bool,
+}
+
+/// The analyser's signals on their way to the sinks: batches in order, taken by
+/// whichever thread is free (at the end of a short capture, the sinks take one batch
+/// while the analyser judges the next).
+struct Outflow {
+    batches: Mutex<VecDeque<Batch>>,
+    /// Emptied batches, to be filled again (fresh ones grew by doubling each time).
+    spare: Mutex<Vec<Vec<Signal>>>,
+    bell: Arc<Bell>,
+}
+
+impl Outflow {
+    /// `s` into the batch being filled, handed over once full.
+    fn collect(&self, batch: &mut Vec<Signal>, s: Signal) {
+        if batch.capacity() == 0 {
+            *batch = relock(&self.spare).pop().unwrap_or_default();
+        }
+        batch.push(s);
+        if batch.len() >= SIGNALS_PER_BATCH {
+            self.hand(Batch {
+                signals: std::mem::take(batch),
+                counters: None,
+                end: false,
+            });
+        }
+    }
+
+    /// Queues a batch for the sinks. The joiner's lock is held: batches queue in order.
+    fn hand(&self, batch: Batch) {
+        relock(&self.batches).push_back(batch);
+        self.bell.ring();
+    }
+
+    fn waiting(&self) -> usize {
+        relock(&self.batches).len()
+    }
+}
+
+/// The sinks' state: the outlet, taken by one thread at a time.
+struct SinkStage {
+    outlet: Outlet,
+}
+
+impl SinkStage {
+    /// One batch into the sinks; true if it was the last.
+    fn take(&mut self, batch: &mut Batch) -> bool {
+        for s in batch.signals.drain(..) {
+            self.outlet.sinks.on_signal(&s);
+        }
+        if let Some(h) = &batch.counters {
+            self.outlet.refresh(h, batch.end);
+        }
+        batch.end
+    }
+}
+
 /// A shard's queues: chunks to do, answers for the joiner, buffers to fill again.
 #[derive(Default)]
 struct Queues {
@@ -363,12 +450,14 @@ struct Lane {
 struct Stages {
     lanes: Vec<Lane>,
     joiner: Mutex<Joiner>,
+    sinks: Mutex<SinkStage>,
+    outflow: Outflow,
     /// Step lists read and not yet joined, in order.
     merges: Mutex<VecDeque<MergeChunk>>,
-    /// The end of input has been joined (read without taking the joiner's lock, which
-    /// a thread looking for work would then find taken).
+    /// The end of input has reached the sinks (read without taking a stage's lock,
+    /// which a thread looking for work would then find taken).
     ended: AtomicBool,
-    bell: Bell,
+    bell: Arc<Bell>,
 }
 
 /// Wakes threads that found nothing to do when work arrives.
@@ -441,14 +530,42 @@ impl Stages {
         let n = self.lanes.len();
         let shards = |first: usize| (0..n).any(|k| self.shard_once((first + k) % n));
         if home == 0 {
-            self.join_once() || shards(n - 1)
+            // the sinks after the analyser, on its core: the signals are still in its cache
+            self.join_once() || self.sinks_once() || shards(n - 1)
         } else {
-            shards(home - 1) || self.join_once()
+            shards(home - 1) || self.join_once() || self.sinks_once()
         }
+    }
+
+    /// The next batch of signals into the sinks, if one is waiting.
+    fn sinks_once(&self) -> bool {
+        let Some(mut stage) = try_take(&self.sinks) else {
+            return false;
+        };
+        // only the thread holding the stage takes batches: they go in in order
+        let Some(mut batch) = relock(&self.outflow.batches).pop_front() else {
+            return false;
+        };
+        let end = stage.take(&mut batch);
+        drop(stage);
+        let mut spare = relock(&self.outflow.spare);
+        if spare.len() < IN_FLIGHT {
+            spare.push(batch.signals);
+        }
+        drop(spare);
+        if end {
+            self.ended.store(true, Ordering::Release);
+        }
+        self.bell.ring();
+        true
     }
 
     /// The next step list, if every shard has answered its chunk.
     fn join_once(&self) -> bool {
+        // the sinks are behind: what the analyser makes would pile up
+        if self.outflow.waiting() >= IN_FLIGHT {
+            return false;
+        }
         let Some(mut joiner) = try_take(&self.joiner) else {
             return false;
         };
@@ -470,9 +587,7 @@ impl Stages {
             .iter()
             .map(|l| relock(&l.queues).done.pop_front().expect("checked"))
             .collect();
-        if joiner.join(chunk, outs) {
-            self.ended.store(true, Ordering::Release);
-        }
+        joiner.join(chunk, outs, &self.outflow);
         for (lane, obs) in self.lanes.iter().zip(joiner.spent()) {
             let mut q = relock(&lane.queues);
             if q.spent.len() < SPARES {
@@ -593,12 +708,20 @@ impl Parallel {
                 queues: Mutex::new(Queues::default()),
             })
             .collect();
+        let Run { pipeline, outlet } = run;
+        let bell = Arc::new(Bell::default());
         let stages = Arc::new(Stages {
             lanes,
-            joiner: Mutex::new(Joiner::new(run, n)),
+            joiner: Mutex::new(Joiner::new(pipeline, n)),
+            sinks: Mutex::new(SinkStage { outlet }),
+            outflow: Outflow {
+                batches: Mutex::new(VecDeque::new()),
+                spare: Mutex::new(Vec::new()),
+                bell: bell.clone(),
+            },
             merges: Mutex::new(VecDeque::new()),
             ended: AtomicBool::new(false),
-            bell: Bell::default(),
+            bell,
         });
         let mut helpers = Vec::new();
         for i in 1..n {
@@ -659,7 +782,14 @@ impl Parallel {
             .joiner
             .into_inner()
             .map_err(|_| anyhow::anyhow!("the analyser panicked"))?;
-        Ok(joiner.run)
+        let sinks = stages
+            .sinks
+            .into_inner()
+            .map_err(|_| anyhow::anyhow!("a sink panicked"))?;
+        Ok(Run {
+            pipeline: joiner.pipeline,
+            outlet: sinks.outlet,
+        })
     }
 
     /// Marks the end of one reader call and sends the chunk when it is full (or old).

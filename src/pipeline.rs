@@ -33,26 +33,26 @@ impl Pipeline {
     }
 
     /// One captured packet; the signals it produced go to `sink`.
-    pub fn packet(&mut self, pkt: &PacketRef<'_>, sink: &mut dyn FnMut(&Signal)) {
+    pub fn packet(&mut self, pkt: &PacketRef<'_>, sink: &mut dyn FnMut(Signal)) {
         self.probe.packet(pkt, &mut self.observed);
         self.analyse(sink);
     }
 
     /// Live capture with no packet for a while: time still passes (timeouts fire).
-    pub fn tick(&mut self, now: Ts, sink: &mut dyn FnMut(&Signal)) {
+    pub fn tick(&mut self, now: Ts, sink: &mut dyn FnMut(Signal)) {
         self.probe.tick(now, &mut self.observed);
         self.analyse(sink);
     }
 
     /// End of input: flush every connection and judge every open call and request.
-    pub fn finish(&mut self, sink: &mut dyn FnMut(&Signal)) {
+    pub fn finish(&mut self, sink: &mut dyn FnMut(Signal)) {
         self.probe.finish(&mut self.observed);
         self.analyse(sink);
         self.analyser.finish(sink);
     }
 
     /// The analyser's clock follows the probe's; then what the probe saw is observed.
-    fn analyse(&mut self, sink: &mut dyn FnMut(&Signal)) {
+    fn analyse(&mut self, sink: &mut dyn FnMut(Signal)) {
         self.analyser.advance(self.probe.clock());
         if !self.observed.is_empty() {
             // most packets carry none: the drain's setup and drop alone were a cost
@@ -70,7 +70,7 @@ impl Pipeline {
         &mut self,
         clock: Ts,
         feed: impl FnOnce(&mut dyn FnMut(&mut Observation)),
-        sink: &mut dyn FnMut(&Signal),
+        sink: &mut dyn FnMut(Signal),
     ) {
         self.analyser.advance(clock);
         feed(&mut |o| self.analyser.observe(o));
@@ -78,7 +78,7 @@ impl Pipeline {
     }
 
     /// The end of input after the last observations came through `analyse_observed`.
-    pub fn finish_observed(&mut self, sink: &mut dyn FnMut(&Signal)) {
+    pub fn finish_observed(&mut self, sink: &mut dyn FnMut(Signal)) {
         self.analyser.finish(sink);
     }
 

@@ -319,7 +319,7 @@ impl Run {
     #[inline(never)]
     pub fn packet(&mut self, pkt: &PacketRef<'_>) {
         let sinks = &mut self.outlet.sinks;
-        self.pipeline.packet(pkt, &mut |s| sinks.on_signal(s));
+        self.pipeline.packet(pkt, &mut |s| sinks.on_signal(&s));
         if self
             .pipeline
             .probe
@@ -333,7 +333,7 @@ impl Run {
 
     pub fn tick(&mut self, now: crate::time::Ts) {
         let sinks = &mut self.outlet.sinks;
-        self.pipeline.tick(now, &mut |s| sinks.on_signal(s));
+        self.pipeline.tick(now, &mut |s| sinks.on_signal(&s));
         self.refresh(false);
     }
 
@@ -346,7 +346,7 @@ impl Run {
     /// request reported, as at the end of input; the run goes on with later packets.
     pub fn end_pass(&mut self) {
         let sinks = &mut self.outlet.sinks;
-        self.pipeline.finish(&mut |s| sinks.on_signal(s));
+        self.pipeline.finish(&mut |s| sinks.on_signal(&s));
         self.refresh(true);
     }
 
@@ -354,7 +354,7 @@ impl Run {
     /// `src/parallel.rs`): every open call and request reported.
     pub fn end_pass_analysed(&mut self) {
         let sinks = &mut self.outlet.sinks;
-        self.pipeline.finish_observed(&mut |s| sinks.on_signal(s));
+        self.pipeline.finish_observed(&mut |s| sinks.on_signal(&s));
         self.refresh(true);
     }
 

@@ -52,9 +52,9 @@ fn observe(files: &[PathBuf], cfg: &Config) -> Vec<(Vec<Observation>, stacktap::
 fn analyse(batches: Vec<(Vec<Observation>, stacktap::time::Ts)>, cfg: &Config) -> Vec<String> {
     let mut a = Analyser::new(cfg.clone());
     let mut events = Vec::new();
-    let mut sink = |s: &stacktap::correlate::Signal| {
+    let mut sink = |s: stacktap::correlate::Signal| {
         if let stacktap::correlate::Signal::Event(e) = s {
-            events.push(serde_json::to_string(e).unwrap());
+            events.push(serde_json::to_string(&e).unwrap());
         }
     };
     for (obs, clock) in batches {

@@ -263,7 +263,7 @@ pub fn run(
     let reached = merge.drain(&mut released);
     feed(&mut analyser, &mut outlet, &mut released, reached);
     let sinks = &mut outlet.sinks;
-    analyser.finish(&mut |s| sinks.on_signal(s));
+    analyser.finish(&mut |s| sinks.on_signal(&s));
     outlet.sinks.metrics.sync_probes(merge.probes());
     outlet.finish(out, &health(&analyser, &merge, &stats))
 }
@@ -283,5 +283,5 @@ fn feed(
         analyser.advance(t);
     }
     let sinks = &mut outlet.sinks;
-    analyser.flush(&mut |s| sinks.on_signal(s));
+    analyser.flush(&mut |s| sinks.on_signal(&s));
 }
