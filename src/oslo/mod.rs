@@ -494,8 +494,9 @@ mod tests {
             let got = unescape(&literal).unwrap().into_owned();
             proptest::prop_assert_eq!(got, s.clone());
             // Python's json.dumps escapes non-ASCII as \uXXXX (surrogate pairs too); the textual
-            // rewrite below needs a string with no backslash of its own
-            proptest::prop_assume!(!s.contains('\\'));
+            // rewrite below needs a string with no backslash of its own: the same text without
+            // them (a rejected case instead made proptest give up at high case counts)
+            let s: String = s.chars().filter(|&c| c != '\\').collect();
             let ascii: String = s.chars().map(|c| if c.is_ascii() { c.to_string() } else {
                 let mut b = [0u16; 2];
                 c.encode_utf16(&mut b).iter().map(|u| format!("\\u{u:04x}")).collect()
