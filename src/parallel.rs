@@ -15,12 +15,13 @@
 //! lock with a queue in front of it, and N threads (the reader and N - 1 helpers) take
 //! whichever stage has work ready, their own first (the first helper's is the joiner,
 //! then the sinks; the reader's and the others' a shard each), so a stage's tables mostly
-//! stay in one core's cache. The sinks are a stage of their own so that the end of a
-//! short capture, where the analyser judges every request still open at once, is not
-//! one thread's work: another takes each batch of signals as it is handed over. A thread blocks only when no stage has work, so the cores stay busy
-//! however the work falls between the stages (a thread per stage left a core idle a
-//! fifth of the time while the reader, a busy shard and the joiner waited on each
-//! other, and switched threads at every hand-over).
+//! stay in one core's cache. A thread blocks only when no stage has work, so the cores
+//! stay busy however the work falls between the stages (a thread per stage left a core
+//! idle a fifth of the time while the reader, a busy shard and the joiner waited on each
+//! other, and switched threads at every hand-over). The sinks are a stage of their own
+//! so that the end of a short capture, where the analyser judges every request still
+//! open at once, is not one thread's work: another takes each batch of signals as it is
+//! handed over.
 //!
 //! Why it is identical to one thread: the reader alone decides time (`probe::Clock`), so
 //! every shard processes its packets at the times and with the step numbers one probe

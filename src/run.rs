@@ -350,14 +350,6 @@ impl Run {
         self.refresh(true);
     }
 
-    /// The end of input after the last observations came from elsewhere (the shards of
-    /// `src/parallel.rs`): every open call and request reported.
-    pub fn end_pass_analysed(&mut self) {
-        let sinks = &mut self.outlet.sinks;
-        self.pipeline.finish_observed(&mut |s| sinks.on_signal(&s));
-        self.refresh(true);
-    }
-
     /// End of input: flush everything, write the files, return the summary.
     pub fn finish(&mut self, out: &Outputs) -> anyhow::Result<Report> {
         self.end_pass();
