@@ -287,7 +287,10 @@ pub fn unescape(literal: &str) -> Option<Cow<'_, str>> {
             let hex = |k: usize| u32::from_str_radix(s.get(k..k + 4)?, 16).ok();
             let mut cp = hex(j + 2)?;
             i = j + 6;
-            if b.get(i) == Some(&b'\\')
+            // the next escape is read for a low half only after a high one (else it is
+            // read once, on its own turn)
+            if high_surrogate(cp)
+                && b.get(i) == Some(&b'\\')
                 && b.get(i + 1) == Some(&b'u')
                 && let Some(pair) = hex(i + 2).and_then(|lo| surrogate_pair(cp, lo))
             {
@@ -320,9 +323,14 @@ pub(super) fn escaped_byte(letter: u8) -> Option<u8> {
     })
 }
 
+/// Whether a `\\uXXXX` escape is the first half of a UTF-16 surrogate pair.
+pub(super) fn high_surrogate(cp: u32) -> bool {
+    (0xD800..0xDC00).contains(&cp)
+}
+
 /// The code point a `\\uXXXX` pair of UTF-16 surrogates spells, if they are one.
 pub(super) fn surrogate_pair(high: u32, low: u32) -> Option<u32> {
-    ((0xD800..0xDC00).contains(&high) && (0xDC00..0xE000).contains(&low))
+    (high_surrogate(high) && (0xDC00..0xE000).contains(&low))
         .then(|| 0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00))
 }
 

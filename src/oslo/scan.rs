@@ -370,7 +370,8 @@ fn inner_unicode(b: &[u8], at: usize, out: &mut Vec<u8>) -> Option<usize> {
     };
     let mut cp = hex(at)?;
     let mut end = at + 4;
-    if b.get(end..end + 3) == Some(b"\\\\u")
+    if super::high_surrogate(cp)
+        && b.get(end..end + 3) == Some(b"\\\\u")
         && let Some(pair) = hex(end + 3).and_then(|lo| super::surrogate_pair(cp, lo))
     {
         cp = pair;
