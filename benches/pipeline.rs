@@ -69,7 +69,14 @@ fn oslo_decode(c: &mut Criterion) {
     let mut g = c.benchmark_group("oslo");
     g.throughput(Throughput::Bytes(body.len() as u64));
     g.bench_function("decode_call", |b| {
-        b.iter(|| black_box(stacktap::oslo::decode("nova", &props, black_box(&body))))
+        b.iter(|| {
+            black_box(stacktap::oslo::decode(
+                "nova",
+                &props,
+                black_box(&body),
+                64 << 20,
+            ))
+        })
     });
     g.finish();
 }

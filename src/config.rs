@@ -18,6 +18,7 @@ pub struct Config {
     pub requests: crate::sink::requests::RequestsConfig,
     pub store: crate::sink::store::StoreConfig,
     pub metrics: MetricsConfig,
+    pub summary: crate::sink::summary::SummaryConfig,
     pub fleet: crate::fleet::merge::MergeConfig,
     pub otlp: crate::otlp::OtlpConfig,
     pub capture: crate::source::CaptureConfig,
@@ -134,6 +135,18 @@ impl Config {
             1,
             1 << 24,
         );
+        v.count(
+            "rpc.max_consumers_per_message",
+            self.rpc.max_consumers_per_message,
+            1,
+            1 << 20,
+        );
+        v.count(
+            "rpc.max_interned_names",
+            self.rpc.max_interned_names,
+            1,
+            1 << 24,
+        );
         v.secs("view.partial_for_s", self.view.partial_for_s, 0.0, year);
         v.secs("view.settle_s", self.view.settle_s, 0.0, day);
         v.count(
@@ -191,6 +204,10 @@ impl Config {
             1,
             1 << 24,
         );
+        let sm = &self.summary;
+        v.count("summary.max_queues", sm.max_queues, 1, 1 << 24);
+        v.count("summary.max_errors", sm.max_errors, 1, 1 << 24);
+        v.count("summary.max_routes", sm.max_routes, 1, 1 << 24);
         let f = &self.fleet;
         v.secs("fleet.hold_s", f.hold_s, 0.0, 3600.0);
         v.secs("fleet.silent_after_s", f.silent_after_s, 0.1, day);

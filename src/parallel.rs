@@ -698,7 +698,7 @@ impl Parallel {
     pub fn new(run: Run, threads: usize, live: bool) -> anyhow::Result<Parallel> {
         let n = threads.max(1);
         let cfg = run.pipeline.config().clone();
-        let bodies = DecodeCache::new(cfg.amqp.decode_cache_entries);
+        let bodies = DecodeCache::new(&cfg.amqp);
         let lanes = (0..n)
             .map(|_| Lane {
                 stage: Mutex::new(ShardStage {

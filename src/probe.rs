@@ -33,7 +33,7 @@ impl Probe {
     pub fn new(cfg: Config) -> Probe {
         Probe {
             clock: Clock::new(&cfg),
-            shard: Shard::new(&cfg, 1, DecodeCache::new(cfg.amqp.decode_cache_entries)),
+            shard: Shard::new(&cfg, 1, DecodeCache::new(&cfg.amqp)),
             health: Health::default(),
             groups: Vec::new(),
         }

@@ -89,7 +89,7 @@ impl Outlet {
         Ok(Outlet {
             sinks: Sinks {
                 metrics,
-                summary: Summary::default(),
+                summary: Summary::new(&cfg.summary),
                 graph,
                 requests,
                 events,

@@ -44,7 +44,7 @@ fuzz_target!(|input: &[u8]| {
 fn decode_all(out: &mut Vec<AmqpEvent>) {
     for ev in out.drain(..) {
         if let AmqpEvent::Message(m) = ev {
-            let _ = stacktap::oslo::decode(&m.exchange, &m.props, &m.body);
+            let _ = stacktap::oslo::decode(&m.exchange, &m.props, &m.body, 1 << 20);
         }
     }
 }

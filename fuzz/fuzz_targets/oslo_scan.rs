@@ -15,7 +15,7 @@ fuzz_target!(|input: &[u8]| {
         compression: (first & 4 != 0).then(|| "application/x-gzip".to_string()),
         ..Props::default()
     };
-    let _ = stacktap::oslo::decode(exchange, &props, body);
+    let _ = stacktap::oslo::decode(exchange, &props, body, 1 << 20);
     if let Ok(text) = std::str::from_utf8(body) {
         let mut n = 0usize;
         let _ = stacktap::oslo::scan::members(text, |_, _| n += 1);

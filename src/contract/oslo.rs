@@ -89,15 +89,18 @@ pub enum NotOslo {
     UnknownShape,
     CompressedUnsupported,
     BadCompression,
+    /// A compressed body inflates past `amqp.max_body_bytes`.
+    InflatedTooLarge,
 }
 
 impl NotOslo {
-    pub const ALL: [NotOslo; 5] = [
+    pub const ALL: [NotOslo; 6] = [
         NotOslo::NotJson,
         NotOslo::UnsupportedEnvelope,
         NotOslo::UnknownShape,
         NotOslo::CompressedUnsupported,
         NotOslo::BadCompression,
+        NotOslo::InflatedTooLarge,
     ];
 
     pub fn kind(self) -> &'static str {
@@ -107,6 +110,7 @@ impl NotOslo {
             NotOslo::UnknownShape => "unknown_shape",
             NotOslo::CompressedUnsupported => "compressed_unsupported",
             NotOslo::BadCompression => "bad_compression",
+            NotOslo::InflatedTooLarge => "inflated_too_large",
         }
     }
 }

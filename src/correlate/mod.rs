@@ -43,6 +43,14 @@ pub struct CorrelatorConfig {
     pub max_recent_ids: usize,
     /// Addresses whose process is remembered (for REST callers).
     pub max_known_addresses: usize,
+    /// Consumers remembered per cast or fanout: its deliveries listed in its event, and
+    /// whom a copy went to already. A fanout to more queues than this lists no further
+    /// copy, and a second copy to a consumer not remembered counts as a new delivery
+    /// (both counted: `stacktap_evictions_total{table="rpc_consumers"}`).
+    pub max_consumers_per_message: usize,
+    /// Exchange, topic and method names (and message shapes) shared by every message that
+    /// names them; past this, new ones are kept per message instead (more memory, no loss).
+    pub max_interned_names: usize,
 }
 
 impl Default for CorrelatorConfig {
@@ -55,6 +63,8 @@ impl Default for CorrelatorConfig {
             call_max_age_s: 3600.0,
             max_recent_ids: 200_000,
             max_known_addresses: 65_536,
+            max_consumers_per_message: 256,
+            max_interned_names: 65_536,
         }
     }
 }
@@ -69,9 +79,9 @@ pub type Name = Arc<str>;
 struct Names {
     table: HashMap<Box<str>, Name>,
     shapes: HashMap<u64, Arc<Shape>>,
+    /// `rpc.max_interned_names`
+    cap: usize,
 }
-
-const MAX_INTERNED: usize = 1 << 16;
 
 impl Names {
     fn get(&mut self, s: &str) -> Name {
@@ -79,7 +89,7 @@ impl Names {
             return n.clone();
         }
         let n: Name = Arc::from(s);
-        if self.table.len() < MAX_INTERNED {
+        if self.table.len() < self.cap {
             self.table.insert(Box::from(s), n.clone());
         }
         n
@@ -122,7 +132,7 @@ impl Names {
             namespace: r.namespace.as_deref().map(Arc::from),
             version: r.version.as_deref().map(Arc::from),
         });
-        if self.shapes.len() < MAX_INTERNED {
+        if self.shapes.len() < self.cap {
             self.shapes.insert(key, shape.clone());
         }
         shape
@@ -209,10 +219,6 @@ impl Timer {
     }
 }
 
-/// Consumers remembered per message; a fanout to more queues than this counts every
-/// further copy as a new delivery.
-const MAX_CONSUMERS_KEPT: usize = 256;
-
 /// A consumer's identity across reconnects: its process (connection_name survives a
 /// reconnect) when named, else its connection.
 fn consumer_key(p: &Process, conn: &ConnId) -> u64 {
@@ -282,7 +288,10 @@ impl Correlator {
     pub fn new(cfg: CorrelatorConfig, view: crate::view::ViewConfig) -> Self {
         let recent = cfg.max_recent_ids.max(1);
         Correlator {
-            names: Names::default(),
+            names: Names {
+                cap: cfg.max_interned_names,
+                ..Names::default()
+            },
             conns: HashMap::default(),
             addresses: AddressBook::new(cfg.max_known_addresses.max(1)),
             calls: Table::new(Field::MsgId),
@@ -681,6 +690,7 @@ impl Correlator {
             AmqpKind::Deliver { redelivered: true } | AmqpKind::GetOk { redelivered: true }
         );
         let is_call = r.rpc_type == RpcType::Call;
+        let kept = self.cfg.max_consumers_per_message;
         let key = if is_call { &r.msg_id } else { &r.unique_id };
         let Some(key) = key.as_deref().map(Id::of) else {
             health.anomaly("oslo", "request_without_id");
@@ -705,7 +715,14 @@ impl Correlator {
                     health.anomaly("oslo", "duplicate_publish");
                 }
             } else {
-                Self::delivered(c, ts, (proc_, &m.conn, &m.queue), redelivered, out);
+                Self::delivered(
+                    c,
+                    ts,
+                    (proc_, &m.conn, &m.queue),
+                    redelivered,
+                    (kept, health),
+                    out,
+                );
             }
             return;
         }
@@ -766,7 +783,14 @@ impl Correlator {
             call.set(When::Publish, ts);
             call.caller = Some(proc_);
         } else {
-            Self::delivered(&mut call, ts, (proc_, &m.conn, &m.queue), redelivered, out);
+            Self::delivered(
+                &mut call,
+                ts,
+                (proc_, &m.conn, &m.queue),
+                redelivered,
+                (kept, health),
+                out,
+            );
         }
         if is_call {
             if self.calls.len() >= self.cfg.max_pending_calls {
@@ -819,10 +843,11 @@ impl Correlator {
         t: Ts,
         (consumer, conn, queue): (Arc<Process>, &ConnId, &Option<Arc<str>>),
         redelivered: bool,
+        (kept, health): (usize, &mut Health),
         out: &mut Vec<Signal>,
     ) {
         let who = consumer_key(&consumer, conn);
-        let (again, any) = c.consumer_seen(who, MAX_CONSUMERS_KEPT);
+        let (again, any) = c.consumer_seen(who, kept, health);
         let moved = redelivered && !again && any;
         if again || moved {
             c.add_redelivery();
@@ -838,9 +863,8 @@ impl Correlator {
         }
         c.add_delivery();
         // a call has one server (its callee); a cast or fanout, one consumer per copy
-        if c.shape.rpc_type != RpcType::Call
-            && c.rare_ref().map_or(0, |r| r.copies.len()) < MAX_CONSUMERS_KEPT
-        {
+        // (a copy past the cap was counted as its consumer was not remembered)
+        if c.shape.rpc_type != RpcType::Call && c.rare_ref().map_or(0, |r| r.copies.len()) < kept {
             c.rare().copies.push(Delivery {
                 queue: queue.as_deref().map(str::to_owned),
                 consumer: consumer.clone(),
@@ -972,7 +996,7 @@ mod tests {
             &serde_json::json!({"oslo.version": "2.0", "oslo.message": inner.to_string()}),
         )
         .unwrap();
-        Arc::new(oslo::decode("", &Default::default(), &b))
+        Arc::new(oslo::decode("", &Default::default(), &b, 64 << 20))
     }
 
     fn conn(n: u16) -> ConnId {
@@ -996,8 +1020,12 @@ mod tests {
 
     impl Wire {
         fn new() -> Wire {
+            Wire::with(CorrelatorConfig::default())
+        }
+
+        fn with(cfg: CorrelatorConfig) -> Wire {
             Wire {
-                c: Correlator::new(CorrelatorConfig::default(), Default::default()),
+                c: Correlator::new(cfg, Default::default()),
                 h: Health::default(),
                 out: Vec::new(),
             }
@@ -1085,6 +1113,34 @@ mod tests {
         w.msg(0.9, 4, deliver(false), "scheduler_fanout", &fanout);
         let ev = w.rpc_events();
         assert_eq!((ev[0].deliveries, ev[0].redeliveries), (2, 1));
+    }
+
+    #[test]
+    fn a_fanout_past_the_consumer_cap_lists_what_it_kept_and_counts_the_rest() {
+        let mut w = Wire::with(CorrelatorConfig {
+            max_consumers_per_message: 2,
+            ..CorrelatorConfig::default()
+        });
+        w.conn(1, "nova-compute:11");
+        for n in 2..=5 {
+            w.conn(n, &format!("nova-scheduler:{n}"));
+        }
+        let fanout = match body(serde_json::json!({"method": "m", "_unique_id": "u1"})).as_ref() {
+            Ok(Oslo::Request(r)) => Arc::new(Ok(Oslo::Request(Request {
+                rpc_type: RpcType::Fanout,
+                ..r.clone()
+            }))),
+            other => panic!("{other:?}"),
+        };
+        w.msg(0.0, 1, AmqpKind::Publish { mandatory: false }, "f", &fanout);
+        for n in 2..=5 {
+            w.msg(0.1, n, deliver(false), "f", &fanout);
+        }
+        let ev = w.rpc_events();
+        // every copy is a delivery; two are listed, and the two past them counted
+        assert_eq!(ev[0].deliveries, 4);
+        assert_eq!(ev[0].copies.len(), 2);
+        assert_eq!(w.h.evictions.get("rpc_consumers"), Some(&2));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! record back into the `RpcEvent` it stands for, exactly as a full one would have been.
 
 use crate::contract::{Delivery, Outcome, Process, RemoteError, RpcEvent, RpcType, TraceContext};
+use crate::health::Health;
 use crate::time::Ts;
 use std::sync::Arc;
 
@@ -285,8 +286,9 @@ impl Record {
         bump(&mut self.redeliveries);
     }
 
-    /// Whether `who` already got a copy; remembers it if not (at most `max` consumers).
-    pub fn consumer_seen(&mut self, who: u64, max: usize) -> (bool, bool) {
+    /// Whether `who` already got a copy; remembers it if not (at most `max` consumers, a
+    /// consumer past them counted as an eviction).
+    pub fn consumer_seen(&mut self, who: u64, max: usize, health: &mut Health) -> (bool, bool) {
         let who = who.max(1);
         let again = self.first_consumer == who
             || self
@@ -299,6 +301,8 @@ impl Record {
                 self.first_consumer = who;
             } else if self.rare_ref().map_or(0, |r| r.more_consumers.len()) + 1 < max {
                 self.rare().more_consumers.push(who);
+            } else {
+                health.evict("rpc_consumers", 1);
             }
         }
         (again, any)

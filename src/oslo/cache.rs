@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 pub struct DecodeCache {
     secrets: RapidSecrets,
     cap: usize,
+    /// `amqp.max_body_bytes`: what a compressed body may inflate to.
+    max_inflated: usize,
     /// Shared by every shard of a run: a message's publish and its deliveries cross
     /// different connections, so different shards, and one reading serves them all.
     table: Mutex<Remembered>,
@@ -25,10 +27,12 @@ struct Remembered {
 }
 
 impl DecodeCache {
-    pub fn new(cap: usize) -> Arc<DecodeCache> {
+    /// `amqp.decode_cache_entries` and `amqp.max_body_bytes`.
+    pub fn new(cfg: &crate::amqp::AmqpConfig) -> Arc<DecodeCache> {
         Arc::new(DecodeCache {
             secrets: RapidSecrets::seed(ahash::RandomState::new().hash_one(0x5eed_u64)),
-            cap: cap.max(1),
+            cap: cfg.decode_cache_entries.max(1),
+            max_inflated: cfg.max_body_bytes,
             table: Mutex::default(),
         })
     }
@@ -57,7 +61,7 @@ impl DecodeCache {
         }
         // read without the lock held: other shards do not wait for this one's decoding
         // (two shards reading one body at once both decode it; the reading is the same)
-        let decoded = Arc::new(super::decode(exchange, props, body));
+        let decoded = Arc::new(super::decode(exchange, props, body, self.max_inflated));
         let mut t = self.table();
         if !t.map.contains_key(&key) {
             if t.order.len() >= self.cap

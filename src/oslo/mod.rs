@@ -139,8 +139,6 @@ struct Failure<'a> {
 
 /// Longest exception message kept (the rest of a traceback-laden message is noise).
 const MAX_ERROR_MESSAGE: usize = 512;
-/// Largest decompressed body we accept.
-const MAX_DECOMPRESSED: u64 = 16 << 20;
 
 fn own(c: Option<Cow<'_, str>>) -> Option<String> {
     c.map(Cow::into_owned)
@@ -179,8 +177,15 @@ pub fn parse_failure(text: &str) -> RemoteError {
     }
 }
 
-/// Reads an AMQP message body as oslo.messaging. `exchange` tells fanouts apart.
-pub fn decode(exchange: &str, props: &Props, body: &[u8]) -> Result<Oslo, NotOslo> {
+/// Reads an AMQP message body as oslo.messaging. `exchange` tells fanouts apart; a
+/// compressed body is inflated to `max_inflated` bytes at most (`amqp.max_body_bytes`: a
+/// few KiB of zlib can claim gigabytes).
+pub fn decode(
+    exchange: &str,
+    props: &Props,
+    body: &[u8],
+    max_inflated: usize,
+) -> Result<Oslo, NotOslo> {
     let inflated;
     let body = match props.compression.as_deref() {
         None => body,
@@ -188,9 +193,12 @@ pub fn decode(exchange: &str, props: &Props, body: &[u8]) -> Result<Oslo, NotOsl
         Some("application/x-gzip") | Some("zlib") | Some("application/zlib") => {
             let mut out = Vec::new();
             flate2::read::ZlibDecoder::new(body)
-                .take(MAX_DECOMPRESSED)
+                .take((max_inflated as u64).saturating_add(1))
                 .read_to_end(&mut out)
                 .map_err(|_| NotOslo::BadCompression)?;
+            if out.len() > max_inflated {
+                return Err(NotOslo::InflatedTooLarge);
+            }
             inflated = out;
             &inflated
         }
@@ -386,6 +394,11 @@ pub fn parse_connection_name(name: &str) -> (Option<String>, Option<u32>) {
 mod tests {
     use super::*;
 
+    /// Read with the default `amqp.max_body_bytes`.
+    fn decode(exchange: &str, props: &Props, body: &[u8]) -> Result<Oslo, NotOslo> {
+        super::decode(exchange, props, body, 64 << 20)
+    }
+
     fn env(inner: &str) -> Vec<u8> {
         serde_json::to_vec(&serde_json::json!({"oslo.version": "2.0", "oslo.message": inner}))
             .unwrap()
@@ -466,10 +479,18 @@ mod tests {
             compression: Some("application/x-gzip".into()),
             ..Default::default()
         };
+        let zipped = z.finish().unwrap();
         assert!(matches!(
-            decode("nova", &props, &z.finish().unwrap()),
+            decode("nova", &props, &zipped),
             Ok(Oslo::Request(_))
         ));
+        // inflated to the byte the cap allows, not one more
+        let fits = super::decode("nova", &props, &zipped, plain.len());
+        assert!(matches!(fits, Ok(Oslo::Request(_))));
+        assert_eq!(
+            super::decode("nova", &props, &zipped, plain.len() - 1),
+            Err(NotOslo::InflatedTooLarge)
+        );
         let bz = Props {
             compression: Some("application/x-bz2".into()),
             ..Default::default()

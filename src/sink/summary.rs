@@ -40,9 +40,30 @@ impl QueueStats {
     }
 }
 
-const MAX_QUEUES: usize = 10_000;
-const MAX_ERRORS: usize = 10_000;
-const MAX_ROUTES: usize = 10_000;
+/// `[summary]`: the rows the summary (`--report`, `/api/summary`) keeps. Past a cap,
+/// further keys share one row and each one so folded is counted (the report's
+/// evictions: `summary_queues`, `summary_errors`, `summary_routes`).
+#[derive(Debug, Clone, serde::Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SummaryConfig {
+    /// Queues with a row of their own; calls to further queues share the row "other".
+    pub max_queues: usize,
+    /// (operation, exception) pairs with a row of their own; further ones share "other".
+    pub max_errors: usize,
+    /// REST routes with a row of their own (over every service); further ones share one
+    /// "{other}" route per service.
+    pub max_routes: usize,
+}
+
+impl Default for SummaryConfig {
+    fn default() -> Self {
+        SummaryConfig {
+            max_queues: 10_000,
+            max_errors: 10_000,
+            max_routes: 10_000,
+        }
+    }
+}
 
 #[derive(Default)]
 struct RouteStats {
@@ -70,6 +91,9 @@ pub struct Summary {
     /// REST by (service, method, route): the event's shared names, not copies of them.
     /// Hashed, not ordered, like the queues: the report sorts.
     routes: FastMap<(Name, &'static str, Name), RouteStats>,
+    cfg: SummaryConfig,
+    /// Signals whose key was past a cap, by table.
+    folded: BTreeMap<&'static str, u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -144,6 +168,13 @@ fn type_index(t: RpcType) -> usize {
 }
 
 impl Summary {
+    pub fn new(cfg: &SummaryConfig) -> Summary {
+        Summary {
+            cfg: cfg.clone(),
+            ..Summary::default()
+        }
+    }
+
     #[inline(never)] // a stage's entry: scripts/stage-cost counts it (one call per event)
     pub fn on_signal(&mut self, s: &Signal) {
         match s {
@@ -168,8 +199,9 @@ impl Summary {
     fn on_http(&mut self, e: &HttpEvent) {
         let service = e.service.clone().unwrap_or_else(|| "unknown".into());
         let mut key = (service, e.method, e.route.clone());
-        if self.routes.len() >= MAX_ROUTES && !self.routes.contains_key(&key) {
+        if self.routes.len() >= self.cfg.max_routes && !self.routes.contains_key(&key) {
             key = (key.0, "OTHER", "{other}".into());
+            *self.folded.entry("summary_routes").or_default() += 1;
         }
         let r = self.routes.entry(key).or_default();
         *r.codes.entry(e.status.unwrap_or(0)).or_default() += 1;
@@ -238,8 +270,9 @@ impl Summary {
             .or_default() += 1;
         if let Some(err) = &e.error {
             let mut key = (format!("{}.{}", e.topic, e.method), err.class.clone());
-            if self.errors.len() >= MAX_ERRORS && !self.errors.contains_key(&key) {
+            if self.errors.len() >= self.cfg.max_errors && !self.errors.contains_key(&key) {
                 key = ("other".into(), "other".into());
+                *self.folded.entry("summary_errors").or_default() += 1;
             }
             let entry = self.errors.entry(key).or_default();
             entry.0 += 1;
@@ -255,11 +288,14 @@ impl Summary {
             q.add(e);
             return;
         }
-        // bounded like the metrics: past MAX_QUEUES distinct queues, the rest share "other"
-        if self.queues.len() < MAX_QUEUES {
+        // bounded like the metrics: past `max_queues` distinct queues, the rest share "other"
+        if self.queues.len() < self.cfg.max_queues {
             let q = self.queues.entry(e.routing_key.to_string()).or_default();
             q.add(e);
-        } else if let Some(other) = self.queues.get_mut("other") {
+            return;
+        }
+        *self.folded.entry("summary_queues").or_default() += 1;
+        if let Some(other) = self.queues.get_mut("other") {
             other.add(e); // not a new copy of "other" for each call past the cap
         } else {
             self.queues.entry("other".to_owned()).or_default().add(e);
@@ -344,6 +380,7 @@ impl Summary {
                 .evictions
                 .iter()
                 .map(|(t, n)| (t.to_string(), *n))
+                .chain(self.folded.iter().map(|(t, n)| (t.to_string(), *n)))
                 .collect(),
             tcp_gap_bytes: health.tcp_gap_bytes,
             partial_view: !health.unseen.is_empty(),
@@ -535,5 +572,74 @@ impl Report {
             );
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contract::RemoteError;
+    use crate::testing::{http_event, process, rpc_event};
+
+    fn rest(route: &str) -> Signal {
+        let e = http_event(process("nova-api", 1, "ctl1"), "nova", "GET", route);
+        Signal::Event(Event::Http(Box::new(e)))
+    }
+
+    fn call(queue: &str, error: Option<&str>) -> Signal {
+        let mut e = rpc_event(RpcType::Call, queue, "m");
+        e.error = error.map(|class| RemoteError {
+            class: class.into(),
+            module: None,
+            message: None,
+        });
+        Signal::Event(Event::Rpc(Box::new(e)))
+    }
+
+    #[test]
+    fn rows_past_the_caps_share_one_and_each_fold_is_counted() {
+        let mut s = Summary::new(&SummaryConfig {
+            max_queues: 1,
+            max_errors: 1,
+            max_routes: 1,
+        });
+        for route in ["/servers", "/servers", "/flavors", "/images"] {
+            s.on_signal(&rest(route));
+        }
+        for (queue, error) in [
+            ("compute", Some("A")),
+            ("compute", Some("B")),
+            ("conductor", None),
+        ] {
+            s.on_signal(&call(queue, error));
+        }
+        let r = s.report(&Health::default(), crate::sink::requests::rank(&[], 0));
+        let routes: Vec<(&str, u64)> = r
+            .http_routes
+            .iter()
+            .map(|x| (x.route.as_str(), x.requests))
+            .collect();
+        assert_eq!(routes, [("/servers", 2), ("{other}", 2)]);
+        let queues: Vec<(&str, u64)> = r
+            .queues
+            .iter()
+            .map(|q| (q.queue.as_str(), q.calls))
+            .collect();
+        assert_eq!(queues, [("compute", 2), ("other", 1)]);
+        let errors: Vec<(&str, u64)> = r
+            .errors
+            .iter()
+            .map(|e| (e.exception.as_str(), e.count))
+            .collect();
+        assert_eq!(errors, [("A", 1), ("other", 1)]);
+        let folded = |t: &str| r.evictions.get(t).copied();
+        assert_eq!(
+            (
+                folded("summary_routes"),
+                folded("summary_queues"),
+                folded("summary_errors")
+            ),
+            (Some(2), Some(1), Some(1))
+        );
     }
 }
