@@ -46,7 +46,7 @@ pub struct CorrelatorConfig {
     /// Consumers remembered per cast or fanout: its deliveries listed in its event, and
     /// whom a copy went to already. A fanout to more queues than this lists no further
     /// copy, and a second copy to a consumer not remembered counts as a new delivery
-    /// (both counted: `stacktap_evictions_total{table="rpc_consumers"}`).
+    /// (each copy past the cap is counted: `stacktap_evictions_total{table="rpc_consumers"}`).
     pub max_consumers_per_message: usize,
     /// Exchange, topic and method names (and message shapes) shared by every message that
     /// names them; past this, new ones are kept per message instead (more memory, no loss).
