@@ -10,7 +10,8 @@
 //!
 //! Prints wall-clock and CPU-time throughput of `stacktap replay --threads 1 FILE`, of the
 //! same on every core (`--threads` = the cores), and of
-//! `tshark -r FILE -2 -Y 'amqp or http'` (the API ports decoded as HTTP), and their ratios.
+//! `tshark -r FILE -2 -Y 'amqp or http'` (stacktap's default API ports decoded as HTTP), and
+//! their ratios.
 //! Throughput is reported, never asserted: a timed assertion would flake on a shared machine.
 //!
 //! Before each pair of runs it times a cache line's round trip between two cores. On the
@@ -235,9 +236,10 @@ fn bench(bin: &Path, file: &Path) {
     let mut ratios: Vec<f64> = pairs.iter().map(|(a, b)| a.0 / b.0).collect();
     ratios.sort_by(f64::total_cmp);
     let median_ratio = ratios[ratios.len() / 2];
-    // tshark decodes AMQP on 5672 by itself; the OpenStack API ports must be named
+    // tshark decodes AMQP on 5672 by itself; the OpenStack API ports must be named (the
+    // ones stacktap reads as REST by default, so that both tools read the same packets)
     let mut decode_as = Vec::new();
-    for port in [5000, 8774, 8778, 9292, 9696] {
+    for (port, _) in stacktap::openstack::services::DEFAULT_PORTS {
         decode_as.push("-d".to_string());
         decode_as.push(format!("tcp.port=={port},http"));
     }
