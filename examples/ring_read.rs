@@ -39,7 +39,7 @@ fn args() -> Args {
     while let Some(flag) = it.next() {
         let value = it.next().unwrap_or_else(|| panic!("{flag} wants a value"));
         match flag.as_str() {
-            "--rings" => a.rings = value.parse().expect("--rings N"),
+            "--rings" => a.rings = value.parse::<usize>().expect("--rings N").max(1),
             "--seconds" => a.seconds = value.parse().expect("--seconds S"),
             "--iface" => a.iface = value,
             other => panic!("unknown flag {other}"),
@@ -64,7 +64,10 @@ fn open(iface: &str, group: Option<u16>) -> pcap::Capture<pcap::Active> {
     cap.filter(stacktap::source::live::DEFAULT_FILTER, true)
         .expect("filter");
     let fd = cap.as_raw_fd();
-    set(fd, libc::PACKET_IGNORE_OUTGOING, 1);
+    if iface == "lo" {
+        // as stacktap does on loopback: each packet once, not sent and received
+        set(fd, libc::PACKET_IGNORE_OUTGOING, 1);
+    }
     if let Some(group) = group {
         // the group id in the low half, the mode (a hash of the flow, the same both ways)
         // in the high half
