@@ -7,8 +7,9 @@
 //! spreads the flows, every packet of a connection to the same ring) each read by its own
 //! worker. With `--rings 1` one thread reads the ring and copies every packet into chunks
 //! of 1,024 (what stacktap's reader does to hand them on); with `--rings N` N threads each
-//! read their ring in place (what a worker reading its own ring would do). Both read with
-//! stacktap's capture settings (the default filter, 64 MiB, not immediate). It prints the
+//! read their ring in place (what a worker reading its own ring would do). Both open the
+//! ring as `stacktap capture` does (`source::live::open_ring`, the default filter and ring
+//! size). It prints the
 //! CPU time of the reading threads per packet, the packets each ring got and the kernel's
 //! drops. Run it while traffic flows: `scripts/ring-cost FILE [PPS]` puts a recorded
 //! capture back on lo (moved off-host, as `scripts/live-cost --wire` does) while it runs
@@ -16,7 +17,7 @@
 //!
 //! Needs root.
 
-use std::os::unix::io::AsRawFd;
+use stacktap::source::live;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -48,55 +49,18 @@ fn args() -> Args {
     a
 }
 
-/// A ring on `iface` as `stacktap capture` opens one, joined to fanout group `group` when
-/// there are several.
+/// A ring on `iface` as `stacktap capture` opens one (its default filter and ring size),
+/// joined to fanout group `group` when there are several.
 fn open(iface: &str, group: Option<u16>) -> pcap::Capture<pcap::Active> {
-    let mut cap = pcap::Capture::from_device(iface)
-        .and_then(|c| {
-            c.promisc(false)
-                .snaplen(262_144)
-                .timeout(200)
-                .immediate_mode(false)
-                .buffer_size(64 << 20)
-                .open()
-        })
-        .expect("open the capture (root?)");
-    cap.filter(stacktap::source::live::DEFAULT_FILTER, true)
-        .expect("filter");
-    let fd = cap.as_raw_fd();
-    if iface == "lo" {
-        // as stacktap does on loopback: each packet once, not sent and received
-        set(fd, libc::PACKET_IGNORE_OUTGOING, 1);
-    }
+    let ring_mb = stacktap::source::CaptureConfig::default().buffer_mb;
+    let cap = live::open_ring(iface, live::DEFAULT_FILTER, ring_mb).expect("open the capture");
     if let Some(group) = group {
         // the group id in the low half, the mode (a hash of the flow, the same both ways)
         // in the high half
-        set(
-            fd,
-            libc::PACKET_FANOUT,
-            i32::from(group) | ((libc::PACKET_FANOUT_HASH as i32) << 16),
-        );
+        let how = i32::from(group) | ((libc::PACKET_FANOUT_HASH as i32) << 16);
+        live::set_packet_option(&cap, libc::PACKET_FANOUT, how).expect("PACKET_FANOUT");
     }
     cap
-}
-
-fn set(fd: i32, option: i32, value: i32) {
-    // SAFETY: a socket libpcap owns, and an int option of the right size
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_PACKET,
-            option,
-            (&value as *const i32).cast(),
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "setsockopt {option}: {}",
-        std::io::Error::last_os_error()
-    );
 }
 
 /// This thread's CPU time so far (user + system), in seconds.

@@ -175,6 +175,11 @@ impl Summary {
         }
     }
 
+    /// One signal's key was past `table`'s cap: it went to the shared row.
+    fn fold(&mut self, table: &'static str) {
+        *self.folded.entry(table).or_default() += 1;
+    }
+
     #[inline(never)] // a stage's entry: scripts/stage-cost counts it (one call per event)
     pub fn on_signal(&mut self, s: &Signal) {
         match s {
@@ -201,7 +206,7 @@ impl Summary {
         let mut key = (service, e.method, e.route.clone());
         if self.routes.len() >= self.cfg.max_routes && !self.routes.contains_key(&key) {
             key = (key.0, "OTHER", "{other}".into());
-            *self.folded.entry("summary_routes").or_default() += 1;
+            self.fold("summary_routes");
         }
         let r = self.routes.entry(key).or_default();
         *r.codes.entry(e.status.unwrap_or(0)).or_default() += 1;
@@ -272,7 +277,7 @@ impl Summary {
             let mut key = (format!("{}.{}", e.topic, e.method), err.class.clone());
             if self.errors.len() >= self.cfg.max_errors && !self.errors.contains_key(&key) {
                 key = ("other".into(), "other".into());
-                *self.folded.entry("summary_errors").or_default() += 1;
+                self.fold("summary_errors");
             }
             let entry = self.errors.entry(key).or_default();
             entry.0 += 1;
@@ -294,7 +299,7 @@ impl Summary {
             q.add(e);
             return;
         }
-        *self.folded.entry("summary_queues").or_default() += 1;
+        self.fold("summary_queues");
         if let Some(other) = self.queues.get_mut("other") {
             other.add(e); // not a new copy of "other" for each call past the cap
         } else {
@@ -596,6 +601,17 @@ mod tests {
         Signal::Event(Event::Rpc(Box::new(e)))
     }
 
+    /// A report table's rows as (name, count).
+    fn rows<T>(table: &[T], row: impl Fn(&T) -> (&String, u64)) -> Vec<(&str, u64)> {
+        table
+            .iter()
+            .map(|t| {
+                let (name, n) = row(t);
+                (name.as_str(), n)
+            })
+            .collect()
+    }
+
     #[test]
     fn rows_past_the_caps_share_one_and_each_fold_is_counted() {
         let mut s = Summary::new(&SummaryConfig {
@@ -614,23 +630,11 @@ mod tests {
             s.on_signal(&call(queue, error));
         }
         let r = s.report(&Health::default(), crate::sink::requests::rank(&[], 0));
-        let routes: Vec<(&str, u64)> = r
-            .http_routes
-            .iter()
-            .map(|x| (x.route.as_str(), x.requests))
-            .collect();
+        let routes = rows(&r.http_routes, |x| (&x.route, x.requests));
         assert_eq!(routes, [("/servers", 2), ("{other}", 2)]);
-        let queues: Vec<(&str, u64)> = r
-            .queues
-            .iter()
-            .map(|q| (q.queue.as_str(), q.calls))
-            .collect();
+        let queues = rows(&r.queues, |q| (&q.queue, q.calls));
         assert_eq!(queues, [("compute", 2), ("other", 1)]);
-        let errors: Vec<(&str, u64)> = r
-            .errors
-            .iter()
-            .map(|e| (e.exception.as_str(), e.count))
-            .collect();
+        let errors = rows(&r.errors, |e| (&e.exception, e.count));
         assert_eq!(errors, [("A", 1), ("other", 1)]);
         let folded = |t: &str| r.evictions.get(t).copied();
         assert_eq!(

@@ -127,40 +127,52 @@ pub fn wall_clock() -> Ts {
     Ts::from_parts(d.as_secs(), d.subsec_nanos() as u64)
 }
 
+/// The kernel's ring on `iface` with stacktap's capture settings (not immediate, `buffer_mb`
+/// MiB, `filter`, sent copies skipped on loopback). `LiveCapture` reads one; the ring-cost
+/// measurement (`examples/ring_read`) opens the same to compare it with a fanout.
+pub fn open_ring(
+    iface: &str,
+    filter: &str,
+    buffer_mb: usize,
+) -> anyhow::Result<pcap::Capture<pcap::Active>> {
+    let mut cap = pcap::Capture::from_device(iface)
+        .and_then(|c| {
+            c.promisc(false)
+                .snaplen(262_144)
+                .timeout(IDLE_MS as i32)
+                .immediate_mode(false)
+                .buffer_size(i32::try_from(buffer_mb << 20).unwrap_or(i32::MAX))
+                .open()
+        })
+        .map_err(|e| {
+            let e = e.to_string();
+            let denied = ["Operation not permitted", "ermission denied", "permission"]
+                .iter()
+                .any(|m| e.contains(m));
+            let hint = if denied {
+                " (capturing needs CAP_NET_RAW and CAP_NET_ADMIN: run as root, or give \
+                 the binary both, e.g. setcap cap_net_raw,cap_net_admin=eip, or the \
+                 service AmbientCapabilities=CAP_NET_RAW CAP_NET_ADMIN)"
+            } else {
+                ""
+            };
+            anyhow::anyhow!("-i {iface}: cannot capture: {e}{hint}")
+        })?;
+    cap.filter(filter, true)
+        .map_err(|e| anyhow::anyhow!("--filter {filter:?}: {e}"))?;
+    if is_loopback(iface) {
+        ignore_outgoing(&cap);
+    }
+    Ok(cap)
+}
+
 impl LiveCapture {
     pub fn open(
         iface: &str,
         filter: &str,
         cfg: &super::CaptureConfig,
     ) -> anyhow::Result<LiveCapture> {
-        let mut cap = pcap::Capture::from_device(iface)
-            .and_then(|c| {
-                c.promisc(false)
-                    .snaplen(262_144)
-                    .timeout(IDLE_MS as i32)
-                    .immediate_mode(false)
-                    .buffer_size(i32::try_from(cfg.buffer_mb << 20).unwrap_or(i32::MAX))
-                    .open()
-            })
-            .map_err(|e| {
-                let e = e.to_string();
-                let denied = ["Operation not permitted", "ermission denied", "permission"]
-                    .iter()
-                    .any(|m| e.contains(m));
-                let hint = if denied {
-                    " (capturing needs CAP_NET_RAW and CAP_NET_ADMIN: run as root, or give \
-                     the binary both, e.g. setcap cap_net_raw,cap_net_admin=eip, or the \
-                     service AmbientCapabilities=CAP_NET_RAW CAP_NET_ADMIN)"
-                } else {
-                    ""
-                };
-                anyhow::anyhow!("-i {iface}: cannot capture: {e}{hint}")
-            })?;
-        cap.filter(filter, true)
-            .map_err(|e| anyhow::anyhow!("--filter {filter:?}: {e}"))?;
-        if is_loopback(iface) {
-            ignore_outgoing(&cap);
-        }
+        let mut cap = open_ring(iface, filter, cfg.buffer_mb)?;
         let linktype = cap.get_datalink().0;
         if !super::file::is_supported_linktype(linktype) {
             anyhow::bail!("-i {iface}: link type {linktype} is not supported");
@@ -268,23 +280,32 @@ fn is_loopback(iface: &str) -> bool {
 /// Linux 4.20) keeps the same packets at half the copying. Only on loopback: on a real
 /// interface the sent copy is the only one. Older kernels refuse it: nothing changes.
 fn ignore_outgoing(cap: &pcap::Capture<pcap::Active>) {
+    if let Err(e) = set_packet_option(cap, libc::PACKET_IGNORE_OUTGOING, 1) {
+        tracing::debug!("PACKET_IGNORE_OUTGOING: {e}; loopback packets are copied twice");
+    }
+}
+
+/// Sets an int option of the ring's packet socket (`SOL_PACKET`).
+pub fn set_packet_option(
+    cap: &pcap::Capture<pcap::Active>,
+    option: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
     use std::os::unix::io::AsRawFd;
-    let on: libc::c_int = 1;
     // SAFETY: a valid socket descriptor libpcap owns, and an int option of the right size
     let rc = unsafe {
         libc::setsockopt(
             cap.as_raw_fd(),
             libc::SOL_PACKET,
-            libc::PACKET_IGNORE_OUTGOING,
-            (&on as *const libc::c_int).cast(),
+            option,
+            (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    if rc != 0 {
-        tracing::debug!(
-            "PACKET_IGNORE_OUTGOING: {}; loopback packets are copied twice",
-            std::io::Error::last_os_error()
-        );
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
