@@ -11,7 +11,10 @@
 //! Prints wall-clock and CPU-time throughput of `stacktap replay --threads 1 FILE`, of the
 //! same on every core (`--threads` = the cores), and of
 //! `tshark -r FILE -2 -Y 'amqp or http'` (stacktap's default API ports decoded as HTTP), and
-//! their ratios.
+//! their ratios. The stacktap measured is the profile-guided build the packages ship
+//! (`scripts/build-pgo`, run first: about ten minutes the first time, seconds while the
+//! sources stay the same; STACKTAP_BENCH_BIN names another binary instead); the plain
+//! release build's one thread is measured beside it, in the same rounds.
 //! Throughput is reported, never asserted: a timed assertion would flake on a shared machine.
 //!
 //! Before each pair of runs it times a cache line's round trip between two cores. On the
@@ -159,13 +162,27 @@ fn record(root: &Path, scenario: &str, calls: &str, dir: &Path) -> PathBuf {
     file
 }
 
+/// The binary to measure: STACKTAP_BENCH_BIN, else the profile-guided build
+/// (`scripts/build-pgo` makes it, or finds it made, and prints its path).
+fn shipped_binary(root: &Path) -> PathBuf {
+    if let Some(bin) = std::env::var_os("STACKTAP_BENCH_BIN") {
+        return PathBuf::from(bin);
+    }
+    let out = Command::new(root.join("scripts/build-pgo"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run scripts/build-pgo");
+    assert!(out.status.success(), "scripts/build-pgo failed");
+    let path = String::from_utf8(out.stdout).expect("a path");
+    PathBuf::from(path.trim())
+}
+
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let bin = root.join("target/release/stacktap");
-    assert!(
-        bin.exists(),
-        "build the release binary first: cargo build --release"
-    );
+    let bins = Binaries {
+        shipped: shipped_binary(&root),
+        plain: PathBuf::from(env!("CARGO_BIN_EXE_stacktap")),
+    };
     let given: Vec<PathBuf> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))
@@ -173,7 +190,7 @@ fn main() {
         .collect();
     if !given.is_empty() {
         for f in given {
-            bench(&bin, &f);
+            bench(&bins, &f);
         }
         return;
     }
@@ -183,12 +200,12 @@ fn main() {
     if !load.exists() {
         record(&root, "load", "6000", &dir);
     }
-    bench(&bin, &load);
+    bench(&bins, &load);
     let rest = dir.join("rest.pcap");
     if !rest.exists() {
         record(&root, "rest", "4000", &dir);
     }
-    bench(&bin, &rest);
+    bench(&bins, &rest);
 }
 
 /// Runs of stacktap, one thread and every core taken in turn.
@@ -196,7 +213,13 @@ const ROUNDS: usize = 9;
 /// Runs of tshark (each takes seconds).
 const TSHARK_RUNS: usize = 3;
 
-fn bench(bin: &Path, file: &Path) {
+/// The build measured, and the plain release build (no profile) beside it.
+struct Binaries {
+    shipped: PathBuf,
+    plain: PathBuf,
+}
+
+fn bench(bins: &Binaries, file: &Path) {
     let size = std::fs::metadata(file).unwrap().len() as f64 / 1e6;
     // warm the page cache so that both tools read from memory
     let _ = std::fs::read(file);
@@ -207,21 +230,24 @@ fn bench(bin: &Path, file: &Path) {
             .fold((f64::MAX, f64::MAX), |a, b| (a.0.min(b.0), a.1.min(b.1)))
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let replay = |threads: usize| {
+    let replay_with = |bin: &Path, threads: usize| {
         let mut c = Command::new(bin);
         c.args(["replay", "--threads", &threads.to_string()])
             .arg(file);
         c
     };
+    let replay = |threads: usize| replay_with(&bins.shipped, threads);
     let ours = |threads: usize| time(&mut replay(threads));
     // one thread and every core in turn, so that each pair of runs meets the VM in the
     // same mood: the median of the pairs' ratios is steadier than the ratio of two bests
     let mut ceilings = Vec::new();
     let mut trips = Vec::new();
+    let mut plain = Vec::new();
     let pairs: Vec<Pair> = (0..ROUNDS)
         .map(|_| {
             trips.push(if cores > 1 { core_round_trip_ns() } else { 0.0 });
             let (one, all) = (ours(1), ours(cores));
+            plain.push(time(&mut replay_with(&bins.plain, 1)));
             // the machine's own ceiling: `cores` one-thread replays sharing nothing but the
             // machine; no N-thread run can gain more than these do over one
             let together = time_together(cores, || replay(1));
@@ -236,6 +262,14 @@ fn bench(bin: &Path, file: &Path) {
     let mut ratios: Vec<f64> = pairs.iter().map(|(a, b)| a.0 / b.0).collect();
     ratios.sort_by(f64::total_cmp);
     let median_ratio = ratios[ratios.len() / 2];
+    let mut plain_ratios: Vec<f64> = plain
+        .iter()
+        .zip(&pairs)
+        .map(|(p, (o, _))| p.0 / o.0)
+        .collect();
+    plain_ratios.sort_by(f64::total_cmp);
+    let plain_ratio = plain_ratios[plain_ratios.len() / 2];
+    let plain = best(&plain);
     // tshark decodes AMQP on 5672 by itself; the OpenStack API ports must be named (the
     // ones stacktap reads as REST by default, so that both tools read the same packets)
     let mut decode_as = Vec::new();
@@ -256,6 +290,7 @@ fn bench(bin: &Path, file: &Path) {
         .collect();
     let theirs = best(&tshark);
     println!("capture: {} ({size:.1} MB)", file.display());
+    println!("stacktap: {}", bins.shipped.display());
     println!(
         "{:<20} {:>9} {:>9} {:>9} {:>9}",
         "", "wall s", "MB/s", "cpu s", "MB/s"
@@ -264,6 +299,7 @@ fn bench(bin: &Path, file: &Path) {
     for (name, (wall, cpu)) in [
         ("stacktap --threads 1", one),
         (on_all.as_str(), all),
+        ("plain build, 1 thread", plain),
         ("tshark -2 -Y amqp|http", theirs),
     ] {
         println!(
@@ -282,6 +318,10 @@ fn bench(bin: &Path, file: &Path) {
         one.0 / all.0,
         all.1 / one.1,
         theirs.0 / all.0
+    );
+    println!(
+        "against the plain release build (no profile), one thread: wall {:.2}x best to best, {plain_ratio:.2}x median of {ROUNDS} pairs",
+        plain.0 / one.0
     );
     println!(
         "the machine's ceiling: {cores} one-thread replays at once got through {ceiling:.2}x the work of one in the same wall time (median of {ROUNDS})"

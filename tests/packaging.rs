@@ -3,7 +3,8 @@
 //! local edits to its config across a reinstall, lintian finds nothing, the .rpm holds the
 //! same files, the installed units are valid (`systemd-analyze verify`), and the installed
 //! binary captures as an unprivileged user holding only the two capabilities the probe's
-//! unit grants (CAP_NET_RAW, CAP_NET_ADMIN). Needs root (to hand out the capabilities),
+//! unit grants (CAP_NET_RAW, CAP_NET_ADMIN), and it reads every capture as the tested
+//! build does (it is built another way: profile-guided). Needs root (to hand out the capabilities),
 //! dpkg, lintian, rpm and systemd's tools; .ci/run runs as root on Debian.
 
 mod common;
@@ -25,7 +26,7 @@ fn package(ext: &str) -> PathBuf {
     assert_eq!(
         found.len(),
         1,
-        "want one .{ext} in {}: run `PROFILE=ci scripts/package` first (.ci/run does)",
+        "want one .{ext} in {}: run `scripts/package` first (.ci/run does)",
         dist.display()
     );
     found.into_iter().next().unwrap()
@@ -149,6 +150,47 @@ fn the_deb_installs_into_a_clean_root_and_keeps_local_config() {
     std::fs::write(&conf, &edited).unwrap();
     root.install(&deb);
     assert_eq!(std::fs::read_to_string(&conf).unwrap(), edited);
+}
+
+/// `bin replay --threads N FILE`'s events, metrics and summary, as one text.
+fn replay_output(bin: &Path, file: &Path, threads: usize) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let (events, metrics) = (dir.path().join("e.jsonl"), dir.path().join("m.prom"));
+    let summary = ok(Command::new(bin)
+        .args(["replay", "--json", "--threads", &threads.to_string()])
+        .arg("--events-out")
+        .arg(&events)
+        .arg("--metrics-out")
+        .arg(&metrics)
+        .arg(file));
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap();
+    format!("{}\n{}\n{summary}", read(&events), read(&metrics))
+}
+
+/// The packaged binary is built another way than the one the tests run (scripts/package
+/// builds the release profile with profile-guided optimisation): it must read every
+/// sample, the cluster's captures and the foreign ones exactly as the tested build does.
+#[test]
+fn the_packaged_binary_reads_every_capture_as_the_tested_build_does() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(package("deb"))
+        .arg(dir.path()));
+    let packaged = dir.path().join("usr/bin/stacktap");
+    let tested = PathBuf::from(env!("CARGO_BIN_EXE_stacktap"));
+    let mut files = common::captures_under(repo().join("sampledata"));
+    files.extend(common::captures_under(common::foreign_dir()));
+    assert!(files.len() >= 80, "too few captures: {}", files.len());
+    for f in &files {
+        for threads in [1, 2] {
+            assert!(
+                replay_output(&packaged, f, threads) == replay_output(&tested, f, threads),
+                "{} on {threads} threads: the packaged binary's output differs",
+                f.display()
+            );
+        }
+    }
 }
 
 #[test]
