@@ -12,8 +12,8 @@
 //! same on every core (`--threads` = the cores), and of
 //! `tshark -r FILE -2 -Y 'amqp or http'` (stacktap's default API ports decoded as HTTP), and
 //! their ratios. The stacktap measured is the profile-guided build the packages ship
-//! (`scripts/build-pgo`, run first: about ten minutes the first time, seconds while the
-//! sources stay the same; STACKTAP_BENCH_BIN names another binary instead); the plain
+//! (`scripts/build-pgo`, run first: about ten minutes for each new commit, seconds while
+//! the checkout stays the same; STACKTAP_BENCH_BIN names another binary instead); the plain
 //! release build's one thread is measured beside it, in the same rounds.
 //! Throughput is reported, never asserted: a timed assertion would flake on a shared machine.
 //!
@@ -168,7 +168,22 @@ fn shipped_binary(root: &Path) -> PathBuf {
     if let Some(bin) = std::env::var_os("STACKTAP_BENCH_BIN") {
         return PathBuf::from(bin);
     }
-    let out = Command::new(root.join("scripts/build-pgo"))
+    let mut build = Command::new(root.join("scripts/build-pgo"));
+    // as from a shell: without what cargo set for this bench (its package's variables,
+    // OUT_DIR, the library path into target/release), which are not the builds' to see
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        let cargos = name.starts_with("CARGO") && name != "CARGO_HOME";
+        if cargos
+            || matches!(
+                &*name,
+                "OUT_DIR" | "LD_LIBRARY_PATH" | "RUST_RECURSION_COUNT"
+            )
+        {
+            build.env_remove(&*name);
+        }
+    }
+    let out = build
         .stderr(Stdio::inherit())
         .output()
         .expect("run scripts/build-pgo");
