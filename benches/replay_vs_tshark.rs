@@ -43,7 +43,7 @@ const BANDS: [(&str, f64, f64); 3] = [
 /// between the stages of a multi-threaded replay.
 fn core_round_trip_ns() -> f64 {
     const TRIPS: u64 = 100_000;
-    let mut tries: Vec<f64> = (0..5)
+    let tries: Vec<f64> = (0..5)
         .map(|_| {
             let flag = Arc::new(AtomicU64::new(0));
             let echo = {
@@ -72,8 +72,13 @@ fn core_round_trip_ns() -> f64 {
         })
         .collect();
     unpin();
-    tries.sort_by(f64::total_cmp);
-    tries[tries.len() / 2]
+    median(tries)
+}
+
+/// The middle value (the upper one of an even count).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 /// Keeps the calling thread on one core, so that the two ends of a round trip are on two.
@@ -270,20 +275,17 @@ fn bench(bins: &Binaries, file: &Path) {
             (one, all)
         })
         .collect();
-    ceilings.sort_by(f64::total_cmp);
-    let ceiling = ceilings[ceilings.len() / 2];
+    let ceiling = median(ceilings);
     let one = best(&pairs.iter().map(|p| p.0).collect::<Vec<_>>());
     let all = best(&pairs.iter().map(|p| p.1).collect::<Vec<_>>());
-    let mut ratios: Vec<f64> = pairs.iter().map(|(a, b)| a.0 / b.0).collect();
-    ratios.sort_by(f64::total_cmp);
-    let median_ratio = ratios[ratios.len() / 2];
-    let mut plain_ratios: Vec<f64> = plain
-        .iter()
-        .zip(&pairs)
-        .map(|(p, (o, _))| p.0 / o.0)
-        .collect();
-    plain_ratios.sort_by(f64::total_cmp);
-    let plain_ratio = plain_ratios[plain_ratios.len() / 2];
+    let median_ratio = median(pairs.iter().map(|(a, b)| a.0 / b.0).collect());
+    let plain_ratio = median(
+        plain
+            .iter()
+            .zip(&pairs)
+            .map(|(p, (o, _))| p.0 / o.0)
+            .collect(),
+    );
     let plain = best(&plain);
     // tshark decodes AMQP on 5672 by itself; the OpenStack API ports must be named (the
     // ones stacktap reads as REST by default, so that both tools read the same packets)
@@ -364,18 +366,14 @@ fn by_distance(pairs: &[Pair], trips: &[f64]) {
             println!("pairs on {kind} cores (round trip {from}-{to} ns): none this run");
             continue;
         }
-        let median = |v: &mut Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
         let best = ratios.iter().copied().fold(0.0, f64::max);
         println!(
             "pairs on {kind} cores ({} of {}, round trip median {:.0} ns): wall {:.2}x median, {best:.2}x best pair; cpu {:.2}x as much",
             ratios.len(),
             pairs.len(),
-            median(&mut ns),
-            median(&mut ratios),
-            median(&mut cpu),
+            median(ns),
+            median(ratios),
+            median(cpu),
         );
     }
 }
