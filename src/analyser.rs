@@ -133,22 +133,28 @@ impl Analyser {
         self.correlator
             .finish_all(&mut self.health, &mut self.signals);
         self.flush(sink);
-        self.tracer.finish_all(&mut self.traced);
-        self.emit_traced(sink);
+        // handed over as they are built, not all at the end: with `--threads` the sinks
+        // take the first trees while the tracer builds the rest
+        self.tracer
+            .finish_all(&mut self.traced, &mut |traced| emit(traced, sink));
     }
 
     /// Request trees, chains and masked failures, as signals.
     fn emit_traced(&mut self, sink: &mut dyn FnMut(Signal)) {
-        if self.traced.is_empty() {
-            return;
+        if !self.traced.is_empty() {
+            emit(&mut self.traced, sink);
         }
-        for t in self.traced.drain(..) {
-            let s = match t {
-                Traced::Tree(tree) => Signal::Request(tree),
-                Traced::Chain(c) => Signal::Event(Event::Chain(c)),
-                Traced::Masked(m) => Signal::Masked(m),
-            };
-            sink(s);
-        }
+    }
+}
+
+/// The tracer's verdicts, as signals.
+fn emit(traced: &mut Vec<Traced>, sink: &mut dyn FnMut(Signal)) {
+    for t in traced.drain(..) {
+        let s = match t {
+            Traced::Tree(tree) => Signal::Request(tree),
+            Traced::Chain(c) => Signal::Event(Event::Chain(c)),
+            Traced::Masked(m) => Signal::Masked(m),
+        };
+        sink(s);
     }
 }
