@@ -359,12 +359,13 @@ impl Run {
     /// The process is about to exit, its files written: the store is closed and the rest
     /// (request trees, call and flow tables: millions of small allocations, freed one by one
     /// from a thread that did not make them after `--threads`) is left to the kernel, which
-    /// takes the whole address space back at once.
+    /// takes the whole address space back at once; so are the allocator's free pages.
     pub fn exit_unfreed(self) {
         if let Ok(mut r) = self.outlet.sinks.requests.lock() {
             r.close_store();
         }
         std::mem::forget(self);
+        crate::allocator::leave_free_pages_to_exit();
     }
 
     /// Writes the files and returns the summary of a run whose input has ended.
