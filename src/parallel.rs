@@ -41,7 +41,7 @@ use crate::correlate::Signal;
 use crate::health::Health;
 use crate::pipeline::Pipeline;
 use crate::probe::{self, Clock, DecodeCache, Each, Frame, Shard, Step};
-use crate::run::{self, Outlet, Outputs, Run, Tap};
+use crate::run::{self, Outlet, Outputs, Retired, Run, Tap};
 use crate::sink::summary::Report;
 use crate::source::PacketRef;
 use crate::source::blocks::Window;
@@ -473,6 +473,8 @@ struct Bell {
     stop: AtomicBool,
     /// A thread panicked inside a stage: its lock is poisoned, the run cannot go on.
     failed: AtomicBool,
+    /// Helpers that have let the stages go (changed under `rung`'s lock).
+    left: AtomicUsize,
 }
 
 impl Bell {
@@ -501,6 +503,21 @@ impl Bell {
 
     fn stopping(&self) -> bool {
         self.stop.load(Ordering::Acquire) || self.failed.load(Ordering::Acquire)
+    }
+
+    /// A helper has let the stages go.
+    fn leave(&self) {
+        let _rung = relock(&self.rung);
+        self.left.fetch_add(1, Ordering::Release);
+        self.ring.notify_all();
+    }
+
+    /// Sleeps until `helpers` helpers have let the stages go.
+    fn wait_left(&self, helpers: usize) {
+        let mut rung = relock(&self.rung);
+        while self.left.load(Ordering::Acquire) < helpers {
+            rung = self.ring.wait(rung).unwrap_or_else(|e| e.into_inner());
+        }
     }
 
     fn halt(&self, failed: bool) {
@@ -658,17 +675,21 @@ impl Stages {
 }
 
 /// A helper thread: whatever stage is ready, until the run stops.
-fn help(stages: Arc<Stages>, home: usize) {
-    // a panic in a stage poisons its lock: tell the others, or they would wait for it
-    struct FailOnUnwind<'a>(&'a Bell);
-    impl Drop for FailOnUnwind<'_> {
+fn help(shared: Arc<Stages>, home: usize) {
+    // a panic in a stage poisons its lock: tell the others, or they would wait for it;
+    // either way, say so once the stages are let go
+    struct Leaving(Arc<Bell>);
+    impl Drop for Leaving {
         fn drop(&mut self) {
             if std::thread::panicking() {
                 self.0.halt(true);
             }
+            self.0.leave();
         }
     }
-    let _guard = FailOnUnwind(&stages.bell);
+    let _leaving = Leaving(Arc::clone(&shared.bell));
+    // declared after `_leaving`, so dropped before it
+    let stages = shared;
     while !stages.bell.stopping() {
         let seen = stages.bell.reading();
         if !stages.work_once(home) {
@@ -709,7 +730,13 @@ impl Parallel {
                 queues: Mutex::new(Queues::default()),
             })
             .collect();
-        let Run { pipeline, outlet } = run;
+        let Run {
+            pipeline,
+            outlet,
+            retired,
+        } = run;
+        // a run that comes back from `finish` and goes again keeps what it retired
+        drop(retired);
         let bell = Arc::new(Bell::default());
         let stages = Arc::new(Stages {
             lanes,
@@ -768,11 +795,12 @@ impl Parallel {
             .stages
             .help_until(1, |s| s.ended.load(Ordering::Acquire));
         self.stages.bell.halt(!joined);
-        let mut panicked = !joined;
-        for h in self.helpers.drain(..) {
-            panicked |= h.join().is_err();
-        }
-        if panicked {
+        // the helpers' work is over once they have let the stages go; their threads'
+        // own ends are not waited for here (see `Retired`)
+        self.stages.bell.wait_left(self.helpers.len());
+        let mut retired = Retired::default();
+        self.helpers.drain(..).for_each(|h| retired.thread(h));
+        if !joined {
             anyhow::bail!("a worker thread panicked");
         }
         let stages = Arc::clone(&self.stages);
@@ -787,9 +815,11 @@ impl Parallel {
             .sinks
             .into_inner()
             .map_err(|_| anyhow::anyhow!("a sink panicked"))?;
+        retired.keep(stages.lanes);
         Ok(Run {
             pipeline: joiner.pipeline,
             outlet: sinks.outlet,
+            retired,
         })
     }
 

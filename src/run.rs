@@ -302,6 +302,43 @@ impl Tap for Ship {
 pub struct Run {
     pub pipeline: Pipeline,
     pub outlet: Outlet,
+    /// What the threads of a threaded run left behind (nothing on one thread).
+    pub retired: Retired,
+}
+
+/// What a threaded run leaves when its input ends: the shards' state (their tables and
+/// the decode cache) and the helper threads, which have left their work but may still be
+/// ending (the allocator's and the C library's end of a thread take most of a
+/// millisecond). Neither is waited for when the input ends: the state is freed with the
+/// run, or left to the kernel by `exit_unfreed`, and the threads are joined then.
+#[derive(Default)]
+pub struct Retired {
+    /// Owned only to be freed (or not) with the run.
+    state: Vec<Box<dyn Send>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Retired {
+    pub fn keep(&mut self, state: impl Send + 'static) {
+        self.state.push(Box::new(state));
+    }
+
+    pub fn thread(&mut self, ending: std::thread::JoinHandle<()>) {
+        self.threads.push(ending);
+    }
+
+    /// Waits for the threads to end (a panic was reported when it happened).
+    fn join(&mut self) {
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Retired {
+    fn drop(&mut self) {
+        self.join();
+    }
 }
 
 impl Run {
@@ -312,7 +349,11 @@ impl Run {
         if out.otlp.is_some() {
             pipeline.analyser.keep_events();
         }
-        Ok(Run { outlet, pipeline })
+        Ok(Run {
+            outlet,
+            pipeline,
+            retired: Retired::default(),
+        })
     }
 
     /// Never inlined (one call a packet costs nothing measurable): see `replay`.
@@ -359,11 +400,14 @@ impl Run {
     /// The process is about to exit, its files written: the store is closed and the rest
     /// (request trees, call and flow tables: millions of small allocations, freed one by one
     /// from a thread that did not make them after `--threads`) is left to the kernel, which
-    /// takes the whole address space back at once; so are the allocator's free pages.
-    pub fn exit_unfreed(self) {
+    /// takes the whole address space back at once; so are the allocator's free pages. The
+    /// retired threads are joined first: the allocator's end of the process must not run
+    /// beside a thread's end.
+    pub fn exit_unfreed(mut self) {
         if let Ok(mut r) = self.outlet.sinks.requests.lock() {
             r.close_store();
         }
+        self.retired.join();
         std::mem::forget(self);
         crate::allocator::leave_free_pages_to_exit();
     }
