@@ -690,6 +690,8 @@ fn help(shared: Arc<Stages>, home: usize) {
     let _leaving = Leaving(Arc::clone(&shared.bell));
     // declared after `_leaving`, so dropped before it
     let stages = shared;
+    #[cfg(test)]
+    tests::fail_on_a_helper();
     while !stages.bell.stopping() {
         let seen = stages.bell.reading();
         if !stages.work_once(home) {
@@ -800,7 +802,8 @@ impl Parallel {
         self.stages.bell.wait_left(self.helpers.len());
         let mut retired = Retired::default();
         self.helpers.drain(..).for_each(|h| retired.thread(h));
-        if !joined {
+        // a helper that panicked after the others had done its share says so as it leaves
+        if !joined || self.stages.bell.failed.load(Ordering::Acquire) {
             anyhow::bail!("a worker thread panicked");
         }
         let stages = Arc::clone(&self.stages);
@@ -996,6 +999,15 @@ mod tests {
         }
     }
 
+    /// Helpers panic as they start.
+    static FAIL_ON_A_HELPER: AtomicBool = AtomicBool::new(false);
+
+    pub(super) fn fail_on_a_helper() {
+        if FAIL_ON_A_HELPER.load(Ordering::Relaxed) {
+            panic!("a helper failed (a test's doing)");
+        }
+    }
+
     fn events(threads: usize) -> String {
         let dir = tempfile::tempdir().unwrap();
         let out = Outputs {
@@ -1009,6 +1021,35 @@ mod tests {
         let run = Run::new(Config::default(), &out).unwrap();
         replay(run, threads, &mut files, None, &out, &stop).unwrap();
         std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap()
+    }
+
+    /// A helper that panics fails the run, whether its panic is seen while the others
+    /// work or only once they are done (a panic's report takes a while: the reader may do
+    /// every share alone meanwhile): the replay says so, and returns, having waited for
+    /// every thread it started, instead of hanging or returning a run as if whole.
+    #[test]
+    fn a_helper_that_panics_fails_the_run_and_every_thread_ends() {
+        FAIL_ON_A_HELPER.store(true, Ordering::Relaxed);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let samples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sampledata");
+            let captures: Vec<_> = std::fs::read_dir(samples)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|x| x == "pcap"))
+                .collect();
+            let mut files = MergedFiles::open(&captures).unwrap();
+            let out = Outputs::default();
+            let run = Run::new(Config::default(), &out).unwrap();
+            let stop = AtomicBool::new(false);
+            let result = replay(run, 2, &mut files, None, &out, &stop).map(|_| ());
+            tx.send(result.map_err(|e| e.to_string())).unwrap();
+        });
+        let result = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the run ends within a minute");
+        FAIL_ON_A_HELPER.store(false, Ordering::Relaxed);
+        assert_eq!(result, Err("a worker thread panicked".to_string()));
     }
 
     /// A thread that answered a chunk and is slow to hand it on must not let another
