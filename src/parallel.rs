@@ -737,7 +737,8 @@ impl Parallel {
             outlet,
             retired,
         } = run;
-        // a run that comes back from `finish` and goes again keeps what it retired
+        // what an earlier threaded pass of this run retired is done with: joined and freed
+        // here (this pass retires its own at `finish`)
         drop(retired);
         let bell = Arc::new(Bell::default());
         let stages = Arc::new(Stages {
